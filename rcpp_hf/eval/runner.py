@@ -1,0 +1,120 @@
+"""The one place where evaluation touches the model: loading, the decoding configuration, batched answers.
+
+Prompts follow LLaVA-1.5's own evaluation (`conv_mode vicuna_v1`): the system prompt, then
+"USER: <image>\\n{user message} ASSISTANT:". Images are padded to a square with the processor's mean
+colour before the processor resizes them, as LLaVA-1.5 does (`image_aspect_ratio: pad`); the
+llava-hf processor alone would centre-crop instead ("crop").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+
+LLAVA_SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+IMAGE_ASPECTS = ("pad", "crop")
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu"):
+    """Load a llava-hf style checkpoint (model + processor) for generation; returns (model, processor).
+
+    `dtype` is "auto" (the checkpoint's), "float32", "float16" or "bfloat16".
+    """
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=_torch_dtype(dtype))
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"  # decoder-only batches: prompts end where generation starts
+    return model, processor
+
+
+def load_generation_config(model_path: str | Path, config_path: str | Path | None, max_new_tokens: int) -> GenerationConfig:
+    """The decoding configuration: the checkpoint's defaults, greedy, then the YAML file's fields, then `max_new_tokens`.
+
+    Reads only small JSON/YAML files, so a bad configuration fails before any weights are loaded.
+    """
+    try:
+        config = GenerationConfig.from_pretrained(model_path)
+    except OSError:  # a checkpoint without generation_config.json: generate() derives one from its config
+        config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path))
+    config.update(do_sample=False, num_beams=1)
+    if config_path is not None:
+        fields = yaml.safe_load(Path(config_path).read_text()) or {}
+        if not isinstance(fields, dict):
+            raise ValueError(f"{config_path}: a generation config YAML must be a mapping of field: value")
+        config.update(**fields)
+    config.max_new_tokens = max_new_tokens
+    config.validate()
+    return config
+
+
+def _torch_dtype(name: str):
+    if name == "auto":
+        return "auto"
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def llava_prompt(user_message: str, system_prompt: str, image_token: str = "<image>") -> str:
+    """LLaVA-1.5's single-turn conversation with one image."""
+    return f"{system_prompt} USER: {image_token}\n{user_message} ASSISTANT:"
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad the shorter side symmetrically with `fill`, keeping the image centred."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str  # decoded, special tokens skipped, stripped
+    num_tokens: int  # generated tokens, the end-of-sequence token included
+
+
+class Answerer:
+    """Answers a batch of (image, user message) pairs with one model and one decoding configuration."""
+
+    def __init__(self, model, processor, generation_config: GenerationConfig, system_prompt: str, image_aspect: str):
+        if image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
+        self.model = model
+        self.processor = processor
+        self.generation_config = generation_config
+        self.system_prompt = system_prompt
+        self.image_aspect = image_aspect
+        mean = processor.image_processor.image_mean
+        self._pad_colour = tuple(int(channel * 255) for channel in mean)
+        eos = generation_config.eos_token_id
+        self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image], user_messages: list[str]) -> list[Answer]:
+        images = [image.convert("RGB") for image in images]
+        if self.image_aspect == "pad":
+            images = [expand_to_square(image, self._pad_colour) for image in images]
+        texts = [llava_prompt(message, self.system_prompt, self.processor.image_token) for message in user_messages]
+        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device, dtype=self.model.dtype)
+        sequences = self.model.generate(**inputs, generation_config=self.generation_config)
+        generated = sequences[:, inputs["input_ids"].shape[1] :].tolist()
+        answers = []
+        for tokens in generated:
+            length = next((i + 1 for i, token in enumerate(tokens) if token in self._eos_ids), len(tokens))
+            text = self.processor.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
+            answers.append(Answer(text, length))
+        return answers
