@@ -12,6 +12,11 @@ def _first_true_columns(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :count]
 
 
+def cache_nbytes(cache: DynamicCache) -> int:
+    """Bytes held by keys and values over all layers of any `DynamicCache`."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
+
+
 class VisualKVCache(DynamicCache):
     """KV cache of the language model with per-entry bookkeeping, all shaped (B, S) with S = `get_seq_length()`:
 
@@ -98,7 +103,7 @@ class VisualKVCache(DynamicCache):
     # -- size ---------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes held by keys and values over all layers."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if layer.is_initialized)
+        return cache_nbytes(self)
 
     def visual_nbytes(self) -> int:
         """Bytes of keys and values that belong to visual tokens."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-
+from rcpp_hf import generate_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rcpp-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-
+    generate_cli.add_parser(commands)
     return parser
 
 
