@@ -131,3 +131,26 @@ def test_plausibility_constraint_restricts_to_plausible_tokens(rcpp_model, batch
     )
     for scores in out.scores:
         assert torch.isinf(scores).any(), "beta = 0.5 must rule out part of the vocabulary"
+
+
+def test_edge_case_n_empty_uses_no_contrast_row(rcpp_model, batch2):
+    query_lengths, handle = count_forwards(rcpp_model)
+    try:
+        out = rcpp_model.generate(**batch2, generation_config=active_config(max_new_tokens=6, tau=-1.0),
+                                  return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    assert set(query_lengths[1:]) == {1}
+    assert all(int(step.num_noise.sum()) == 0 for step in out.rcpp.steps)
+
+
+def test_edge_case_c_empty_main_row_sees_no_visual_token(rcpp_model, batch2):
+    query_lengths, handle = count_forwards(rcpp_model)
+    try:
+        out = rcpp_model.generate(**batch2, generation_config=active_config(max_new_tokens=6, tau=2.0),
+                                  return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    assert set(query_lengths[1:]) == {2}
+    assert all(int(step.num_core.sum()) == 0 for step in out.rcpp.steps[1:])
+    assert torch.isfinite(out.rcpp.steps[-1].scores[~torch.isnan(out.rcpp.steps[-1].scores)]).all()
