@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -17,15 +18,19 @@ warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
 GQA_SPEC = TinyLlavaSpec()  # 4 query heads share 2 kv heads
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The real POPE question files live beside the repository and are never committed into it.
-POPE_DATA = REPO_ROOT.parent / "shared" / "data" / "pope"
+# The real POPE question files live in ../shared/data/pope beside the repository (never committed into it);
+# RCPP_HF_POPE_DATA points elsewhere.
+POPE_CANDIDATES = [Path(p) for p in [os.environ.get("RCPP_HF_POPE_DATA")] if p] + [
+    parent / "shared" / "data" / "pope" for parent in REPO_ROOT.parents
+]
 
 
 @pytest.fixture(scope="session")
 def pope_data() -> Path:
-    if not (POPE_DATA / "coco_pope_adversarial.json").exists():
-        raise FileNotFoundError(f"the real POPE question files are expected in {POPE_DATA}")
-    return POPE_DATA
+    for folder in POPE_CANDIDATES:
+        if (folder / "coco_pope_adversarial.json").exists():
+            return folder
+    raise FileNotFoundError(f"the real POPE question files are expected in one of {POPE_CANDIDATES}")
 
 
 @pytest.fixture(scope="session")
