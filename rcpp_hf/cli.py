@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rcpp_hf import generate_cli
+from rcpp_hf.benchmark import cli as bench_cli
 from rcpp_hf.eval import cli as eval_cli
 from rcpp_hf.eval import report
-
-# Each command module's `add_parser(subparsers)`.
-COMMANDS = [eval_cli.add_parser, report.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rcpp-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for add_parser in COMMANDS:
-        add_parser(commands)
+    generate_cli.add_parser(commands)
+    bench_cli.add_parser(commands)
+    eval_cli.add_parser(commands)
+    report.add_parser(commands)
     return parser
 
 

@@ -1,35 +1,113 @@
+"""Shared fixtures: tiny LLaVA checkpoints saved to disk and loaded back, as a user's checkpoint would be."""
+
+from __future__ import annotations
+
 import hashlib
 import json
+import os
+import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from rcpp_hf.tiny import save_tiny_llava
+from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
+from rcpp_hf.tiny import TinyLlavaSpec, save_tiny_llava
 
+warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+
+GQA_SPEC = TinyLlavaSpec()  # 4 query heads share 2 kv heads
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The real POPE question files live beside the repository and are never committed into it.
-POPE_DATA = REPO_ROOT.parent / "shared" / "data" / "pope"
+# The real POPE question files live in ../shared/data/pope beside the repository (never committed into it);
+# RCPP_HF_POPE_DATA points elsewhere.
+POPE_CANDIDATES = [Path(p) for p in [os.environ.get("RCPP_HF_POPE_DATA")] if p] + [
+    parent / "shared" / "data" / "pope" for parent in REPO_ROOT.parents
+]
 
 
 @pytest.fixture(scope="session")
 def pope_data() -> Path:
-    if not (POPE_DATA / "coco_pope_adversarial.json").exists():
-        raise FileNotFoundError(f"the real POPE question files are expected in {POPE_DATA}")
-    return POPE_DATA
+    for folder in POPE_CANDIDATES:
+        if (folder / "coco_pope_adversarial.json").exists():
+            return folder
+    raise FileNotFoundError(f"the real POPE question files are expected in one of {POPE_CANDIDATES}")
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random LLaVA checkpoint folder (model + processor) whose answers depend on image and question.
+def tiny_path(tmp_path_factory):
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), GQA_SPEC)
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_path):
+    return AutoProcessor.from_pretrained(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def vanilla_model(tiny_path):
+    return LlavaForConditionalGeneration.from_pretrained(tiny_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def rcpp_model(tiny_path):
+    return RCPPLlavaForConditionalGeneration.from_pretrained(tiny_path, dtype=torch.float32).eval()
+
+
+def make_images(count: int) -> list[Image.Image]:
+    """Distinct, deterministic images of different sizes (the processor resizes them)."""
+    generator = torch.Generator().manual_seed(count)
+    images = []
+    for index in range(count):
+        pixels = torch.randint(0, 256, (24 + 8 * index, 40, 3), generator=generator, dtype=torch.uint8)
+        images.append(Image.fromarray(pixels.numpy()))
+    return images
+
+
+PROMPTS = [
+    "USER: <image>\nDescribe the image in detail please. ASSISTANT:",
+    "USER: <image>\nIs there a cat? ASSISTANT:",
+]
+
+
+@pytest.fixture(scope="session")
+def batch1(processor):
+    return processor(images=make_images(1), text=PROMPTS[:1], return_tensors="pt")
+
+
+@pytest.fixture(scope="session")
+def batch2(processor):
+    """Two rows of different lengths: the second is left-padded."""
+    inputs = processor(images=make_images(2), text=PROMPTS, return_tensors="pt", padding=True)
+    assert (inputs["attention_mask"] == 0).any(), "fixture must exercise left padding"
+    return inputs
+
+
+def neutral_config(**overrides) -> RCPPGenerationConfig:
+    values = dict(lambda_start=0.0, lambda_end=0.0, keep_ratio_start=1.0, keep_ratio_end=1.0, tau=-1.0)
+    return RCPPGenerationConfig(**{**values, **overrides})
+
+
+def active_config(**overrides) -> RCPPGenerationConfig:
+    """Contrast and eviction both active on the tiny model. Its scores sit near 0.5, so tau = 0.5 splits them."""
+    values = dict(
+        tau=0.5, lambda_start=0.2, lambda_end=0.8, keep_ratio_start=1.0, keep_ratio_end=0.25, schedule_steps=4
+    )
+    return RCPPGenerationConfig(**{**values, **overrides})
+
+
+# -- evaluation harness (rcpp_hf.eval) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def varied_tiny_path(tmp_path_factory) -> Path:
+    """A tiny random LLaVA checkpoint folder whose answers depend on the image and the question.
 
     With the default initialisation (std 0.02) the tiny model answers every question alike; weights
     drawn with std 0.3 make answers differ, so that comparing two runs' answers means something.
     """
-    folder = save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+    folder = save_tiny_llava(tmp_path_factory.mktemp("varied-tiny-llava"))
     model = LlavaForConditionalGeneration.from_pretrained(folder)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -41,16 +119,17 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def make_images():
-    """make_images(folder, names, size=(40, 30)): noise images, each determined by its file name."""
+def make_image_files():
+    """make_image_files(folder, names, size=(40, 30)): noise images, each determined by its file name."""
 
     def make(folder: Path, names, size=(40, 30)) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for name in dict.fromkeys(names):
             seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
-            pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / name)
+            generator = torch.Generator().manual_seed(seed)
+            pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / name)
             paths.append(folder / name)
         return paths
 
@@ -58,7 +137,7 @@ def make_images():
 
 
 @pytest.fixture
-def pope_files(pope_data, tmp_path, make_images):
+def pope_files(pope_data, tmp_path, make_image_files):
     """The first 12 questions (2 images) of the real adversarial and random files, and their images."""
     files = []
     for split in ("adversarial", "random"):
@@ -67,5 +146,5 @@ def pope_files(pope_data, tmp_path, make_images):
         path.parent.mkdir(exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
         files.append(path)
-        make_images(tmp_path / "val2014", [json.loads(line)["image"] for line in lines])
+        make_image_files(tmp_path / "val2014", [json.loads(line)["image"] for line in lines])
     return files, tmp_path / "val2014"

@@ -41,13 +41,13 @@ def two_image_annotations(folder):
     )
 
 
-def write_mme(root, make_images):
+def write_mme(root, make_image_files):
     """existence: two images side by side with their question files; artwork: images/ + questions_answers_YN/."""
     existence = root / "existence"
-    make_images(existence, ["a.jpg", "b.png"])
+    make_image_files(existence, ["a.jpg", "b.png"])
     (existence / "a.txt").write_text("Is there a dog in this image? Please answer yes or no.\tYes\nIs there a cat in this image?  Please answer yes or no.\tNo\n")
     (existence / "b.txt").write_text("Is there a car in this image? Please answer yes or no.\tyes\nIs there a bus in this image? Please answer yes or no.\tNo\n")
-    make_images(root / "artwork" / "images", ["x.jpg"])
+    make_image_files(root / "artwork" / "images", ["x.jpg"])
     (root / "artwork" / "questions_answers_YN").mkdir(parents=True)
     (root / "artwork" / "questions_answers_YN" / "x.txt").write_text("Is this painted by Monet?\tNo\nIs this a portrait?\tYes\n")
     return root
@@ -79,8 +79,8 @@ def write_pope_parquet(path, rows, image_bytes):
     datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
 
 
-def options(tiny_model, output_dir, **overrides):
-    settings = {"model": tiny_model, "batch_size": 4, "max_new_tokens": 4, "device": "cpu", **overrides}
+def options(varied_tiny_path, output_dir, **overrides):
+    settings = {"model": varied_tiny_path, "batch_size": 4, "max_new_tokens": 4, "device": "cpu", **overrides}
     return RunOptions(output_dir=output_dir, **settings)
 
 

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from eval_helpers import two_image_annotations, write_annotations
+from tests.eval_helpers import two_image_annotations, write_annotations
 
 from rcpp_hf.eval.chair import CocoAnnotations, caption_mentions, caption_words, chair_metrics, score_caption
 from rcpp_hf.eval.coco_objects import COCO_SYNONYMS

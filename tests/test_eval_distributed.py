@@ -5,10 +5,14 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
-from eval_helpers import options, read_jsonl, without_timing
+import yaml
+from tests.eval_helpers import options, read_jsonl, without_timing
 
 from rcpp_hf.eval.pope import evaluate_pope
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -17,18 +21,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_processes_answer_what_one_process_answers(tiny_model, pope_files, tmp_path):
+def test_two_processes_answer_what_one_process_answers(varied_tiny_path, pope_files, tmp_path):
     files, images = pope_files
-    # Sampled decoding: equal answers also need the per-batch seeds to be independent of sharding.
-    sampling = tmp_path / "sampling.yaml"
-    sampling.write_text("do_sample: true\ntemperature: 1.0\n")
-    single = evaluate_pope(files, images, options(tiny_model, tmp_path / "one", batch_size=3, config=sampling))
+    # RCPP + DRCD with eviction, sampled: equal answers also need per-batch seeds independent of sharding.
+    preset = yaml.safe_load((REPO_ROOT / "configs" / "rcpp_evict.yaml").read_text())
+    sampling = tmp_path / "rcpp_evict_sampled.yaml"
+    sampling.write_text(yaml.safe_dump({**preset, "do_sample": True, "temperature": 1.0}))
+    single = evaluate_pope(files, images, options(varied_tiny_path, tmp_path / "one", batch_size=3, config=sampling))
 
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port())]
     command = ["-m", "rcpp_hf.eval", "pope", "--question-file", *map(str, files), "--image-folder", str(images),
-               "--output-dir", str(tmp_path / "two"), "--model", str(tiny_model), "--batch-size", "3",
+               "--output-dir", str(tmp_path / "two"), "--model", str(varied_tiny_path), "--batch-size", "3",
                "--max-new-tokens", "4", "--device", "cpu", "--config", str(sampling)]
     result = subprocess.run(launch + command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

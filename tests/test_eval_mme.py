@@ -1,5 +1,5 @@
 import pytest
-from eval_helpers import write_mme
+from tests.eval_helpers import write_mme
 
 from rcpp_hf.eval.mme import mme_scores, parse_mme_answer, read_mme
 
@@ -48,8 +48,8 @@ def test_mme_scores_against_a_hand_made_example():
     assert scores["headline"] == {"perception": 175.0, "cognition": 200.0, "hallucination": 175.0}
 
 
-def test_read_mme_both_layouts(tmp_path, make_images):
-    root = write_mme(tmp_path / "MME", make_images)
+def test_read_mme_both_layouts(tmp_path, make_image_files):
+    root = write_mme(tmp_path / "MME", make_image_files)
     questions = read_mme(root, ("existence", "artwork"))
     assert [q.id for q in questions] == [
         "existence/a/0", "existence/a/1", "existence/b/0", "existence/b/1", "artwork/x/0", "artwork/x/1",
@@ -63,8 +63,8 @@ def test_read_mme_both_layouts(tmp_path, make_images):
     assert questions[4].question_without_instruction == "Is this painted by Monet?"
 
 
-def test_read_mme_names_bad_input(tmp_path, make_images):
-    root = write_mme(tmp_path / "MME", make_images)
+def test_read_mme_names_bad_input(tmp_path, make_image_files):
+    root = write_mme(tmp_path / "MME", make_image_files)
     with pytest.raises(FileNotFoundError, match=r"MME.count: MME subtask folder not found"):
         read_mme(root, ("existence", "count"))
     with pytest.raises(ValueError, match="unknown MME subtasks"):
@@ -72,7 +72,7 @@ def test_read_mme_names_bad_input(tmp_path, make_images):
     (root / "existence" / "b.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"b.txt: its image b.jpg/.png is not in"):
         read_mme(root, ("existence",))
-    make_images(root / "existence", ["b.png"])
+    make_image_files(root / "existence", ["b.png"])
     (root / "existence" / "a.txt").write_text("Is there a dog?\tMaybe\n")
     with pytest.raises(ValueError, match=r"a.txt, line 1: expected 'question<TAB>Yes\|No'"):
         read_mme(root, ("existence",))

@@ -1,5 +1,5 @@
 import pytest
-from eval_helpers import write_pope_parquet
+from tests.eval_helpers import write_pope_parquet
 
 from PIL import Image
 
@@ -115,8 +115,8 @@ def test_question_format(tmp_path):
         question_format(tmp_path / "missing.json")
 
 
-def test_lmms_lab_parquet_layout(tmp_path, make_images):
-    image_path = make_images(tmp_path / "images", ["COCO_val2014_000000000042.jpg"])[0]
+def test_lmms_lab_parquet_layout(tmp_path, make_image_files):
+    image_path = make_image_files(tmp_path / "images", ["COCO_val2014_000000000042.jpg"])[0]
     rows = [
         ("1", "Is there a dog in the image?", "yes", "COCO_val2014_000000000042", "adversarial"),
         ("2", "Is there a cat in the image?", "No", "COCO_val2014_000000000042", "adversarial"),

@@ -30,7 +30,7 @@ class RunOptions:
 
     output_dir: str | Path
     model: str | Path | None = None  # None: rcpp_hf.default_model.default_model_path()
-    config: str | Path | None = None  # decoding configuration (YAML); None: greedy
+    config: str | Path | None = None  # RCPPGenerationConfig YAML preset; None: plain greedy LLaVA decoding
     batch_size: int = 1
     max_new_tokens: int | None = None  # None: the benchmark's default
     seed: int = 0
@@ -58,7 +58,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--output-dir", required=True, help="run directory (resumed when it exists)")
     group.add_argument("--model", help="checkpoint folder or hub id (default: the embedded default model)")
-    group.add_argument("--config", help="decoding configuration YAML (default: greedy)")
+    group.add_argument("--config", help="RCPPGenerationConfig YAML preset, e.g. configs/rcpp_default.yaml "
+                       "(default: plain greedy LLaVA decoding)")
     group.add_argument("--batch-size", type=int, default=1)
     group.add_argument("--max-new-tokens", type=int, help="default: the benchmark's")
     group.add_argument("--seed", type=int, default=0)
@@ -150,8 +151,6 @@ def run_benchmark(
         items = items[: options.limit]
     _check_unique_ids(items)
     check_files_exist((item.image for item in items if not callable(item.image)), "image files")
-    if options.config is not None and not Path(options.config).is_file():
-        raise FileNotFoundError(f"decoding configuration not found: {options.config}")
     model_path = str(options.model) if options.model is not None else str(default_model_path())
     max_new_tokens = options.max_new_tokens or default_max_new_tokens
     generation_config = load_generation_config(model_path, options.config, max_new_tokens)

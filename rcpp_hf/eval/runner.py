@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+from rcpp_hf.config import RCPPGenerationConfig
+from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 
 LLAVA_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -26,32 +28,37 @@ IMAGE_ASPECTS = ("pad", "crop")
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu"):
     """Load a llava-hf style checkpoint (model + processor) for generation; returns (model, processor).
 
-    `dtype` is "auto" (the checkpoint's), "float32", "float16" or "bfloat16".
+    The model is an `RCPPLlavaForConditionalGeneration`: with a config whose `rcpp` is False it decodes
+    exactly as `LlavaForConditionalGeneration`. `dtype` is "auto" (the checkpoint's), "float32",
+    "float16" or "bfloat16".
     """
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=_torch_dtype(dtype))
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(path, dtype=_torch_dtype(dtype))
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"  # decoder-only batches: prompts end where generation starts
     return model, processor
 
 
-def load_generation_config(model_path: str | Path, config_path: str | Path | None, max_new_tokens: int) -> GenerationConfig:
-    """The decoding configuration: the checkpoint's defaults, greedy, then the YAML file's fields, then `max_new_tokens`.
+def load_generation_config(
+    model_path: str | Path, config_path: str | Path | None, max_new_tokens: int
+) -> RCPPGenerationConfig:
+    """The decoding configuration: the YAML preset (`RCPPGenerationConfig.from_yaml`), or without one plain
+    greedy LLaVA decoding (`rcpp=False`); `max_new_tokens` always; special token ids from the checkpoint
+    where the preset leaves them unset.
 
-    Reads only small JSON/YAML files, so a bad configuration fails before any weights are loaded.
+    Reads only small YAML/JSON files, so a bad configuration fails before any weights are loaded.
     """
+    if config_path is None:
+        config = RCPPGenerationConfig(rcpp=False, do_sample=False, max_new_tokens=max_new_tokens)
+    else:
+        config = RCPPGenerationConfig.from_yaml(config_path, max_new_tokens=max_new_tokens)
     try:
-        config = GenerationConfig.from_pretrained(model_path)
+        checkpoint = GenerationConfig.from_pretrained(model_path)
     except OSError:  # a checkpoint without generation_config.json: generate() derives one from its config
-        config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path))
-    config.update(do_sample=False, num_beams=1)
-    if config_path is not None:
-        fields = yaml.safe_load(Path(config_path).read_text()) or {}
-        if not isinstance(fields, dict):
-            raise ValueError(f"{config_path}: a generation config YAML must be a mapping of field: value")
-        config.update(**fields)
-    config.max_new_tokens = max_new_tokens
-    config.validate()
+        checkpoint = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(config, name) is None:
+            setattr(config, name, getattr(checkpoint, name))
     return config
 
 
@@ -89,7 +96,7 @@ class Answer:
 class Answerer:
     """Answers a batch of (image, user message) pairs with one model and one decoding configuration."""
 
-    def __init__(self, model, processor, generation_config: GenerationConfig, system_prompt: str, image_aspect: str):
+    def __init__(self, model, processor, generation_config: RCPPGenerationConfig, system_prompt: str, image_aspect: str):
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
         self.model = model
