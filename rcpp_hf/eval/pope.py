@@ -1,4 +1,7 @@
-"""POPE: yes/no object-existence questions, the official answer parser and its metrics.
+"""POPE: yes/no object-existence questions, the official answer parser and metrics, and `rcpp-hf eval pope`.
+
+Questions come in the authors' JSON-lines files (COCO images in a folder) or in the lmms-lab/POPE
+parquet layout (images inside); each file's questions form a split, reported alone and averaged.
 
 Conventions reproduced from the POPE authors' evaluation and LLaVA's `eval_pope.py`:
 the answer is cut at its first '.', commas are dropped, the rest is split on single spaces, and
@@ -148,9 +151,7 @@ class PopeParquet:
         if missing:
             raise ValueError(f"{source}: not the lmms-lab/POPE layout (missing columns {', '.join(missing)})")
         self.dataset = dataset.cast_column("image", datasets.Image(decode=False))
-        rows = self.dataset.select_columns([c for c in PARQUET_COLUMNS if c != "image"] + (
-            ["image_source"] if "image_source" in dataset.column_names else []
-        ))
+        rows = self.dataset.select_columns([column for column in dataset.column_names if column != "image"])
         self.questions = [
             _question(
                 f"{source}, row {index}",

@@ -230,7 +230,7 @@ def _merge_parts(run_dir: RunDirectory, items: list[EvalItem]) -> list[dict]:
 
 
 def _latency(records: list[dict]) -> dict:
-    """Mean generation wall time and generated tokens per item (a batch's time is shared by its items)."""
+    """Mean answering wall time (processor + generate) and generated tokens per item; a batch shares its time."""
     n = max(len(records), 1)
     return {
         "seconds_per_item": sum(record["seconds"] for record in records) / n,
