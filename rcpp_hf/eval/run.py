@@ -21,7 +21,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from rcpp_hf.eval.run_dir import RunDirectory, session_provenance
-from rcpp_hf.eval.runner import IMAGE_ASPECTS, LLAVA_SYSTEM_PROMPT, Answerer, load_generation_config, load_model
+from rcpp_hf.eval.runner import (
+    DTYPES,
+    IMAGE_ASPECTS,
+    LLAVA_SYSTEM_PROMPT,
+    Answerer,
+    load_generation_config,
+    load_model,
+)
 
 
 @dataclass
@@ -49,8 +56,8 @@ class RunOptions:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {self.image_aspect!r}")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +70,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=1)
     group.add_argument("--max-new-tokens", type=int, help="default: the benchmark's")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    group.add_argument("--dtype", default="auto", choices=list(DTYPES))
     group.add_argument("--device", help="e.g. cpu, cuda:0 (default: the device accelerate assigns)")
     group.add_argument("--system-prompt", default=LLAVA_SYSTEM_PROMPT)
     group.add_argument("--image-aspect", default="pad", choices=IMAGE_ASPECTS, help="pad to square (LLaVA-1.5) or centre-crop")

@@ -23,6 +23,7 @@ LLAVA_SYSTEM_PROMPT = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 IMAGE_ASPECTS = ("pad", "crop")
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu"):
@@ -32,7 +33,9 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device
     exactly as `LlavaForConditionalGeneration`. `dtype` is "auto" (the checkpoint's), "float32",
     "float16" or "bfloat16".
     """
-    model = RCPPLlavaForConditionalGeneration.from_pretrained(path, dtype=_torch_dtype(dtype))
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"  # decoder-only batches: prompts end where generation starts
@@ -60,15 +63,6 @@ def load_generation_config(
         if getattr(config, name) is None:
             setattr(config, name, getattr(checkpoint, name))
     return config
-
-
-def _torch_dtype(name: str):
-    if name == "auto":
-        return "auto"
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(dtypes)}, got {name!r}")
-    return dtypes[name]
 
 
 def llava_prompt(user_message: str, system_prompt: str, image_token: str = "<image>") -> str:
