@@ -108,6 +108,11 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
         if synced_gpus:
             raise ValueError("RCPP + DRCD does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation)")
+        if input_ids.device != self.device:
+            raise ValueError(
+                f"RCPP + DRCD keeps its per-token state beside the model: move the inputs to {self.device} "
+                f"(they are on {input_ids.device}), e.g. processor(...).to(model.device)"
+            )
         cfg: RCPPGenerationConfig = generation_config
         batch_size = input_ids.shape[0]
         pad_token_id = cfg._pad_token_tensor.to(input_ids.device) if cfg._pad_token_tensor is not None else None
