@@ -22,11 +22,12 @@ def reconstruct_visual_tokens(alpha: torch.Tensor, visual_states: torch.Tensor) 
 
     Args:
         alpha: (B, Ls, Vc) head-averaged attention probability of the current query on each cached visual token.
-        visual_states: (B, Ls, Vc, D) hidden state of each cached visual token at each scoring layer.
+        visual_states: (B, Vc, Ls, D) hidden state of each cached visual token at each scoring layer.
     Returns:
-        (B, Vc, D)
+        (B, Vc, D) in float32. One small matmul per token, (1, Ls) @ (Ls, D), reading the states in place.
     """
-    return torch.einsum("blv,blvd->bvd", alpha.float(), visual_states.float())
+    weights = alpha.transpose(1, 2).unsqueeze(2).to(visual_states.dtype)  # (B, Vc, 1, Ls)
+    return torch.matmul(weights, visual_states).squeeze(2).float()
 
 
 def instant_consistency(h_t: torch.Tensor, reconstructed: torch.Tensor) -> torch.Tensor:

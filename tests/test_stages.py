@@ -28,7 +28,8 @@ def test_reasoning_state_takes_the_requested_row():
 
 def test_reconstruction_is_the_alpha_weighted_sum_over_layers():
     alpha = torch.tensor([[[0.5, 0.1], [0.2, 0.3]]])  # (B=1, Ls=2, Vc=2)
-    v = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[2.0, 2.0], [4.0, 0.0]]]])  # (B, Ls, Vc, D=2)
+    # v[layer][token]: layer 0 -> token 0 (1, 0), token 1 (0, 1); layer 1 -> token 0 (2, 2), token 1 (4, 0)
+    v = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[2.0, 2.0], [4.0, 0.0]]]]).transpose(1, 2)  # (B, Vc, Ls, D=2)
     expected = torch.tensor([[[0.5 * 1 + 0.2 * 2, 0.2 * 2], [0.3 * 4, 0.1 * 1]]])
     torch.testing.assert_close(reconstruct_visual_tokens(alpha, v), expected)
 
