@@ -8,7 +8,6 @@ from rcpp_hf.shapesworld.pope_sets import (
     POPE_SPLITS,
     KindStatistics,
     build_pope_questions,
-    image_file,
     pope_scenes,
     write_pope_split,
 )
@@ -36,7 +35,7 @@ def test_three_yes_three_no_per_image_all_true(scenes, split):
     assert [r["question_id"] for r in rows] == list(range(1, 6 * len(scenes) + 1))
     grouped = by_image(rows)
     for scene in scenes:
-        questions = grouped[image_file(scene)]
+        questions = grouped[scene.image_file]
         assert [q["label"] for q in questions] == ["yes", "no"] * 3
         kinds = [KIND_OF_QUESTION[q["text"]] for q in questions]
         assert len(set(kinds)) == 6

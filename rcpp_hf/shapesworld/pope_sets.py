@@ -22,12 +22,11 @@ from itertools import islice
 from pathlib import Path
 
 from rcpp_hf.shapesworld.questions import question_text
-from rcpp_hf.shapesworld.render import render_scene
+from rcpp_hf.shapesworld.render import IMAGE_FOLDER, write_images
 from rcpp_hf.shapesworld.world import KINDS, Scene, WorldConfig, iter_scenes
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 QUESTIONS_PER_LABEL = 3
-IMAGE_FOLDER = "images"
 
 
 @dataclass(frozen=True)
@@ -70,10 +69,6 @@ def present_kinds(scene: Scene) -> list[str]:
     return scene.rng("pope-present").sample(sorted(scene.kinds), QUESTIONS_PER_LABEL)
 
 
-def image_file(scene: Scene) -> str:
-    return f"{scene.name}.png"
-
-
 def build_pope_questions(scenes: list[Scene], split: str) -> list[dict]:
     """POPE rows {"question_id", "image", "text", "label"}, 6 per scene, question ids from 1."""
     stats = KindStatistics.of(scenes)
@@ -83,19 +78,8 @@ def build_pope_questions(scenes: list[Scene], split: str) -> list[dict]:
             raise ValueError(f"scene {scene.name} holds {len(scene.kinds)} kinds; POPE needs {QUESTIONS_PER_LABEL}")
         for yes, no in zip(present_kinds(scene), absent_kinds(scene, split, stats)):
             for kind, label in ((yes, "yes"), (no, "no")):
-                rows.append({"question_id": len(rows) + 1, "image": image_file(scene), "text": question_text(kind), "label": label})
+                rows.append({"question_id": len(rows) + 1, "image": scene.image_file, "text": question_text(kind), "label": label})
     return rows
-
-
-def write_images(scenes: list[Scene], folder: str | Path, config: WorldConfig = WorldConfig()) -> Path:
-    """Render each scene to `folder/<scene name>.png` (skipping files already there); returns `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for scene in scenes:
-        path = folder / image_file(scene)
-        if not path.exists():
-            render_scene(scene, config).save(path)
-    return folder
 
 
 def write_pope_split(

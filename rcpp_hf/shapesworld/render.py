@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable
 
 from PIL import Image, ImageDraw
@@ -10,6 +11,7 @@ from PIL import Image, ImageDraw
 from rcpp_hf.shapesworld.world import BACKGROUND, COLOURS, Scene, WorldConfig
 
 Point = tuple[float, float]
+IMAGE_FOLDER = "images"  # where written test sets keep their images
 
 
 def _regular(x: float, y: float, r: float, n: int, phase: float = -math.pi / 2) -> list[Point]:
@@ -96,3 +98,14 @@ def render_scene(scene: Scene, config: WorldConfig = WorldConfig()) -> Image.Ima
     for obj in scene.objects:
         DRAWERS[obj.kind](draw, obj.x, obj.y, config.radius(obj.size), COLOURS[obj.colour])
     return image
+
+
+def write_images(scenes: list[Scene], folder: str | Path, config: WorldConfig = WorldConfig()) -> Path:
+    """Render each scene to `folder/<scene.image_file>`, skipping files already there; returns `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for scene in scenes:
+        path = folder / scene.image_file
+        if not path.exists():
+            render_scene(scene, config).save(path)
+    return folder

@@ -1,8 +1,8 @@
 """`rcpp-hf shapesworld train`: train the ShapesWorld LLaVA from scratch on a CPU, reproducibly.
 
-Every batch is a pure function of (seed, step): scenes `step * batch_size ...` of the training world
-(`seed`), each rendered and turned into one multi-turn conversation (a caption and yes/no answers,
-see `conversations.py`). The initial weights come from the same seed. AdamW with linear warm-up and
+Every batch is a pure function of (world_seed, step): scenes `step * batch_size ...` of the training
+world, each rendered and turned into one multi-turn conversation (a caption and yes/no answers,
+see `conversations.py`). The initial weights come from `seed`. AdamW with linear warm-up and
 cosine decay, float32, gradient clipping. A resumable state is saved every `save_every` steps, so
 an interrupted run continues where it stopped and ends with the same weights.
 """
@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from rcpp_hf.shapesworld.conversations import encode_conversation, training_turns
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_scene
-from rcpp_hf.shapesworld.world import sample_scene
+from rcpp_hf.shapesworld.world import TEST_SEED, TRAIN_SEED, VALIDATION_SEED, sample_scene
+from rcpp_hf.tiny import TinyLlavaSpec
 
 STATE_FILE = "trainer_state.pt"
 SUMMARY_FILE = "training.json"
@@ -32,7 +33,8 @@ SUMMARY_FILE = "training.json"
 class TrainConfig:
     """What a training run is; the defaults trained the shipped checkpoint."""
 
-    seed: int = 0
+    seed: int = 0  # initial weights
+    world_seed: int = TRAIN_SEED  # training scenes; the held-out worlds' seeds are refused
     steps: int = 1600
     batch_size: int = 16
     lr: float = 1.5e-3
@@ -42,6 +44,8 @@ class TrainConfig:
     save_every: int = 200
 
     def __post_init__(self):
+        if self.world_seed in (VALIDATION_SEED, TEST_SEED):
+            raise ValueError(f"world_seed {self.world_seed} is a held-out world (validation {VALIDATION_SEED}, test {TEST_SEED})")
         for name in ("steps", "batch_size", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -88,12 +92,17 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
 
 
-def train(config: TrainConfig, output_dir: str | Path, progress: bool = True) -> Path:
-    """Train, save model + processor into `output_dir`, and return it; resumes a run found there."""
+def train(
+    config: TrainConfig, output_dir: str | Path, spec: TinyLlavaSpec = SHAPESWORLD_SPEC, progress: bool = True
+) -> Path:
+    """Train, save model + processor into `output_dir`, and return it; resumes a run found there.
+
+    `spec` sets the model's shapes (tests train a much smaller one).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    model, processor = build_shapesworld_llava(seed=config.seed)
+    model, processor = build_shapesworld_llava(spec, seed=config.seed)
     model.train()
     optimizer = _optimizer(model, config)
     start, elapsed, losses = 0, 0.0, []
@@ -111,7 +120,7 @@ def train(config: TrainConfig, output_dir: str | Path, progress: bool = True) ->
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        batch = training_batch(processor, config.seed, step, config.batch_size, SHAPESWORLD_SPEC.num_visual_tokens)
+        batch = training_batch(processor, config.world_seed, step, config.batch_size, spec.num_visual_tokens)
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -145,7 +154,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train the ShapesWorld LLaVA on CPU", description=__doc__)
     defaults = TrainConfig()
     parser.add_argument("--output-dir", required=True, help="where the checkpoint (and resumable state) go")
-    for name, kind in (("seed", int), ("steps", int), ("batch_size", int), ("lr", float), ("warmup_steps", int),
+    for name, kind in (("seed", int), ("world_seed", int), ("steps", int), ("batch_size", int), ("lr", float), ("warmup_steps", int),
                        ("weight_decay", float), ("max_grad_norm", float), ("save_every", int)):  # fmt: skip
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
     parser.set_defaults(func=_run)

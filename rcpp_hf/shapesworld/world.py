@@ -77,6 +77,9 @@ SIZES: tuple[str, ...] = ("small", "normal")  # "normal" is left unsaid in capti
 
 BACKGROUND: tuple[int, int, int] = (30, 32, 40)
 
+# World seeds of the standard splits: training scenes, validation (choosing settings), test (reporting).
+TRAIN_SEED, VALIDATION_SEED, TEST_SEED = 0, 1, 2
+
 
 @dataclass(frozen=True)
 class WorldConfig:
@@ -138,8 +141,12 @@ class Scene:
 
     @property
     def name(self) -> str:
-        """File-name stem of the scene's image."""
         return f"shapesworld_s{self.seed}_{self.index:06d}"
+
+    @property
+    def image_file(self) -> str:
+        """File name of the scene's rendered image."""
+        return f"{self.name}.png"
 
     def rng(self, purpose: str) -> random.Random:
         """A random stream owned by this scene, one per purpose (caption wording, questions...)."""

@@ -1,0 +1,95 @@
+"""Training: the conversation encoding matches inference prompts; a tiny run is reproducible and resumable."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rcpp_hf.shapesworld import train as train_module
+from rcpp_hf.shapesworld.conversations import encode_conversation, pope_prompt, training_turns, user_turn
+from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
+from rcpp_hf.shapesworld.render import render_scene
+from rcpp_hf.shapesworld.train import TrainConfig, learning_rate, train, training_batch
+from rcpp_hf.shapesworld.world import TEST_SEED, sample_scene
+
+# A model small enough to train a few steps in seconds; same code path as the shipped one.
+SMALL = replace(SHAPESWORLD_SPEC, image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,
+                text_hidden=32, text_layers=2, num_heads=4, num_kv_heads=2)  # fmt: skip
+SMOKE = TrainConfig(steps=4, batch_size=2, warmup_steps=1, save_every=2)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_shapesworld_llava(SMALL)[1]
+
+
+def test_first_turn_of_training_is_exactly_the_inference_prompt(processor):
+    scene = sample_scene(0, 3)
+    question = pope_prompt("Is there a star in the image?")
+    ids, labels = encode_conversation([(question, "No")], processor.tokenizer, SMALL.num_visual_tokens)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert prompt == user_turn(question, with_image=True)
+    expected = processor(images=render_scene(scene), text=prompt, return_tensors="pt")["input_ids"][0].tolist()
+    assert ids[: len(expected)] == expected
+    answer = processor.tokenizer(" No", add_special_tokens=False).input_ids + [processor.tokenizer.eos_token_id]
+    assert ids[len(expected) :] == answer
+    assert labels == [-100] * len(expected) + answer
+
+
+def test_training_turns_hold_one_caption_and_balanced_questions():
+    turns = training_turns(sample_scene(0, 11))
+    assert sum(answer.endswith(".") for _, answer in turns) == 1
+    answers = [answer for _, answer in turns if not answer.endswith(".")]
+    assert answers.count("No") == 2 and 1 <= answers.count("Yes") <= 2
+
+
+def test_batch_is_a_function_of_seed_and_step(processor):
+    a = training_batch(processor, 0, 5, 2, SMALL.num_visual_tokens)
+    b = training_batch(processor, 0, 5, 2, SMALL.num_visual_tokens)
+    c = training_batch(processor, 0, 6, 2, SMALL.num_visual_tokens)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["pixel_values"], c["pixel_values"])
+    assert ((a["labels"] != -100) <= a["attention_mask"].bool()).all()
+
+
+def test_learning_rate_schedule():
+    config = TrainConfig(steps=100, warmup_steps=10, lr=1.0)
+    assert learning_rate(config, 0) == pytest.approx(0.1)
+    assert learning_rate(config, 9) == pytest.approx(1.0)
+    assert learning_rate(config, 55) == pytest.approx(0.5)
+    assert learning_rate(config, 100) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("steps", 0), ("batch_size", 0), ("lr", 0.0), ("warmup_steps", 4), ("world_seed", TEST_SEED)]
+)
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{"steps": 4, "warmup_steps": 1, field: value})
+
+
+def test_tiny_run_is_reproducible_and_resumes_after_a_crash(tmp_path, monkeypatch):
+    straight = train(SMOKE, tmp_path / "straight", spec=SMALL, progress=False)
+
+    real_batch = train_module.training_batch
+
+    def crash_at_step_3(processor, seed, step, *args):
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_batch(processor, seed, step, *args)
+
+    monkeypatch.setattr(train_module, "training_batch", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(SMOKE, tmp_path / "resumed", spec=SMALL, progress=False)
+    assert (tmp_path / "resumed" / train_module.STATE_FILE).exists()  # saved after step 2
+    monkeypatch.setattr(train_module, "training_batch", real_batch)
+    with pytest.raises(ValueError, match="another config"):
+        train(replace(SMOKE, lr=1e-4), tmp_path / "resumed", spec=SMALL, progress=False)
+    resumed = train(SMOKE, tmp_path / "resumed", spec=SMALL, progress=False)
+
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (resumed / train_module.STATE_FILE).exists()
