@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-
+from rcpp_hf import generate_cli
+from rcpp_hf.benchmark import cli as bench_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rcpp-hf", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-
+    generate_cli.add_parser(commands)
+    bench_cli.add_parser(commands)
     return parser
 
 

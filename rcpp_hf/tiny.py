@@ -40,7 +40,7 @@ _TOKENIZER_CORPUS = [
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
     "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
     "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
@@ -50,17 +50,26 @@ LLAVA_CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinyLlavaSpec:
-    """Shapes of the tiny model; defaults give 16 visual tokens and GQA (4 query heads, 2 kv heads)."""
+    """Shapes of the model; defaults give 16 visual tokens and GQA (4 query heads, 2 kv heads).
+
+    `vocab_size` is the locally trained tokenizer's; `model_vocab_size`, if larger, pads the embedding and the
+    LM head to a real checkpoint's vocabulary (e.g. LLaVA-1.5's 32064) for realistic benchmark shapes.
+    Intermediate sizes default to twice the hidden size.
+    """
 
     image_size: int = 32
     patch_size: int = 8
     vision_hidden: int = 32
     vision_layers: int = 2
+    vision_heads: int = 4
+    vision_intermediate: int | None = None
     text_hidden: int = 64
     text_layers: int = 4
+    text_intermediate: int | None = None
     num_heads: int = 4
     num_kv_heads: int = 2
     vocab_size: int = 320
+    model_vocab_size: int | None = None
     vision_feature_layer: int = -2  # LLaVA-1.5's choice; -1 uses (and trains) every vision layer
     seed: int = 0
 
@@ -98,23 +107,23 @@ def build_tiny_llava(
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Return a randomly initialised tiny LLaVA model (float32, eval mode) and its processor.
 
-    `tokenizer` defaults to `build_tokenizer(spec.vocab_size)`; the model's vocabulary is its length.
+    `tokenizer` defaults to `build_tokenizer(spec.vocab_size)`.
     """
     tokenizer = tokenizer or build_tokenizer(spec.vocab_size)
-    vocab_size = len(tokenizer)
+    vocab_size = max(len(tokenizer), spec.model_vocab_size or 0)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision_config = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
-        intermediate_size=2 * spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
         num_hidden_layers=spec.vision_layers,
-        num_attention_heads=4,
+        num_attention_heads=spec.vision_heads,
         image_size=spec.image_size,
         patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden,
     )
     text_config = LlamaConfig(
         hidden_size=spec.text_hidden,
-        intermediate_size=2 * spec.text_hidden,
+        intermediate_size=spec.text_intermediate or 2 * spec.text_hidden,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,

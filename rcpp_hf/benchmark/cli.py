@@ -1,0 +1,47 @@
+"""`rcpp-hf bench`: the speed and memory benchmark from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from rcpp_hf.benchmark.suite import METHODS, BenchmarkSettings, format_report, plot_report, run_benchmark
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("bench", help="speed and memory of RCPP + DRCD beside vanilla and a two-pass reference")
+    parser.add_argument("--shape", default="small", help="tiny | small | 7b (random weights), ignored with --model")
+    parser.add_argument("--model", help="checkpoint folder or hub id instead of a shape")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", help="float32 | float16 | bfloat16 (default: float16 for 7b, else float32)")
+    parser.add_argument("--output", type=Path, help="write the report as JSON")
+    parser.add_argument("--plot", type=Path, help="write per-token time and cache bytes against the step (PNG)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = BenchmarkSettings(
+        shape=args.shape,
+        model=args.model,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype or ("float16" if args.shape == "7b" and not args.model else "float32"),
+    )
+    report = run_benchmark(settings)
+    print(format_report(report))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot_report(report, args.plot)
+    return 0

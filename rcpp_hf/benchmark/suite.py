@@ -1,0 +1,311 @@
+"""Run the methods side by side in one process, interleaved, and report per-method speed, cache size and memory,
+each also as a ratio to vanilla measured in the same run."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import torch
+import transformers
+from PIL import Image
+from tqdm import tqdm
+from transformers import GenerationConfig
+
+from rcpp_hf.benchmark.measure import PeakMemory, StepTimer
+from rcpp_hf.benchmark.shapes import load_benchmark_model
+from rcpp_hf.benchmark.two_pass import two_pass_contrastive_generate
+from rcpp_hf.cache import cache_nbytes
+from rcpp_hf.config import RCPPGenerationConfig
+
+METHODS = ("vanilla", "rcpp-score-only", "rcpp", "rcpp-evict", "two-pass")
+PROMPT = "USER: <image>\nDescribe the image in detail. ASSISTANT:"
+
+# (method, metric, "<=" or ">=", threshold): issue #5's targets, checked on every run and reported with it.
+TARGETS = [
+    ("rcpp-score-only", "prefill_ratio", "<=", 1.05),
+    ("rcpp-score-only", "decode_median_ratio", "<=", 1.05),
+    ("rcpp", "decode_median_ratio", "<=", 1.15),
+    ("two-pass", "decode_median_ratio", ">=", 1.8),
+    ("rcpp-evict", "final_visual_cache_ratio", "<=", 0.26),
+    ("rcpp-evict", "decode_late_median_ratio", "<=", 1.0),
+]
+
+
+@dataclass
+class BenchmarkSettings:
+    """What to measure. `early_steps` / `late_steps` are the decode-step windows reported separately."""
+
+    shape: str = "tiny"
+    model: str | None = None
+    methods: tuple[str, ...] = METHODS
+    new_tokens: int = 256
+    repeats: int = 5
+    batch_size: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    lambda_t: float = 0.5
+    keep_ratio_end: float = 0.25
+    evict_steps: int = 32
+    early_steps: int = 32
+    late_steps: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"BenchmarkSettings.methods: unknown {unknown}; expected some of {list(METHODS)}")
+        if "vanilla" not in self.methods:
+            raise ValueError("BenchmarkSettings.methods must include 'vanilla': every ratio is to vanilla")
+        if self.new_tokens < 4:
+            raise ValueError(f"BenchmarkSettings.new_tokens = {self.new_tokens}: need at least 4")
+        if self.repeats < 1 or self.batch_size < 1:
+            raise ValueError("BenchmarkSettings.repeats and batch_size must be >= 1")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"BenchmarkSettings.dtype = {self.dtype!r}: expected float32, float16 or bfloat16")
+
+
+def method_generation_config(method: str, settings: BenchmarkSettings, tau: float) -> GenerationConfig:
+    """Every method decodes exactly `new_tokens` greedy tokens (min = max, so an early EOS cannot shorten a run)."""
+    length = dict(max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens, do_sample=False)
+    contrast = dict(tau=tau, lambda_start=settings.lambda_t, lambda_end=settings.lambda_t)
+    if method == "vanilla":
+        return GenerationConfig(**length)
+    if method == "rcpp-score-only":
+        return RCPPGenerationConfig(tau=-1.0, lambda_start=0.0, lambda_end=0.0, keep_ratio_start=1.0,
+                                    keep_ratio_end=1.0, **length)
+    if method == "rcpp":
+        return RCPPGenerationConfig(keep_ratio_start=1.0, keep_ratio_end=1.0, **contrast, **length)
+    if method == "rcpp-evict":
+        return RCPPGenerationConfig(keep_ratio_start=1.0, keep_ratio_end=settings.keep_ratio_end, schedule="linear",
+                                    schedule_steps=settings.evict_steps, **contrast, **length)
+    raise ValueError(f"no generation config for {method!r}")
+
+
+def run_method(model, inputs, method: str, settings: BenchmarkSettings, tau: float, streamer=None, trace=False):
+    """One generation; returns (sequences, cache, RCPPTrace or None)."""
+    if method == "two-pass":
+        sequences, cache = two_pass_contrastive_generate(model, inputs, settings.new_tokens, settings.lambda_t,
+                                                         streamer=streamer)
+        return sequences, cache, None
+    config = method_generation_config(method, settings, tau)
+    config.return_dict_in_generate = trace
+    out = model.generate(**inputs, generation_config=config, streamer=streamer)
+    if not trace:
+        return out, None, None
+    return out.sequences, out.past_key_values, getattr(out, "rcpp", None)
+
+
+def calibrate_tau(model, inputs, settings: BenchmarkSettings) -> float:
+    """tau = the median first-step consistency score, so that C and N each start with about half the tokens (the
+    random-weight shapes have no meaningful scale of their own)."""
+    config = method_generation_config("rcpp-score-only", settings, tau=-1.0)
+    config.max_new_tokens = config.min_new_tokens = 1
+    config.return_dict_in_generate = True
+    out = model.generate(**inputs, generation_config=config)
+    return float(out.rcpp.steps[0].scores.median())
+
+
+def cache_profile(model, inputs, method, settings, tau, prompt_length, num_visual) -> dict:
+    """Total and visual KV bytes after every step, from an untimed run: RCPP's trace measures them; for the methods
+    whose cache only grows, the per-entry size of the final cache gives every step exactly."""
+    _, cache, trace = run_method(model, inputs, method, settings, tau, trace=True)
+    if trace is not None:
+        noisy_steps = [int(step.num_noise.min()) > 0 for step in trace.steps[1:]]
+        return {
+            "cache_bytes": [step.cache_bytes for step in trace.steps],
+            "visual_cache_bytes": [step.visual_cache_bytes for step in trace.steps],
+            "contrast_step_fraction": (sum(noisy_steps) / len(noisy_steps)) if method in ("rcpp", "rcpp-evict") else 0.0,
+        }
+    entry_bytes = cache_nbytes(cache) // cache.get_seq_length()
+    steps = range(settings.new_tokens)
+    return {
+        "cache_bytes": [entry_bytes * (prompt_length + step) for step in steps],
+        "visual_cache_bytes": [entry_bytes * num_visual for _ in steps],
+        "contrast_step_fraction": 1.0 if method == "two-pass" else 0.0,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarise(timers: list[StepTimer], peaks: list[int], profile: dict, settings: BenchmarkSettings) -> dict:
+    decode_runs = [timer.decode_seconds for timer in timers]  # each: new_tokens - 1 values
+    steps = len(decode_runs[0])
+    early = [run[i] for run in decode_runs for i in range(min(settings.early_steps, steps // 2))]
+    late = [run[i] for run in decode_runs for i in range(steps - min(settings.late_steps, steps // 2), steps)]
+    every = [value for run in decode_runs for value in run]
+    per_step = [statistics.median(run[i] for run in decode_runs) for i in range(steps)]
+    totals = [timer.stamps[-1] - timer.stamps[0] for timer in timers]
+    # Memory that grows with the steps beyond the cache: RSS minus cache bytes, slope over the late window.
+    growth = []
+    for timer in timers:
+        cache = profile["cache_bytes"]
+        extra = [rss - cache[min(i, len(cache) - 1)] for i, rss in enumerate(timer.rss[1:])]
+        window = extra[-min(settings.late_steps, len(extra) // 2):]
+        growth.append((window[-1] - window[0]) / max(len(window) - 1, 1))
+    return {
+        "prefill_s": statistics.median(timer.prefill_seconds for timer in timers),
+        "decode_median_s": statistics.median(every),
+        "decode_p90_s": percentile(every, 0.9),
+        "decode_early_median_s": statistics.median(early),
+        "decode_early_p90_s": percentile(early, 0.9),
+        "decode_late_median_s": statistics.median(late),
+        "decode_late_p90_s": percentile(late, 0.9),
+        "tokens_per_s": settings.batch_size * settings.new_tokens / statistics.median(totals),
+        "peak_memory_bytes": statistics.median(peaks),
+        "memory_growth_beyond_cache_bytes_per_step": statistics.median(growth),
+        "final_cache_bytes": profile["cache_bytes"][-1],
+        "final_visual_cache_bytes": profile["visual_cache_bytes"][-1],
+        "contrast_step_fraction": profile["contrast_step_fraction"],
+        "decode_s_per_step": per_step,
+        "cache_bytes_per_step": profile["cache_bytes"],
+        "visual_cache_bytes_per_step": profile["visual_cache_bytes"],
+    }
+
+
+RATIO_METRICS = {
+    "prefill_ratio": "prefill_s",
+    "decode_median_ratio": "decode_median_s",
+    "decode_early_median_ratio": "decode_early_median_s",
+    "decode_late_median_ratio": "decode_late_median_s",
+    "tokens_per_s_ratio": "tokens_per_s",
+    "peak_memory_ratio": "peak_memory_bytes",
+    "final_cache_ratio": "final_cache_bytes",
+    "final_visual_cache_ratio": "final_visual_cache_bytes",
+}
+
+
+def add_ratios(results: dict) -> None:
+    vanilla = results["vanilla"]
+    for metrics in results.values():
+        for ratio, metric in RATIO_METRICS.items():
+            metrics[ratio] = metrics[metric] / vanilla[metric] if vanilla[metric] else float("nan")
+
+
+def check_targets(results: dict) -> list[dict]:
+    checks = []
+    for method, metric, op, threshold in TARGETS:
+        if method not in results:
+            continue
+        value = results[method][metric]
+        met = value <= threshold if op == "<=" else value >= threshold
+        checks.append({"method": method, "metric": metric, "target": f"{op} {threshold}", "value": value, "met": met})
+    return checks
+
+
+def benchmark_inputs(processor, settings: BenchmarkSettings, device, dtype) -> dict:
+    generator = torch.Generator().manual_seed(settings.seed)
+    pixels = torch.randint(0, 256, (336, 336, 3), generator=generator, dtype=torch.uint8).numpy()
+    images = [Image.fromarray(pixels)] * settings.batch_size
+    inputs = processor(images=images, text=[PROMPT] * settings.batch_size, return_tensors="pt")
+    return inputs.to(device, dtype=dtype)
+
+
+def run_benchmark(settings: BenchmarkSettings) -> dict:
+    """Measure every method of `settings` in this process; returns the JSON-ready report."""
+    dtype = getattr(torch, settings.dtype)
+    model, processor = load_benchmark_model(settings.shape, settings.model, settings.device, dtype)
+    inputs = benchmark_inputs(processor, settings, settings.device, dtype)
+    prompt_length = inputs["input_ids"].shape[1]
+    num_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    tau = calibrate_tau(model, inputs, settings)
+
+    profiles = {m: cache_profile(model, inputs, m, settings, tau, prompt_length, num_visual) for m in settings.methods}
+    timers = {method: [] for method in settings.methods}
+    peaks = {method: [] for method in settings.methods}
+    rounds = [(r, m) for r in range(settings.repeats + 1) for m in settings.methods]  # round 0 is the warm-up
+    for repeat, method in tqdm(rounds, desc=f"bench {settings.model or settings.shape}", unit="run"):
+        timer = StepTimer()
+        with PeakMemory(settings.device) as memory:
+            run_method(model, inputs, method, settings, tau, streamer=timer)
+        if repeat > 0:
+            timers[method].append(timer)
+            peaks[method].append(memory.peak_bytes)
+
+    results = {m: summarise(timers[m], peaks[m], profiles[m], settings) for m in settings.methods}
+    add_ratios(results)
+    return {
+        "settings": asdict(settings),
+        "environment": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name() if settings.device.startswith("cuda") else platform.processor()
+            or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "prompt_tokens": prompt_length,
+            "visual_tokens": num_visual,
+            "tau": tau,
+        },
+        "methods": results,
+        "targets": check_targets(results),
+    }
+
+
+TABLE_COLUMNS = [
+    ("prefill ms", "prefill_s", 1e3, "prefill_ratio"),
+    ("decode ms (med)", "decode_median_s", 1e3, "decode_median_ratio"),
+    ("early ms", "decode_early_median_s", 1e3, "decode_early_median_ratio"),
+    ("late ms", "decode_late_median_s", 1e3, "decode_late_median_ratio"),
+    ("late p90 ms", "decode_late_p90_s", 1e3, None),
+    ("tok/s", "tokens_per_s", 1, "tokens_per_s_ratio"),
+    ("visual KV MiB", "final_visual_cache_bytes", 2 ** -20, "final_visual_cache_ratio"),
+    ("cache MiB", "final_cache_bytes", 2 ** -20, "final_cache_ratio"),
+    ("peak MiB", "peak_memory_bytes", 2 ** -20, "peak_memory_ratio"),
+]
+
+
+def format_report(report: dict) -> str:
+    """A plain-text table (value and ratio to vanilla per cell) followed by the targets."""
+    header = ["method"] + [name for name, *_ in TABLE_COLUMNS] + ["contrast steps"]
+    rows = [header]
+    for method, metrics in report["methods"].items():
+        row = [method]
+        for _, metric, scale, ratio in TABLE_COLUMNS:
+            cell = f"{metrics[metric] * scale:.2f}"
+            if ratio is not None:
+                cell += f" ({metrics[ratio]:.2f}x)"
+            row.append(cell)
+        row.append(f"{metrics['contrast_step_fraction']:.0%}")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    env = report["environment"]
+    settings = report["settings"]
+    lines.insert(0, f"shape {settings['model'] or settings['shape']}, {settings['dtype']}, {settings['device']} "
+                    f"({env['device']}, {env['threads']} threads), batch {settings['batch_size']}, "
+                    f"{settings['new_tokens']} new tokens, {settings['repeats']} repeats, {env['visual_tokens']} "
+                    f"visual tokens, tau {env['tau']:.4f}; ratios are to vanilla in this run")
+    lines.append("")
+    for check in report["targets"]:
+        lines.append(f"target {check['method']:<16} {check['metric']:<26} {check['target']:<8} "
+                     f"measured {check['value']:.3f}  {'met' if check['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path) -> None:
+    """Per-token decode time and cache bytes against the step, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_ax, cache_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, metrics in report["methods"].items():
+        steps = range(1, len(metrics["decode_s_per_step"]) + 1)
+        time_ax.plot(steps, [s * 1e3 for s in metrics["decode_s_per_step"]], label=method, linewidth=1)
+        line, = cache_ax.plot([b / 2 ** 20 for b in metrics["cache_bytes_per_step"]], label=f"{method} total")
+        cache_ax.plot([b / 2 ** 20 for b in metrics["visual_cache_bytes_per_step"]], linestyle="--",
+                      color=line.get_color(), label=f"{method} visual")
+    time_ax.set(xlabel="decode step", ylabel="ms per token (median over repeats)", title="per-token decode time")
+    cache_ax.set(xlabel="step", ylabel="MiB", title="KV cache (solid: total, dashed: visual)")
+    time_ax.legend(fontsize=8)
+    cache_ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"rcpp_hf benchmark: {report['settings']['model'] or report['settings']['shape']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,116 @@
+"""`RCPPGenerationConfig`: a `GenerationConfig` that also carries the settings of RCPP + DRCD."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+from transformers import GenerationConfig
+
+SCHEDULES = ("linear", "cosine", "step")
+
+# Field -> default. Kept in one table so __init__, validation, YAML and docs agree.
+RCPP_DEFAULTS: dict[str, object] = {
+    "rcpp": True,
+    "gamma": 0.9,
+    "tau": 0.0,
+    "lambda_start": 0.0,
+    "lambda_end": 0.5,
+    "keep_ratio_start": 1.0,
+    "keep_ratio_end": 0.5,
+    "schedule": "linear",
+    "schedule_steps": 32,
+    "scoring_layers": (-4, -3, -2, -1),
+    "plausibility_beta": None,
+}
+
+
+class RCPPGenerationConfig(GenerationConfig):
+    """Generation settings plus the knobs of RCPP + DRCD (every other `GenerationConfig` field works as usual).
+
+    Args:
+        rcpp: turn the method on. `False` gives exactly `LlavaForConditionalGeneration.generate`.
+        gamma: EMA momentum of the consistency score S, in [0, 1) (stage 4).
+        tau: grouping threshold: C = {S >= tau}, N = {S < tau} (stage 5). S is a cosine, so tau = -1 puts every
+            visual token in C.
+        lambda_start, lambda_end: contrast coefficient lambda_t of `logits_C - lambda_t * logits_N` at the first and
+            last scheduled step (stage 6-7), >= 0.
+        keep_ratio_start, keep_ratio_end: fraction of the image's visual tokens kept in the KV cache, in (0, 1], not
+            increasing (stage 7). Tokens beyond the budget are evicted physically.
+        schedule: "linear", "cosine" or "step" (start value until `schedule_steps`, end value from then on).
+        schedule_steps: number of decoding steps over which lambda and keep ratio move from start to end, >= 1.
+        scoring_layers: decoder layers whose attention and visual hidden states drive the reconstruction (stage 2);
+            negative indices count from the last layer. Checked against the model at `generate` time.
+        plausibility_beta: adaptive plausibility constraint (VCD): keep only tokens with p_C >= beta * max p_C.
+            `None` turns it off; else in (0, 1].
+
+    Neutral settings (`lambda_start = lambda_end = 0`, keep ratios 1, `tau = -1`) reproduce vanilla decoding token
+    for token while still recording the scores.
+    """
+
+    def __init__(self, **kwargs):
+        for name, default in RCPP_DEFAULTS.items():
+            value = kwargs.pop(name, default)
+            setattr(self, name, tuple(value) if name == "scoring_layers" else value)
+        super().__init__(**kwargs)  # ends with self.validate()
+
+    # -- validation --------------------------------------------------------------------------------------------
+    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
+        super().validate(strict=strict, user_set_attributes=user_set_attributes)
+        self._validate_rcpp()
+
+    def _validate_rcpp(self) -> None:
+        def fail(field: str, why: str):
+            raise ValueError(f"RCPPGenerationConfig.{field} = {getattr(self, field)!r}: {why}")
+
+        if not isinstance(self.rcpp, bool):
+            fail("rcpp", "must be True or False")
+        if not (isinstance(self.gamma, (int, float)) and 0.0 <= self.gamma < 1.0):
+            fail("gamma", "the EMA momentum must lie in [0, 1)")
+        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau)):
+            fail("tau", "must be a finite number")
+        for field in ("lambda_start", "lambda_end"):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                fail(field, "the contrast coefficient must be a finite number >= 0")
+        for field in ("keep_ratio_start", "keep_ratio_end"):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+                fail(field, "the kept fraction of visual tokens must lie in (0, 1]")
+        if self.keep_ratio_end > self.keep_ratio_start:
+            fail("keep_ratio_end", f"must not exceed keep_ratio_start = {self.keep_ratio_start} (evicted tokens "
+                                   "cannot come back)")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"must be one of {SCHEDULES}")
+        if not (isinstance(self.schedule_steps, int) and self.schedule_steps >= 1):
+            fail("schedule_steps", "must be an integer >= 1")
+        layers = self.scoring_layers
+        if not (len(layers) >= 1 and all(isinstance(i, int) for i in layers) and len(set(layers)) == len(layers)):
+            fail("scoring_layers", "must be a non-empty sequence of distinct integers")
+        beta = self.plausibility_beta
+        if beta is not None and not (isinstance(beta, (int, float)) and 0.0 < beta <= 1.0):
+            fail("plausibility_beta", "must be None (off) or lie in (0, 1]")
+
+    # -- (de)serialisation -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output["scoring_layers"] = list(self.scoring_layers)  # JSON/YAML have no tuples
+        return output
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "RCPPGenerationConfig":
+        """Load a preset (a flat mapping of field -> value, e.g. `configs/rcpp_default.yaml`); kwargs override it."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"RCPP config file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
+        return cls(**{**values, **overrides})
+
+    def to_yaml(self, path: str | Path) -> None:
+        """Write the RCPP fields and every generation field that differs from the defaults."""
+        values = {**self.to_diff_dict(), **{name: self.to_dict()[name] for name in RCPP_DEFAULTS}}
+        values.pop("transformers_version", None)
+        Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

@@ -1,0 +1,67 @@
+"""The stages of RCPP + DRCD as small pure functions on tensors.
+
+Stage numbers follow the method note (../shared/seeds/rcpp-drcd-method.md) and issue #2:
+  1 reasoning state, 2 reasoning-aware reconstruction, 3 instant consistency, 4 EMA accumulation,
+  5 grouping, 6 DRCD fusion (+ adaptive plausibility constraint), 7 schedule (see `schedule.py`).
+Shapes: B = batch, V = visual tokens of the image, Vc = visual tokens still cached, Ls = scoring layers, D = hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reasoning_state(last_hidden_state: torch.Tensor, row: int) -> torch.Tensor:
+    """Stage 1 — h_t: the last layer's (final-normed) hidden state of the main query row, i.e. what
+    `hidden_states[-1][:, -1, :]` holds.  (B, Q, D) -> (B, D), in float32."""
+    return last_hidden_state[:, row, :].float()
+
+
+def reconstruct_visual_tokens(alpha: torch.Tensor, visual_states: torch.Tensor) -> torch.Tensor:
+    """Stage 2 — recon_i = sum_l alpha[t, i, l] * v_i[l].
+
+    Args:
+        alpha: (B, Ls, Vc) head-averaged attention probability of the current query on each cached visual token.
+        visual_states: (B, Ls, Vc, D) hidden state of each cached visual token at each scoring layer.
+    Returns:
+        (B, Vc, D)
+    """
+    return torch.einsum("blv,blvd->bvd", alpha.float(), visual_states.float())
+
+
+def instant_consistency(h_t: torch.Tensor, reconstructed: torch.Tensor) -> torch.Tensor:
+    """Stage 3 — s_i_t = cos(h_t, recon_i).  h_t (B, D), reconstructed (B, Vc, D) -> (B, Vc), clamped to [-1, 1]
+    so that tau = -1 really puts every token in C."""
+    return torch.nn.functional.cosine_similarity(reconstructed, h_t[:, None, :], dim=-1).clamp(-1.0, 1.0)
+
+
+def accumulate_consistency(scores: torch.Tensor | None, instant: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Stage 4 — S = gamma * S + (1 - gamma) * s, with S initialised to s at the first step (`scores is None`)."""
+    if scores is None:
+        return instant.clone()
+    return gamma * scores + (1.0 - gamma) * instant
+
+
+def group_visual_tokens(scores: torch.Tensor, tau: float) -> torch.Tensor:
+    """Stage 5 — membership of the core set C = {S >= tau}; N is its complement.  (B, Vc) -> bool (B, Vc)."""
+    return scores >= tau
+
+
+def select_evictions(scores: torch.Tensor, num_evict: int) -> torch.Tensor:
+    """Stage 7 — the `num_evict` lowest-scoring cached visual tokens of each row: N's tokens first, since they are
+    the ones below tau; C's lowest only if the budget demands more than |N|.  (B, Vc) -> column indices (B, k)."""
+    return torch.topk(scores, num_evict, dim=-1, largest=False, sorted=False).indices
+
+
+def drcd_fuse(logits_core: torch.Tensor, logits_noise: torch.Tensor, lambda_t: torch.Tensor) -> torch.Tensor:
+    """Stage 6 — final_logits = logits_C - lambda_t * logits_N.  (B, vocab), (B, vocab), (B,) -> (B, vocab).
+    Rows whose N is empty get lambda_t = 0 from the caller."""
+    return logits_core - lambda_t[:, None] * logits_noise
+
+
+def adaptive_plausibility(final_logits: torch.Tensor, logits_core: torch.Tensor, beta: float) -> torch.Tensor:
+    """Stage 6 (optional) — VCD's adaptive plausibility constraint: tokens whose probability under the core branch
+    is below beta * max keep no mass (-inf).  (B, vocab) -> (B, vocab)."""
+    probs = logits_core.softmax(dim=-1)
+    implausible = probs < beta * probs.max(dim=-1, keepdim=True).values
+    return final_logits.masked_fill(implausible, float("-inf"))

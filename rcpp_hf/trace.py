@@ -1,0 +1,65 @@
+"""Per-step diagnostics of RCPP + DRCD, returned as `out.rcpp` by `generate(..., return_dict_in_generate=True)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+
+@dataclass
+class RCPPStep:
+    """What the method did at one decoding step (step 0 is the prefill, whose token is decoded without contrast).
+
+    Attributes:
+        scores: (B, V) consistency score S of every visual token of the prompt after this step's update; NaN for
+            tokens evicted so far.
+        num_core, num_noise: (B,) |C| and |N| used by this step's forward.
+        evicted: (B, k) prompt indices (0..V-1) of the visual tokens evicted at this step; k may be 0.
+        lambda_t, keep_ratio: the scheduled values of this step.
+        cache_bytes, visual_cache_bytes: KV cache size after this step, total and visual entries only.
+    """
+
+    step: int
+    scores: torch.Tensor
+    num_core: torch.Tensor
+    num_noise: torch.Tensor
+    evicted: torch.Tensor
+    lambda_t: float
+    keep_ratio: float
+    cache_bytes: int
+    visual_cache_bytes: int
+
+
+@dataclass
+class RCPPTrace:
+    num_visual_tokens: int
+    steps: list[RCPPStep] = field(default_factory=list)
+
+    def stacked_scores(self) -> torch.Tensor:
+        """(T, B, V) scores over the steps."""
+        return torch.stack([step.scores for step in self.steps])
+
+    def summary(self) -> list[dict]:
+        """One plain dict per step (batch row 0 counts), e.g. for a table or JSON."""
+        return [
+            {
+                "step": s.step,
+                "core": int(s.num_core[0]),
+                "noise": int(s.num_noise[0]),
+                "evicted": s.evicted.shape[1],
+                "lambda_t": s.lambda_t,
+                "keep_ratio": s.keep_ratio,
+                "cache_bytes": s.cache_bytes,
+                "visual_cache_bytes": s.visual_cache_bytes,
+            }
+            for s in self.steps
+        ]
+
+
+@dataclass
+class RCPPGenerateOutput(GenerateDecoderOnlyOutput):
+    """`GenerateDecoderOnlyOutput` plus `rcpp`, the method's per-step trace."""
+
+    rcpp: RCPPTrace | None = None

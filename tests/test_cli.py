@@ -1,0 +1,31 @@
+"""`rcpp-hf generate` end to end on a local checkpoint and on the embedded default model."""
+
+import pytest
+
+from rcpp_hf.cli import main
+from tests.conftest import make_images
+
+CONFIG = "configs/rcpp_evict.yaml"
+
+
+def test_generate_compare_on_a_local_checkpoint(tiny_path, tmp_path, capsys):
+    image = tmp_path / "scene.png"
+    make_images(1)[0].save(image)
+    assert main(["generate", "--model", str(tiny_path), "--image", str(image), "--prompt", "What is this?",
+                 "--config", CONFIG, "--max-new-tokens", "40", "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert "== original LLaVA" in out and "== RCPP + DRCD" in out
+    assert "visual tokens kept all" in out
+    assert "visual tokens kept 4/16" in out  # keep ratio falls to 0.25 within 32 of the 40 steps
+    assert "ms/token" in out and "KiB" in out
+
+
+def test_generate_on_the_default_model(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("RCPP_HF_CACHE", str(tmp_path))
+    assert main(["generate", "--max-new-tokens", "4"]) == 0
+    assert "== RCPP + DRCD" in capsys.readouterr().out
+
+
+def test_missing_image_file_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="image file not found: .*nope.png"):
+        main(["generate", "--image", str(tmp_path / "nope.png")])

@@ -1,0 +1,77 @@
+import pytest
+
+from rcpp_hf.eval.pope import parse_yes_no, pope_metrics, read_pope_json_lines
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("No, there is not.", "no"),
+        ("Yes.", "yes"),
+        ("There is no dog.", "no"),
+        ("Yes, there is a dog.", "yes"),
+        ("No", "no"),
+        ("no", "no"),
+        ("The dog is not visible", "no"),
+        ("Yes. There is no cat.", "yes"),  # only the first sentence counts
+        ("Nope", "yes"),  # only the exact words No / not / no
+        ("NO", "yes"),  # case-sensitive, as in the official script
+        ("No.There is", "no"),
+        ("", "yes"),
+        ("I cannot tell", "yes"),
+        ("There is a dog, not a cat.", "no"),  # the comma is dropped, "not" is a word
+    ],
+)
+def test_parse_yes_no_matches_the_official_rule(text, expected):
+    assert parse_yes_no(text) == expected
+
+
+def test_pope_metrics_against_hand_counts():
+    labels = ["yes", "yes", "yes", "no", "no", "no", "no", "yes"]
+    predictions = ["yes", "no", "yes", "yes", "no", "no", "yes", "yes"]
+    # tp = 3 (0, 2, 7), fn = 1 (1), fp = 2 (3, 6), tn = 2 (4, 5)
+    metrics = pope_metrics(labels, predictions)
+    assert (metrics["tp"], metrics["fn"], metrics["fp"], metrics["tn"], metrics["n"]) == (3, 1, 2, 2, 8)
+    assert metrics["accuracy"] == pytest.approx(5 / 8)
+    assert metrics["precision"] == pytest.approx(3 / 5)
+    assert metrics["recall"] == pytest.approx(3 / 4)
+    assert metrics["f1"] == pytest.approx(2 / 3)
+    assert metrics["yes_ratio"] == pytest.approx(5 / 8)
+
+
+def test_pope_metrics_when_nothing_is_predicted_yes():
+    metrics = pope_metrics(["yes", "no"], ["no", "no"])
+    assert metrics["accuracy"] == 0.5
+    assert metrics["precision"] == metrics["recall"] == metrics["f1"] == metrics["yes_ratio"] == 0.0
+
+
+def test_pope_metrics_rejects_bad_values():
+    with pytest.raises(ValueError, match="differ in length"):
+        pope_metrics(["yes"], [])
+    with pytest.raises(ValueError, match="predictions must be 'yes' or 'no'"):
+        pope_metrics(["yes"], ["maybe"])
+
+
+@pytest.mark.parametrize("split", ["random", "popular", "adversarial"])
+def test_real_pope_files(pope_data, split):
+    questions = read_pope_json_lines(pope_data / f"coco_pope_{split}.json")
+    assert len(questions) == 3000
+    assert len({q.id for q in questions}) == 3000
+    assert len({q.image for q in questions}) == 500
+    assert sum(q.label == "yes" for q in questions) == 1500
+    first = questions[0]
+    assert first.split == f"coco_pope_{split}"
+    assert first.image.startswith("COCO_val2014_") and first.question.endswith("in the image?")
+    always_yes = pope_metrics([q.label for q in questions], ["yes"] * 3000)
+    assert (always_yes["accuracy"], always_yes["precision"], always_yes["recall"]) == (0.5, 0.5, 1.0)
+    assert always_yes["yes_ratio"] == 1.0
+
+
+def test_read_pope_json_lines_names_the_bad_line(tmp_path):
+    path = tmp_path / "questions.json"
+    path.write_text('{"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "label": "yes"}\n{"question_id": 2}\n')
+    with pytest.raises(ValueError, match=r"questions.json, line 2: not a POPE question \(missing image, text, label\)"):
+        read_pope_json_lines(path)
+    path.write_text('[{"question_id": 1}]')
+    with pytest.raises(ValueError, match="line 1: expected a JSON object per line"):
+        read_pope_json_lines(path)

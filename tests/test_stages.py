@@ -1,0 +1,123 @@
+"""Each stage against hand-computed values, and the recorded quantities against transformers' own."""
+
+import math
+
+import pytest
+import torch
+
+from rcpp_hf.attention import AttentionRecorder
+from rcpp_hf.schedule import schedule_progress, scheduled_value, visual_token_budget
+from rcpp_hf.stages import (
+    accumulate_consistency,
+    adaptive_plausibility,
+    drcd_fuse,
+    group_visual_tokens,
+    instant_consistency,
+    reasoning_state,
+    reconstruct_visual_tokens,
+    select_evictions,
+)
+from rcpp_hf.visual_states import capture_visual_states
+
+
+def test_reasoning_state_takes_the_requested_row():
+    hidden = torch.arange(12.0).view(1, 3, 4)
+    assert torch.equal(reasoning_state(hidden, row=-1), torch.tensor([[8.0, 9.0, 10.0, 11.0]]))
+    assert torch.equal(reasoning_state(hidden, row=0), torch.tensor([[0.0, 1.0, 2.0, 3.0]]))
+
+
+def test_reconstruction_is_the_alpha_weighted_sum_over_layers():
+    alpha = torch.tensor([[[0.5, 0.1], [0.2, 0.3]]])  # (B=1, Ls=2, Vc=2)
+    v = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[2.0, 2.0], [4.0, 0.0]]]])  # (B, Ls, Vc, D=2)
+    expected = torch.tensor([[[0.5 * 1 + 0.2 * 2, 0.2 * 2], [0.3 * 4, 0.1 * 1]]])
+    torch.testing.assert_close(reconstruct_visual_tokens(alpha, v), expected)
+
+
+def test_instant_consistency_is_a_clamped_cosine():
+    h = torch.tensor([[1.0, 0.0]])
+    recon = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [1.0, 1.0]]])
+    torch.testing.assert_close(instant_consistency(h, recon), torch.tensor([[1.0, 0.0, -1.0, 1 / math.sqrt(2)]]))
+
+
+def test_ema_initialises_then_accumulates():
+    first = torch.tensor([[1.0, 0.0]])
+    assert torch.equal(accumulate_consistency(None, first, gamma=0.9), first)
+    updated = accumulate_consistency(first, torch.tensor([[0.0, 1.0]]), gamma=0.75)
+    torch.testing.assert_close(updated, torch.tensor([[0.75, 0.25]]))
+
+
+def test_grouping_threshold_is_inclusive():
+    assert group_visual_tokens(torch.tensor([[0.2, 0.5, 0.7]]), tau=0.5).tolist() == [[False, True, True]]
+
+
+def test_evictions_pick_the_lowest_scores_per_row():
+    scores = torch.tensor([[0.3, 0.1, 0.9, 0.2], [0.0, 0.5, -0.4, 0.6]])
+    picked = select_evictions(scores, 2)
+    assert [set(row) for row in picked.tolist()] == [{1, 3}, {0, 2}]
+
+
+def test_drcd_fusion_per_row_lambda():
+    core = torch.tensor([[2.0, 1.0], [1.0, 1.0]])
+    noise = torch.tensor([[1.0, 3.0], [5.0, 5.0]])
+    fused = drcd_fuse(core, noise, torch.tensor([0.5, 0.0]))
+    torch.testing.assert_close(fused, torch.tensor([[1.5, -0.5], [1.0, 1.0]]))
+
+
+def test_plausibility_keeps_tokens_within_beta_of_the_best():
+    core = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    final = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    out = adaptive_plausibility(final, core, beta=0.4)  # threshold 0.24: keeps 0.6 and 0.3
+    assert out[0, :2].tolist() == [1.0, 2.0] and torch.isinf(out[0, 2:]).all()
+
+
+@pytest.mark.parametrize(
+    "schedule, step, expected",
+    [
+        ("linear", 0, 0.0), ("linear", 5, 0.5), ("linear", 10, 1.0), ("linear", 99, 1.0),
+        ("cosine", 0, 0.0), ("cosine", 5, 0.5), ("cosine", 10, 1.0), ("cosine", 2, (1 - math.cos(math.pi * 0.2)) / 2),
+        ("step", 0, 0.0), ("step", 5, 0.0), ("step", 9, 0.0), ("step", 10, 1.0),
+    ],
+)
+def test_schedule_ends_and_midpoints(schedule, step, expected):
+    assert schedule_progress(step, 10, schedule) == pytest.approx(expected)
+    assert scheduled_value(1.0, 0.25, step, 10, schedule) == pytest.approx(1.0 - 0.75 * expected)
+
+
+def test_budget_rounds_up_and_keeps_at_least_one():
+    assert visual_token_budget(1.0, 576) == 576
+    assert visual_token_budget(0.25, 576) == 144
+    assert visual_token_budget(0.25, 10) == 3
+    assert visual_token_budget(0.001, 10) == 1
+
+
+def test_recorded_attention_matches_eager_attention(tiny_path, batch2):
+    """alpha comes from our recorder on SDPA layers; it must equal what eager attention reports."""
+    from transformers import LlavaForConditionalGeneration
+
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny_path, attn_implementation="eager").eval()
+    from rcpp_hf import RCPPLlavaForConditionalGeneration
+
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(tiny_path).eval()
+    layers = frozenset({2, 3})
+    recorder = AttentionRecorder(layers, query_row=-1, key_mask=batch2["attention_mask"].bool())
+    with torch.no_grad():
+        reference = eager(**batch2, output_attentions=True, output_hidden_states=True)
+        out = model.model(**batch2, rcpp_recorder=recorder)
+    for layer in layers:
+        expected = reference.attentions[layer][:, :, -1, :].mean(dim=1)  # (B, K) head-averaged, last row
+        torch.testing.assert_close(recorder.probs[layer], expected, atol=1e-6, rtol=0)
+    # h_t is what hidden_states[-1][:, -1, :] holds.
+    torch.testing.assert_close(reasoning_state(out.last_hidden_state, -1), reference.hidden_states[-1][:, -1, :])
+
+
+def test_captured_visual_states_are_the_layer_outputs(rcpp_model, batch2):
+    image_mask = batch2["input_ids"] == rcpp_model.config.image_token_id
+    slots = torch.sort((~image_mask).to(torch.int8), dim=1, stable=True).indices[:, :16]
+    text_model = rcpp_model.model.language_model
+    with torch.no_grad(), capture_visual_states([text_model.layers[1], text_model.layers[3]], slots) as captured:
+        reference = rcpp_model(**batch2, output_hidden_states=True)
+    # hidden_states = (embeddings, layer 0, 1, 2, final norm of layer 3)
+    torch.testing.assert_close(captured[0], reference.hidden_states[2][image_mask].view(2, 16, -1))
+    with torch.no_grad():
+        last = text_model.norm(captured[1])
+    torch.testing.assert_close(last, reference.hidden_states[4][image_mask].view(2, 16, -1))
