@@ -7,6 +7,7 @@ import sys
 
 from rcpp_hf import generate_cli
 from rcpp_hf.benchmark import cli as bench_cli
+from rcpp_hf.shapesworld import cli as shapesworld_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     generate_cli.add_parser(commands)
     bench_cli.add_parser(commands)
+    shapesworld_cli.add_parser(commands)
     return parser
 
 

@@ -3,12 +3,19 @@
 A run writes into its output folder:
 
 - `data/`: the split as files (POPE JSON lines or caption scenes, and the rendered images);
-- `run.json`: what the run is (model, split, seed, sizes, prompt, generation settings, versions);
-  a rerun into the same folder must match it, so results of different settings never mix;
+- `run.json`: what the run is (model, split, seed, sizes, prompt, the full generation config,
+  versions); a rerun into the same folder must match it, so results of different settings never mix;
 - `results.jsonl`: one record per question or caption, appended as soon as its batch is generated;
   a rerun skips the ids already there, so an interrupted run loses nothing;
 - `metrics.json`: POPE metrics (accuracy, precision, recall, F1, yes-ratio) or CHAIR metrics
-  (CHAIR_S, CHAIR_I, recall, length, partner hallucination), over the records of the selection.
+  (CHAIR_S, CHAIR_I, recall, length, partner hallucination), over the records of the selection,
+  and, with RCPP on, the mean share of visual tokens still in the KV cache at each item's last
+  token (`visual_kept`; rows of a batch share the step count, so use --batch-size 1 for exact
+  per-item numbers).
+
+Without --config the model decodes greedily with a plain GenerationConfig (vanilla LLaVA); with
+--config the YAML preset is loaded as an RCPPGenerationConfig. Either way max_new_tokens is the
+split's (8 for POPE answers, 64 for captions) unless --max-new-tokens says otherwise.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ import torch
 import transformers
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
+from transformers import AutoProcessor, GenerationConfig
 
+from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.eval.pope import parse_yes_no, pope_metrics
 from rcpp_hf.eval.results import ResultsFile
+from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 from rcpp_hf.shapesworld.caption_sets import caption_rows, caption_scenes, write_caption_split
 from rcpp_hf.shapesworld.chair import chair_metrics, score_caption
 from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, pope_prompt
@@ -43,6 +52,7 @@ class EvalSettings:
 
     model: str
     split: str
+    config: str | None = None  # RCPP YAML preset; None: vanilla greedy decoding
     seed: int = TEST_SEED
     num_images: int = 100
     limit: int | None = None  # evaluate only the first `limit` items of the split
@@ -82,9 +92,11 @@ def split_items(settings: EvalSettings, data_dir: Path) -> list[dict]:
     return items[: settings.limit]
 
 
-def item_record(item: dict, answer: str) -> dict:
-    """The results record of one generated answer (the item's fields plus what was generated and scored)."""
+def item_record(item: dict, answer: str, visual_kept: float | None) -> dict:
+    """The results record of one generated answer: the item's fields, the answer and its scores."""
     record = dict(item, answer=answer)
+    if visual_kept is not None:
+        record["visual_kept"] = visual_kept
     if "scene" in record:
         scene = Scene.from_dict(record.pop("scene"))
         record.update(kinds=sorted(scene.kinds), **asdict(score_caption(answer, scene)))
@@ -94,13 +106,30 @@ def item_record(item: dict, answer: str) -> dict:
 
 
 def split_metrics(split: str, records: list[dict]) -> dict:
-    if split == "captions":
-        return chair_metrics(records)
-    return pope_metrics([r["label"] for r in records], [r["prediction"] for r in records])
+    metrics = chair_metrics(records) if split == "captions" else pope_metrics(
+        [r["label"] for r in records], [r["prediction"] for r in records]
+    )
+    kept = [r["visual_kept"] for r in records if "visual_kept" in r]
+    if kept:
+        metrics["visual_kept"] = sum(kept) / len(kept)
+    return metrics
 
 
-def generate_answers(model, processor, images: list[Image.Image], prompts: list[str], generation_config) -> list[str]:
-    """One greedy (or configured) answer per (image, prompt), batched with left padding."""
+def generation_config_for(settings: EvalSettings, tokenizer) -> GenerationConfig:
+    """The run's generation config: the YAML preset (RCPP) or plain greedy, with the split's token budget."""
+    config = GenerationConfig(do_sample=False) if settings.config is None else RCPPGenerationConfig.from_yaml(settings.config)
+    config.max_new_tokens = settings.new_tokens
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.return_dict_in_generate = True
+    return config
+
+
+def generate_answers(
+    model, processor, images: list[Image.Image], prompts: list[str], generation_config: GenerationConfig
+) -> tuple[list[str], list[float | None]]:
+    """One answer per (image, prompt), batched with left padding; and, with RCPP on, the share of visual
+    tokens still cached at each row's last generated token (None without RCPP)."""
     texts = [
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True
@@ -109,15 +138,26 @@ def generate_answers(model, processor, images: list[Image.Image], prompts: list[
     ]
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
     with torch.inference_mode():
-        sequences = model.generate(**inputs, generation_config=generation_config)
-    return [t.strip() for t in processor.batch_decode(sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)]
+        out = model.generate(**inputs, generation_config=generation_config)
+    new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
+    answers = [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+    trace = getattr(out, "rcpp", None)
+    if trace is None:
+        return answers, [None] * len(answers)
+    # A row's length: its tokens up to and including its first eos (the rest is padding after it finished).
+    is_eos = new_tokens == generation_config.eos_token_id
+    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new_tokens.shape[1])
+    kept = [1.0 - trace.steps[int(n) - 1].scores[row].isnan().float().mean().item() for row, n in enumerate(lengths)]
+    return answers, kept
 
 
 def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = True) -> dict:
     """Run (or resume) one evaluation; returns the metrics, also written to `output_dir/metrics.json`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    run = {"settings": asdict(settings), "prompt": _prompt_of(settings.split)}
+    processor = AutoProcessor.from_pretrained(settings.model)
+    generation_config = generation_config_for(settings, processor.tokenizer)
+    run = {"settings": asdict(settings), "prompt": _prompt_of(settings.split), "generation_config": generation_config.to_dict()}
     _check_same_run(output_dir / "run.json", run)
     data_dir = output_dir / "data"
     items = split_items(settings, data_dir)
@@ -126,20 +166,13 @@ def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = Tr
     todo = [item for item in items if item["id"] not in done]
 
     if todo:
-        model = LlavaForConditionalGeneration.from_pretrained(settings.model).eval()
-        processor = AutoProcessor.from_pretrained(settings.model)
-        generation_config = GenerationConfig(
-            max_new_tokens=settings.new_tokens,
-            do_sample=False,
-            pad_token_id=processor.tokenizer.pad_token_id,
-            eos_token_id=processor.tokenizer.eos_token_id,
-        )
+        model = RCPPLlavaForConditionalGeneration.from_pretrained(settings.model).eval()
         bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"shapesworld {settings.split}", disable=not progress)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
             images = [Image.open(data_dir / IMAGE_FOLDER / item["image"]).convert("RGB") for item in batch]
-            answers = generate_answers(model, processor, images, [item["prompt"] for item in batch], generation_config)
-            results.extend(item_record(item, answer) for item, answer in zip(batch, answers))
+            answers, kept = generate_answers(model, processor, images, [item["prompt"] for item in batch], generation_config)
+            results.extend(item_record(item, answer, k) for item, answer, k in zip(batch, answers, kept))
             bar.update(len(batch))
         bar.close()
 
@@ -155,16 +188,15 @@ def _prompt_of(split: str) -> str:
 
 
 def _check_same_run(path: Path, run: dict) -> None:
-    versions = {"transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    """Record the run in `path`, or, when it exists, refuse a run that differs from it."""
+    run = json.loads(json.dumps(run))  # compare in JSON's terms (tuples are lists there)
     if path.exists():
         saved = json.loads(path.read_text(encoding="utf-8"))
-        differing = [k for k in run["settings"] if saved["settings"].get(k) != run["settings"][k]]
-        if differing or saved["prompt"] != run["prompt"]:
-            raise ValueError(
-                f"{path.parent} holds a run with other settings ({', '.join(differing) or 'prompt'} differ); "
-                "use another --output-dir"
-            )
+        differing = [key for key in run if saved.get(key) != run[key]]
+        if differing:
+            raise ValueError(f"{path.parent} holds a run with other {' and '.join(differing)}; use another --output-dir")
         return
+    versions = {"transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version()}
     path.write_text(json.dumps({**run, "versions": versions}, indent=1) + "\n")
 
 
@@ -173,6 +205,7 @@ def add_eval_parser(eval_subparsers: argparse._SubParsersAction) -> None:
     parser = eval_subparsers.add_parser("shapesworld", help="POPE / CHAIR on held-out ShapesWorld scenes", description=__doc__)
     parser.add_argument("--split", required=True, choices=SPLITS)
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded ShapesWorld model)")
+    parser.add_argument("--config", default=None, help="RCPP YAML preset (default: vanilla greedy decoding)")
     parser.add_argument("--seed", type=int, default=TEST_SEED, help=f"world seed of the held-out scenes (test: {TEST_SEED})")
     parser.add_argument("--num-images", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
@@ -188,6 +221,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = EvalSettings(
         model=str(args.model or default_model_path()),
         split=args.split,
+        config=args.config,
         seed=args.seed,
         num_images=args.num_images,
         limit=args.limit,
