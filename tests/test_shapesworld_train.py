@@ -10,8 +10,8 @@ from rcpp_hf.shapesworld import train as train_module
 from rcpp_hf.shapesworld.conversations import encode_conversation, pope_prompt, training_turns, user_turn
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_scene
-from rcpp_hf.shapesworld.train import TrainConfig, learning_rate, train, training_batch
-from rcpp_hf.shapesworld.world import TEST_SEED, sample_scene
+from rcpp_hf.shapesworld.train import TrainConfig, batch_scenes, learning_rate, patch_targets, train, training_batch
+from rcpp_hf.shapesworld.world import COLOURS, KINDS, TEST_SEED, Scene, ShapeObject, sample_scene
 
 # A model small enough to train a few steps in seconds; same code path as the shipped one.
 SMALL = replace(SHAPESWORLD_SPEC, image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,
@@ -46,9 +46,9 @@ def test_training_turns_hold_one_caption_and_balanced_questions():
 
 
 def test_batch_is_a_function_of_seed_and_step(processor):
-    a = training_batch(processor, 0, 5, 2, SMALL.num_visual_tokens)
-    b = training_batch(processor, 0, 5, 2, SMALL.num_visual_tokens)
-    c = training_batch(processor, 0, 6, 2, SMALL.num_visual_tokens)
+    a = training_batch(processor, batch_scenes(0, 5, 2), SMALL.num_visual_tokens)
+    b = training_batch(processor, batch_scenes(0, 5, 2), SMALL.num_visual_tokens)
+    c = training_batch(processor, batch_scenes(0, 6, 2), SMALL.num_visual_tokens)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["pixel_values"], c["pixel_values"])
     assert ((a["labels"] != -100) <= a["attention_mask"].bool()).all()
@@ -60,6 +60,20 @@ def test_learning_rate_schedule():
     assert learning_rate(config, 9) == pytest.approx(1.0)
     assert learning_rate(config, 55) == pytest.approx(0.5)
     assert learning_rate(config, 100) == pytest.approx(0.0)
+
+
+def test_patch_targets_name_the_object_under_each_patch():
+    scene = Scene(0, 0, (ShapeObject("square", "blue", "normal", 0, 0, 26.67, 26.67),
+                         ShapeObject("star", "red", "small", 2, 2, 133.3, 133.3)))  # fmt: skip
+    kinds, colours = patch_targets([scene], patches_per_side=10)
+    grid = kinds.view(10, 10)
+    square, star = 1 + list(KINDS).index("square"), 1 + list(KINDS).index("star")
+    # The normal square (half-side 0.75 * 21.3 px around (26.7, 26.7)) fully covers patches (1, 1) and its neighbours.
+    assert grid[1, 1] == square and grid[0, 0] == square and grid[2, 2] == square
+    assert grid[8, 8] == star and (grid == star).sum() >= 1
+    assert grid[5, 5] == 0 and grid[0, 9] == 0
+    assert set(colours[kinds == square].tolist()) == {list(COLOURS).index("blue")}
+    assert (colours[kinds == 0] == -100).all()
 
 
 @pytest.mark.parametrize(
@@ -75,10 +89,10 @@ def test_tiny_run_is_reproducible_and_resumes_after_a_crash(tmp_path, monkeypatc
 
     real_batch = train_module.training_batch
 
-    def crash_at_step_3(processor, seed, step, *args):
-        if step == 3:
+    def crash_at_step_3(processor, scenes, *args):
+        if scenes == batch_scenes(0, 3, SMOKE.batch_size):
             raise KeyboardInterrupt("simulated crash")
-        return real_batch(processor, seed, step, *args)
+        return real_batch(processor, scenes, *args)
 
     monkeypatch.setattr(train_module, "training_batch", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):

@@ -53,22 +53,22 @@ def _bolt(x: float, y: float, r: float) -> list[Point]:
             (x - 0.3 * r, y + r), (x + 0.55 * r, y - 0.2 * r), (x + 0.05 * r, y - 0.2 * r)]  # fmt: skip
 
 
-def _draw_circle(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, fill) -> None:
+def _draw_circle(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, fill, background) -> None:
     draw.ellipse([x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r], fill=fill)
 
 
-def _draw_ring(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, fill) -> None:
+def _draw_ring(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, fill, background) -> None:
     draw.ellipse([x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r], outline=fill, width=max(2, round(0.3 * r)))
 
 
-def _draw_moon(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, fill) -> None:
+def _draw_moon(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, fill, background) -> None:
     # A crescent: a disc with an offset disc of background cut out (all inside the object's cell).
     draw.ellipse([x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r], fill=fill)
-    draw.ellipse([x - 0.4 * r, y - 0.95 * r, x + 1.0 * r, y + 0.75 * r], fill=BACKGROUND)
+    draw.ellipse([x - 0.4 * r, y - 0.95 * r, x + 1.0 * r, y + 0.75 * r], fill=background)
 
 
 def _polygon(shape: Callable[[float, float, float], list[Point]]):
-    def draw_shape(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, fill) -> None:
+    def draw_shape(draw: ImageDraw.ImageDraw, x: float, y: float, r: float, fill, background) -> None:
         draw.polygon(shape(x, y, r), fill=fill)
 
     return draw_shape
@@ -96,7 +96,19 @@ def render_scene(scene: Scene, config: WorldConfig = WorldConfig()) -> Image.Ima
     image = Image.new("RGB", (config.image_size, config.image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        DRAWERS[obj.kind](draw, obj.x, obj.y, config.radius(obj.size), COLOURS[obj.colour])
+        DRAWERS[obj.kind](draw, obj.x, obj.y, config.radius(obj.size), COLOURS[obj.colour], BACKGROUND)
+    return image
+
+
+def render_object_map(scene: Scene, config: WorldConfig = WorldConfig()) -> Image.Image:
+    """Which object each pixel shows: a grey-level image, 0 for background and i + 1 for `scene.objects[i]`.
+
+    Drawn with the same shapes as `render_scene`, so it is the pixel-exact segmentation of that image.
+    """
+    image = Image.new("L", (config.image_size, config.image_size), 0)
+    draw = ImageDraw.Draw(image)
+    for i, obj in enumerate(scene.objects):
+        DRAWERS[obj.kind](draw, obj.x, obj.y, config.radius(obj.size), i + 1, 0)
     return image
 
 

@@ -109,7 +109,7 @@ class WorldConfig:
 
     def radius(self, size: str) -> float:
         """Circumradius in pixels of an object of `size` ("small" or "normal")."""
-        return self.cell_size * (0.25 if size == "small" else 0.4)
+        return self.cell_size * (0.3 if size == "small" else 0.45)
 
 
 @dataclass(frozen=True)
