@@ -8,6 +8,7 @@ import sys
 from rcpp_hf import generate_cli
 from rcpp_hf.benchmark import cli as bench_cli
 from rcpp_hf.shapesworld import cli as shapesworld_cli
+from rcpp_hf.shapesworld import demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cli.add_parser(commands)
     bench_cli.add_parser(commands)
     shapesworld_cli.add_parser(commands)
+    demo.add_parser(commands)
     return parser
 
 

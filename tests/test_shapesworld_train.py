@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from rcpp_hf.shapesworld import train as train_module
-from rcpp_hf.shapesworld.conversations import encode_conversation, pope_prompt, training_turns, user_turn
+from rcpp_hf.shapesworld.conversations import chat_prompt, encode_conversation, pope_prompt, training_turns, user_turn
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_scene
 from rcpp_hf.shapesworld.train import TrainConfig, batch_scenes, learning_rate, patch_targets, train, training_batch
@@ -28,8 +28,7 @@ def test_first_turn_of_training_is_exactly_the_inference_prompt(processor):
     scene = sample_scene(0, 3)
     question = pope_prompt("Is there a star in the image?")
     ids, labels = encode_conversation([(question, "No")], processor.tokenizer, SMALL.num_visual_tokens)
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    prompt = chat_prompt(processor, question)
     assert prompt == user_turn(question, with_image=True)
     expected = processor(images=render_scene(scene), text=prompt, return_tensors="pt")["input_ids"][0].tolist()
     assert ids[: len(expected)] == expected

@@ -1,10 +1,13 @@
-"""`rcpp-hf shapesworld ...`: the testbed's own commands (`train`, `export`); its evaluation is `rcpp-hf eval shapesworld`."""
+"""`rcpp-hf shapesworld ...`: the testbed's own commands (train, export, compare, sweep).
+
+Its single-split evaluation is `rcpp-hf eval shapesworld` (`evaluate.add_eval_parser`).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from rcpp_hf.shapesworld import train
+from rcpp_hf.shapesworld import compare, train
 from rcpp_hf.shapesworld.caption_sets import caption_scenes, write_caption_split
 from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS, pope_scenes, write_pope_split
 from rcpp_hf.shapesworld.world import TEST_SEED
@@ -14,6 +17,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("shapesworld", help="the ShapesWorld testbed: train its model, export its test sets")
     subcommands = parser.add_subparsers(dest="shapesworld_command", required=True)
     train.add_parser(subcommands)
+    compare.add_parsers(subcommands)
     export = subcommands.add_parser(
         "export",
         help="write POPE question files (official JSON-lines format) and caption sets with their images",

@@ -30,6 +30,12 @@ def user_turn(text: str, with_image: bool) -> str:
     return f"USER: {image}{text} ASSISTANT:"
 
 
+def chat_prompt(processor, text: str) -> str:
+    """The single-turn prompt for `text` about one image, rendered by the processor's chat template."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
 def training_turns(scene: Scene, num_yes: int = 2, num_no: int = 2) -> list[tuple[str, str]]:
     """(user text, assistant answer) turns about `scene`: one caption request and its yes/no questions.
 

@@ -38,7 +38,7 @@ from rcpp_hf.eval.results import ResultsFile
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 from rcpp_hf.shapesworld.caption_sets import caption_rows, caption_scenes, write_caption_split
 from rcpp_hf.shapesworld.chair import chair_metrics, score_caption
-from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, pope_prompt
+from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt, pope_prompt
 from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS, pope_scenes, write_pope_split
 from rcpp_hf.shapesworld.render import IMAGE_FOLDER
 from rcpp_hf.shapesworld.world import TEST_SEED, Scene
@@ -130,12 +130,7 @@ def generate_answers(
 ) -> tuple[list[str], list[float | None]]:
     """One answer per (image, prompt), batched with left padding; and, with RCPP on, the share of visual
     tokens still cached at each row's last generated token (None without RCPP)."""
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True
-        )
-        for p in prompts
-    ]
+    texts = [chat_prompt(processor, p) for p in prompts]
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
     with torch.inference_mode():
         out = model.generate(**inputs, generation_config=generation_config)
