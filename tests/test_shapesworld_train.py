@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from rcpp_hf.shapesworld import train as train_module
-from rcpp_hf.shapesworld.conversations import chat_prompt, encode_conversation, pope_prompt, training_turns, user_turn
+from rcpp_hf.shapesworld.conversations import chat_prompt, encode_packed, llava_prompt, pope_prompt, training_turns
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_scene
 from rcpp_hf.shapesworld.train import TrainConfig, batch_scenes, learning_rate, patch_targets, train, training_batch
@@ -24,24 +24,34 @@ def processor():
     return build_shapesworld_llava(SMALL)[1]
 
 
-def test_first_turn_of_training_is_exactly_the_inference_prompt(processor):
+def test_each_packed_example_is_exactly_the_inference_prompt(processor):
     scene = sample_scene(0, 3)
-    question = pope_prompt("Is there a star in the image?")
-    ids, labels = encode_conversation([(question, "No")], processor.tokenizer, SMALL.num_visual_tokens)
-    prompt = chat_prompt(processor, question)
-    assert prompt == user_turn(question, with_image=True)
-    expected = processor(images=render_scene(scene), text=prompt, return_tensors="pt")["input_ids"][0].tolist()
-    assert ids[: len(expected)] == expected
-    answer = processor.tokenizer(" No", add_special_tokens=False).input_ids + [processor.tokenizer.eos_token_id]
-    assert ids[len(expected) :] == answer
-    assert labels == [-100] * len(expected) + answer
+    turns = [(pope_prompt("Is there a star in the image?"), "No"), ("Describe the image.", "a red circle.")]
+    packed = encode_packed(turns, processor.tokenizer, SMALL.num_visual_tokens)
+    eos = processor.tokenizer.eos_token_id
+    for segment, (prompt, answer) in enumerate(turns, start=1):
+        assert chat_prompt(processor, prompt) == llava_prompt(prompt)
+        expected = processor(images=render_scene(scene), text=llava_prompt(prompt), return_tensors="pt")["input_ids"][0].tolist()
+        reply = processor.tokenizer(" " + answer, add_special_tokens=False).input_ids + [eos]
+        mine = [i for i, s in enumerate(packed.segments) if s in (0, segment)]
+        assert [packed.input_ids[i] for i in mine] == expected + reply
+        assert [packed.position_ids[i] for i in mine] == list(range(len(expected) + len(reply)))
+        assert [packed.labels[i] for i in mine] == [-100] * len(expected) + reply
 
 
-def test_training_turns_hold_one_caption_and_balanced_questions():
-    turns = training_turns(sample_scene(0, 11))
-    assert sum(answer.endswith(".") for _, answer in turns) == 1
-    answers = [answer for _, answer in turns if not answer.endswith(".")]
-    assert answers.count("No") == 2 and 1 <= answers.count("Yes") <= 2
+def test_packed_forward_equals_separate_single_turn_forwards():
+    model, processor = build_shapesworld_llava(SMALL)
+    scenes = batch_scenes(0, 0, 2)
+    batch = training_batch(processor, scenes, SMALL.num_visual_tokens)
+    with torch.no_grad():
+        packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for row, scene in enumerate(scenes):
+            segments = encode_packed(training_turns(scene), processor.tokenizer, SMALL.num_visual_tokens).segments
+            for segment, (prompt, answer) in enumerate(training_turns(scene), start=1):
+                text = llava_prompt(prompt) + " " + answer
+                single = processor(images=render_scene(scene), text=text, return_tensors="pt")
+                mine = [i for i, s in enumerate(segments) if s in (0, segment)][: single["input_ids"].shape[1]]
+                torch.testing.assert_close(packed_logits[row, mine], model(**single).logits[0], atol=1e-5, rtol=1e-5)
 
 
 def test_batch_is_a_function_of_seed_and_step(processor):
@@ -50,7 +60,8 @@ def test_batch_is_a_function_of_seed_and_step(processor):
     c = training_batch(processor, batch_scenes(0, 6, 2), SMALL.num_visual_tokens)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["pixel_values"], c["pixel_values"])
-    assert ((a["labels"] != -100) <= a["attention_mask"].bool()).all()
+    assert ((a["labels"] != -100) <= (a["input_ids"] != processor.tokenizer.pad_token_id)).all()
+    assert a["attention_mask"].shape == (2, 1, a["input_ids"].shape[1], a["input_ids"].shape[1])
 
 
 def test_learning_rate_schedule():

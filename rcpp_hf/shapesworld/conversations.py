@@ -1,13 +1,22 @@
-"""Prompts of the two ShapesWorld tasks and the multi-turn training conversations built from them.
+"""Prompts of the two ShapesWorld tasks, and the packed training examples built from them.
 
 Evaluation asks one question per conversation, in llava-1.5's single-turn format
-"USER: <image>\\n{prompt} ASSISTANT:". Training packs several turns about one image into one
-sequence, as LLaVA-1.5's own instruction data does ("... ASSISTANT: a1</s>USER: q2 ASSISTANT: ..."),
-so that the 100 visual tokens are paid for once per image rather than once per answer. The turns
-are shuffled, so the first turn, the only one evaluation uses, is any of the tasks.
+"USER: <image>\\n{prompt} ASSISTANT:". Training packs several such single-turn examples about one
+image into one sequence, so that the 100 visual tokens are paid for once per image rather than once
+per answer: the shared prefix "USER: <image>\\n" comes first, then each example's
+"{prompt} ASSISTANT: {answer}</s>". An attention mask keeps the examples apart (each sees the prefix
+and itself) and each restarts its positions where the prefix ends, so every example is, token for
+token and position for position, the single-turn conversation evaluation runs.
+
+Why not LLaVA's multi-turn conversations ("... ASSISTANT: a1</s>USER: q2 ASSISTANT: ...")? There a
+question asked after the caption can be answered by copying from the caption, and a caption after
+the questions can copy their kinds: text shortcuts that a model with a randomly initialised vision
+tower takes instead of looking (measured: POPE accuracy at chance after 1000 such steps).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
@@ -18,16 +27,16 @@ from rcpp_hf.shapesworld.world import Scene
 CAPTION_PROMPT = "Please describe this image in detail."  # CHAIR's prompt: the evaluation default
 CAPTION_PROMPTS = (CAPTION_PROMPT, "Describe the image.", "What is in the image?")
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA's POPE prompt suffix
+IMAGE_PREFIX = "USER: <image>\n"  # llava-1.5's single-turn prompt up to the user's text
 
 
 def pope_prompt(question: str) -> str:
     return question + POPE_SUFFIX
 
 
-def user_turn(text: str, with_image: bool) -> str:
-    """One user turn up to the assistant's answer, as llava-1.5's chat template renders it."""
-    image = "<image>\n" if with_image else ""
-    return f"USER: {image}{text} ASSISTANT:"
+def llava_prompt(text: str) -> str:
+    """llava-1.5's single-turn prompt about one image, as its chat template renders it."""
+    return f"{IMAGE_PREFIX}{text} ASSISTANT:"
 
 
 def chat_prompt(processor, text: str) -> str:
@@ -36,8 +45,8 @@ def chat_prompt(processor, text: str) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
-def training_turns(scene: Scene, num_yes: int = 2, num_no: int = 2) -> list[tuple[str, str]]:
-    """(user text, assistant answer) turns about `scene`: one caption request and its yes/no questions.
+def training_turns(scene: Scene, num_yes: int = 3, num_no: int = 3) -> list[tuple[str, str]]:
+    """(user text, assistant answer) examples about `scene`: one caption request and yes/no questions.
 
     Deterministic per scene. Questions carry LLaVA's POPE suffix half of the time, so that both the
     bare question and the POPE prompt are in distribution.
@@ -47,25 +56,34 @@ def training_turns(scene: Scene, num_yes: int = 2, num_no: int = 2) -> list[tupl
     for kind, answer in sample_questions(scene, rng, num_yes, num_no):
         question = question_text(kind)
         turns.append((pope_prompt(question) if rng.random() < 0.5 else question, answer))
-    rng.shuffle(turns)
     return turns
 
 
-def encode_conversation(
-    turns: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, num_image_tokens: int
-) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation about one image and its labels (-100 except on the answers).
+@dataclass(frozen=True)
+class PackedExample:
+    """Single-turn examples about one image packed into one sequence (see the module docstring).
 
-    The image goes with the first turn, expanded to `num_image_tokens` image tokens as
-    LlavaProcessor expands it; every answer ends with the eos token, as in LLaVA's training data.
+    `segments` is 0 on the shared prefix and i on the tokens of example i (from 1); `position_ids`
+    restart after the prefix for every example; `labels` are -100 except on the answers and their eos.
     """
+
+    input_ids: list[int]
+    labels: list[int]
+    segments: list[int]
+    position_ids: list[int]
+
+
+def encode_packed(turns: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> PackedExample:
+    """Pack `turns` about one image; the image token is expanded to `num_image_tokens` copies as LlavaProcessor does."""
     image_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
-    ids: list[int] = []
-    labels: list[int] = []
-    for i, (user, answer) in enumerate(turns):
-        prompt = tokenizer(user_turn(user, with_image=i == 0), add_special_tokens=False).input_ids
-        prompt = [t for token in prompt for t in ([token] * num_image_tokens if token == image_id else [token])]
+    prefix = tokenizer(IMAGE_PREFIX, add_special_tokens=False).input_ids
+    prefix = [t for token in prefix for t in ([token] * num_image_tokens if token == image_id else [token])]
+    ids, labels, segments, positions = list(prefix), [-100] * len(prefix), [0] * len(prefix), list(range(len(prefix)))
+    for segment, (user, answer) in enumerate(turns, start=1):
+        prompt = tokenizer(f"{user} ASSISTANT:", add_special_tokens=False).input_ids
         reply = tokenizer(" " + answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         ids += prompt + reply
         labels += [-100] * len(prompt) + reply
-    return ids, labels
+        segments += [segment] * (len(prompt) + len(reply))
+        positions += range(len(prefix), len(prefix) + len(prompt) + len(reply))
+    return PackedExample(ids, labels, segments, positions)

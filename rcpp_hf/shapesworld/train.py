@@ -1,8 +1,8 @@
 """`rcpp-hf shapesworld train`: train the ShapesWorld LLaVA from scratch on a CPU, reproducibly.
 
 Every batch is a pure function of (world_seed, step): scenes `step * batch_size ...` of the training
-world, each rendered and turned into one multi-turn conversation (a caption and yes/no answers,
-see `conversations.py`). The initial weights come from `seed`. AdamW with linear warm-up and
+world, each rendered and turned into one packed sequence of single-turn examples (a caption and
+yes/no answers, see `conversations.py`). The initial weights come from `seed`. AdamW with linear warm-up and
 cosine decay, float32, gradient clipping. A resumable state is saved every `save_every` steps, so
 an interrupted run continues where it stopped and ends with the same weights.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rcpp_hf.shapesworld.conversations import encode_conversation, training_turns
+from rcpp_hf.shapesworld.conversations import encode_packed, training_turns
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_object_map, render_scene
 from rcpp_hf.shapesworld.world import COLOURS, KINDS, TEST_SEED, TRAIN_SEED, VALIDATION_SEED, Scene, WorldConfig, sample_scene
@@ -84,19 +84,29 @@ def batch_scenes(world_seed: int, step: int, batch_size: int) -> list[Scene]:
 
 
 def training_batch(processor, scenes: list[Scene], num_image_tokens: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask, labels and pixel_values of one conversation per scene."""
+    """Model inputs of one packed example per scene (`conversations.encode_packed`), right-padded.
+
+    attention_mask is 4-D and boolean, (B, 1, L, L): a token sees the earlier tokens of the shared
+    prefix and of its own example; padding sees the prefix only and carries no label.
+    """
     tokenizer = processor.tokenizer
-    encoded = [encode_conversation(training_turns(s), tokenizer, num_image_tokens) for s in scenes]
-    length = max(len(ids) for ids, _ in encoded)
+    packed = [encode_packed(training_turns(s), tokenizer, num_image_tokens) for s in scenes]
+    length = max(len(p.input_ids) for p in packed)
     input_ids = torch.full((len(scenes), length), tokenizer.pad_token_id)
     labels = torch.full((len(scenes), length), -100)
-    attention_mask = torch.zeros((len(scenes), length), dtype=torch.long)
-    for row, (ids, row_labels) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(ids)] = torch.tensor(row_labels)
-        attention_mask[row, : len(ids)] = 1
+    segments = torch.full((len(scenes), length), -1)
+    position_ids = torch.zeros((len(scenes), length), dtype=torch.long)
+    for row, p in enumerate(packed):
+        n = len(p.input_ids)
+        input_ids[row, :n], labels[row, :n] = torch.tensor(p.input_ids), torch.tensor(p.labels)
+        segments[row, :n], position_ids[row, :n] = torch.tensor(p.segments), torch.tensor(p.position_ids)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same_example = segments[:, :, None] == segments[:, None, :]
+    visible = (segments[:, None, :] == 0) | (same_example & (segments[:, :, None] > 0))
+    attention_mask = (visible & causal)[:, None]
     pixel_values = processor.image_processor([render_scene(s) for s in scenes], return_tensors="pt")["pixel_values"]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "labels": labels, "pixel_values": pixel_values}  # fmt: skip
 
 
 def patch_targets(scenes: list[Scene], patches_per_side: int, config: WorldConfig = WorldConfig()) -> tuple[torch.Tensor, torch.Tensor]:
