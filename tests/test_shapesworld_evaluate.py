@@ -87,3 +87,15 @@ def test_captions_with_an_rcpp_preset_record_chair_counts_and_kept_tokens(small_
 def test_settings_reject_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         EvalSettings(**{"model": "m", "split": "random", field: value})
+
+
+def test_eval_sub_command(small_model, tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="rcpp-hf eval")
+    evaluate_module.add_eval_parser(parser.add_subparsers(required=True))
+    args = parser.parse_args(["shapesworld", "--split", "popular", "--model", small_model, "--num-images", "1",
+                              "--limit", "4", "--max-new-tokens", "1", "--output-dir", str(tmp_path)])  # fmt: skip
+    assert args.func(args) == 0
+    assert '"n": 4' in capsys.readouterr().out
+    assert len(read_records(tmp_path)) == 4
