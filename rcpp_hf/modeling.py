@@ -32,7 +32,7 @@ from rcpp_hf.stages import (
     select_evictions,
 )
 from rcpp_hf.trace import RCPPGenerateOutput, RCPPStep, RCPPTrace
-from rcpp_hf.visual_states import capture_visual_states
+from rcpp_hf.visual_states import VisualStates, capture_visual_states
 
 
 def rcpp_enabled(generation_config: GenerationConfig) -> bool:
@@ -108,6 +108,11 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
         if synced_gpus:
             raise ValueError("RCPP + DRCD does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation)")
+        if input_ids.device != self.device:
+            raise ValueError(
+                f"RCPP + DRCD keeps its per-token state beside the model: move the inputs to {self.device} "
+                f"(they are on {input_ids.device}), e.g. processor(...).to(model.device)"
+            )
         cfg: RCPPGenerationConfig = generation_config
         batch_size = input_ids.shape[0]
         pad_token_id = cfg._pad_token_tensor.to(input_ids.device) if cfg._pad_token_tensor is not None else None
@@ -141,7 +146,7 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         with capture_visual_states([decoder_layers[i] for i in scoring_layers], visual_slots) as captured:
             hidden = self.model(**model_inputs, rcpp_recorder=recorder).last_hidden_state[:, -1:]
         cache.register_prompt(position_ids, valid, image_token_mask)
-        visual_states = torch.stack(captured, dim=1)  # (B, Ls, Vc, D)
+        visual = VisualStates.from_layers(captured)
         logits = self.lm_head(hidden).float()  # (B, 1, vocab)
         scores = None  # S, (B, Vc), aligned with cache.visual_token_ids
         all_core = torch.full((batch_size, num_visual), True, device=input_ids.device)
@@ -156,7 +161,8 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             # Stages 1-4, from the main row (row 0) of the forward just made.
             h_t = reasoning_state(hidden, row=0)
             alpha = recorder.visual_alpha(cache.visual_slots)
-            instant = instant_consistency(h_t, reconstruct_visual_tokens(alpha, visual_states))
+            projection, recon_norm = reconstruct_visual_tokens(alpha, visual.states, visual.gram, h_t)
+            instant = instant_consistency(projection, recon_norm, h_t)
             scores = accumulate_consistency(scores, instant, cfg.gamma)
 
             # Stage 6: DRCD fusion, then the usual processors and token choice.
@@ -199,7 +205,7 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 evicted = cache.visual_token_ids.gather(1, columns)
                 kept = cache.evict_visual(columns)
                 scores = scores.gather(1, kept)
-                visual_states = visual_states.gather(2, kept[:, None, :, None].expand(-1, visual_states.shape[1], -1, visual_states.shape[-1]))
+                visual = visual.keep(kept)
 
             # Stage 5: grouping; it decides this step's masks. One host sync covers both decisions.
             core = group_visual_tokens(scores, cfg.tau)

@@ -17,22 +17,38 @@ def reasoning_state(last_hidden_state: torch.Tensor, row: int) -> torch.Tensor:
     return last_hidden_state[:, row, :].float()
 
 
-def reconstruct_visual_tokens(alpha: torch.Tensor, visual_states: torch.Tensor) -> torch.Tensor:
-    """Stage 2 — recon_i = sum_l alpha[t, i, l] * v_i[l].
+def reconstruct_visual_tokens(
+    alpha: torch.Tensor, visual_states: torch.Tensor, visual_gram: torch.Tensor, h_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2 — recon_i = sum_l alpha[t, i, l] * v_i[l], kept in factored form.
+
+    Stage 3 needs only recon_i's projection on h_t and its norm:
+        <recon_i, h_t> = sum_l alpha[t, i, l] * <v_i[l], h_t>
+        ||recon_i||^2  = alpha_i^T G_i alpha_i,  G_i[l, m] = <v_i[l], v_i[m]>  (fixed after prefill)
+    so each step reads the states once (one matrix-vector product) and never builds the (B, Vc, D) reconstructions.
 
     Args:
         alpha: (B, Ls, Vc) head-averaged attention probability of the current query on each cached visual token.
-        visual_states: (B, Ls, Vc, D) hidden state of each cached visual token at each scoring layer.
+        visual_states: (B, Vc, Ls, D) v_i[l].
+        visual_gram: (B, Vc, Ls, Ls) G_i, float32.
+        h_t: (B, D) float32.
     Returns:
-        (B, Vc, D)
+        projection (B, Vc) and norm (B, Vc) of recon_i, float32.
     """
-    return torch.einsum("blv,blvd->bvd", alpha.float(), visual_states.float())
+    batch, num_visual, num_layers, hidden = visual_states.shape
+    weights = alpha.transpose(1, 2)  # (B, Vc, Ls)
+    per_layer = torch.bmm(visual_states.view(batch, num_visual * num_layers, hidden), h_t.to(visual_states.dtype)[:, :, None])
+    projection = (weights * per_layer.view(batch, num_visual, num_layers).float()).sum(-1)
+    squared_norm = (weights[:, :, None, :] @ visual_gram @ weights[:, :, :, None]).view(batch, num_visual)
+    return projection, squared_norm.clamp_min(0.0).sqrt()
 
 
-def instant_consistency(h_t: torch.Tensor, reconstructed: torch.Tensor) -> torch.Tensor:
-    """Stage 3 — s_i_t = cos(h_t, recon_i).  h_t (B, D), reconstructed (B, Vc, D) -> (B, Vc), clamped to [-1, 1]
-    so that tau = -1 really puts every token in C."""
-    return torch.nn.functional.cosine_similarity(reconstructed, h_t[:, None, :], dim=-1).clamp(-1.0, 1.0)
+def instant_consistency(
+    projection: torch.Tensor, recon_norm: torch.Tensor, h_t: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """Stage 3 — s_i_t = cos(h_t, recon_i) = <recon_i, h_t> / (||recon_i|| ||h_t||).  (B, Vc), (B, Vc), (B, D) ->
+    (B, Vc), clamped to [-1, 1] so that tau = -1 really puts every token in C."""
+    return (projection / (recon_norm * h_t.norm(dim=-1, keepdim=True)).clamp_min(eps)).clamp(-1.0, 1.0)
 
 
 def accumulate_consistency(scores: torch.Tensor | None, instant: torch.Tensor, gamma: float) -> torch.Tensor:

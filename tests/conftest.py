@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -93,3 +95,56 @@ def active_config(**overrides) -> RCPPGenerationConfig:
         tau=0.5, lambda_start=0.2, lambda_end=0.8, keep_ratio_start=1.0, keep_ratio_end=0.25, schedule_steps=4
     )
     return RCPPGenerationConfig(**{**values, **overrides})
+
+
+# -- evaluation harness (rcpp_hf.eval) -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def varied_tiny_path(tmp_path_factory) -> Path:
+    """A tiny random LLaVA checkpoint folder whose answers depend on the image and the question.
+
+    With the default initialisation (std 0.02) the tiny model answers every question alike; weights
+    drawn with std 0.3 make answers differ, so that comparing two runs' answers means something.
+    """
+    folder = save_tiny_llava(tmp_path_factory.mktemp("varied-tiny-llava"))
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() >= 2:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def make_image_files():
+    """make_image_files(folder, names, size=(40, 30)): noise images, each determined by its file name."""
+
+    def make(folder: Path, names, size=(40, 30)) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name in dict.fromkeys(names):
+            seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+            generator = torch.Generator().manual_seed(seed)
+            pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / name)
+            paths.append(folder / name)
+        return paths
+
+    return make
+
+
+@pytest.fixture
+def pope_files(pope_data, tmp_path, make_image_files):
+    """The first 12 questions (2 images) of the real adversarial and random files, and their images."""
+    files = []
+    for split in ("adversarial", "random"):
+        lines = (pope_data / f"coco_pope_{split}.json").read_text().splitlines()[:12]
+        path = tmp_path / "questions" / f"coco_pope_{split}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        files.append(path)
+        make_image_files(tmp_path / "val2014", [json.loads(line)["image"] for line in lines])
+    return files, tmp_path / "val2014"

@@ -1,6 +1,9 @@
 import pytest
+from tests.eval_helpers import write_pope_parquet
 
-from rcpp_hf.eval.pope import parse_yes_no, pope_metrics, read_pope_json_lines
+from PIL import Image
+
+from rcpp_hf.eval.pope import PopeParquet, parse_yes_no, pope_metrics, question_format, read_pope_json_lines, summarize_pope
 
 
 @pytest.mark.parametrize(
@@ -75,3 +78,62 @@ def test_read_pope_json_lines_names_the_bad_line(tmp_path):
     path.write_text('[{"question_id": 1}]')
     with pytest.raises(ValueError, match="line 1: expected a JSON object per line"):
         read_pope_json_lines(path)
+
+
+def test_summarize_pope_per_split_and_mean_over_splits():
+    records = [
+        {"split": "adversarial", "label": "yes", "prediction": "yes"},
+        {"split": "adversarial", "label": "no", "prediction": "yes"},
+        {"split": "random", "label": "yes", "prediction": "yes"},
+        {"split": "random", "label": "no", "prediction": "no"},
+        {"split": "random", "label": "no", "prediction": "no"},
+        {"split": "random", "label": "yes", "prediction": "no"},
+    ]
+    summary = summarize_pope(records)
+    assert list(summary["splits"]) == ["adversarial", "random"]
+    assert summary["splits"]["adversarial"]["accuracy"] == 0.5
+    assert summary["splits"]["random"]["accuracy"] == 0.75
+    assert summary["average"]["accuracy"] == pytest.approx(0.625)  # unweighted over splits, not 4/6
+    assert summary["average"]["yes_ratio"] == pytest.approx((1.0 + 0.25) / 2)
+    assert summary["headline"] == {
+        "accuracy": summary["average"]["accuracy"],
+        "f1": summary["average"]["f1"],
+        "yes_ratio": summary["average"]["yes_ratio"],
+    }
+
+
+def test_question_format(tmp_path):
+    (tmp_path / "questions.jsonl").write_text("")
+    (tmp_path / "questions.csv").write_text("")
+    (tmp_path / "data").mkdir()
+    assert question_format(tmp_path / "questions.jsonl") == "json-lines"
+    assert question_format(tmp_path / "data") == "parquet"
+    assert question_format("lmms-lab/POPE") == "parquet"
+    with pytest.raises(ValueError, match=r"questions.csv: unknown question-file format"):
+        question_format(tmp_path / "questions.csv")
+    with pytest.raises(FileNotFoundError, match="question file not found: .*missing.json"):
+        question_format(tmp_path / "missing.json")
+
+
+def test_lmms_lab_parquet_layout(tmp_path, make_image_files):
+    image_path = make_image_files(tmp_path / "images", ["COCO_val2014_000000000042.jpg"])[0]
+    rows = [
+        ("1", "Is there a dog in the image?", "yes", "COCO_val2014_000000000042", "adversarial"),
+        ("2", "Is there a cat in the image?", "No", "COCO_val2014_000000000042", "adversarial"),
+        ("1", "Is there a dog in the image?", "yes", "COCO_val2014_000000000042", "random"),
+    ]
+    write_pope_parquet(tmp_path / "POPE" / "data" / "test-00000-of-00001.parquet", rows, image_path.read_bytes())
+    parquet = PopeParquet(tmp_path / "POPE")
+    assert [q.id for q in parquet.questions] == ["adversarial/1", "adversarial/2", "random/1"]
+    assert [q.label for q in parquet.questions] == ["yes", "no", "yes"]
+    assert parquet.questions[0].image == "COCO_val2014_000000000042"
+    image = parquet.image(2)
+    assert image.size == (40, 30) and image.tobytes() == Image.open(image_path).tobytes()
+
+
+def test_parquet_without_the_pope_columns_is_named(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"question": ["Is there a dog?"]}).to_parquet(str(tmp_path / "other.parquet"))
+    with pytest.raises(ValueError, match=r"other.parquet: not the lmms-lab/POPE layout \(missing columns question_id, answer, image, category\)"):
+        PopeParquet(tmp_path / "other.parquet")

@@ -17,7 +17,7 @@ from rcpp_hf.stages import (
     reconstruct_visual_tokens,
     select_evictions,
 )
-from rcpp_hf.visual_states import capture_visual_states
+from rcpp_hf.visual_states import VisualStates, capture_visual_states
 
 
 def test_reasoning_state_takes_the_requested_row():
@@ -26,17 +26,48 @@ def test_reasoning_state_takes_the_requested_row():
     assert torch.equal(reasoning_state(hidden, row=0), torch.tensor([[0.0, 1.0, 2.0, 3.0]]))
 
 
-def test_reconstruction_is_the_alpha_weighted_sum_over_layers():
+def literal_reconstruction(alpha, states):
+    """recon_i = sum_l alpha[t, i, l] * v_i[l], written out as in the method note.  -> (B, Vc, D)"""
+    batch, num_visual, num_layers, _ = states.shape
+    return torch.stack([
+        torch.stack([sum(alpha[b, l, i] * states[b, i, l] for l in range(num_layers)) for i in range(num_visual)])
+        for b in range(batch)
+    ])
+
+
+def test_reconstruction_by_hand():
     alpha = torch.tensor([[[0.5, 0.1], [0.2, 0.3]]])  # (B=1, Ls=2, Vc=2)
-    v = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[2.0, 2.0], [4.0, 0.0]]]])  # (B, Ls, Vc, D=2)
-    expected = torch.tensor([[[0.5 * 1 + 0.2 * 2, 0.2 * 2], [0.3 * 4, 0.1 * 1]]])
-    torch.testing.assert_close(reconstruct_visual_tokens(alpha, v), expected)
+    # layer 0: token 0 (1, 0), token 1 (0, 1); layer 1: token 0 (2, 2), token 1 (4, 0)
+    states = VisualStates.from_layers([torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[2.0, 2.0], [4.0, 0.0]]])])
+    h = torch.tensor([[1.0, 0.0]])
+    recon = torch.tensor([[[0.5 * 1 + 0.2 * 2, 0.2 * 2], [0.3 * 4, 0.1 * 1]]])  # (0.9, 0.4), (1.2, 0.1)
+    torch.testing.assert_close(literal_reconstruction(alpha, states.states), recon)
+    projection, norm = reconstruct_visual_tokens(alpha, states.states, states.gram, h)
+    torch.testing.assert_close(projection, torch.tensor([[0.9, 1.2]]))
+    torch.testing.assert_close(norm, recon.norm(dim=-1))
+
+
+def test_factored_reconstruction_equals_the_literal_one():
+    generator = torch.Generator().manual_seed(0)
+    alpha = torch.rand(2, 3, 5, generator=generator)
+    states = VisualStates.from_layers([torch.randn(2, 5, 8, generator=generator) for _ in range(3)])
+    h = torch.randn(2, 8, generator=generator)
+    recon = literal_reconstruction(alpha, states.states)
+    projection, norm = reconstruct_visual_tokens(alpha, states.states, states.gram, h)
+    expected = torch.nn.functional.cosine_similarity(recon, h[:, None, :], dim=-1)
+    torch.testing.assert_close(instant_consistency(projection, norm, h), expected)
+    kept = states.keep(torch.tensor([[4, 0], [1, 2]]))
+    torch.testing.assert_close(kept.states[1, 0], states.states[1, 1])
+    torch.testing.assert_close(kept.gram[0, 0], states.gram[0, 4])
 
 
 def test_instant_consistency_is_a_clamped_cosine():
     h = torch.tensor([[1.0, 0.0]])
-    recon = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [1.0, 1.0]]])
-    torch.testing.assert_close(instant_consistency(h, recon), torch.tensor([[1.0, 0.0, -1.0, 1 / math.sqrt(2)]]))
+    recon = torch.tensor([[[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [1.0, 1.0], [1.0 + 1e-7, 0.0]]])
+    projection, norm = recon @ h[0], recon.norm(dim=-1)
+    expected = torch.tensor([[1.0, 0.0, -1.0, 1 / math.sqrt(2), 1.0]])
+    torch.testing.assert_close(instant_consistency(projection, norm, h), expected)
+    assert instant_consistency(projection * 1.01, norm, h).max() == 1.0
 
 
 def test_ema_initialises_then_accumulates():

@@ -21,12 +21,16 @@ def add_parser(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", help="float32 | float16 | bfloat16 (default: float16 for 7b, else float32)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 keeps timings "
+                        "steady on a machine shared with other work")
     parser.add_argument("--output", type=Path, help="write the report as JSON")
     parser.add_argument("--plot", type=Path, help="write per-token time and cache bytes against the step (PNG)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = BenchmarkSettings(
         shape=args.shape,
         model=args.model,

@@ -44,7 +44,8 @@ class StepTimer(BaseStreamer):
 
 
 class PeakMemory:
-    """Peak memory during a block, in bytes above the level at its start: CUDA allocator peak, or sampled RSS."""
+    """Peak memory during a block, in bytes: the CUDA allocator's peak, or the process's RSS sampled every
+    `interval` seconds (the RSS high-water mark of the OS would carry over from earlier blocks)."""
 
     def __init__(self, device: torch.device, interval: float = 0.002):
         self.device, self.interval = torch.device(device), interval
@@ -54,9 +55,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
         else:
-            self._start = self._peak = current_rss()
+            self._peak = current_rss()
             self._running = True
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -70,9 +70,9 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
             self._running = False
             self._thread.join()
-            self.peak_bytes = max(self._peak, current_rss()) - self._start
+            self.peak_bytes = max(self._peak, current_rss())
         return False

@@ -1,0 +1,5 @@
+import sys
+
+from rcpp_hf.eval.cli import main
+
+sys.exit(main())

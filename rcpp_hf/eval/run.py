@@ -1,0 +1,275 @@
+"""Running a benchmark: questions in, answers appended as they come, metrics out; resumable and shardable.
+
+Every benchmark turns its inputs into `EvalItem`s and calls `run_benchmark`. The pending items
+(those no earlier session answered) are cut into batches in benchmark order and batch `b` goes to
+process `b % num_processes`, so under `accelerate launch` every batch is the very batch a single
+process would have run, and the merged answers equal a single-process run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from rcpp_hf.eval.run_dir import RunDirectory, session_provenance
+from rcpp_hf.eval.runner import (
+    DTYPES,
+    IMAGE_ASPECTS,
+    LLAVA_SYSTEM_PROMPT,
+    Answerer,
+    load_generation_config,
+    load_model,
+)
+
+
+@dataclass
+class RunOptions:
+    """How to run a benchmark, shared by all benchmarks (their own inputs are separate arguments)."""
+
+    output_dir: str | Path
+    model: str | Path | None = None  # None: rcpp_hf.default_model.default_model_path()
+    config: str | Path | None = None  # RCPPGenerationConfig YAML preset; None: plain greedy LLaVA decoding
+    batch_size: int = 1
+    max_new_tokens: int | None = None  # None: the benchmark's default
+    seed: int = 0
+    dtype: str = "auto"
+    device: str | None = None  # None: the device accelerate gives this process
+    system_prompt: str = LLAVA_SYSTEM_PROMPT
+    image_aspect: str = "pad"
+    limit: int | None = None  # only the first `limit` items (smoke tests)
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {self.image_aspect!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line twins of `RunOptions`, for every `eval` sub-command."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--output-dir", required=True, help="run directory (resumed when it exists)")
+    group.add_argument("--model", help="checkpoint folder or hub id (default: the embedded default model)")
+    group.add_argument("--config", help="RCPPGenerationConfig YAML preset, e.g. configs/rcpp_default.yaml "
+                       "(default: plain greedy LLaVA decoding)")
+    group.add_argument("--batch-size", type=int, default=1)
+    group.add_argument("--max-new-tokens", type=int, help="default: the benchmark's")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--dtype", default="auto", choices=list(DTYPES))
+    group.add_argument("--device", help="e.g. cpu, cuda:0 (default: the device accelerate assigns)")
+    group.add_argument("--system-prompt", default=LLAVA_SYSTEM_PROMPT)
+    group.add_argument("--image-aspect", default="pad", choices=IMAGE_ASPECTS, help="pad to square (LLaVA-1.5) or centre-crop")
+    group.add_argument("--limit", type=int, help="only the first N items")
+
+
+def options_from_args(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        output_dir=args.output_dir,
+        model=args.model,
+        config=args.config,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        system_prompt=args.system_prompt,
+        image_aspect=args.image_aspect,
+        limit=args.limit,
+    )
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One question to the model: a unique id, the user message, its image, what to store with the answer.
+
+    `image` is a file (checked to exist before any model work, read when its batch runs) or a
+    function returning the image (images held in memory or inside a dataset file).
+    """
+
+    id: str
+    prompt: str
+    image: Path | Callable[[], Image.Image]
+    fields: dict = field(default_factory=dict)  # stored with the answer, e.g. the label
+
+    def load_image(self) -> Image.Image:
+        if callable(self.image):
+            return self.image()
+        with Image.open(self.image) as image:
+            image.load()
+            return image
+
+
+def check_files_exist(paths: Iterable[Path], what: str) -> None:
+    """Raise FileNotFoundError naming the missing files (at most five)."""
+    missing = list(dict.fromkeys(str(path) for path in paths if not Path(path).is_file()))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{len(missing)} {what} not found: {shown}")
+
+
+def check_prompt_template(template: str, fields: tuple[str, ...]) -> None:
+    """Refuse a prompt template that does not use exactly `fields` (e.g. ("question",)) as str.format fields."""
+    try:
+        template.format(**{name: "" for name in fields})
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"prompt template {template!r} can only use the fields {list(fields)} ({error!r})") from None
+    missing = [name for name in fields if "{" + name + "}" not in template]
+    if missing:
+        raise ValueError(f"prompt template {template!r} must contain {', '.join('{' + m + '}' for m in missing)}")
+
+
+def run_benchmark(
+    benchmark: str,
+    items: list[EvalItem],
+    options: RunOptions,
+    *,
+    inputs: dict,
+    user_prompt: str,
+    default_max_new_tokens: int,
+    score: Callable[[dict], dict],
+    summarize: Callable[[list[dict]], dict],
+) -> dict:
+    """Answer every item not yet answered in `options.output_dir`, then score and summarise all answers.
+
+    `inputs` (JSON) names the benchmark's data and is part of the run's identity; `user_prompt` is the
+    benchmark's prompt template, recorded. `score(record)` returns the fields a record gains in
+    answers.jsonl (e.g. the parsed prediction); `summarize(scored records in item order)` returns the
+    metrics, with a "headline" dict of the numbers `rcpp-hf report` tabulates.
+    Returns the metrics, as written to metrics.json.
+    """
+    from rcpp_hf.default_model import default_model_path
+
+    if options.limit is not None:
+        items = items[: options.limit]
+    _check_unique_ids(items)
+    check_files_exist((item.image for item in items if not callable(item.image)), "image files")
+    model_path = str(options.model) if options.model is not None else str(default_model_path())
+    max_new_tokens = options.max_new_tokens or default_max_new_tokens
+    generation_config = load_generation_config(model_path, options.config, max_new_tokens)
+    identity = {
+        "benchmark": benchmark,
+        "inputs": inputs,
+        "limit": options.limit,
+        "model": model_path,
+        "dtype": options.dtype,
+        "decoding_config_file": str(options.config) if options.config is not None else None,
+        "generation_config": _recorded_generation_config(generation_config),
+        "prompt": {"system": options.system_prompt, "user": user_prompt},
+        "image_aspect": options.image_aspect,
+        "seed": options.seed,
+    }
+    state, device = _process_state(options.device)
+    run_dir = RunDirectory(options.output_dir)
+    run_dir.check_identity(identity)
+    done = run_dir.done_ids()
+    state.wait_for_everyone()  # every process has read what is done before anyone writes
+    if state.is_main_process:
+        run_dir.record_session(
+            identity,
+            session_provenance(num_processes=state.num_processes, batch_size=options.batch_size, device=str(device)),
+        )
+
+    pending = [item for item in items if item.id not in done]
+    batches = [pending[start : start + options.batch_size] for start in range(0, len(pending), options.batch_size)]
+    own_batches = batches[state.process_index :: state.num_processes]
+    if own_batches:
+        model, processor = load_model(model_path, options.dtype, device)
+        answerer = Answerer(model, processor, generation_config, options.system_prompt, options.image_aspect)
+        _answer(answerer, own_batches, run_dir.part(state.process_index), options.seed, benchmark, state)
+    state.wait_for_everyone()
+
+    if state.is_main_process:
+        records = [{**record, **score(record)} for record in _merge_parts(run_dir, items)]
+        run_dir.write_answers(records)
+        metrics = {"benchmark": benchmark, "n": len(records), **summarize(records), "latency": _latency(records)}
+        run_dir.write_metrics(metrics)
+        headline = ", ".join(f"{name} {value:.4g}" for name, value in metrics["headline"].items())
+        print(f"{benchmark}: {headline} ({len(records)} items) -> {run_dir.metrics_path}")
+    state.wait_for_everyone()
+    return run_dir.read_metrics()
+
+
+def _answer(answerer: Answerer, batches: list[list[EvalItem]], part, seed: int, benchmark: str, state) -> None:
+    progress = tqdm(
+        total=sum(len(batch) for batch in batches),
+        desc=f"{benchmark} (process {state.process_index + 1}/{state.num_processes})",
+        disable=not state.is_local_main_process,
+    )
+    for batch in batches:
+        # Seeded by the batch's first id: sampled answers do not depend on sharding or on resuming.
+        torch.manual_seed(zlib.crc32(f"{seed}/{batch[0].id}".encode()))
+        images = [item.load_image() for item in batch]
+        start = time.perf_counter()
+        answers = answerer(images, [item.prompt for item in batch])
+        seconds = (time.perf_counter() - start) / len(batch)
+        part.extend(
+            {"id": item.id, **item.fields, "answer": answer.text, "num_tokens": answer.num_tokens, "seconds": seconds}
+            for item, answer in zip(batch, answers)
+        )
+        progress.update(len(batch))
+    progress.close()
+
+
+def _merge_parts(run_dir: RunDirectory, items: list[EvalItem]) -> list[dict]:
+    by_id = {}
+    for part in run_dir.parts():
+        for record in part.read():
+            by_id.setdefault(record["id"], record)
+    missing = [item.id for item in items if item.id not in by_id]
+    if missing:
+        raise RuntimeError(f"{run_dir.path}: {len(missing)} items have no answer after the run, e.g. {missing[:3]}")
+    return [by_id[item.id] for item in items]
+
+
+def _latency(records: list[dict]) -> dict:
+    """Mean answering wall time (processor + generate) and generated tokens per item; a batch shares its time."""
+    n = max(len(records), 1)
+    return {
+        "seconds_per_item": sum(record["seconds"] for record in records) / n,
+        "tokens_per_item": sum(record["num_tokens"] for record in records) / n,
+    }
+
+
+def _check_unique_ids(items: list[EvalItem]) -> None:
+    seen = set()
+    for item in items:
+        if item.id in seen:
+            raise ValueError(f"item id {item.id!r} appears twice; ids must be unique within a run")
+        seen.add(item.id)
+
+
+def _recorded_generation_config(config) -> dict:
+    recorded = config.to_diff_dict()
+    for volatile in ("transformers_version", "_from_model_config"):
+        recorded.pop(volatile, None)
+    return recorded
+
+
+def _process_state(device: str | None):
+    """accelerate's process state and this process's device; CPU processes join through gloo."""
+    from accelerate import PartialState
+
+    use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    state = PartialState(cpu=use_cpu)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise RuntimeError(
+            f"launched as {launched} processes but accelerate joined {state.num_processes}; "
+            "every process would answer every question. Pass --device cpu for a CPU run."
+        )
+    return state, torch.device(device) if device is not None else state.device

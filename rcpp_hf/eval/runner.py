@@ -1,0 +1,121 @@
+"""The one place where evaluation touches the model: loading, the decoding configuration, batched answers.
+
+Prompts follow LLaVA-1.5's own evaluation (`conv_mode vicuna_v1`): the system prompt, then
+"USER: <image>\\n{user message} ASSISTANT:". Images are padded to a square with the processor's mean
+colour before the processor resizes them, as LLaVA-1.5 does (`image_aspect_ratio: pad`); the
+llava-hf processor alone would centre-crop instead ("crop").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+from rcpp_hf.config import RCPPGenerationConfig
+from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
+
+LLAVA_SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+IMAGE_ASPECTS = ("pad", "crop")
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu"):
+    """Load a llava-hf style checkpoint (model + processor) for generation; returns (model, processor).
+
+    The model is an `RCPPLlavaForConditionalGeneration`: with a config whose `rcpp` is False it decodes
+    exactly as `LlavaForConditionalGeneration`. `dtype` is "auto" (the checkpoint's), "float32",
+    "float16" or "bfloat16".
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"  # decoder-only batches: prompts end where generation starts
+    return model, processor
+
+
+def load_generation_config(
+    model_path: str | Path, config_path: str | Path | None, max_new_tokens: int
+) -> RCPPGenerationConfig:
+    """The decoding configuration: the YAML preset (`RCPPGenerationConfig.from_yaml`), or without one plain
+    greedy LLaVA decoding (`rcpp=False`); `max_new_tokens` always; special token ids from the checkpoint
+    where the preset leaves them unset.
+
+    Reads only small YAML/JSON files, so a bad configuration fails before any weights are loaded.
+    """
+    if config_path is None:
+        config = RCPPGenerationConfig(rcpp=False, do_sample=False, max_new_tokens=max_new_tokens)
+    else:
+        config = RCPPGenerationConfig.from_yaml(config_path, max_new_tokens=max_new_tokens)
+    try:
+        checkpoint = GenerationConfig.from_pretrained(model_path)
+    except OSError:  # a checkpoint without generation_config.json: generate() derives one from its config
+        checkpoint = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_path))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(config, name) is None:
+            setattr(config, name, getattr(checkpoint, name))
+    return config
+
+
+def llava_prompt(user_message: str, system_prompt: str, image_token: str = "<image>") -> str:
+    """LLaVA-1.5's single-turn conversation with one image."""
+    return f"{system_prompt} USER: {image_token}\n{user_message} ASSISTANT:"
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad the shorter side symmetrically with `fill`, keeping the image centred."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str  # decoded, special tokens skipped, stripped
+    num_tokens: int  # generated tokens, the end-of-sequence token included
+
+
+class Answerer:
+    """Answers a batch of (image, user message) pairs with one model and one decoding configuration."""
+
+    def __init__(self, model, processor, generation_config: RCPPGenerationConfig, system_prompt: str, image_aspect: str):
+        if image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {image_aspect!r}")
+        self.model = model
+        self.processor = processor
+        self.generation_config = generation_config
+        self.system_prompt = system_prompt
+        self.image_aspect = image_aspect
+        mean = processor.image_processor.image_mean
+        self._pad_colour = tuple(int(channel * 255) for channel in mean)
+        eos = generation_config.eos_token_id
+        self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image], user_messages: list[str]) -> list[Answer]:
+        images = [image.convert("RGB") for image in images]
+        if self.image_aspect == "pad":
+            images = [expand_to_square(image, self._pad_colour) for image in images]
+        texts = [llava_prompt(message, self.system_prompt, self.processor.image_token) for message in user_messages]
+        inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device, dtype=self.model.dtype)
+        sequences = self.model.generate(**inputs, generation_config=self.generation_config)
+        generated = sequences[:, inputs["input_ids"].shape[1] :].tolist()
+        answers = []
+        for tokens in generated:
+            length = next((i + 1 for i, token in enumerate(tokens) if token in self._eos_ids), len(tokens))
+            text = self.processor.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
+            answers.append(Answer(text, length))
+        return answers
