@@ -2,7 +2,7 @@
 
 import pytest
 
-from rcpp_hf.shapesworld.captions import describe_group, mentioned_kinds, reference_caption, relation
+from rcpp_hf.shapesworld.captions import caption_mentions, describe_group, mentioned_kinds, reference_caption, relation
 from rcpp_hf.shapesworld.world import MENTION_ORDER, Scene, ShapeObject, sample_scene
 
 
@@ -89,3 +89,7 @@ def test_caption_grammar_shape():
 )
 def test_mentioned_kinds(text, kinds):
     assert mentioned_kinds(text) == kinds
+
+
+def test_caption_mentions_keep_the_word():
+    assert caption_mentions("two crosses and a cross") == [("crosses", "cross"), ("cross", "cross")]

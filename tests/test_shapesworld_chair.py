@@ -16,36 +16,40 @@ SQUARE_TRIANGLE_CROSS = scene("square", "triangle", "cross")  # a complete pair,
 
 def test_score_of_a_faithful_caption():
     s = score_caption("a red star left of a red circle.", STAR_CIRCLE)
-    assert (s.mentions, s.hallucinated, s.covered, s.num_true, s.num_words) == (2, [], ["circle", "star"], 2, 8)
-    assert (s.lone_kinds, s.partners_named) == (["star"], [])
+    assert s["mentions"] == [("star", "star"), ("circle", "circle")]
+    assert (s["hallucinated"], s["recalled"], s["ground_truth"]) == ([], ["circle", "star"], ["circle", "star"])
+    assert s["length"] == 9  # 8 words and the full stop, CHAIR's tokens
+    assert (s["lone_kinds"], s["partners_named"]) == (["star"], [])
 
 
 def test_score_counts_every_hallucinated_mention_and_plurals():
     s = score_caption("two red stars above a white moon, a moon and three hearts.", STAR_CIRCLE)
-    assert s.mentions == 4
-    assert s.hallucinated == ["moon", "moon", "heart"]
-    assert s.covered == ["star"]
-    assert s.partners_named == ["moon"]
+    assert [kind for _, kind in s["mentions"]] == ["star", "moon", "moon", "heart"]
+    assert s["hallucinated"] == [("moon", "moon"), ("moon", "moon"), ("hearts", "heart")]
+    assert s["recalled"] == ["star"]
+    assert s["partners_named"] == ["moon"]
 
 
 def test_chair_metrics_by_hand():
-    scores = [
-        score_caption("a red star left of a red circle.", STAR_CIRCLE),  # 2 mentions, 0 hallucinated, 8 words
-        score_caption("a star above a moon.", STAR_CIRCLE),  # 2 mentions, 1 hallucinated (the partner)
-        score_caption("a square, a triangle and two hearts.", SQUARE_TRIANGLE_CROSS),  # 3 mentions, 1 hallucinated
+    records = [
+        score_caption("a red star left of a red circle.", STAR_CIRCLE),  # 2 mentions, 0 hallucinated, 9 tokens
+        score_caption("a star above a moon.", STAR_CIRCLE),  # 2 mentions, 1 hallucinated (the partner), 6 tokens
+        score_caption("a square, a triangle and two hearts.", SQUARE_TRIANGLE_CROSS),  # 3 mentions, 1 hallucinated, 9
     ]
-    m = chair_metrics(scores)
+    m = chair_metrics(records)
     assert m["chair_s"] == pytest.approx(2 / 3)
     assert m["chair_i"] == pytest.approx(2 / 7)
     assert m["recall"] == pytest.approx((2 + 1 + 2) / (2 + 2 + 3))
-    assert m["length"] == pytest.approx((8 + 5 + 7) / 3)
+    assert m["length"] == pytest.approx((9 + 6 + 9) / 3)
     assert m["partner_hallucination"] == pytest.approx(1 / 2)  # 2 lone stars, one moon named
     assert (m["lone_scenes"], m["n"]) == (2, 3)
 
 
-def test_chair_metrics_accept_dicts_read_back_from_json():
-    score = score_caption("a star above a moon.", STAR_CIRCLE)
-    assert chair_metrics([vars(score)]) == chair_metrics([score])
+def test_chair_metrics_read_records_back_from_json():
+    import json
+
+    records = [score_caption("a star above a moon.", STAR_CIRCLE)]
+    assert chair_metrics(json.loads(json.dumps(records))) == chair_metrics(records)
 
 
 def test_empty_caption_and_empty_list():

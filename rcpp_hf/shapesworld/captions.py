@@ -79,10 +79,15 @@ def reference_caption(scene: Scene) -> str:
     return ", ".join([head, *rest[:-1]]) + f" and {rest[-1]}."
 
 
-def mentioned_kinds(text: str) -> list[str]:
-    """Kinds mentioned in free text, one entry per mention, in order; plurals map to their kind.
+def caption_mentions(text: str) -> list[tuple[str, str]]:
+    """(noun, kind) for every mention of a kind in free text, in order; plurals map to their kind.
 
     Words outside the grammar's nouns are ignored, so model output that strays from the grammar is
-    still scored: `mentioned_kinds("Two Stars, and a moon!")` is ["star", "moon"].
+    still scored: `caption_mentions("Two Stars, and a moon!")` is [("stars", "star"), ("moon", "moon")].
     """
-    return [NOUN_TO_KIND[w] for w in _WORD.findall(text.lower()) if w in NOUN_TO_KIND]
+    return [(w, NOUN_TO_KIND[w]) for w in _WORD.findall(text.lower()) if w in NOUN_TO_KIND]
+
+
+def mentioned_kinds(text: str) -> list[str]:
+    """The kinds of `caption_mentions(text)`, one entry per mention."""
+    return [kind for _, kind in caption_mentions(text)]

@@ -99,7 +99,7 @@ def item_record(item: dict, answer: str, visual_kept: float | None) -> dict:
         record["visual_kept"] = visual_kept
     if "scene" in record:
         scene = Scene.from_dict(record.pop("scene"))
-        record.update(kinds=sorted(scene.kinds), **asdict(score_caption(answer, scene)))
+        record.update(score_caption(answer, scene))
     else:
         record["prediction"] = parse_yes_no(answer)
     return record
