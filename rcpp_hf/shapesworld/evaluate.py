@@ -10,8 +10,7 @@ A run writes into its output folder:
 - `metrics.json`: POPE metrics (accuracy, precision, recall, F1, yes-ratio) or CHAIR metrics
   (CHAIR_S, CHAIR_I, recall, length, partner hallucination), over the records of the selection,
   and, with RCPP on, the mean share of visual tokens still in the KV cache at each item's last
-  token (`visual_kept`; rows of a batch share the step count, so use --batch-size 1 for exact
-  per-item numbers).
+  token (`visual_kept`; the schedule depends on the step alone, so batching does not change it).
 
 Without --config the model decodes greedily with a plain GenerationConfig (vanilla LLaVA); with
 --config the YAML preset is loaded as an RCPPGenerationConfig. Either way max_new_tokens is the
