@@ -23,16 +23,14 @@ def test_sweep_presets_are_valid_and_vary_one_knob(tmp_path):
         assert len(differing) == (0 if path.endswith("default.yaml") else 1)
 
 
-def row(name, chair_i, recall, adversarial):
-    return {"setting": name, "captions.chair_i": chair_i, "captions.recall": recall, "adversarial.accuracy": adversarial}
+def row(name, chair_i, recall):
+    return {"setting": name, "captions.chair_i": chair_i, "captions.recall": recall}
 
 
-def test_choose_takes_the_lowest_chair_i_that_keeps_recall_and_pope():
-    rows = [row(VANILLA, 0.30, 0.90, 0.80), row("a", 0.10, 0.80, 0.80),  # recall lost: out
-            row("b", 0.20, 0.89, 0.795), row("c", 0.15, 0.95, 0.70),  # c: POPE lost: out
-            row("d", 0.25, 0.91, 0.85)]  # fmt: skip
+def test_choose_takes_the_lowest_chair_i_that_keeps_recall():
+    rows = [row(VANILLA, 0.30, 0.90), row("a", 0.10, 0.87), row("b", 0.20, 0.885), row("d", 0.25, 0.91)]  # a: recall lost
     assert choose(rows)["setting"] == "b"
-    assert choose([row(VANILLA, 0.3, 0.9, 0.8), row("e", 0.3, 0.9, 0.8)])["setting"] == VANILLA  # a tie keeps vanilla
+    assert choose([row(VANILLA, 0.3, 0.9), row("e", 0.3, 0.9)])["setting"] == VANILLA  # a tie keeps vanilla
 
 
 def test_compare_writes_the_table(tmp_path):

@@ -4,9 +4,11 @@
 its own resumable folder (`evaluate.py`), and writes `table.md`, `table.json` and `table.png`.
 
 `sweep` is `compare` over a one-factor-at-a-time grid around the library defaults (gamma, tau,
-lambda_end, keep-ratio schedule), meant for the validation world; it also names the setting it
-would choose: the lowest caption CHAIR_I among settings whose caption recall is at least vanilla's
-minus 0.02 and whose POPE adversarial accuracy is at least vanilla's minus 0.01.
+lambda_end, keep-ratio schedule) on the captions split, meant for the validation world; it also
+names the setting it would choose: the lowest CHAIR_I among settings whose recall is at least
+vanilla's minus 0.02. POPE is left out of the sweep on purpose: a POPE answer is the first generated
+token, which RCPP decodes from the prefill without contrast or eviction, so every setting answers
+POPE exactly as vanilla does (the final table shows it).
 """
 
 from __future__ import annotations
@@ -109,11 +111,7 @@ def write_table(rows: list[dict], splits: list[str], output_dir: Path) -> None:
 def choose(rows: list[dict]) -> dict:
     """The sweep's choice (see the module docstring); vanilla when no RCPP setting qualifies."""
     vanilla = next(row for row in rows if row["setting"] == VANILLA)
-    qualified = [
-        row for row in rows
-        if row["captions.recall"] >= vanilla["captions.recall"] - 0.02
-        and row["adversarial.accuracy"] >= vanilla["adversarial.accuracy"] - 0.01
-    ]  # fmt: skip
+    qualified = [row for row in rows if row["captions.recall"] >= vanilla["captions.recall"] - 0.02]
     return min(qualified, key=lambda row: (row["captions.chair_i"], row["setting"] != VANILLA))
 
 
@@ -146,8 +144,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     configs = sweep_configs(Path(args.output_dir) / "configs")
-    rows = compare(_model(args), configs, ["adversarial", "captions"], args.seed, args.num_images, args.output_dir,
-                   args.batch_size)  # fmt: skip
+    rows = compare(_model(args), configs, ["captions"], args.seed, args.num_images, args.output_dir, args.batch_size)
     chosen = choose(rows)
     (Path(args.output_dir) / "chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
     print((Path(args.output_dir) / "table.md").read_text())
