@@ -44,7 +44,7 @@ def test_packed_forward_equals_separate_single_turn_forwards():
     scenes = batch_scenes(0, 0, 2)
     batch = training_batch(processor, scenes, SMALL.num_visual_tokens)
     with torch.no_grad():
-        packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        packed_logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}).logits
         for row, scene in enumerate(scenes):
             segments = encode_packed(training_turns(scene), processor.tokenizer, SMALL.num_visual_tokens).segments
             for segment, (prompt, answer) in enumerate(training_turns(scene), start=1):

@@ -6,6 +6,11 @@ yes/no answers, see `conversations.py`). The initial weights come from `seed`. A
 cosine decay, float32, gradient clipping. A resumable state is saved every `save_every` steps, so
 an interrupted run continues where it stopped and ends with the same weights.
 
+The language loss weights tokens: a yes/no answer's tokens (the answer and its eos) count
+`yes_no_loss_weight` (4) times a caption token, because a plain token mean let the ~25 tokens of
+a caption outweigh the 2 of an answer twelvefold and left POPE accuracy at 0.838 on the test world
+after 1800 steps, with captions already good.
+
 The vision tower gets one more signal. LLaVA starts from a pretrained CLIP whose patch tokens already
 mean something; ours starts from random weights, and the language loss alone leaves the model on a
 plateau where it describes the language prior and ignores the image (measured: no image use after
@@ -28,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rcpp_hf.shapesworld.conversations import encode_packed, training_turns
+from rcpp_hf.shapesworld.questions import NO, YES
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_object_map, render_scene
 from rcpp_hf.shapesworld.world import COLOURS, KINDS, TEST_SEED, TRAIN_SEED, VALIDATION_SEED, Scene, WorldConfig, sample_scene
@@ -50,6 +56,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     patch_loss_weight: float = 1.0  # weight of the vision tower's patch-probe loss (0: language loss only)
+    yes_no_loss_weight: float = 4.0  # weight of a yes/no answer's tokens against a caption's (1 each)
     save_every: int = 200
 
     def __post_init__(self):
@@ -66,8 +73,9 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        if self.patch_loss_weight < 0:
-            raise ValueError(f"patch_loss_weight must be >= 0, got {self.patch_loss_weight}")
+        for name in ("patch_loss_weight", "yes_no_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -83,30 +91,46 @@ def batch_scenes(world_seed: int, step: int, batch_size: int) -> list[Scene]:
     return [sample_scene(world_seed, step * batch_size + i) for i in range(batch_size)]
 
 
-def training_batch(processor, scenes: list[Scene], num_image_tokens: int) -> dict[str, torch.Tensor]:
-    """Model inputs of one packed example per scene (`conversations.encode_packed`), right-padded.
+def training_batch(
+    processor, scenes: list[Scene], num_image_tokens: int, yes_no_loss_weight: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Model inputs of one packed example per scene (`conversations.encode_packed`), right-padded,
+    and `loss_weights` (B, L): each labelled token's weight, `yes_no_loss_weight` on yes/no answers.
 
     attention_mask is 4-D and boolean, (B, 1, L, L): a token sees the earlier tokens of the shared
     prefix and of its own example; padding sees the prefix only and carries no label.
     """
     tokenizer = processor.tokenizer
-    packed = [encode_packed(training_turns(s), tokenizer, num_image_tokens) for s in scenes]
+    turns = [training_turns(s) for s in scenes]
+    packed = [encode_packed(t, tokenizer, num_image_tokens) for t in turns]
     length = max(len(p.input_ids) for p in packed)
     input_ids = torch.full((len(scenes), length), tokenizer.pad_token_id)
     labels = torch.full((len(scenes), length), -100)
+    loss_weights = torch.zeros((len(scenes), length))
     segments = torch.full((len(scenes), length), -1)
     position_ids = torch.zeros((len(scenes), length), dtype=torch.long)
-    for row, p in enumerate(packed):
+    for row, (p, row_turns) in enumerate(zip(packed, turns)):
         n = len(p.input_ids)
         input_ids[row, :n], labels[row, :n] = torch.tensor(p.input_ids), torch.tensor(p.labels)
         segments[row, :n], position_ids[row, :n] = torch.tensor(p.segments), torch.tensor(p.position_ids)
+        weight_of_segment = torch.tensor([0.0] + [yes_no_loss_weight if a in (YES, NO) else 1.0 for _, a in row_turns])
+        loss_weights[row, :n] = torch.where(labels[row, :n] != -100, weight_of_segment[segments[row, :n]], 0.0)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     same_example = segments[:, :, None] == segments[:, None, :]
     visible = (segments[:, None, :] == 0) | (same_example & (segments[:, :, None] > 0))
     attention_mask = (visible & causal)[:, None]
     pixel_values = processor.image_processor([render_scene(s) for s in scenes], return_tensors="pt")["pixel_values"]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "labels": labels, "pixel_values": pixel_values}  # fmt: skip
+            "labels": labels, "loss_weights": loss_weights, "pixel_values": pixel_values}  # fmt: skip
+
+
+def language_loss(logits: torch.Tensor, labels: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, each labelled token weighted: sum(w * CE) / sum(w). logits (B, L, V); labels, weights (B, L)."""
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="none"
+    )
+    weights = loss_weights[:, 1:].flatten()
+    return (ce * weights).sum() / weights.sum()
 
 
 def patch_targets(scenes: list[Scene], patches_per_side: int, config: WorldConfig = WorldConfig()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,13 +228,15 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         scenes = batch_scenes(config.world_seed, step, config.batch_size)
-        language_loss = model(**training_batch(processor, scenes, spec.num_visual_tokens)).loss
+        batch = training_batch(processor, scenes, spec.num_visual_tokens, config.yes_no_loss_weight)
+        labels, loss_weights = batch.pop("labels"), batch.pop("loss_weights")
+        text_loss = language_loss(model(**batch).logits, labels, loss_weights)
         patch_loss = probe.loss(vision.tokens, *patch_targets(scenes, patches_per_side))
-        (language_loss + config.patch_loss_weight * patch_loss).backward()
+        (text_loss + config.patch_loss_weight * patch_loss).backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe.parameters()], config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append([round(language_loss.item(), 5), round(patch_loss.item(), 5)])
+        losses.append([round(text_loss.item(), 5), round(patch_loss.item(), 5)])
         recent = losses[-20:]
         bar.set_postfix(language=f"{sum(l for l, _ in recent) / len(recent):.4f}", patch=f"{sum(p for _, p in recent) / len(recent):.4f}")
         done = step + 1
@@ -245,6 +271,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-dir", required=True, help="where the checkpoint (and resumable state) go")
     for name, kind in (("seed", int), ("world_seed", int), ("steps", int), ("batch_size", int), ("lr", float), ("warmup_steps", int),
                        ("weight_decay", float), ("max_grad_norm", float), ("patch_loss_weight", float),
+                       ("yes_no_loss_weight", float),
                        ("save_every", int)):  # fmt: skip
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
     parser.set_defaults(func=_run)
