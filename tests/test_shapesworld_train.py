@@ -10,7 +10,15 @@ from rcpp_hf.shapesworld import train as train_module
 from rcpp_hf.shapesworld.conversations import chat_prompt, encode_packed, llava_prompt, pope_prompt, training_turns
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_scene
-from rcpp_hf.shapesworld.train import TrainConfig, batch_scenes, learning_rate, patch_targets, train, training_batch
+from rcpp_hf.shapesworld.train import (
+    TrainConfig,
+    batch_scenes,
+    language_loss,
+    learning_rate,
+    patch_targets,
+    train,
+    training_batch,
+)
 from rcpp_hf.shapesworld.world import COLOURS, KINDS, TEST_SEED, Scene, ShapeObject, sample_scene
 
 # A model small enough to train a few steps in seconds; same code path as the shipped one.
@@ -62,6 +70,22 @@ def test_batch_is_a_function_of_seed_and_step(processor):
     assert not torch.equal(a["pixel_values"], c["pixel_values"])
     assert ((a["labels"] != -100) <= (a["input_ids"] != processor.tokenizer.pad_token_id)).all()
     assert a["attention_mask"].shape == (2, 1, a["input_ids"].shape[1], a["input_ids"].shape[1])
+
+
+def test_loss_weights_favour_yes_no_answers_and_unit_weights_give_the_usual_loss(processor):
+    model = build_shapesworld_llava(SMALL)[0]
+    batch = training_batch(processor, batch_scenes(0, 1, 2), SMALL.num_visual_tokens, yes_no_loss_weight=4.0)
+    labels, weights = batch.pop("labels"), batch.pop("loss_weights")
+    assert ((weights > 0) == (labels != -100)).all()
+    yes_no = {processor.tokenizer.convert_tokens_to_ids(t) for t in ("ĠYes", "ĠNo")}
+    for row in range(2):
+        for i, label in enumerate(labels[row].tolist()):
+            if label in yes_no:
+                assert weights[row, i] == 4.0 and weights[row, i + 1] == 4.0  # the answer and its eos
+    assert set(weights.unique().tolist()) == {0.0, 1.0, 4.0}
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+        torch.testing.assert_close(language_loss(out.logits, labels, (labels != -100).float()), out.loss)
 
 
 def test_learning_rate_schedule():
