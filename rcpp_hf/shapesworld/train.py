@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rcpp_hf.shapesworld.conversations import encode_packed, training_turns
-from rcpp_hf.shapesworld.questions import NO, YES
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
+from rcpp_hf.shapesworld.questions import NO, YES
 from rcpp_hf.shapesworld.render import render_object_map, render_scene
 from rcpp_hf.shapesworld.world import COLOURS, KINDS, TEST_SEED, TRAIN_SEED, VALIDATION_SEED, Scene, WorldConfig, sample_scene
 from rcpp_hf.tiny import TinyLlavaSpec
