@@ -9,6 +9,8 @@ from rcpp_hf import generate_cli
 from rcpp_hf.benchmark import cli as bench_cli
 from rcpp_hf.eval import cli as eval_cli
 from rcpp_hf.eval import report
+from rcpp_hf.shapesworld import cli as shapesworld_cli
+from rcpp_hf.shapesworld import demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_parser(commands)
     eval_cli.add_parser(commands)
     report.add_parser(commands)
+    shapesworld_cli.add_parser(commands)
+    demo.add_parser(commands)
     return parser
 
 

@@ -1,24 +1,21 @@
 """Where the embedded default model lives: what `rcpp-hf` commands use when no --model is given.
 
-Until the ShapesWorld checkpoint ships inside the package, the default is the tiny random model of
-`rcpp_hf.tiny`, built once into the user's cache folder.
+The default is the ShapesWorld LLaVA shipped inside the package (`rcpp_hf/shapesworld/checkpoint/`,
+trained by `rcpp-hf shapesworld train`): loadable offline with `from_pretrained(default_model_path())`.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from rcpp_hf.tiny import TinyLlavaSpec, save_tiny_llava
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RCPP_HF_CACHE", Path.home() / ".cache" / "rcpp_hf"))
+SHAPESWORLD_CHECKPOINT = Path(__file__).parent / "shapesworld" / "checkpoint"
 
 
 def default_model_path() -> Path:
     """Folder of the default checkpoint (model + processor), loadable with `from_pretrained`."""
-    folder = cache_dir() / "tiny-llava"
-    if not (folder / "model.safetensors").exists():
-        save_tiny_llava(folder, TinyLlavaSpec())
-    return folder
+    if not (SHAPESWORLD_CHECKPOINT / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{SHAPESWORLD_CHECKPOINT / 'model.safetensors'} is missing: the package was installed without its "
+            "checkpoint (package_data); reinstall it, or pass --model"
+        )
+    return SHAPESWORLD_CHECKPOINT

@@ -9,6 +9,7 @@ The weights are random: the model is for exercising code, not for judging qualit
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,17 @@ _TOKENIZER_CORPUS = [
     "yes no the a an of in on left right above below and with is there image picture photo",
 ]
 
+# llava-hf/llava-1.5-*-hf's chat template: "USER: <image>\n{text} ASSISTANT:" for one user turn.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class TinyLlavaSpec:
@@ -58,6 +70,7 @@ class TinyLlavaSpec:
     num_kv_heads: int = 2
     vocab_size: int = 320
     model_vocab_size: int | None = None
+    vision_feature_layer: int = -2  # LLaVA-1.5's choice; -1 uses (and trains) every vision layer
     seed: int = 0
 
     @property
@@ -65,8 +78,8 @@ class TinyLlavaSpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on a fixed corpus (deterministic), with `<image>` as a special token."""
+def build_tokenizer(vocab_size: int, corpus: Iterable[str] = _TOKENIZER_CORPUS) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `corpus` (deterministic for a given corpus), `<image>` a special token."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -76,7 +89,7 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
@@ -89,9 +102,14 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec()) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Return a randomly initialised tiny LLaVA model (float32, eval mode) and its processor."""
-    tokenizer = build_tokenizer(spec.vocab_size)
+def build_tiny_llava(
+    spec: TinyLlavaSpec = TinyLlavaSpec(), tokenizer: PreTrainedTokenizerFast | None = None
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Return a randomly initialised tiny LLaVA model (float32, eval mode) and its processor.
+
+    `tokenizer` defaults to `build_tokenizer(spec.vocab_size)`.
+    """
+    tokenizer = tokenizer or build_tokenizer(spec.vocab_size)
     vocab_size = max(len(tokenizer), spec.model_vocab_size or 0)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision_config = CLIPVisionConfig(
@@ -121,7 +139,7 @@ def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec()) -> tuple[LlavaForCon
         image_token_index=image_token_id,
         image_seq_length=spec.num_visual_tokens,
         vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=spec.vision_feature_layer,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(spec.seed)
@@ -139,6 +157,7 @@ def build_tiny_llava(spec: TinyLlavaSpec = TinyLlavaSpec()) -> tuple[LlavaForCon
         patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=LLAVA_CHAT_TEMPLATE,
     )
     return model, processor
 

@@ -1,0 +1,37 @@
+"""`rcpp-hf shapesworld ...`: the testbed's own commands (train, export, compare, sweep).
+
+Its single-split evaluation is `rcpp-hf eval shapesworld` (`evaluate.add_eval_parser`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from rcpp_hf.shapesworld import compare, train
+from rcpp_hf.shapesworld.caption_sets import caption_scenes, write_caption_split
+from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS, pope_scenes, write_pope_split
+from rcpp_hf.shapesworld.world import TEST_SEED
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("shapesworld", help="the ShapesWorld testbed: train its model, export its test sets")
+    subcommands = parser.add_subparsers(dest="shapesworld_command", required=True)
+    train.add_parser(subcommands)
+    compare.add_parsers(subcommands)
+    export = subcommands.add_parser(
+        "export",
+        help="write POPE question files (official JSON-lines format) and caption sets with their images",
+        description="Write held-out ShapesWorld test sets to disk, e.g. for `rcpp-hf eval pope --question-file ...`.",
+    )
+    export.add_argument("--output-dir", required=True)
+    export.add_argument("--seed", type=int, default=TEST_SEED, help=f"world seed (test: {TEST_SEED})")
+    export.add_argument("--num-images", type=int, default=100)
+    export.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    scenes = pope_scenes(args.seed, args.num_images)
+    for split in POPE_SPLITS:
+        print(write_pope_split(scenes, split, args.output_dir))
+    print(write_caption_split(caption_scenes(args.seed, args.num_images), args.output_dir))
+    return 0

@@ -1,0 +1,89 @@
+"""Prompts of the two ShapesWorld tasks, and the packed training examples built from them.
+
+Evaluation asks one question per conversation, in llava-1.5's single-turn format
+"USER: <image>\\n{prompt} ASSISTANT:". Training packs several such single-turn examples about one
+image into one sequence, so that the 100 visual tokens are paid for once per image rather than once
+per answer: the shared prefix "USER: <image>\\n" comes first, then each example's
+"{prompt} ASSISTANT: {answer}</s>". An attention mask keeps the examples apart (each sees the prefix
+and itself) and each restarts its positions where the prefix ends, so every example is, token for
+token and position for position, the single-turn conversation evaluation runs.
+
+Why not LLaVA's multi-turn conversations ("... ASSISTANT: a1</s>USER: q2 ASSISTANT: ...")? There a
+question asked after the caption can be answered by copying from the caption, and a caption after
+the questions can copy their kinds: text shortcuts that a model with a randomly initialised vision
+tower takes instead of looking (measured: POPE accuracy at chance after 1000 such steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from rcpp_hf.shapesworld.captions import reference_caption
+from rcpp_hf.shapesworld.questions import question_text, sample_questions
+from rcpp_hf.shapesworld.world import Scene
+
+CAPTION_PROMPT = "Please describe this image in detail."  # CHAIR's prompt: the evaluation default
+CAPTION_PROMPTS = (CAPTION_PROMPT, "Describe the image.", "What is in the image?")
+POPE_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA's POPE prompt suffix
+IMAGE_PREFIX = "USER: <image>\n"  # llava-1.5's single-turn prompt up to the user's text
+
+
+def pope_prompt(question: str) -> str:
+    return question + POPE_SUFFIX
+
+
+def llava_prompt(text: str) -> str:
+    """llava-1.5's single-turn prompt about one image, as its chat template renders it."""
+    return f"{IMAGE_PREFIX}{text} ASSISTANT:"
+
+
+def chat_prompt(processor, text: str) -> str:
+    """The single-turn prompt for `text` about one image, rendered by the processor's chat template."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def training_turns(scene: Scene, num_yes: int = 3, num_no: int = 3) -> list[tuple[str, str]]:
+    """(user text, assistant answer) examples about `scene`: one caption request and yes/no questions.
+
+    Deterministic per scene. Questions carry LLaVA's POPE suffix half of the time, so that both the
+    bare question and the POPE prompt are in distribution.
+    """
+    rng = scene.rng("turns")
+    turns = [(rng.choice(CAPTION_PROMPTS), reference_caption(scene))]
+    for kind, answer in sample_questions(scene, rng, num_yes, num_no):
+        question = question_text(kind)
+        turns.append((pope_prompt(question) if rng.random() < 0.5 else question, answer))
+    return turns
+
+
+@dataclass(frozen=True)
+class PackedExample:
+    """Single-turn examples about one image packed into one sequence (see the module docstring).
+
+    `segments` is 0 on the shared prefix and i on the tokens of example i (from 1); `position_ids`
+    restart after the prefix for every example; `labels` are -100 except on the answers and their eos.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    segments: list[int]
+    position_ids: list[int]
+
+
+def encode_packed(turns: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> PackedExample:
+    """Pack `turns` about one image; the image token is expanded to `num_image_tokens` copies as LlavaProcessor does."""
+    image_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    prefix = tokenizer(IMAGE_PREFIX, add_special_tokens=False).input_ids
+    prefix = [t for token in prefix for t in ([token] * num_image_tokens if token == image_id else [token])]
+    ids, labels, segments, positions = list(prefix), [-100] * len(prefix), [0] * len(prefix), list(range(len(prefix)))
+    for segment, (user, answer) in enumerate(turns, start=1):
+        prompt = tokenizer(f"{user} ASSISTANT:", add_special_tokens=False).input_ids
+        reply = tokenizer(" " + answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        ids += prompt + reply
+        labels += [-100] * len(prompt) + reply
+        segments += [segment] * (len(prompt) + len(reply))
+        positions += range(len(prefix), len(prefix) + len(prompt) + len(reply))
+    return PackedExample(ids, labels, segments, positions)

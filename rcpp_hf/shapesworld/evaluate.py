@@ -1,0 +1,229 @@
+"""`rcpp-hf eval shapesworld`: POPE splits and partner-absent captions on held-out ShapesWorld scenes.
+
+A run writes into its output folder:
+
+- `data/`: the split as files (POPE JSON lines or caption scenes, and the rendered images);
+- `run.json`: what the run is (model, split, seed, sizes, prompt, the full generation config,
+  versions); a rerun into the same folder must match it, so results of different settings never mix;
+- `results.jsonl`: one record per question or caption, appended as soon as its batch is generated;
+  a rerun skips the ids already there, so an interrupted run loses nothing;
+- `metrics.json`: POPE metrics (accuracy, precision, recall, F1, yes-ratio) or CHAIR metrics
+  (CHAIR_S, CHAIR_I, recall, length, partner hallucination), over the records of the selection,
+  and, with RCPP on, the mean share of visual tokens still in the KV cache at each item's last
+  token (`visual_kept`; the schedule depends on the step alone, so batching does not change it).
+
+Without --config the model decodes greedily with a plain GenerationConfig (vanilla LLaVA); with
+--config the YAML preset is loaded as an RCPPGenerationConfig. Either way max_new_tokens is the
+split's (8 for POPE answers, 64 for captions) unless --max-new-tokens says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import AutoProcessor, GenerationConfig
+
+from rcpp_hf.config import RCPPGenerationConfig
+from rcpp_hf.eval.pope import parse_yes_no, pope_metrics
+from rcpp_hf.eval.results import ResultsFile
+from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
+from rcpp_hf.shapesworld.caption_sets import caption_rows, caption_scenes, write_caption_split
+from rcpp_hf.shapesworld.chair import chair_metrics, score_caption
+from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt, pope_prompt
+from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS, pope_scenes, write_pope_split
+from rcpp_hf.shapesworld.render import IMAGE_FOLDER
+from rcpp_hf.shapesworld.world import TEST_SEED, Scene
+
+SPLITS = (*POPE_SPLITS, "captions")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What a ShapesWorld evaluation run is; stored as run.json and checked on resume."""
+
+    model: str
+    split: str
+    config: str | None = None  # RCPP YAML preset; None: vanilla greedy decoding
+    seed: int = TEST_SEED
+    num_images: int = 100
+    limit: int | None = None  # evaluate only the first `limit` items of the split
+    batch_size: int = 16
+    max_new_tokens: int | None = None  # None: 8 for POPE answers, 64 for captions
+
+    def __post_init__(self):
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {self.num_images}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or None, got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 or None, got {self.max_new_tokens}")
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_new_tokens or (64 if self.split == "captions" else 8)
+
+
+def split_items(settings: EvalSettings, data_dir: Path) -> list[dict]:
+    """Write the split's files under `data_dir`; return its items: id, image path, prompt and truth."""
+    if settings.split == "captions":
+        scenes = caption_scenes(settings.seed, settings.num_images)
+        write_caption_split(scenes, data_dir)
+        items = [{"id": row["id"], "image": row["image"], "prompt": CAPTION_PROMPT, "scene": row["scene"]}
+                 for row in caption_rows(scenes)]  # fmt: skip
+    else:
+        path = write_pope_split(pope_scenes(settings.seed, settings.num_images), settings.split, data_dir)
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        items = [{"id": f"{settings.split}/{row['question_id']}", "question_id": row["question_id"], "image": row["image"],
+                  "question": row["text"], "prompt": pope_prompt(row["text"]), "label": row["label"]}
+                 for row in rows]  # fmt: skip
+    return items[: settings.limit]
+
+
+def item_record(item: dict, answer: str, visual_kept: float | None) -> dict:
+    """The results record of one generated answer: the item's fields, the answer and its scores."""
+    record = dict(item, answer=answer)
+    if visual_kept is not None:
+        record["visual_kept"] = visual_kept
+    if "scene" in record:
+        scene = Scene.from_dict(record.pop("scene"))
+        record.update(score_caption(answer, scene))
+    else:
+        record["prediction"] = parse_yes_no(answer)
+    return record
+
+
+def split_metrics(split: str, records: list[dict]) -> dict:
+    metrics = chair_metrics(records) if split == "captions" else pope_metrics(
+        [r["label"] for r in records], [r["prediction"] for r in records]
+    )
+    kept = [r["visual_kept"] for r in records if "visual_kept" in r]
+    if kept:
+        metrics["visual_kept"] = sum(kept) / len(kept)
+    return metrics
+
+
+def generation_config_for(settings: EvalSettings, tokenizer) -> GenerationConfig:
+    """The run's generation config: the YAML preset (RCPP) or plain greedy, with the split's token budget."""
+    config = GenerationConfig(do_sample=False) if settings.config is None else RCPPGenerationConfig.from_yaml(settings.config)
+    config.max_new_tokens = settings.new_tokens
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.return_dict_in_generate = True
+    return config
+
+
+def generate_answers(
+    model, processor, images: list[Image.Image], prompts: list[str], generation_config: GenerationConfig
+) -> tuple[list[str], list[float | None]]:
+    """One answer per (image, prompt), batched with left padding; and, with RCPP on, the share of visual
+    tokens still cached at each row's last generated token (None without RCPP)."""
+    texts = [chat_prompt(processor, p) for p in prompts]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=generation_config)
+    new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
+    answers = [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+    trace = getattr(out, "rcpp", None)
+    if trace is None:
+        return answers, [None] * len(answers)
+    # A row's length: its tokens up to and including its first eos (the rest is padding after it finished).
+    is_eos = new_tokens == generation_config.eos_token_id
+    lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new_tokens.shape[1])
+    kept = [1.0 - trace.steps[int(n) - 1].scores[row].isnan().float().mean().item() for row, n in enumerate(lengths)]
+    return answers, kept
+
+
+def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = True) -> dict:
+    """Run (or resume) one evaluation; returns the metrics, also written to `output_dir/metrics.json`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    processor = AutoProcessor.from_pretrained(settings.model)
+    generation_config = generation_config_for(settings, processor.tokenizer)
+    run = {"settings": asdict(settings), "prompt": _prompt_of(settings.split), "generation_config": generation_config.to_dict()}
+    _check_same_run(output_dir / "run.json", run)
+    data_dir = output_dir / "data"
+    items = split_items(settings, data_dir)
+    results = ResultsFile(output_dir / "results.jsonl")
+    done = results.done_ids()
+    todo = [item for item in items if item["id"] not in done]
+
+    if todo:
+        model = RCPPLlavaForConditionalGeneration.from_pretrained(settings.model).eval()
+        bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"shapesworld {settings.split}", disable=not progress)
+        for start in range(0, len(todo), settings.batch_size):
+            batch = todo[start : start + settings.batch_size]
+            images = [Image.open(data_dir / IMAGE_FOLDER / item["image"]).convert("RGB") for item in batch]
+            answers, kept = generate_answers(model, processor, images, [item["prompt"] for item in batch], generation_config)
+            results.extend(item_record(item, answer, k) for item, answer, k in zip(batch, answers, kept))
+            bar.update(len(batch))
+        bar.close()
+
+    wanted = {item["id"] for item in items}
+    records = [r for r in results.read() if r["id"] in wanted]
+    metrics = {"split": settings.split, **split_metrics(settings.split, records), "run": run}
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
+
+
+def _prompt_of(split: str) -> str:
+    return CAPTION_PROMPT if split == "captions" else pope_prompt("{question}")
+
+
+def _check_same_run(path: Path, run: dict) -> None:
+    """Record the run in `path`, or, when it exists, refuse a run that differs from it."""
+    run = json.loads(json.dumps(run))  # compare in JSON's terms (tuples are lists there)
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        differing = [key for key in run if saved.get(key) != run[key]]
+        if differing:
+            raise ValueError(f"{path.parent} holds a run with other {' and '.join(differing)}; use another --output-dir")
+        return
+    versions = {"transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    path.write_text(json.dumps({**run, "versions": versions}, indent=1) + "\n")
+
+
+def add_eval_parser(eval_subparsers: argparse._SubParsersAction) -> None:
+    """Add `shapesworld` to the `rcpp-hf eval` sub-commands."""
+    parser = eval_subparsers.add_parser("shapesworld", help="POPE / CHAIR on held-out ShapesWorld scenes", description=__doc__)
+    parser.add_argument("--split", required=True, choices=SPLITS)
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded ShapesWorld model)")
+    parser.add_argument("--config", default=None, help="RCPP YAML preset (default: vanilla greedy decoding)")
+    parser.add_argument("--seed", type=int, default=TEST_SEED, help=f"world seed of the held-out scenes (test: {TEST_SEED})")
+    parser.add_argument("--num-images", type=int, default=100)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--output-dir", default=None, help="default: runs/shapesworld_<split>_s<seed>")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rcpp_hf.default_model import default_model_path
+
+    settings = EvalSettings(
+        model=str(args.model or default_model_path()),
+        split=args.split,
+        config=args.config,
+        seed=args.seed,
+        num_images=args.num_images,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+    output_dir = args.output_dir or f"runs/shapesworld_{args.split}_s{args.seed}"
+    metrics = evaluate(settings, output_dir)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "run"}, indent=1))
+    print(f"results in {output_dir}")
+    return 0
