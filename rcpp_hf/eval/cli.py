@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 
 from rcpp_hf.eval import chair, mme, pope
+from rcpp_hf.shapesworld import evaluate as shapesworld
 
-BENCHMARKS = [pope.add_eval_parser, chair.add_eval_parser, mme.add_eval_parser]
+BENCHMARKS = [pope.add_eval_parser, chair.add_eval_parser, mme.add_eval_parser, shapesworld.add_eval_parser]
 
 
 def add_benchmark_parsers(parser: argparse.ArgumentParser) -> None:
