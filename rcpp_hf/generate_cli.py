@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import AutoProcessor
 
 from rcpp_hf.cache import cache_nbytes
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.default_model import default_model_path
-from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
+from rcpp_hf.eval.runner import load_model
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "rcpp_default.yaml"
 LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -62,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     generation_config = load_generation_config(args.config, args.max_new_tokens)
     generation_config.return_dict_in_generate = True
     model_path = args.model or str(default_model_path())
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = RCPPLlavaForConditionalGeneration.from_pretrained(model_path, dtype=dtype).to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(model_path)
+    model, processor = load_model(model_path, args.dtype, args.device)
     image = Image.open(args.image).convert("RGB") if args.image else drawn_scene()
     text = args.prompt if "<image>" in args.prompt else LLAVA_TEMPLATE.format(prompt=args.prompt)
     inputs = processor(images=image, text=text, return_tensors="pt").to(args.device, dtype=model.dtype)
@@ -84,9 +81,8 @@ def run(args: argparse.Namespace) -> int:
         caption = processor.decode(out.sequences[0, prompt_length:], skip_special_tokens=True).strip()
         cache = out.past_key_values
         if getattr(out, "rcpp", None) is not None:
-            last = out.rcpp.steps[-1]
             kept = f"{cache.num_visual_tokens}/{out.rcpp.num_visual_tokens}"
-            visual_bytes = last.visual_cache_bytes
+            visual_bytes = cache.visual_nbytes()
         else:
             kept, visual_bytes = "all", None
         print(f"\n== {name}\n{caption}")
