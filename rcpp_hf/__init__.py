@@ -1,9 +1,9 @@
 """rcpp_hf: RCPP + DRCD decoding for LLaVA-style models, native to HuggingFace transformers."""
 
-from rcpp_hf.cache import VisualKVCache
+from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
-from rcpp_hf.trace import RCPPGenerateOutput, RCPPStep, RCPPTrace
+from rcpp_hf.rcpp.trace import RCPPGenerateOutput, RCPPStep, RCPPTrace
 
 __version__ = "0.1.0"
 

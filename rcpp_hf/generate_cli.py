@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from rcpp_hf.cache import cache_nbytes
+from rcpp_hf.engine.cache import cache_nbytes
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.default_model import default_model_path
 from rcpp_hf.eval.runner import load_model

@@ -16,12 +16,12 @@ from transformers import GenerationConfig, LlavaForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation.utils import GenerationMode, StopCheck
 
-from rcpp_hf.attention import RCPP_ATTENTION, AttentionRecorder, register_rcpp_attention
-from rcpp_hf.cache import VisualKVCache
+from rcpp_hf.engine.attention import RCPP_ATTENTION, AttentionRecorder, register_rcpp_attention
+from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.masks import drcd_attention_mask
-from rcpp_hf.schedule import scheduled_value, visual_token_budget
-from rcpp_hf.stages import (
+from rcpp_hf.rcpp.masks import drcd_attention_mask
+from rcpp_hf.rcpp.schedule import scheduled_value, visual_token_budget
+from rcpp_hf.rcpp.stages import (
     accumulate_consistency,
     adaptive_plausibility,
     drcd_fuse,
@@ -31,8 +31,8 @@ from rcpp_hf.stages import (
     reconstruct_visual_tokens,
     select_evictions,
 )
-from rcpp_hf.trace import RCPPGenerateOutput, RCPPStep, RCPPTrace
-from rcpp_hf.visual_states import VisualStates, capture_visual_states
+from rcpp_hf.rcpp.trace import RCPPGenerateOutput, RCPPStep, RCPPTrace
+from rcpp_hf.rcpp.visual_states import VisualStates, capture_visual_states
 
 
 def rcpp_enabled(generation_config: GenerationConfig) -> bool:

@@ -15,7 +15,7 @@ from rcpp_hf.benchmark.suite import (
     run_benchmark,
 )
 from rcpp_hf.benchmark.two_pass import two_pass_contrastive_generate
-from rcpp_hf.cache import cache_nbytes
+from rcpp_hf.engine.cache import cache_nbytes
 from rcpp_hf.cli import main
 
 

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from rcpp_hf.cache import VisualKVCache
-from rcpp_hf.masks import drcd_attention_mask
+from rcpp_hf.engine.cache import VisualKVCache
+from rcpp_hf.rcpp.masks import drcd_attention_mask
 
 ATOL = 1e-5
 

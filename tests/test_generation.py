@@ -3,7 +3,7 @@
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from rcpp_hf.schedule import scheduled_value, visual_token_budget
+from rcpp_hf.rcpp.schedule import scheduled_value, visual_token_budget
 from tests.conftest import active_config
 
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from rcpp_hf.attention import AttentionRecorder
-from rcpp_hf.schedule import schedule_progress, scheduled_value, visual_token_budget
-from rcpp_hf.stages import (
+from rcpp_hf.engine.attention import AttentionRecorder
+from rcpp_hf.rcpp.schedule import schedule_progress, scheduled_value, visual_token_budget
+from rcpp_hf.rcpp.stages import (
     accumulate_consistency,
     adaptive_plausibility,
     drcd_fuse,
@@ -17,7 +17,7 @@ from rcpp_hf.stages import (
     reconstruct_visual_tokens,
     select_evictions,
 )
-from rcpp_hf.visual_states import VisualStates, capture_visual_states
+from rcpp_hf.rcpp.visual_states import VisualStates, capture_visual_states
 
 
 def test_reasoning_state_takes_the_requested_row():

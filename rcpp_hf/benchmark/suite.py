@@ -16,7 +16,7 @@ from transformers import GenerationConfig
 from rcpp_hf.benchmark.measure import PeakMemory, StepTimer
 from rcpp_hf.benchmark.shapes import load_benchmark_model
 from rcpp_hf.benchmark.two_pass import two_pass_contrastive_generate
-from rcpp_hf.cache import cache_nbytes
+from rcpp_hf.engine.cache import cache_nbytes
 from rcpp_hf.config import RCPPGenerationConfig
 
 METHODS = ("vanilla", "rcpp-score-only", "rcpp", "rcpp-evict", "two-pass")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from rcpp_hf.cache import VisualKVCache
-from rcpp_hf.masks import drcd_attention_mask
-from rcpp_hf.stages import drcd_fuse
+from rcpp_hf.engine.cache import VisualKVCache
+from rcpp_hf.rcpp.masks import drcd_attention_mask
+from rcpp_hf.rcpp.stages import drcd_fuse
 
 
 @torch.no_grad()

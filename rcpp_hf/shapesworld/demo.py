@@ -25,7 +25,7 @@ from rcpp_hf.shapesworld.captions import mentioned_kinds, reference_caption
 from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt
 from rcpp_hf.shapesworld.render import render_scene
 from rcpp_hf.shapesworld.world import TEST_SEED, Scene, sample_scene
-from rcpp_hf.trace import RCPPStep, RCPPTrace
+from rcpp_hf.rcpp.trace import RCPPStep, RCPPTrace
 
 DEMO_SCENE_INDEX = 166
 CORE, NOISE, EVICTED = 0, 1, 2
