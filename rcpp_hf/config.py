@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 from transformers import GenerationConfig
 
+from rcpp_hf.methods import check_compatible, load_method
+
 SCHEDULES = ("linear", "cosine", "step")
 
 # Field -> default. Kept in one table so __init__, validation, YAML and docs agree.
@@ -23,6 +25,7 @@ RCPP_DEFAULTS: dict[str, object] = {
     "schedule_steps": 32,
     "scoring_layers": (-4, -3, -2, -1),
     "plausibility_beta": None,
+    "methods": (),
 }
 
 
@@ -44,6 +47,10 @@ class RCPPGenerationConfig(GenerationConfig):
             negative indices count from the last layer. Checked against the model at `generate` time.
         plausibility_beta: adaptive plausibility constraint (VCD): keep only tokens with p_C >= beta * max p_C.
             `None` turns it off; else in (0, 1].
+        methods: other inference-time methods of the registry (`rcpp_hf.methods`) to run in the same `generate`:
+            config objects (`FastV(budget=128)`), dicts with a "method" key, registered names, or YAML preset paths.
+            A prefill pruner composes with RCPP + DRCD (RCPP then scores only the visual tokens that survived it);
+            `rcpp=False` with methods runs the methods alone.
 
     Neutral settings (`lambda_start = lambda_end = 0`, keep ratios 1, `tau = -1`) reproduce vanilla decoding token
     for token while still recording the scores.
@@ -52,6 +59,8 @@ class RCPPGenerationConfig(GenerationConfig):
     def __init__(self, **kwargs):
         for name, default in RCPP_DEFAULTS.items():
             value = kwargs.pop(name, default)
+            if name == "methods":
+                value = tuple(load_method(spec) for spec in value)
             setattr(self, name, tuple(value) if name == "scoring_layers" else value)
         super().__init__(**kwargs)  # ends with self.validate()
 
@@ -91,11 +100,13 @@ class RCPPGenerationConfig(GenerationConfig):
         beta = self.plausibility_beta
         if beta is not None and not (isinstance(beta, (int, float)) and 0.0 < beta <= 1.0):
             fail("plausibility_beta", "must be None (off) or lie in (0, 1]")
+        check_compatible(self.methods)
 
     # -- (de)serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         output = super().to_dict()
         output["scoring_layers"] = list(self.scoring_layers)  # JSON/YAML have no tuples
+        output["methods"] = [method.to_dict() for method in self.methods]
         return output
 
     @classmethod

@@ -16,10 +16,11 @@ from transformers import GenerationConfig, LlavaForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation.utils import GenerationMode, StopCheck
 
-from rcpp_hf.engine.attention import RCPP_ATTENTION, AttentionRecorder, register_rcpp_attention
-from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.rcpp.masks import drcd_attention_mask
+from rcpp_hf.engine.cache import VisualKVCache
+from rcpp_hf.engine.decoder import DENSE_MASK_IMPLEMENTATIONS, run_decoder
+from rcpp_hf.engine.layout import TokenLayout
+from rcpp_hf.engine.pruning import PrefillPruningTap
 from rcpp_hf.rcpp.schedule import scheduled_value, visual_token_budget
 from rcpp_hf.rcpp.stages import (
     accumulate_consistency,
@@ -31,12 +32,16 @@ from rcpp_hf.rcpp.stages import (
     reconstruct_visual_tokens,
     select_evictions,
 )
+from rcpp_hf.rcpp.tap import RCPPTap
 from rcpp_hf.rcpp.trace import RCPPGenerateOutput, RCPPStep, RCPPTrace
-from rcpp_hf.rcpp.visual_states import VisualStates, capture_visual_states
+from rcpp_hf.rcpp.visual_states import VisualStates
 
 
-def rcpp_enabled(generation_config: GenerationConfig) -> bool:
-    return isinstance(generation_config, RCPPGenerationConfig) and generation_config.rcpp
+def methods_active(generation_config: GenerationConfig) -> bool:
+    """Whether `generate` runs rcpp_hf's loop: RCPP on, or another method of the registry asked for."""
+    return isinstance(generation_config, RCPPGenerationConfig) and (
+        generation_config.rcpp or bool(generation_config.methods)
+    )
 
 
 def resolve_scoring_layers(scoring_layers: tuple[int, ...], num_layers: int) -> list[int]:
@@ -55,27 +60,24 @@ def resolve_scoring_layers(scoring_layers: tuple[int, ...], num_layers: int) -> 
 
 
 class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """`LlavaForConditionalGeneration` with RCPP + DRCD decoding; load it with `from_pretrained` as usual.
+    """`LlavaForConditionalGeneration` with RCPP + DRCD decoding and the registry's methods; load it with
+    `from_pretrained` as usual.
 
-    The language model runs `rcpp_sdpa` attention: SDPA, plus attention probabilities recorded on the scoring layers
-    for the main query row when RCPP is on. The vision tower keeps SDPA.
+    It runs the attention implementation the user asked for. With no method on, `generate` is transformers' own.
+    With a method on, the language model runs layer by layer (`engine.decoder.run_decoder`), recording the attention
+    rows the methods need from the layers' own query projections; DRCD's two-row masks and pruning need a dense
+    mask, so `sdpa` (the default) and `eager` are supported there.
     """
 
-    def __init__(self, config):
-        super().__init__(config)
-        register_rcpp_attention()
-        self.set_attn_implementation({"text_config": RCPP_ATTENTION, "vision_config": "sdpa"})
-
-
-    # -- refusing what the method cannot do ---------------------------------------------------------------------
+    # -- refusing what the methods cannot do ---------------------------------------------------------------------
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
         super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
-        if not rcpp_enabled(generation_config):
+        if not methods_active(generation_config):
             return
         if generation_mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
             raise ValueError(
-                f"RCPP + DRCD supports greedy decoding and sampling (num_beams=1, no assistant model); got generation "
-                f"mode '{generation_mode.value}'. Use num_beams=1, or RCPPGenerationConfig(rcpp=False)."
+                f"rcpp_hf's methods support greedy decoding and sampling (num_beams=1, no assistant model); got "
+                f"generation mode '{generation_mode.value}'. Use num_beams=1, or a plain GenerationConfig."
             )
         unsupported = {
             "use_cache=False": generation_config.use_cache is False,
@@ -87,9 +89,36 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for name, requested in unsupported.items():
             if requested:
                 raise ValueError(
-                    f"RCPP + DRCD does not support {name}: it owns the KV cache (VisualKVCache) and records only "
-                    "what the method needs (see out.rcpp). Use RCPPGenerationConfig(rcpp=False) for it."
+                    f"rcpp_hf's methods do not support {name}: they own the KV cache (VisualKVCache) and record only "
+                    "what they need (see out.rcpp, out.pruning). Use a plain GenerationConfig for it."
                 )
+        implementation = self.config.text_config._attn_implementation
+        if implementation not in DENSE_MASK_IMPLEMENTATIONS:
+            raise ValueError(
+                f"rcpp_hf's methods run the language model with attn_implementation in {DENSE_MASK_IMPLEMENTATIONS}; "
+                f"this model uses {implementation!r}. Load it with from_pretrained(..., attn_implementation='sdpa')."
+            )
+
+    # -- the prompt's embeddings ----------------------------------------------------------------------------------
+    def _embed_prompt(self, input_ids: torch.LongTensor, model_kwargs: dict) -> torch.Tensor:
+        """Token embeddings with the image features in place of the image tokens, (B, S, D): the first half of
+        `LlavaModel.forward` (transformers 5.23, models/llava/modeling_llava.py)."""
+        inputs_embeds = self.model.get_input_embeddings()(input_ids)
+        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")  # generate encodes images up front
+        if encoded is None and model_kwargs.get("pixel_values") is not None:
+            encoded = self.model.get_image_features(
+                pixel_values=model_kwargs["pixel_values"],
+                vision_feature_layer=model_kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=model_kwargs.get("vision_feature_select_strategy"),
+                image_sizes=model_kwargs.get("image_sizes"),
+                return_dict=True,
+            )
+        if encoded is None:
+            return inputs_embeds
+        features = encoded.pooler_output
+        features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        image_mask = self.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+        return inputs_embeds.masked_scatter(image_mask, features)
 
     # -- the decoding loop --------------------------------------------------------------------------------------
     def _sample(
@@ -102,15 +131,15 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         streamer=None,
         **model_kwargs,
     ):
-        if not rcpp_enabled(generation_config):
+        if not methods_active(generation_config):
             return super()._sample(
                 input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer, **model_kwargs
             )
         if synced_gpus:
-            raise ValueError("RCPP + DRCD does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation)")
+            raise ValueError("rcpp_hf's methods do not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation)")
         if input_ids.device != self.device:
             raise ValueError(
-                f"RCPP + DRCD keeps its per-token state beside the model: move the inputs to {self.device} "
+                f"rcpp_hf's methods keep their per-token state beside the model: move the inputs to {self.device} "
                 f"(they are on {input_ids.device}), e.g. processor(...).to(model.device)"
             )
         cfg: RCPPGenerationConfig = generation_config
@@ -120,61 +149,67 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return_dict = cfg.return_dict_in_generate
         scores_out = () if (return_dict and cfg.output_scores) else None
         logits_out = () if (return_dict and cfg.output_logits) else None
-        trace = None
-        decoder_layers = self.model.language_model.layers
-        scoring_layers = resolve_scoring_layers(cfg.scoring_layers, len(decoder_layers))
+        language_model = self.model.language_model
 
         # The prompt: which entries are image tokens, which are padding, and their logical positions.
         image_token_mask = input_ids == self.config.image_token_id
         num_visual = self._check_image_tokens(image_token_mask)
-        prompt_attention_mask = model_kwargs.get("attention_mask")  # None: no padding anywhere
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if prompt_attention_mask is None else prompt_attention_mask.bool()
+        valid = model_kwargs.get("attention_mask")
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
         position_ids = model_kwargs["position_ids"]
         cache = model_kwargs.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError("RCPP + DRCD starts from an empty cache; continuing from past_key_values is not supported")
+            raise ValueError("rcpp_hf's methods start from an empty cache; continuing from past_key_values is not supported")
         cache = VisualKVCache(config=self.config)
-        model_kwargs["past_key_values"] = cache
-        model_kwargs["use_cache"] = True
-        visual_slots = torch.sort((~image_token_mask).to(torch.int8), dim=1, stable=True).indices[:, :num_visual]
+        pruners = [
+            PrefillPruningTap(method, language_model, num_visual)
+            for method in cfg.methods
+            if method.kind == "prefill_pruner"
+        ]
+        rcpp = RCPPTap(resolve_scoring_layers(cfg.scoring_layers, language_model.config.num_hidden_layers)) if cfg.rcpp else None
+        decode_taps = [rcpp] if rcpp else []
 
-        # Prefill: the prompt's forward. It also captures v_i[l] (stage 2 input) and scores the first step; its token
-        # is decoded from the plain logits, since C and N only exist once S does.
-        model_inputs = self.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
-        model_inputs.pop("logits_to_keep", None)
-        recorder = AttentionRecorder(frozenset(scoring_layers), query_row=-1, key_mask=valid)
-        with capture_visual_states([decoder_layers[i] for i in scoring_layers], visual_slots) as captured:
-            hidden = self.model(**model_inputs, rcpp_recorder=recorder).last_hidden_state[:, -1:]
-        cache.register_prompt(position_ids, valid, image_token_mask)
-        visual = VisualStates.from_layers(captured)
+        # Prefill: the prompt's forward; prefill pruners drop visual tokens inside it. RCPP also captures v_i[l]
+        # (stage 2 input) and scores the first step; its token is decoded from the plain logits, since C and N only
+        # exist once S does.
+        hidden, _ = run_decoder(
+            language_model,
+            self._embed_prompt(input_ids, model_kwargs),
+            TokenLayout.prompt(position_ids, valid, image_token_mask),
+            cache,
+            taps=[*pruners, *decode_taps],
+        )
+        hidden = hidden[:, -1:]
         logits = self.lm_head(hidden).float()  # (B, 1, vocab)
-        scores = None  # S, (B, Vc), aligned with cache.visual_token_ids
-        all_core = torch.full((batch_size, num_visual), True, device=input_ids.device)
-        core, num_rows, evicted, lambda_t, keep_ratio = all_core, 1, input_ids.new_zeros(batch_size, 0), 0.0, 1.0
-        if return_dict:
-            trace = RCPPTrace(num_visual_tokens=num_visual)
+        trace = RCPPTrace(num_visual_tokens=num_visual) if (return_dict and rcpp) else None
+        if rcpp:
+            rcpp.locate(cache.layouts, cache.visual_token_ids)
+            visual = VisualStates.from_layers(rcpp.captured_states(cache.visual_token_ids))
+            scores = None  # S, (B, Vc), aligned with cache.visual_token_ids
+            core = torch.full((batch_size, cache.num_visual_tokens), True, device=input_ids.device)
+        num_rows, evicted, lambda_t, keep_ratio = 1, input_ids.new_zeros(batch_size, 0), 0.0, 1.0
 
         unfinished_sequences = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
         stop_check = StopCheck(streamer)
         step = 0
         while True:
-            # Stages 1-4, from the main row (row 0) of the forward just made.
-            h_t = reasoning_state(hidden, row=0)
-            alpha = recorder.visual_alpha(cache.visual_slots)
-            projection, recon_norm = reconstruct_visual_tokens(alpha, visual.states, visual.gram, h_t)
-            instant = instant_consistency(projection, recon_norm, h_t)
-            scores = accumulate_consistency(scores, instant, cfg.gamma)
+            next_token_logits = logits[:, 0]
+            if rcpp:
+                # Stages 1-4, from the main row (row 0) of the forward just made.
+                h_t = reasoning_state(hidden, row=0)
+                projection, recon_norm = reconstruct_visual_tokens(rcpp.visual_alpha(), visual.states, visual.gram, h_t)
+                instant = instant_consistency(projection, recon_norm, h_t)
+                scores = accumulate_consistency(scores, instant, cfg.gamma)
 
-            # Stage 6: DRCD fusion, then the usual processors and token choice.
-            logits_core = logits[:, 0]
-            if num_rows == 2:
-                has_noise = (~core).any(dim=1)
-                lambda_rows = torch.where(has_noise, lambda_t, 0.0).to(logits_core.dtype)
-                next_token_logits = drcd_fuse(logits_core, logits[:, 1], lambda_rows)
-            else:
-                next_token_logits = logits_core
-            if cfg.plausibility_beta is not None:
-                next_token_logits = adaptive_plausibility(next_token_logits, logits_core, cfg.plausibility_beta)
+                # Stage 6: DRCD fusion.
+                if num_rows == 2:
+                    has_noise = (~core).any(dim=1)
+                    lambda_rows = torch.where(has_noise, lambda_t, 0.0).to(next_token_logits.dtype)
+                    next_token_logits = drcd_fuse(logits[:, 0], logits[:, 1], lambda_rows)
+                if cfg.plausibility_beta is not None:
+                    next_token_logits = adaptive_plausibility(next_token_logits, logits[:, 0], cfg.plausibility_beta)
+
+            # The usual processors and token choice, as transformers' `_sample`.
             next_token_scores = logits_processor(input_ids, next_token_logits)
             if scores_out is not None:
                 scores_out += (next_token_scores,)
@@ -195,45 +230,42 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 break
             step += 1
 
-            # Stage 7: the schedule, and physical eviction of the lowest-scoring tokens beyond the budget.
-            lambda_t = scheduled_value(cfg.lambda_start, cfg.lambda_end, step, cfg.schedule_steps, cfg.schedule)
-            keep_ratio = scheduled_value(cfg.keep_ratio_start, cfg.keep_ratio_end, step, cfg.schedule_steps, cfg.schedule)
-            num_evict = cache.num_visual_tokens - visual_token_budget(keep_ratio, num_visual)
-            evicted = input_ids.new_zeros(batch_size, 0)
-            if num_evict > 0:
-                columns = select_evictions(scores, num_evict)
-                evicted = cache.visual_token_ids.gather(1, columns)
-                kept = cache.evict_visual(columns)
-                scores = scores.gather(1, kept)
-                visual = visual.keep(kept)
+            if rcpp:
+                # Stage 7: the schedule, and physical eviction of the lowest-scoring tokens beyond the budget.
+                lambda_t = scheduled_value(cfg.lambda_start, cfg.lambda_end, step, cfg.schedule_steps, cfg.schedule)
+                keep_ratio = scheduled_value(
+                    cfg.keep_ratio_start, cfg.keep_ratio_end, step, cfg.schedule_steps, cfg.schedule
+                )
+                num_evict = cache.num_visual_tokens - visual_token_budget(keep_ratio, num_visual)
+                evicted = input_ids.new_zeros(batch_size, 0)
+                if num_evict > 0:
+                    columns = select_evictions(scores, num_evict)
+                    evicted = cache.visual_token_ids.gather(1, columns)
+                    kept = cache.evict_visual(columns)
+                    scores = scores.gather(1, kept)
+                    visual = visual.keep(kept)
+                    rcpp.locate(cache.layouts, cache.visual_token_ids)
 
-            # Stage 5: grouping; it decides this step's masks. One host sync covers both decisions.
-            core = group_visual_tokens(scores, cfg.tau)
-            any_noise = bool((~core).any())
-            num_rows = 2 if (any_noise and lambda_t > 0) else 1
+                # Stage 5: grouping; it decides this step's masks. One host sync covers both decisions.
+                core = group_visual_tokens(scores, cfg.tau)
+                any_noise = bool((~core).any())
+                num_rows = 2 if (any_noise and lambda_t > 0) else 1
+                if any_noise:
+                    ids = cache.visual_token_ids
+                    by_id = torch.zeros(batch_size, num_visual, dtype=torch.bool, device=ids.device)
+                    rcpp.set_rows(num_rows, by_id.scatter(1, ids, core), by_id.scatter(1, ids, ~core))
+                else:
+                    rcpp.set_rows(1, None, None)  # the causal masks vanilla uses, so neutral settings stay bit-identical
 
-            # Stage 6: one forward, main row -> text + history + C, contrast row -> text + history + N.
+            # Stage 6: one forward; with DRCD, main row -> text + history + C, contrast row -> text + history + N.
             position_ids = position_ids[:, -1:] + 1
-            step_valid = torch.ones(batch_size, 1, dtype=torch.bool, device=input_ids.device)
-            if any_noise:
-                attention_mask = drcd_attention_mask(cache.valid, cache.visual_slots, core, num_rows)
-            elif prompt_attention_mask is None:
-                attention_mask = None  # exactly what vanilla passes, so neutral settings stay bit-identical
-            else:
-                attention_mask = torch.cat([cache.valid, step_valid], dim=1).long()
-            recorder = AttentionRecorder(
-                frozenset(scoring_layers),
-                query_row=0,
-                key_mask=torch.cat([cache.valid, step_valid, step_valid.new_zeros(batch_size, num_rows - 1)], dim=1),
+            rows = TokenLayout(
+                positions=position_ids.expand(-1, num_rows),
+                valid=torch.ones(batch_size, num_rows, dtype=torch.bool, device=input_ids.device),
+                visual_ids=torch.full((batch_size, num_rows), -1, device=input_ids.device),
             )
-            hidden = self.model(
-                input_ids=next_tokens[:, None].expand(-1, num_rows),
-                attention_mask=attention_mask,
-                position_ids=position_ids.expand(-1, num_rows),
-                past_key_values=cache,
-                use_cache=True,
-                rcpp_recorder=recorder,
-            ).last_hidden_state
+            embeds = language_model.embed_tokens(next_tokens[:, None].expand(-1, num_rows))
+            hidden, _ = run_decoder(language_model, embeds, rows, cache, taps=decode_taps)
             logits = self.lm_head(hidden).float()  # (B, rows, vocab)
             cache.drop_last_entries(num_rows - 1)  # the contrast row's entry: history is the main branch's
             cache.append_entries(position_ids)
@@ -243,7 +275,12 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if not return_dict:
             return input_ids
         return RCPPGenerateOutput(
-            sequences=input_ids, scores=scores_out, logits=logits_out, past_key_values=cache, rcpp=trace
+            sequences=input_ids,
+            scores=scores_out,
+            logits=logits_out,
+            past_key_values=cache,
+            rcpp=trace,
+            pruning=[record for tap in pruners for record in tap.records],
         )
 
     def _check_image_tokens(self, image_token_mask: torch.Tensor) -> int:
@@ -251,12 +288,12 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         per_row = image_token_mask.sum(dim=1).tolist()
         if max(per_row) == 0:
             raise ValueError(
-                f"RCPP + DRCD needs image tokens (id {self.config.image_token_id}) in the prompt, found none; "
-                "include '<image>' in the text, or use RCPPGenerationConfig(rcpp=False) for text-only prompts"
+                f"rcpp_hf's methods need image tokens (id {self.config.image_token_id}) in the prompt, found none; "
+                "include '<image>' in the text, or use a plain GenerationConfig for text-only prompts"
             )
         if len(set(per_row)) != 1:
             raise ValueError(
-                f"RCPP + DRCD needs the same number of images (image tokens) in every batch row, got image-token "
+                f"rcpp_hf's methods need the same number of images (image tokens) in every batch row, got image-token "
                 f"counts {per_row}; batch rows with equal numbers of images, or generate them separately"
             )
         return per_row[0]

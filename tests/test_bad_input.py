@@ -9,7 +9,7 @@ from tests.conftest import PROMPTS, active_config, make_images
 
 def test_no_image_tokens(rcpp_model, processor):
     inputs = processor.tokenizer(["USER: hello ASSISTANT:"], return_tensors="pt")
-    with pytest.raises(ValueError, match="needs image tokens"):
+    with pytest.raises(ValueError, match="need image tokens"):
         rcpp_model.generate(**inputs, generation_config=active_config(max_new_tokens=3))
 
 

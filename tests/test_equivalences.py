@@ -35,6 +35,7 @@ def step_logits(model, cache, token, position, mask):
 
 
 def random_core(batch, num_visual, seed=0):
+    """C by visual-token id (every visual token is cached here, so ids and columns coincide)."""
     core = torch.rand(batch, num_visual, generator=torch.Generator().manual_seed(seed)) < 0.5
     core[:, 0], core[:, 1] = True, False  # both groups non-empty in every row
     return core
@@ -47,14 +48,14 @@ def test_two_rows_equal_two_masked_forwards(rcpp_model, prefilled):
 
     both = step_logits(
         rcpp_model, cache, token.expand(-1, 2), position.expand(-1, 2),
-        drcd_attention_mask(cache.valid, cache.visual_slots, core, 2),
+        drcd_attention_mask(cache.valid, cache.visual_ids, core, ~core, 2),
     )
     logits_core = step_logits(
-        rcpp_model, main_cache, token, position, drcd_attention_mask(main_cache.valid, main_cache.visual_slots, core, 1)
+        rcpp_model, main_cache, token, position, drcd_attention_mask(main_cache.valid, main_cache.visual_ids, core, ~core, 1)
     )
     logits_noise = step_logits(
         rcpp_model, contrast_cache, token, position,
-        drcd_attention_mask(contrast_cache.valid, contrast_cache.visual_slots, ~core, 1),
+        drcd_attention_mask(contrast_cache.valid, contrast_cache.visual_ids, ~core, core, 1),
     )
     torch.testing.assert_close(both[:, 0], logits_core[:, 0], atol=ATOL, rtol=0)
     torch.testing.assert_close(both[:, 1], logits_noise[:, 0], atol=ATOL, rtol=0)
@@ -94,7 +95,7 @@ def test_eviction_equals_masking(rcpp_model, prefilled):
     keep_visual = torch.ones_like(masked_cache.visual_token_ids, dtype=torch.bool).scatter(1, columns, False)
     masked = step_logits(
         rcpp_model, masked_cache, token, position,
-        drcd_attention_mask(masked_cache.valid, masked_cache.visual_slots, keep_visual, 1),
+        drcd_attention_mask(masked_cache.valid, masked_cache.visual_ids, keep_visual, ~keep_visual, 1),
     )
     torch.testing.assert_close(evicted, masked, atol=ATOL, rtol=0)
 

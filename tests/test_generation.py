@@ -8,10 +8,10 @@ from tests.conftest import active_config
 
 
 def count_forwards(model):
-    """Records the query length of every language-model forward."""
+    """Records the query length of every language-model forward (each runs the first decoder layer once)."""
     query_lengths = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: query_lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda module, args: query_lengths.append(args[0].shape[1])
     )
     return query_lengths, handle
 

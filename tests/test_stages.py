@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from rcpp_hf.engine.attention import AttentionRecorder
 from rcpp_hf.rcpp.schedule import schedule_progress, scheduled_value, visual_token_budget
 from rcpp_hf.rcpp.stages import (
     accumulate_consistency,
@@ -17,7 +16,7 @@ from rcpp_hf.rcpp.stages import (
     reconstruct_visual_tokens,
     select_evictions,
 )
-from rcpp_hf.rcpp.visual_states import VisualStates, capture_visual_states
+from rcpp_hf.rcpp.visual_states import VisualStates
 
 
 def test_reasoning_state_takes_the_requested_row():
@@ -121,34 +120,51 @@ def test_budget_rounds_up_and_keeps_at_least_one():
     assert visual_token_budget(0.001, 10) == 1
 
 
-def test_recorded_attention_matches_eager_attention(tiny_path, batch2):
-    """alpha comes from our recorder on SDPA layers; it must equal what eager attention reports."""
+def prefill_with_rcpp_tap(model, batch, layers):
+    """The prompt's forward through `run_decoder` with an `RCPPTap` on `layers`; returns the tap and the output."""
+    from rcpp_hf.engine.cache import VisualKVCache
+    from rcpp_hf.engine.decoder import run_decoder
+    from rcpp_hf.engine.layout import TokenLayout
+    from rcpp_hf.rcpp.tap import RCPPTap
+
+    valid = batch["attention_mask"].bool()
+    layout = TokenLayout.prompt(
+        (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0), valid, batch["input_ids"] == model.config.image_token_id
+    )
+    tap = RCPPTap(sorted(layers))
+    with torch.no_grad():
+        embeds = model._embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
+        hidden, _ = run_decoder(model.model.language_model, embeds, layout, VisualKVCache(config=model.config), [tap])
+    return tap, hidden
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_recorded_attention_matches_eager_attention(tiny_path, batch2, implementation):
+    """alpha comes from the recorded query rows, whatever the implementation; it must equal eager's attentions."""
     from transformers import LlavaForConditionalGeneration
 
-    eager = LlavaForConditionalGeneration.from_pretrained(tiny_path, attn_implementation="eager").eval()
     from rcpp_hf import RCPPLlavaForConditionalGeneration
 
-    model = RCPPLlavaForConditionalGeneration.from_pretrained(tiny_path).eval()
-    layers = frozenset({2, 3})
-    recorder = AttentionRecorder(layers, query_row=-1, key_mask=batch2["attention_mask"].bool())
+    eager = LlavaForConditionalGeneration.from_pretrained(tiny_path, attn_implementation="eager").eval()
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(tiny_path, attn_implementation=implementation).eval()
+    tap, hidden = prefill_with_rcpp_tap(model, batch2, {2, 3})
     with torch.no_grad():
         reference = eager(**batch2, output_attentions=True, output_hidden_states=True)
-        out = model.model(**batch2, rcpp_recorder=recorder)
-    for layer in layers:
+    for layer in (2, 3):
         expected = reference.attentions[layer][:, :, -1, :].mean(dim=1)  # (B, K) head-averaged, last row
-        torch.testing.assert_close(recorder.probs[layer], expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(tap.probs[layer], expected, atol=1e-6, rtol=0)
     # h_t is what hidden_states[-1][:, -1, :] holds.
-    torch.testing.assert_close(reasoning_state(out.last_hidden_state, -1), reference.hidden_states[-1][:, -1, :])
+    torch.testing.assert_close(reasoning_state(hidden, -1), reference.hidden_states[-1][:, -1, :])
 
 
 def test_captured_visual_states_are_the_layer_outputs(rcpp_model, batch2):
     image_mask = batch2["input_ids"] == rcpp_model.config.image_token_id
-    slots = torch.sort((~image_mask).to(torch.int8), dim=1, stable=True).indices[:, :16]
-    text_model = rcpp_model.model.language_model
-    with torch.no_grad(), capture_visual_states([text_model.layers[1], text_model.layers[3]], slots) as captured:
+    tap, _ = prefill_with_rcpp_tap(rcpp_model, batch2, {1, 3})
+    captured = tap.captured_states(torch.arange(16).expand(2, -1))
+    with torch.no_grad():
         reference = rcpp_model(**batch2, output_hidden_states=True)
     # hidden_states = (embeddings, layer 0, 1, 2, final norm of layer 3)
     torch.testing.assert_close(captured[0], reference.hidden_states[2][image_mask].view(2, 16, -1))
     with torch.no_grad():
-        last = text_model.norm(captured[1])
+        last = rcpp_model.model.language_model.norm(captured[1])
     torch.testing.assert_close(last, reference.hidden_states[4][image_mask].view(2, 16, -1))

@@ -32,7 +32,7 @@ def two_pass_contrastive_generate(model, inputs: dict, max_new_tokens: int, lamb
         cache.register_prompt(position_ids, attention_mask.bool(), image_mask)
         caches.append(cache)
         logits.append(model.lm_head(hidden.last_hidden_state[:, -1]).float())
-    core = torch.zeros(batch, caches[0].num_visual_tokens, dtype=torch.bool, device=input_ids.device)
+    core = torch.zeros(batch, caches[0].num_visual_tokens, dtype=torch.bool, device=input_ids.device)  # by visual id
     core[:, ::2] = True
 
     next_tokens = logits[0].argmax(-1)  # like RCPP, the first token comes from the plain prefill logits
@@ -44,7 +44,7 @@ def two_pass_contrastive_generate(model, inputs: dict, max_new_tokens: int, lamb
         position = position + 1
         branch_logits = []
         for cache, group in zip(caches, (core, ~core)):
-            mask = drcd_attention_mask(cache.valid, cache.visual_slots, group, 1)
+            mask = drcd_attention_mask(cache.valid, cache.visual_ids, group, ~group, 1)
             hidden = model.model(
                 input_ids=next_tokens[:, None], attention_mask=mask, position_ids=position,
                 past_key_values=cache, use_cache=True,

@@ -1,71 +1,82 @@
-"""An attention implementation that is SDPA everywhere, and also records attention probabilities where RCPP needs
-them: on the scoring layers, for the main query row only.
+"""Recorded attention: the probabilities of just the query rows a method needs, whatever attention implementation the
+model runs (SDPA, eager, ...).
 
-Why not `output_attentions=True`: it forces eager attention on every layer and materialises (B, H, Q, K) per layer.
-Here each scoring layer computes one extra q.k row per batch element, reusing the query and the cached keys of the
-same forward; the attention output itself stays the SDPA output, so neutral settings are bit-identical to vanilla.
+Why not `output_attentions=True`: transformers >= 4.53 refuses it under SDPA, and it materialises (B, H, S, K) on
+every layer. Here the query projection of the layers a method asks for is kept while the layer runs (a forward hook
+on `self_attn.q_proj`, removed after the forward), and the needed rows are recomputed against the keys the layer has
+just cached: a (B, H, q, K) product on a few layers, and nothing changes in what the layer computes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-RCPP_ATTENTION = "rcpp_sdpa"
+
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, key_mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scaling) over the allowed keys, in float32.
+
+    Args:
+        query: (B, H, q, d), RoPE applied.
+        keys: (B, H_kv, K, d), RoPE applied (as cached); query heads share them in groups (GQA), no repeat needed.
+        key_mask: (B, q, K) bool, True where the row may attend.
+    Returns:
+        (B, H, q, K) float32.
+    """
+    batch, num_heads, num_rows, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
+    grouped = query.float().reshape(batch, num_kv_heads, num_heads // num_kv_heads, num_rows, head_dim)
+    logits = torch.matmul(grouped, keys.float()[:, :, None].transpose(-1, -2)) * scaling  # (B, H_kv, G, q, K)
+    logits = logits.masked_fill(~key_mask[:, None, None], float("-inf"))
+    return logits.softmax(dim=-1).reshape(batch, num_heads, num_rows, -1)
 
 
 @dataclass
-class AttentionRecorder:
-    """Collects, per scoring layer, the head-averaged attention probabilities of one query row.
+class LayerAttention:
+    """What is needed to recompute rows of one layer's attention after it ran.
 
-    Args:
-        layers: absolute indices of the scoring layers.
-        query_row: index of the recorded row among the forward's query positions (the main row).
-        key_mask: (B, K) bool, the keys the probabilities are normalised over: everything the row could see without
-            the C/N masking (text, history, every cached visual token, itself), so that alpha covers all cached visual
-            tokens even when the main row's attention is restricted to C.
+    Attributes:
+        self_attn: the layer's attention module (for `head_dim` and `scaling`).
+        query_proj: (B, S, H * d) the layer's query projection, before RoPE.
+        position_embeddings: (cos, sin), each (B, S, d), as the layer got them.
+        keys: (B, H_kv, K, d) the layer's cached keys after it ran (past entries, then this forward's).
     """
 
-    layers: frozenset[int]
-    query_row: int
-    key_mask: torch.Tensor
-    probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    self_attn: torch.nn.Module
+    query_proj: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    keys: torch.Tensor
 
-    def record(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """query (B, H, Q, d), key (B, H_kv, K, d) -> stores (B, K) float32 for `layer_idx`."""
-        batch, num_heads, _, head_dim = query.shape
-        num_kv_heads = key.shape[1]
-        # Group query heads by the kv head they share (GQA), so keys need no repeat.
-        q = query[:, :, self.query_row, :].reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        logits = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # (B, H_kv, G, K)
-        logits = logits.masked_fill(~self.key_mask[:, None, None, :], float("-inf"))
-        self.probs[layer_idx] = logits.softmax(dim=-1).mean(dim=(1, 2))
-
-    def visual_alpha(self, visual_slots: torch.Tensor) -> torch.Tensor:
-        """alpha[t, i, l] for the cached visual tokens at physical `visual_slots` (B, Vc) -> (B, Ls, Vc)."""
-        return torch.stack([self.probs[layer].gather(1, visual_slots) for layer in sorted(self.layers)], dim=1)
+    def probs(self, rows: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities of the query rows `rows` (B, q) (indices into this forward's queries) over the keys
+        allowed by `key_mask` (B, q, K) -> (B, H, q, K) float32."""
+        batch, _, width = self.query_proj.shape
+        head_dim = self.self_attn.head_dim
+        index = rows[:, :, None]
+        query = self.query_proj.gather(1, index.expand(-1, -1, width)).view(batch, rows.shape[1], -1, head_dim)
+        cos, sin = (t.gather(1, index.expand(-1, -1, t.shape[-1])) for t in self.position_embeddings)
+        query, _ = apply_rotary_pos_emb(query.transpose(1, 2), query.transpose(1, 2), cos, sin)
+        return attention_probs(query, self.keys, self.self_attn.scaling, key_mask)
 
 
-def rcpp_sdpa_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    rcpp_recorder: AttentionRecorder | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    if rcpp_recorder is not None and module.layer_idx in rcpp_recorder.layers:
-        rcpp_recorder.record(module.layer_idx, query, key, scaling if scaling is not None else query.shape[-1] ** -0.5)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+@contextmanager
+def keep_query_projections(decoder_layers: dict[int, torch.nn.Module]):
+    """While active, the query projection output (B, S, H * d) of each given layer is stored, by layer index, in the
+    yielded dict (overwritten by every forward)."""
+    kept: dict[int, torch.Tensor] = {}
 
+    def hook_for(layer_idx: int):
+        def keep(module, args, output):
+            kept[layer_idx] = output
 
-def register_rcpp_attention() -> None:
-    """Make `RCPP_ATTENTION` known to transformers (idempotent); its masks are SDPA's."""
-    AttentionInterface.register(RCPP_ATTENTION, rcpp_sdpa_attention_forward)
-    AttentionMaskInterface.register(RCPP_ATTENTION, sdpa_mask)
+        return keep
+
+    handles = [layer.self_attn.q_proj.register_forward_hook(hook_for(i)) for i, layer in decoder_layers.items()]
+    try:
+        yield kept
+    finally:
+        for handle in handles:
+            handle.remove()

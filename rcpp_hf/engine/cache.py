@@ -1,15 +1,11 @@
-"""`VisualKVCache`: a `DynamicCache` that knows which entries are visual tokens and can evict them physically."""
+"""`VisualKVCache`: a `DynamicCache` that knows, per layer, which entries are visual tokens and can drop them."""
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
 
-
-def _first_true_columns(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """Column indices of the first `count` True entries of each row, in order.  (B, S) bool -> (B, count).
-    A stable sort instead of `nonzero`, so no host synchronisation."""
-    return torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :count]
+from rcpp_hf.engine.layout import TokenLayout, first_true_columns
 
 
 def cache_nbytes(cache: DynamicCache) -> int:
@@ -18,40 +14,36 @@ def cache_nbytes(cache: DynamicCache) -> int:
 
 
 class VisualKVCache(DynamicCache):
-    """KV cache of the language model with per-entry bookkeeping, all shaped (B, S) with S = `get_seq_length()`:
+    """KV cache of the language model with a `TokenLayout` per layer (`layouts[l]` describes the entries of layer l).
 
-    - `positions`: the original (logical) position of each entry; RoPE was applied before caching, so a kept key
-      keeps its rotation and new tokens continue at their logical positions, never at the physical length.
-    - `visual_ids`: index of the entry's visual token within the prompt's image tokens (0..V-1), -1 otherwise.
-    - `valid`: False for left padding.
+    RoPE was applied before caching, so a kept key keeps its rotation and new tokens continue at their logical
+    positions, never at the physical length. Layers may differ in length: a prefill pruner computes and caches only the
+    kept visual tokens from its pruning layer on. Layers that hold the same entries share one layout object, so masks
+    and position embeddings are built once per distinct layout.
 
-    The cached visual tokens, in prompt order, are `visual_token_ids` (B, Vc) at physical `visual_slots` (B, Vc);
-    "visual columns" below index that order. Every row always holds the same number of visual tokens, so evictions
-    remove the same count from each row, from every layer at once.
+    The convenience properties (`positions`, `valid`, `visual_ids`, `visual_slots`, `visual_token_ids`,
+    `num_visual_tokens`) describe the deepest layer, whose visual tokens are the ones every layer still holds;
+    "visual columns" index that layer's visual tokens in order. Evictions remove those tokens from every layer.
     """
 
     def __init__(self, config=None):
         super().__init__(config=config)
-        self.positions: torch.Tensor | None = None
-        self.visual_ids: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
-        self.visual_slots: torch.Tensor | None = None
-        self.visual_token_ids: torch.Tensor | None = None
+        self.layouts: list[TokenLayout] = []
 
     # -- bookkeeping --------------------------------------------------------------------------------------------
     def register_prompt(self, position_ids: torch.Tensor, valid: torch.Tensor, image_token_mask: torch.Tensor) -> None:
-        """Describe the prompt's entries after prefill.  All (B, S) — logical positions, non-padding, image tokens."""
-        num_visual = int(image_token_mask[0].sum())
-        self.positions = position_ids.clone()
-        self.valid = valid.clone()
-        self.visual_ids = torch.where(image_token_mask, image_token_mask.long().cumsum(dim=1) - 1, -1)
-        self._index_visual(num_visual)
+        """Describe an unpruned prompt cached by every layer.  All (B, S): logical positions, non-padding, image tokens."""
+        self.register_layouts([TokenLayout.prompt(position_ids, valid, image_token_mask)] * len(self.layers))
+
+    def register_layouts(self, layouts: list[TokenLayout]) -> None:
+        """Describe each layer's entries after a (possibly pruned) prefill, one layout per layer."""
+        if len(layouts) != len(self.layers):
+            raise ValueError(f"expected one layout per cached layer ({len(self.layers)}), got {len(layouts)}")
+        self.layouts = list(layouts)
 
     def append_entries(self, position_ids: torch.Tensor) -> None:
-        """Describe newly cached non-visual, non-padding entries (generated tokens).  position_ids (B, q)."""
-        self.positions = torch.cat([self.positions, position_ids], dim=1)
-        self.visual_ids = torch.cat([self.visual_ids, torch.full_like(position_ids, -1)], dim=1)
-        self.valid = torch.cat([self.valid, torch.ones_like(position_ids, dtype=torch.bool)], dim=1)
+        """Describe newly cached non-visual, non-padding entries (generated tokens) of every layer.  (B, q)."""
+        self._map_layouts(lambda layout: layout.extend(position_ids))
 
     def drop_last_entries(self, count: int) -> None:
         """Remove the last `count` entries from every layer (e.g. the contrast row's entry), before they are described
@@ -60,47 +52,75 @@ class VisualKVCache(DynamicCache):
             for layer in self.layers:
                 layer.crop(-count)
 
-    def _index_visual(self, num_visual: int) -> None:
-        is_visual = self.visual_ids >= 0
-        self.visual_slots = _first_true_columns(is_visual, num_visual)
-        self.visual_token_ids = self.visual_ids.gather(1, self.visual_slots)
+    def _map_layouts(self, change) -> None:
+        """Apply `change` once per distinct layout, keeping layers that shared a layout sharing the new one."""
+        new: dict[int, TokenLayout] = {}
+        for layout in self.layouts:
+            if id(layout) not in new:
+                new[id(layout)] = change(layout)
+        self.layouts = [new[id(layout)] for layout in self.layouts]
+
+    # -- the deepest layer's view -------------------------------------------------------------------------------
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.layouts[-1].positions
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.layouts[-1].valid
+
+    @property
+    def visual_ids(self) -> torch.Tensor:
+        return self.layouts[-1].visual_ids
+
+    @property
+    def visual_slots(self) -> torch.Tensor:
+        """(B, Vc) physical index of each visual token of the deepest layer."""
+        return self.layouts[-1].visual_slots
+
+    @property
+    def visual_token_ids(self) -> torch.Tensor:
+        """(B, Vc) prompt index (0..V-1) of each visual token of the deepest layer, in order."""
+        return self.layouts[-1].visual_token_ids
 
     @property
     def num_visual_tokens(self) -> int:
-        """Visual tokens still cached per row (Vc)."""
-        return self.visual_slots.shape[1]
+        """Visual tokens still cached per row by the deepest layer (Vc)."""
+        return self.layouts[-1].num_visual
 
     # -- eviction -----------------------------------------------------------------------------------------------
     def evict_visual(self, columns: torch.Tensor) -> torch.Tensor:
-        """Physically remove the visual tokens at visual `columns` (B, k) from every layer.
+        """Physically remove the visual tokens at visual `columns` (B, k) of the deepest layer from every layer.
 
         Returns the kept visual columns (B, Vc - k), in order, so that callers can compact tensors aligned with the
         cached visual tokens (scores, hidden states).
         """
         batch, num_evict = columns.shape
-        remaining = self.num_visual_tokens - num_evict
         if num_evict == 0:
             return torch.arange(self.num_visual_tokens, device=columns.device).expand(batch, -1)
         evicted_columns = torch.zeros(batch, self.num_visual_tokens, dtype=torch.bool, device=columns.device)
         evicted_columns.scatter_(1, columns, True)
         if int(evicted_columns.sum()) != batch * num_evict:
             raise ValueError("evict_visual: each row's columns must be distinct and within the cached visual tokens")
-        kept_columns = _first_true_columns(~evicted_columns, remaining)
+        kept_columns = first_true_columns(~evicted_columns, self.num_visual_tokens - num_evict)
+        evicted_ids = self.visual_token_ids.gather(1, columns)
 
-        keep_entries = torch.ones_like(self.valid)
-        keep_entries.scatter_(1, self.visual_slots.gather(1, columns), False)
-        kept = _first_true_columns(keep_entries, self.get_seq_length() - num_evict)  # (B, S - k)
-        # Advanced indexing copies whole head_dim rows; `gather` would index every element (~2.5x slower on CPU).
-        rows = torch.arange(kept.shape[0], device=kept.device)[:, None, None]
-        heads = torch.arange(self.layers[0].keys.shape[1], device=kept.device)[None, :, None]
-        entries = kept[:, None, :]
-        for layer in self.layers:
-            layer.keys = layer.keys[rows, heads, entries]
-            layer.values = layer.values[rows, heads, entries]
-        self.positions = self.positions.gather(1, kept)
-        self.visual_ids = self.visual_ids.gather(1, kept)
-        self.valid = self.valid.gather(1, kept)
-        self._index_visual(remaining)
+        kept_entries: dict[int, torch.Tensor] = {}
+
+        def drop(layout: TokenLayout) -> TokenLayout:
+            new_layout, kept = layout.without_visual(evicted_ids)
+            kept_entries[id(layout)] = kept
+            return new_layout
+
+        old_layouts = list(self.layouts)
+        self._map_layouts(drop)
+        for layer, layout in zip(self.layers, old_layouts):
+            # Advanced indexing copies whole head_dim rows; `gather` would index every element (~2.5x slower on CPU).
+            kept = kept_entries[id(layout)]
+            rows = torch.arange(batch, device=kept.device)[:, None, None]
+            heads = torch.arange(layer.keys.shape[1], device=kept.device)[None, :, None]
+            layer.keys = layer.keys[rows, heads, kept[:, None, :]]
+            layer.values = layer.values[rows, heads, kept[:, None, :]]
         return kept_columns
 
     # -- size ---------------------------------------------------------------------------------------------------
@@ -110,5 +130,8 @@ class VisualKVCache(DynamicCache):
 
     def visual_nbytes(self) -> int:
         """Bytes of keys and values that belong to visual tokens."""
-        seq = self.get_seq_length()
-        return 0 if seq == 0 else self.nbytes() * self.num_visual_tokens // seq
+        total = 0
+        for layer, layout in zip(self.layers, self.layouts):
+            if layer.is_initialized and layout.seq_len:
+                total += (layer.keys.nbytes + layer.values.nbytes) * layout.num_visual // layout.seq_len
+        return total

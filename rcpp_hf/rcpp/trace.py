@@ -60,6 +60,8 @@ class RCPPTrace:
 
 @dataclass
 class RCPPGenerateOutput(GenerateDecoderOnlyOutput):
-    """`GenerateDecoderOnlyOutput` plus `rcpp`, the method's per-step trace."""
+    """`GenerateDecoderOnlyOutput` plus what rcpp_hf's methods did: `rcpp`, RCPP's per-step trace (None when RCPP is
+    off), and `pruning`, one `engine.pruning.PruneRecord` per prefill-pruning stage."""
 
     rcpp: RCPPTrace | None = None
+    pruning: list | None = None

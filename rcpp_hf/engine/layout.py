@@ -1,0 +1,91 @@
+"""`TokenLayout`: what each entry of a sequence is, once entries can be dropped.
+
+A pruned layer no longer holds the prompt's entries at their prompt indices, so every consumer (masks, RoPE, the KV
+cache, scores) needs, per entry, its logical position, whether it is padding, and which visual token it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def first_true_columns(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Column indices of the first `count` True entries of each row, in order.  (B, S) bool -> (B, count).
+    A stable sort instead of `nonzero`, so no host synchronisation."""
+    return torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :count]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Per-entry bookkeeping of one sequence of hidden states or cache entries, all (B, S), entries in logical order.
+
+    Attributes:
+        positions: logical position of each entry (what RoPE was or will be applied with).
+        valid: False for left padding.
+        visual_ids: index of the entry's visual token among the prompt's image tokens (0..V-1), -1 otherwise.
+    Every row holds the same number of visual entries, so that rows stay rectangular after any drop.
+    """
+
+    positions: torch.Tensor
+    valid: torch.Tensor
+    visual_ids: torch.Tensor
+
+    @classmethod
+    def prompt(cls, position_ids: torch.Tensor, valid: torch.Tensor, image_token_mask: torch.Tensor) -> "TokenLayout":
+        """The layout of an unpruned prompt: (B, S) logical positions, non-padding, image-token mask."""
+        visual_ids = torch.where(image_token_mask, image_token_mask.long().cumsum(dim=1) - 1, -1)
+        return cls(positions=position_ids.clone(), valid=valid.clone(), visual_ids=visual_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def num_visual(self) -> int:
+        """Visual entries per row."""
+        return int((self.visual_ids[0] >= 0).sum())
+
+    @property
+    def visual_slots(self) -> torch.Tensor:
+        """(B, Vl) index of each visual entry, in order."""
+        return first_true_columns(self.visual_ids >= 0, self.num_visual)
+
+    @property
+    def visual_token_ids(self) -> torch.Tensor:
+        """(B, Vl) visual-token id of each visual entry, in order."""
+        return self.visual_ids.gather(1, self.visual_slots)
+
+    def take(self, index: torch.Tensor) -> "TokenLayout":
+        """The entries at `index` (B, k), which must be increasing in each row (logical order is kept)."""
+        return TokenLayout(
+            positions=self.positions.gather(1, index),
+            valid=self.valid.gather(1, index),
+            visual_ids=self.visual_ids.gather(1, index),
+        )
+
+    def extend(self, positions: torch.Tensor) -> "TokenLayout":
+        """Append non-visual, non-padding entries (generated tokens) at logical `positions` (B, q)."""
+        return TokenLayout(
+            positions=torch.cat([self.positions, positions], dim=1),
+            valid=torch.cat([self.valid, torch.ones_like(positions, dtype=torch.bool)], dim=1),
+            visual_ids=torch.cat([self.visual_ids, torch.full_like(positions, -1)], dim=1),
+        )
+
+    def crop(self, count: int) -> "TokenLayout":
+        """Without the last `count` entries."""
+        end = self.seq_len - count
+        return TokenLayout(self.positions[:, :end], self.valid[:, :end], self.visual_ids[:, :end])
+
+    def without_visual(self, visual_token_ids: torch.Tensor) -> tuple["TokenLayout", torch.Tensor]:
+        """Drop the entries of the visual tokens `visual_token_ids` (B, k); each must be present in its row.
+
+        Returns the new layout and the kept entry indices (B, S - k), for tensors aligned with this layout.
+        """
+        num_drop = visual_token_ids.shape[1]
+        hit = (self.visual_ids[:, :, None] == visual_token_ids[:, None, :]).any(dim=2)  # (B, S)
+        if int(hit.sum()) != hit.shape[0] * num_drop:
+            raise ValueError("each row must name distinct visual tokens that the layout holds")
+        kept = first_true_columns(~hit, self.seq_len - num_drop)
+        return self.take(kept), kept

@@ -1,0 +1,192 @@
+"""Prefill pruning: visual tokens physically dropped between decoder layers, the one mechanism every language-model
+pruner uses (FastV, FastV + FinePruner, SparseVLM, PDrop, ...).
+
+A pruner is a `PrefillPruner` config: it names its stages (`resolve_stages`: before which layer, how many visual
+tokens stay) and writes only `score` (kvpress's ScorerPress pattern); `PrefillPruningTap` runs the stages inside
+`run_decoder`: it keeps the top-scoring visual tokens and every text token, in order. From the stage's layer on the
+hidden states hold only the kept entries (compute really saved), they keep their original positions, and the layer
+caches only them; decoding then attends, per layer, to what that layer cached.
+
+Layer defaults of the methods are stated for LLaVA-1.5-7B's 32-layer decoder and 576 visual tokens; on other models
+they scale by depth fraction (`scale_layer`) and token fraction (`scale_tokens`). `out.pruning` reports what was
+resolved and kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rcpp_hf.engine.attention import LayerAttention
+from rcpp_hf.engine.decoder import DecoderTap, take_entries
+from rcpp_hf.engine.layout import TokenLayout, first_true_columns
+from rcpp_hf.methods.base import MethodConfig
+
+REFERENCE_LAYERS = 32  # LLaVA-1.5-7B's decoder depth, the scale of every method's published layer defaults
+REFERENCE_VISUAL_TOKENS = 576  # LLaVA-1.5's 24 x 24 patches, the scale of every published token budget
+
+
+def scale_layer(layer: int, num_layers: int) -> int:
+    """A layer index stated for a 32-layer decoder, at the same depth fraction of a `num_layers` decoder, kept in
+    [1, num_layers - 1] so that a stage always has a layer before it and one to prune."""
+    return min(max(round(layer * num_layers / REFERENCE_LAYERS), 1), num_layers - 1)
+
+
+def scale_tokens(count: float, num_visual: int) -> int:
+    """A visual-token count stated for 576 tokens, at the same fraction of `num_visual` tokens (at least 1)."""
+    return max(1, round(count * num_visual / REFERENCE_VISUAL_TOKENS))
+
+
+def equivalent_keep(budget: int, num_visual: int, layer: int, num_layers: int) -> int:
+    """Tokens kept from `layer` on so that the average number of visual tokens over all layers equals `budget`
+    (FinePruner's `R_dict`: (K * 576 + (32 - K) * R) / 32 = budget, e.g. 7B at K = 2: 192 -> 166, 128 -> 98,
+    64 -> 30)."""
+    return max(1, round((budget * num_layers - layer * num_visual) / (num_layers - layer)))
+
+
+@dataclass(frozen=True)
+class PruneStage:
+    """Before decoder layer `layer` runs, keep `keep` visual tokens per row (from then on, until the next stage)."""
+
+    layer: int
+    keep: int
+
+
+@dataclass
+class PruneRecord:
+    """What one stage did: its layer, the visual tokens it kept per row, and method-specific facts (e.g. heads)."""
+
+    layer: int
+    kept: int
+    kept_visual_ids: torch.Tensor  # (B, keep) prompt indices of the kept visual tokens
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class PruneContext:
+    """What a pruner sees at a stage.
+
+    Attributes:
+        stage: the stage being applied.
+        hidden: (B, S, D) hidden states entering `stage.layer`.
+        layout: their entries; visual entries at `layout.visual_slots` (B, Vl), the order `score` returns.
+        attention: the recorded attention of the layer the pruner asked for (default `stage.layer - 1`), or None.
+        language_model: the decoder, for pruners that recompute attention with a layer's own projections.
+        details: facts the pruner wants reported in `PruneRecord.details`.
+    """
+
+    stage: PruneStage
+    hidden: torch.Tensor
+    layout: TokenLayout
+    attention: LayerAttention | None
+    language_model: torch.nn.Module
+    details: dict = field(default_factory=dict)
+
+    def last_prompt_rows(self) -> torch.Tensor:
+        """(B, 1) index of the last prompt entry (prompts are left-padded, so it is the last column)."""
+        batch = self.hidden.shape[0]
+        return torch.full((batch, 1), self.layout.seq_len - 1, dtype=torch.long, device=self.hidden.device)
+
+    def causal_key_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, q) query rows -> (B, q, S) bool: each row sees the non-padding entries up to itself."""
+        entries = torch.arange(self.layout.seq_len, device=rows.device)
+        return (entries[None, None, :] <= rows[:, :, None]) & self.layout.valid[:, None, :]
+
+    def attention_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Recorded attention of query rows `rows` (B, q) over all entries, causal -> (B, H, q, S) float32."""
+        return self.attention.probs(rows, self.causal_key_mask(rows))
+
+    def visual_columns(self, per_entry: torch.Tensor) -> torch.Tensor:
+        """Select the visual entries of the last dimension: (..., S) -> (..., Vl), batch first."""
+        slots = self.layout.visual_slots
+        index = slots.view(slots.shape[0], *([1] * (per_entry.dim() - 2)), slots.shape[1])
+        return per_entry.gather(-1, index.expand(*per_entry.shape[:-1], slots.shape[1]))
+
+
+class PrefillPruner(MethodConfig):
+    """A method that drops visual tokens between decoder layers during prefill. Subclasses are dataclasses that
+    implement `resolve_stages` and `score`; `select` (top-k of the score) may be overridden."""
+
+    kind = "prefill_pruner"
+
+    def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
+        """The stages on a decoder of `num_layers` layers for an image of `num_visual` tokens, layers increasing and
+        keep counts not increasing. Raises ValueError naming the setting that does not fit."""
+        raise NotImplementedError
+
+    def attention_layer(self, stage: PruneStage) -> int | None:
+        """The layer whose attention `score` reads at `stage` (None: it reads none)."""
+        return stage.layer - 1
+
+    def score(self, ctx: PruneContext) -> torch.Tensor:
+        """Importance of each visual entry of `ctx.layout` -> (B, Vl), higher is kept."""
+        raise NotImplementedError
+
+    def select(self, ctx: PruneContext) -> torch.Tensor:
+        """Visual columns (B, keep) to keep: the top `keep` by `score` (ties to the lower index)."""
+        return torch.topk(self.score(ctx).float(), ctx.stage.keep, dim=-1, sorted=False).indices
+
+
+def check_stages(stages: list[PruneStage], num_layers: int, num_visual: int, method: str) -> None:
+    """Stages must fit the model: layers in [1, num_layers - 1], increasing; keeps in [1, num_visual], not increasing."""
+    previous_layer, previous_keep = 0, num_visual
+    for stage in stages:
+        if not 1 <= stage.layer < num_layers:
+            raise ValueError(
+                f"{method}: pruning before layer {stage.layer} does not fit a decoder with {num_layers} layers "
+                f"(valid: 1..{num_layers - 1})"
+            )
+        if stage.layer <= previous_layer and previous_layer:
+            raise ValueError(f"{method}: stage layers must increase, got {[s.layer for s in stages]}")
+        if not 1 <= stage.keep <= previous_keep:
+            raise ValueError(
+                f"{method}: a stage keeps {stage.keep} visual tokens; it must lie in [1, {previous_keep}] (the image "
+                f"has {num_visual} tokens, and a stage cannot keep more than the one before)"
+            )
+        previous_layer, previous_keep = stage.layer, stage.keep
+
+
+class PrefillPruningTap(DecoderTap):
+    """Runs a `PrefillPruner`'s stages inside the prefill forward; `records` holds one `PruneRecord` per stage."""
+
+    def __init__(self, pruner: PrefillPruner, language_model: torch.nn.Module, num_visual: int):
+        num_layers = language_model.config.num_hidden_layers
+        self.pruner = pruner
+        self.language_model = language_model
+        self.stages = {stage.layer: stage for stage in pruner.resolve_stages(num_layers, num_visual)}
+        check_stages(list(self.stages.values()), num_layers, num_visual, pruner.name)
+        self.read_layers = {stage.layer: pruner.attention_layer(stage) for stage in self.stages.values()}
+        self.attention_layers = frozenset(layer for layer in self.read_layers.values() if layer is not None)
+        self.attention: dict[int, LayerAttention] = {}
+        self.records: list[PruneRecord] = []
+
+    def after_layer(self, layer_idx, hidden, past, layout, attention) -> None:
+        if attention is not None and past is None:
+            self.attention[layer_idx] = attention
+
+    def before_layer(self, layer_idx, hidden, layout):
+        stage = self.stages.get(layer_idx)
+        if stage is None or layout.num_visual <= stage.keep:
+            return None
+        read = self.read_layers[layer_idx]
+        ctx = PruneContext(stage, hidden, layout, self.attention.get(read), self.language_model)
+        columns = torch.sort(self.pruner.select(ctx), dim=1).values
+        slots = layout.visual_slots.gather(1, columns)
+        keep_entry = (layout.visual_ids < 0).scatter(1, slots, True)
+        kept = first_true_columns(keep_entry, int(keep_entry[0].sum()))
+        hidden, layout = take_entries(hidden, layout, kept)
+        self.records.append(PruneRecord(layer_idx, stage.keep, layout.visual_token_ids, ctx.details))
+        return hidden, layout
+
+
+def stage_flops_ratio(stages: list[PruneStage], num_layers: int, num_visual: int, num_text: int) -> float:
+    """Prefill compute of the pruned model over the unpruned one, counting tokens per layer (linear layers dominate
+    at these lengths; attention's quadratic term is left out): sum_l (text + visual_l) / (L * (text + V))."""
+    per_layer, visual = [], num_visual
+    stage_at = {stage.layer: stage.keep for stage in stages}
+    for layer in range(num_layers):
+        visual = stage_at.get(layer, visual)
+        per_layer.append(num_text + visual)
+    return sum(per_layer) / (num_layers * (num_text + num_visual))
+

@@ -1,0 +1,39 @@
+"""`MethodConfig`: the settings of one inference-time method, a small validated dataclass saved as YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+import yaml
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    """Base of every method's settings. A subclass is a dataclass with a registry `name` that validates its fields in
+    `__post_init__` (ValueError naming the field) and adds the hooks of its kind (e.g. `PrefillPruner`)."""
+
+    name: ClassVar[str] = ""
+
+    def fail(self, field: str, why: str):
+        raise ValueError(f"{type(self).__name__}.{field} = {getattr(self, field)!r}: {why}")
+
+    def to_dict(self) -> dict:
+        """{"method": name, field: value, ...}, plain Python values (tuples as lists)."""
+        values = {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in dataclasses.fields(self)
+        }
+        return {"method": self.name, **values}
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def describe(self) -> str:
+        """`name(field=value, ...)` with the fields that differ from the defaults."""
+        changed = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.default is dataclasses.MISSING or getattr(self, f.name) != f.default
+        ]
+        return f"{self.name}({', '.join(changed)})"

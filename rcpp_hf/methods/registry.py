@@ -1,0 +1,77 @@
+"""Every inference-time method, registered by name: `method_config("fastv", budget=128)`, `load_method(path)`.
+
+The registry maps names to config classes and is filled once, when `rcpp_hf.methods` is imported; nothing in it
+changes at run time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from rcpp_hf.methods.base import MethodConfig
+
+METHODS: dict[str, type[MethodConfig]] = {}
+
+
+def register_method(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator: make `cls` known by `cls.name`."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name {cls.name!r} is empty or registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[MethodConfig]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def method_config(name: str, **settings) -> MethodConfig:
+    """The config of method `name` with `settings` (validated; an unknown setting raises naming it)."""
+    cls = method_class(name)
+    known = {f for f in cls.__dataclass_fields__}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"method {name!r} has no setting(s) {unknown}; its settings: {sorted(known)}")
+    return cls(**settings)
+
+
+def method_from_dict(values: dict) -> MethodConfig:
+    """Inverse of `MethodConfig.to_dict`: {"method": name, **settings}."""
+    values = dict(values)
+    if "method" not in values:
+        raise ValueError(f"a method config needs a 'method' key naming the method; got keys {sorted(values)}")
+    return method_config(values.pop("method"), **values)
+
+
+def load_method(spec: str | Path | dict | MethodConfig, **overrides) -> MethodConfig:
+    """A method from a config object, a dict, a YAML preset path, or a registered name (its defaults)."""
+    if isinstance(spec, MethodConfig):
+        return method_from_dict({**spec.to_dict(), **overrides}) if overrides else spec
+    if isinstance(spec, dict):
+        return method_from_dict({**spec, **overrides})
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"method config file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping with a 'method' key, got {type(values).__name__}")
+        return method_from_dict({**values, **overrides})
+    return method_config(str(spec), **overrides)
+
+
+def check_compatible(methods: tuple[MethodConfig, ...]) -> None:
+    """Methods combine when each acts in a different place: at most one of each kind (e.g. one prefill pruner)."""
+    by_kind: dict[str, MethodConfig] = {}
+    for method in methods:
+        kind = getattr(method, "kind", method.name)
+        if kind in by_kind:
+            raise ValueError(
+                f"methods {by_kind[kind].name!r} and {method.name!r} cannot be combined: both are {kind}s, and one "
+                f"generate call runs at most one {kind}"
+            )
+        by_kind[kind] = method
