@@ -51,7 +51,7 @@ def _as_float32(attention: Tensor) -> Tensor:
         raise ValueError(f"attention must have shape (batch, heads, visual), got {tuple(attention.shape)}")
     if attention.shape[1] < 1:
         raise ValueError("attention must have at least one head")
-    # Variance and the standard deviations below are unbiased (torch's default, as in the repository): two tokens at least.
+    # Variances and standard deviations are unbiased (torch's default, as in the repository): two tokens at least.
     if attention.shape[2] < 2:
         raise ValueError(f"attention must cover at least 2 visual tokens, got {attention.shape[2]}")
     return attention.float()
@@ -121,7 +121,7 @@ def score_weighted_quality(attention: Tensor) -> Tensor:
 
 
 def score_gini(attention: Tensor) -> Tensor:
-    """Gini coefficient of the head's attention: 2 sum_i i x_(i) / (n sum x) - (n + 1) / n, x sorted ascending, i from 1."""
+    """Gini coefficient of the head's attention: 2 sum_i i x_(i) / (n sum x) - (n + 1) / n, x ascending, i from 1."""
     n = attention.shape[-1]
     ascending = attention.sort(dim=-1).values
     rank = torch.arange(1, n + 1, device=attention.device, dtype=attention.dtype)
@@ -268,7 +268,8 @@ def consensus_threshold(consistency: Tensor, base_threshold: float = 1 / 3) -> T
     """
     high = (base_threshold * (1 + consistency)).clamp(max=0.5)
     low = (base_threshold * consistency * 2).clamp(min=0.15)
-    return torch.where(consistency > 0.6, high, torch.where(consistency < 0.2, low, torch.full_like(consistency, base_threshold)))
+    base = torch.full_like(consistency, base_threshold)
+    return torch.where(consistency > 0.6, high, torch.where(consistency < 0.2, low, base))
 
 
 def weighted_votes(votes: Tensor, quality: Tensor) -> Tensor:
