@@ -26,6 +26,11 @@ Sources (the repository is EasonAI-5589/LLaVA-FinePruner-Head, "the repository" 
       consensus_heads               step 4's consensus set (ablation_dynamic `consensus_diversity_selection`)
       diversity_heads               step 4, two-level diversity (ablation_dynamic `multi_level_diversity_selection`)
       aggregation_weights           step 5 (ablation_dynamic `compute_intelligent_weights`)
+
+Caveat on the source: no commit of the repository imports modeling_llama_fastv_fine_head.py. Its head-strategy
+ablation ran `--pruning_method ablation_a` (modeling_llama_fastv_ablation_a.py), which averages the top-H heads
+with equal weights and defines three strategies differently: entropy keeps the lowest-entropy heads, top_k_sum uses
+k = min(10, visual), weighted_quality is 0.4 max + 0.4 sum of squares + 0.2 / #(p > 0.01) on the softmaxed slice.
 """
 
 from __future__ import annotations
