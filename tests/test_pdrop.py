@@ -11,11 +11,12 @@ from rcpp_hf.methods.pdrop import PDROP_LAYERS, PDROP_RATIOS, last_instruction_i
 
 @pytest.fixture(scope="module")
 def llama():
-    """Two eager layers; layer 1 plays PDrop's "next layer" (4 query heads share 2 kv heads)."""
+    """Two eager layers; layer 1 plays PDrop's "next layer" (4 query heads share 2 kv heads); large weights so that
+    attention is far from uniform."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, attn_implementation="eager",
     )
     return LlamaModel(config).eval()
 
