@@ -76,8 +76,10 @@ def test_a_padded_row_equals_the_same_prompt_alone(llama):
     _, hidden, cos_sin = eager_row_and_inputs(llama, batch_ids, batch_mask)
     _, hidden_alone, cos_sin_alone = eager_row_and_inputs(llama, alone_ids, torch.ones(1, 6, dtype=torch.long))
     with torch.no_grad():
-        batched = light_attention(llama.layers[1], hidden, cos_sin, last_instruction_index(batch_mask), batch_mask.bool())
-        alone = light_attention(llama.layers[1], hidden_alone, cos_sin_alone, torch.tensor([5]), torch.ones(1, 6).bool())
+        query = last_instruction_index(batch_mask)
+        batched = light_attention(llama.layers[1], hidden, cos_sin, query, batch_mask.bool())
+        alone_valid = torch.ones(1, 6, dtype=torch.bool)
+        alone = light_attention(llama.layers[1], hidden_alone, cos_sin_alone, torch.tensor([5]), alone_valid)
     torch.testing.assert_close(batched[1, 3:], alone[0], atol=1e-6, rtol=0)
 
 

@@ -36,7 +36,8 @@ def test_average_visual_tokens_counts_what_each_layer_computes():
     # 4 layers, prune after layer 1 to 2 of 8: layers 0, 1 see 8, layers 2, 3 see 2.
     assert average_visual_tokens((2,), (1,), 4, 8) == 5.0
     # The repository's lists are above their nominal budgets: layers 0-2 see 576, 3-6 the first count, and so on.
-    assert average_visual_tokens(SPARSEVLM_KEEP[192], SPARSEVLM_LAYERS, 32, 576) == (3 * 576 + 4 * 300 + 9 * 200 + 16 * 110) / 32
+    by_hand = (3 * 576 + 4 * 300 + 9 * 200 + 16 * 110) / 32
+    assert average_visual_tokens(SPARSEVLM_KEEP[192], SPARSEVLM_LAYERS, 32, 576) == by_hand
     assert average_visual_tokens(SPARSEVLM_KEEP[192], SPARSEVLM_LAYERS, 32, 576) == 202.75
     assert average_visual_tokens(SPARSEVLM_KEEP[128], SPARSEVLM_LAYERS, 32, 576) == 140.8125
     assert average_visual_tokens(SPARSEVLM_KEEP[64], SPARSEVLM_LAYERS, 32, 576) == 79.1875

@@ -87,7 +87,9 @@ def light_attention(
     if cos.shape[:2] != (batch, seq) or sin.shape != cos.shape:
         raise ValueError(f"position_embeddings must be two (batch, S, head_dim) tensors, got {tuple(cos.shape)}")
     if query_index.shape != (batch,) or query_index.dtype != torch.long:
-        raise ValueError(f"query_index must be a (batch,) long tensor, got {query_index.dtype} {tuple(query_index.shape)}")
+        raise ValueError(
+            f"query_index must be a (batch,) long tensor, got {query_index.dtype} {tuple(query_index.shape)}"
+        )
     if ((query_index < 0) | (query_index >= seq)).any():
         raise ValueError(f"query_index must lie in [0, {seq}), got {query_index.tolist()}")
     if key_valid.dtype != torch.bool or key_valid.shape != (batch, seq):

@@ -87,7 +87,9 @@ def select_text_raters(
     ):
         raise ValueError(f"text_hidden must be (batch, T, D) matching visual_hidden, got {tuple(text_hidden.shape)}")
     if text_valid.dtype != torch.bool or text_valid.shape != text_hidden.shape[:2]:
-        raise ValueError(f"text_valid must be a (batch, T) bool tensor, got {text_valid.dtype} {tuple(text_valid.shape)}")
+        raise ValueError(
+            f"text_valid must be a (batch, T) bool tensor, got {text_valid.dtype} {tuple(text_valid.shape)}"
+        )
     if not text_valid.any(dim=1).all():
         raise ValueError("text_valid must mark at least one text token in every row")
     logits = visual_hidden.float() @ text_hidden.float().transpose(1, 2)  # (batch, V, T)
