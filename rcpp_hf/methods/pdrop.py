@@ -1,0 +1,113 @@
+"""PyramidDrop (Xing et al., "PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual
+Redundancy Reduction"): the ranking maths, as pure batched functions.
+
+Source: Cooperx521/PyramidDrop, `llava/model/modeling_llama_pdrop.py` (`LlamaModel.pdrop_forward`,
+`LlamaModel.pdrop_rank_drop`), `llava/model/llava_arch.py` (`prepare_inputs_labels_for_multimodal_pdrop`) and the
+README / `scripts/v1_5/pdrop_eval` settings.
+
+How the pieces fit (LLaVA-1.5-7B, 32 layers): after the output of layer `l - 1` for each l in `PDROP_LAYERS`, the
+visual tokens are ranked by `light_attention` computed with layer l's own input_layernorm, q_proj, k_proj and RoPE,
+with the last instruction token as the only query; the top `pdrop_keep_counts(...)[stage]` survive, and layer l is the
+first to run on the reduced sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+# Layer l ranks and is the first layer to see the reduced set: `rank_layer = layer_idx + 1` in `pdrop_forward`,
+# i.e. the drop happens after (0-based) layers 7, 15 and 23. README: `--layer_list '[8,16,24]'`.
+PDROP_LAYERS = (8, 16, 24)
+# Fractions of the image's *original* visual tokens kept from each stage on (not of the previous stage's count);
+# README: `--image_token_ratio_list "[0.5,0.25,0.125]"` (lambda = 0.5).
+PDROP_RATIOS = (0.5, 0.25, 0.125)
+
+
+def pdrop_keep_counts(num_visual: int, ratios: tuple[float, ...] = PDROP_RATIOS) -> tuple[int, ...]:
+    """Visual tokens kept from each stage on: `int(num_visual * ratio)` (truncated, as `pdrop_rank_drop`'s
+    `keep_length`), e.g. 576 -> (288, 144, 72)."""
+    if num_visual < 1:
+        raise ValueError(f"num_visual must be >= 1, got {num_visual}")
+    if any(not 0.0 < r <= 1.0 for r in ratios) or list(ratios) != sorted(ratios, reverse=True):
+        raise ValueError(f"ratios must be non-increasing fractions in (0, 1], got {ratios}")
+    counts = tuple(int(num_visual * r) for r in ratios)
+    if counts[-1] < 1:
+        raise ValueError(f"ratios keep no visual token of {num_visual} at the last stage: {ratios}")
+    return counts
+
+
+def last_instruction_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The query PDrop ranks with: the last token of each row's prompt.
+
+    In inference `pdrop_rank_drop` uses row position `prompt_len + image_tokens - 1` of the unpadded sequence, i.e.
+    the prompt's last token (the end of "ASSISTANT:"); in training it is the token before the answer, the same token.
+    Here: the index of the last non-padding entry, which is the last column for every left-padded row.
+
+    Args:
+        attention_mask: (batch, S) 0/1 or bool, 1 on real tokens.
+    Returns:
+        (batch,) long.
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (batch, S), got {tuple(attention_mask.shape)}")
+    valid = attention_mask.bool()
+    if not valid.any(dim=1).all():
+        raise ValueError("attention_mask must mark at least one token in every row")
+    positions = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    return positions.masked_fill(~valid, -1).max(dim=1).values
+
+
+def light_attention(
+    layer: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """PyramidDrop's ranking attention (`pdrop_rank_drop`): one query row, recomputed with the next layer's weights.
+
+    The hidden states entering `layer` go through its input_layernorm, q_proj (only the query row) and k_proj,
+    RoPE is applied, and the row's probabilities softmax(q k^T * scaling) over the keys it may see (key_valid, and
+    causal: keys at or before the query) are averaged over the heads. The caller slices the visual keys out of the
+    result; they are not renormalised, as in the repository. Grouped-query heads share their kv head (no repeat).
+
+    Args:
+        layer: the decoder layer that will run next (a transformers LlamaDecoderLayer).
+        hidden_states: (batch, S, D) its input.
+        position_embeddings: (cos, sin), each (batch, S, head_dim), as the model's rotary_emb returns for the rows'
+            position ids.
+        query_index: (batch,) the query's index along S (`last_instruction_index`).
+        key_valid: (batch, S) bool, False on padding.
+    Returns:
+        (batch, S) float32 head-mean probabilities; 0 on masked keys.
+    """
+    batch, seq, _ = hidden_states.shape
+    cos, sin = position_embeddings
+    if cos.shape[:2] != (batch, seq) or sin.shape != cos.shape:
+        raise ValueError(f"position_embeddings must be two (batch, S, head_dim) tensors, got {tuple(cos.shape)}")
+    if query_index.shape != (batch,) or query_index.dtype != torch.long:
+        raise ValueError(
+            f"query_index must be a (batch,) long tensor, got {query_index.dtype} {tuple(query_index.shape)}"
+        )
+    if ((query_index < 0) | (query_index >= seq)).any():
+        raise ValueError(f"query_index must lie in [0, {seq}), got {query_index.tolist()}")
+    if key_valid.dtype != torch.bool or key_valid.shape != (batch, seq):
+        raise ValueError(f"key_valid must be a (batch, S) bool tensor, got {key_valid.dtype} {tuple(key_valid.shape)}")
+    rows = torch.arange(batch, device=hidden_states.device)
+    if not key_valid[rows, query_index].all():
+        raise ValueError("query_index must point at a valid key (the query sees itself)")
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    normed = layer.input_layernorm(hidden_states)
+    query = attn.q_proj(normed[rows, query_index][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)
+    key = attn.k_proj(normed).view(batch, seq, -1, head_dim).transpose(1, 2)  # (batch, H_kv, S, d)
+    # RoPE on the query row with its own (cos, sin) row, and on all keys; each call's other output is unused.
+    query, _ = apply_rotary_pos_emb(query, query, cos[rows, query_index][:, None], sin[rows, query_index][:, None])
+    _, key = apply_rotary_pos_emb(key, key, cos, sin)
+    num_heads, num_kv_heads = query.shape[1], key.shape[1]
+    grouped = query[:, :, 0].reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = (grouped.float() @ key.float().transpose(-1, -2)) * attn.scaling  # (batch, H_kv, G, S)
+    causal = torch.arange(seq, device=hidden_states.device)[None, :] <= query_index[:, None]
+    logits = logits.masked_fill(~(key_valid & causal)[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=(1, 2))
