@@ -33,6 +33,18 @@ def scale_layer(layer: int, num_layers: int) -> int:
     return min(max(round(layer * num_layers / REFERENCE_LAYERS), 1), num_layers - 1)
 
 
+def scale_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """Several stage layers scaled by `scale_layer`, then pushed apart so that they stay strictly increasing on a
+    shallow decoder (e.g. (8, 16, 24) -> (1, 2, 3) on 4 layers). Raises when they cannot fit."""
+    scaled = []
+    for layer in layers:
+        layer = scale_layer(layer, num_layers)
+        scaled.append(max(layer, scaled[-1] + 1) if scaled else layer)
+    if scaled[-1] > num_layers - 1:
+        raise ValueError(f"{len(layers)} pruning stages do not fit a decoder with {num_layers} layers")
+    return tuple(scaled)
+
+
 def scale_tokens(count: float, num_visual: int) -> int:
     """A visual-token count stated for 576 tokens, at the same fraction of `num_visual` tokens (at least 1)."""
     return max(1, round(count * num_visual / REFERENCE_VISUAL_TOKENS))
@@ -73,6 +85,8 @@ class PruneContext:
         layout: their entries; visual entries at `layout.visual_slots` (B, Vl), the order `score` returns.
         attention: the recorded attention of the layer the pruner asked for (default `stage.layer - 1`), or None.
         language_model: the decoder, for pruners that recompute attention with a layer's own projections.
+        inputs_embeds: (B, S0, D) the decoder's input, laid out as `prompt_layout` (the unpruned prompt).
+        scores: (B, Vl) what `score` returned, once `select` ran.
         details: facts the pruner wants reported in `PruneRecord.details`.
     """
 
@@ -81,6 +95,9 @@ class PruneContext:
     layout: TokenLayout
     attention: LayerAttention | None
     language_model: torch.nn.Module
+    inputs_embeds: torch.Tensor | None = None
+    prompt_layout: TokenLayout | None = None
+    scores: torch.Tensor | None = None
     details: dict = field(default_factory=dict)
 
     def last_prompt_rows(self) -> torch.Tensor:
@@ -96,6 +113,10 @@ class PruneContext:
     def attention_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Recorded attention of query rows `rows` (B, q) over all entries, causal -> (B, H, q, S) float32."""
         return self.attention.probs(rows, self.causal_key_mask(rows))
+
+    def position_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (B, S, d), for the current entries, as the decoder computes them."""
+        return self.language_model.rotary_emb(self.hidden, position_ids=self.layout.positions)
 
     def visual_columns(self, per_entry: torch.Tensor) -> torch.Tensor:
         """Select the visual entries of the last dimension: (..., S) -> (..., Vl), batch first."""
@@ -125,7 +146,13 @@ class PrefillPruner(MethodConfig):
 
     def select(self, ctx: PruneContext) -> torch.Tensor:
         """Visual columns (B, keep) to keep: the top `keep` by `score` (ties to the lower index)."""
-        return torch.topk(self.score(ctx).float(), ctx.stage.keep, dim=-1, sorted=False).indices
+        ctx.scores = self.score(ctx).float()
+        return torch.topk(ctx.scores, ctx.stage.keep, dim=-1, sorted=False).indices
+
+    def recycle(self, ctx: PruneContext, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Optionally keep some dropped tokens with new hidden states (e.g. SparseVLM's merged tokens): visual
+        columns (B, c) not in `kept` and their states (B, c, D); None keeps only `kept`."""
+        return None
 
 
 def check_stages(stages: list[PruneStage], num_layers: int, num_visual: int, method: str) -> None:
@@ -159,6 +186,8 @@ class PrefillPruningTap(DecoderTap):
         self.read_layers = {stage.layer: pruner.attention_layer(stage) for stage in self.stages.values()}
         self.attention_layers = frozenset(layer for layer in self.read_layers.values() if layer is not None)
         self.attention: dict[int, LayerAttention] = {}
+        self.inputs_embeds: torch.Tensor | None = None  # the decoder's input and its layout, seen before layer 0
+        self.prompt_layout: TokenLayout | None = None
         self.records: list[PruneRecord] = []
 
     def after_layer(self, layer_idx, hidden, past, layout, attention) -> None:
@@ -166,17 +195,28 @@ class PrefillPruningTap(DecoderTap):
             self.attention[layer_idx] = attention
 
     def before_layer(self, layer_idx, hidden, layout):
+        if layer_idx == 0:
+            self.inputs_embeds, self.prompt_layout = hidden, layout
         stage = self.stages.get(layer_idx)
         if stage is None or layout.num_visual <= stage.keep:
             return None
-        read = self.read_layers[layer_idx]
-        ctx = PruneContext(stage, hidden, layout, self.attention.get(read), self.language_model)
-        columns = torch.sort(self.pruner.select(ctx), dim=1).values
+        ctx = PruneContext(
+            stage, hidden, layout, self.attention.get(self.read_layers[layer_idx]), self.language_model,
+            self.inputs_embeds, self.prompt_layout,
+        )  # fmt: skip
+        columns = self.pruner.select(ctx)
+        recycled = self.pruner.recycle(ctx, columns)
+        if recycled is not None:
+            columns = torch.cat([columns, recycled[0]], dim=1)
+        columns = torch.sort(columns, dim=1).values
         slots = layout.visual_slots.gather(1, columns)
+        if recycled is not None:
+            hidden = hidden.scatter(1, layout.visual_slots.gather(1, recycled[0])[:, :, None].expand_as(recycled[1]),
+                                    recycled[1].to(hidden.dtype))  # fmt: skip
         keep_entry = (layout.visual_ids < 0).scatter(1, slots, True)
         kept = first_true_columns(keep_entry, int(keep_entry[0].sum()))
         hidden, layout = take_entries(hidden, layout, kept)
-        self.records.append(PruneRecord(layer_idx, stage.keep, layout.visual_token_ids, ctx.details))
+        self.records.append(PruneRecord(layer_idx, columns.shape[1], layout.visual_token_ids, ctx.details))
         return hidden, layout
 
 

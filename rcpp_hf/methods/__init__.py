@@ -10,11 +10,18 @@ from rcpp_hf.methods.registry import (
     method_from_dict,
     register_method,
 )
-from rcpp_hf.methods.fastv import FastV  # noqa: E402  (registers itself)
+# Each method registers itself on import.
+from rcpp_hf.methods.fastv import FastV  # noqa: E402
+from rcpp_hf.methods.fastv_finepruner import FastVFinePruner  # noqa: E402
+from rcpp_hf.methods.pdrop import PDrop  # noqa: E402
+from rcpp_hf.methods.sparsevlm import SparseVLM  # noqa: E402
 
 __all__ = [
     "METHODS",
     "FastV",
+    "FastVFinePruner",
+    "PDrop",
+    "SparseVLM",
     "MethodConfig",
     "check_compatible",
     "load_method",

@@ -13,8 +13,14 @@ first to run on the reduced sequence.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from rcpp_hf.engine.attention import attention_probs
+from rcpp_hf.engine.pruning import PrefillPruner, PruneContext, PruneStage, scale_layers
+from rcpp_hf.methods.registry import register_method
 
 # Layer l ranks and is the first layer to see the reduced set: `rank_layer = layer_idx + 1` in `pdrop_forward`,
 # i.e. the drop happens after (0-based) layers 7, 15 and 23. README: `--layer_list '[8,16,24]'`.
@@ -22,6 +28,10 @@ PDROP_LAYERS = (8, 16, 24)
 # Fractions of the image's *original* visual tokens kept from each stage on (not of the previous stage's count);
 # README: `--image_token_ratio_list "[0.5,0.25,0.125]"` (lambda = 0.5).
 PDROP_RATIOS = (0.5, 0.25, 0.125)
+# With a budget, the stages start earlier: the published layers cannot reach 128 or 64 of 576 (the 8 layers before
+# layer 8 alone average 144). The repository publishes no layers for the 192 / 128 / 64 budgets of its paper; this
+# choice (FastV's layer 2, then evenly spaced) is ours, and the same for every budget, so that budgets compare.
+PDROP_BUDGET_LAYERS = (2, 12, 22)
 
 
 def pdrop_keep_counts(num_visual: int, ratios: tuple[float, ...] = PDROP_RATIOS) -> tuple[int, ...]:
@@ -105,9 +115,83 @@ def light_attention(
     # RoPE on the query row with its own (cos, sin) row, and on all keys; each call's other output is unused.
     query, _ = apply_rotary_pos_emb(query, query, cos[rows, query_index][:, None], sin[rows, query_index][:, None])
     _, key = apply_rotary_pos_emb(key, key, cos, sin)
-    num_heads, num_kv_heads = query.shape[1], key.shape[1]
-    grouped = query[:, :, 0].reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = (grouped.float() @ key.float().transpose(-1, -2)) * attn.scaling  # (batch, H_kv, G, S)
     causal = torch.arange(seq, device=hidden_states.device)[None, :] <= query_index[:, None]
-    logits = logits.masked_fill(~(key_valid & causal)[:, None, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=(1, 2))
+    key_mask = (key_valid & causal)[:, None, :]
+    return attention_probs(query, key, attn.scaling, key_mask).mean(dim=1)[:, 0]
+
+
+# -- the method, on the engine's prefill pruning ----------------------------------------------------------------------
+def average_keep_fraction(ratio: float, stage_layers: tuple[int, ...], num_layers: int) -> float:
+    """Average fraction of the visual tokens per layer when stage s keeps ratio^(s+1) of them from its layer on."""
+    bounds = [0, *stage_layers, num_layers]
+    return sum((bounds[s + 1] - bounds[s]) * ratio**s for s in range(len(bounds) - 1)) / num_layers
+
+
+def ratio_for_budget(fraction: float, stage_layers: tuple[int, ...], num_layers: int) -> float:
+    """The geometric stage ratio lambda whose average keep fraction is `fraction`, by bisection (it is increasing in
+    lambda). PyramidDrop reaches its 192 / 128 / 64 budgets by changing lambda."""
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        mid = (low + high) / 2
+        low, high = (mid, high) if average_keep_fraction(mid, stage_layers, num_layers) < fraction else (low, mid)
+    return (low + high) / 2
+
+
+@register_method
+@dataclass
+class PDrop(PrefillPruner):
+    """PyramidDrop on the engine: at each stage layer, the layer's own light attention of the last prompt token ranks
+    the visual tokens and the top fraction survives.
+
+    Args:
+        budget: average visual tokens per layer (of the model's image); the stage ratio lambda (kept fractions
+            lambda, lambda^2, lambda^3) is solved for it. None: the published ratios `ratios`.
+        ratios: kept fraction of the image's tokens from each stage on, non-increasing (default 0.5 / 0.25 / 0.125).
+        layers: the stage layers (each is the first layer to run pruned); None: (8, 16, 24) of 32 with `ratios`, or
+            `PDROP_BUDGET_LAYERS` (2, 12, 22) with a budget, scaled by depth.
+    """
+
+    name = "pdrop"
+    budget: int | None = None
+    ratios: tuple[float, ...] = PDROP_RATIOS
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        self.ratios = tuple(self.ratios)
+        if isinstance(self.layers, list):
+            self.layers = tuple(self.layers)
+        if self.budget is not None and not (isinstance(self.budget, int) and self.budget >= 1):
+            self.fail("budget", "must be None or an integer >= 1 (visual tokens)")
+        if not self.ratios or any(not 0.0 < r <= 1.0 for r in self.ratios) or list(self.ratios) != sorted(
+            self.ratios, reverse=True
+        ):
+            self.fail("ratios", "must be non-increasing fractions in (0, 1]")
+        if self.layers is not None and (list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 1):
+            self.fail("layers", "must be None or increasing layer indices >= 1")
+        if self.layers is not None and len(self.layers) != len(self.ratios):
+            self.fail("layers", f"needs one layer per ratio ({len(self.ratios)})")
+
+    def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
+        default_layers = PDROP_LAYERS if self.budget is None else PDROP_BUDGET_LAYERS
+        stage_layers = self.layers if self.layers is not None else scale_layers(default_layers, num_layers)
+        if self.budget is not None:
+            if self.budget > num_visual:
+                self.fail("budget", f"is larger than the image's {num_visual} visual tokens")
+            floor = stage_layers[0] / num_layers
+            if self.budget / num_visual <= floor:
+                self.fail("budget", f"is too small: the {stage_layers[0]} layers before the first stage already hold "
+                                    f"{floor * num_visual:.1f} visual tokens on average")  # fmt: skip
+            ratio = ratio_for_budget(self.budget / num_visual, stage_layers, num_layers)
+            keeps = tuple(max(1, round(num_visual * ratio ** (s + 1))) for s in range(len(stage_layers)))
+        else:
+            keeps = pdrop_keep_counts(num_visual, self.ratios)
+        return [PruneStage(layer, keep) for layer, keep in zip(stage_layers, keeps)]
+
+    def attention_layer(self, stage: PruneStage) -> None:
+        return None  # it recomputes its own light attention with the stage layer's projections
+
+    def score(self, ctx: PruneContext) -> torch.Tensor:
+        layer = ctx.language_model.layers[ctx.stage.layer]
+        query = last_instruction_index(ctx.layout.valid)
+        probs = light_attention(layer, ctx.hidden, ctx.position_embeddings(), query, ctx.layout.valid)
+        return ctx.visual_columns(probs)

@@ -17,7 +17,13 @@ visual span and the text after it per row); the same number of visual tokens is 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from rcpp_hf.engine.layout import TokenLayout, first_true_columns
+from rcpp_hf.engine.pruning import PrefillPruner, PruneContext, PruneStage, scale_layers, scale_tokens
+from rcpp_hf.methods.registry import register_method
 
 # Pruning happens on the output of these layers (0-based), i.e. layers 3-6 see the first keep count.
 # Source: `LlamaDynamicvitModel.__init__(pruning_loc=[2, 6, 15])`.
@@ -224,3 +230,95 @@ def recycle_tokens(
     order = representative.argsort(dim=1)
     merged = merged.gather(1, order[:, :, None].expand(-1, -1, dim)).to(visual_hidden.dtype)
     return merged, representative.gather(1, order)
+
+
+# -- the method, on the engine's prefill pruning ----------------------------------------------------------------------
+def text_after_image(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries of the text after the image, in order: indices (B, T) padded to the longest row (with the last entry),
+    and which are real (B, T) bool. Text entries are never dropped, so row k of the prompt is row k of any pruned layout."""
+    visual = layout.visual_ids >= 0
+    index = torch.arange(layout.seq_len, device=visual.device)
+    last_visual = torch.where(visual, index, -1).max(dim=1, keepdim=True).values
+    after = (index > last_visual) & layout.valid
+    count = int(after.sum(dim=1).max())
+    rows = first_true_columns(after, count)
+    real = after.gather(1, rows)
+    return torch.where(real, rows, layout.seq_len - 1), real  # padded with the last prompt entry, a real query
+
+
+@register_method
+@dataclass
+class SparseVLM(PrefillPruner):
+    """SparseVLM v1 on the engine: after each of its layers, the text raters' attention ranks the visual tokens.
+
+    Args:
+        budget: visual tokens of the model's image; it selects the published keep list whose budget (64 / 96 / 128 /
+            192 of 576) scales to it on this image (`scale_tokens`), and that list is scaled to the image.
+        layers: the pruning layers (their attention ranks, the next layer is the first to run pruned); None: (2, 6,
+            15) of 32, scaled by depth.
+        token_recycling: token recycling (merge the best deleted tokens into a few, kept at a representative's position).
+        recycle_ratio: fraction of the deleted tokens recycled.
+    """
+
+    name = "sparsevlm"
+    budget: int = 128
+    layers: tuple[int, ...] | None = None
+    token_recycling: bool = False
+    recycle_ratio: float = 0.3
+
+    def __post_init__(self):
+        if isinstance(self.layers, list):
+            self.layers = tuple(self.layers)
+        if not (isinstance(self.budget, int) and self.budget >= 1):
+            self.fail("budget", "must be an integer >= 1 (visual tokens)")
+        if self.layers is not None and (
+            len(self.layers) != len(SPARSEVLM_LAYERS) or list(self.layers) != sorted(set(self.layers))
+            or self.layers[0] < 0
+        ):
+            self.fail("layers", f"must be None or {len(SPARSEVLM_LAYERS)} increasing layer indices >= 0")
+        if not isinstance(self.token_recycling, bool):
+            self.fail("token_recycling", "must be True or False")
+        if not 0.0 < self.recycle_ratio <= 1.0:
+            self.fail("recycle_ratio", "must lie in (0, 1]")
+
+    def published_budget(self, num_visual: int) -> int:
+        """The published budget (of 576) this budget stands for: the one that scales to it on this image."""
+        if self.budget > num_visual:
+            self.fail("budget", f"is larger than the image's {num_visual} visual tokens")
+        matches = [b for b in sorted(SPARSEVLM_KEEP) if scale_tokens(b, num_visual) == self.budget]
+        if not matches:
+            published = {b: scale_tokens(b, num_visual) for b in sorted(SPARSEVLM_KEEP)}
+            self.fail("budget", f"matches none of SparseVLM's published budgets; on {num_visual} visual tokens they "
+                                f"are {published} (of 576 -> here)")  # fmt: skip
+        return matches[-1]
+
+    def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
+        keeps = scaled_keep_counts(self.published_budget(num_visual), num_visual)
+        if self.layers is not None:
+            stage_layers = tuple(layer + 1 for layer in self.layers)
+        else:
+            stage_layers = scale_layers(tuple(layer + 1 for layer in SPARSEVLM_LAYERS), num_layers)
+        # The published lists keep more than the image has at 192 (300 > 192): a stage never keeps more than before.
+        keeps = [min(keep, num_visual) for keep in keeps]
+        for i in range(1, len(keeps)):
+            keeps[i] = min(keeps[i], keeps[i - 1])
+        return [PruneStage(layer, keep) for layer, keep in zip(stage_layers, keeps)]
+
+    def score(self, ctx: PruneContext) -> torch.Tensor:
+        prompt_rows, prompt_real = text_after_image(ctx.prompt_layout)
+        embeds = ctx.inputs_embeds
+        visual = embeds.gather(1, ctx.prompt_layout.visual_slots[:, :, None].expand(-1, -1, embeds.shape[-1]))
+        text = embeds.gather(1, prompt_rows[:, :, None].expand(-1, -1, embeds.shape[-1]))
+        raters = select_text_raters(visual, text, prompt_real)
+        rows, real = text_after_image(ctx.layout)
+        attention = ctx.visual_columns(ctx.attention_rows(rows))  # (B, H, T, Vl)
+        ctx.details.setdefault("num_raters", raters.sum(dim=1).tolist())
+        return rater_scores(attention, raters & real)
+
+    def recycle(self, ctx: PruneContext, kept: torch.Tensor):
+        if not self.token_recycling:
+            return None
+        hidden = ctx.hidden.gather(1, ctx.layout.visual_slots[:, :, None].expand(-1, -1, ctx.hidden.shape[-1]))
+        keep_mask = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device).scatter(1, kept, True)
+        merged, representative = recycle_tokens(hidden, ctx.scores, keep_mask, self.recycle_ratio)
+        return (representative, merged) if representative.shape[1] else None
