@@ -18,7 +18,7 @@ from transformers.generation.utils import GenerationMode, StopCheck
 
 from rcpp_hf.engine.attention import RCPP_ATTENTION, AttentionRecorder, register_rcpp_attention
 from rcpp_hf.engine.cache import VisualKVCache
-from rcpp_hf.config import RCPPGenerationConfig
+from rcpp_hf.config import DEFAULT_NUM_SCORING_LAYERS, RCPPGenerationConfig
 from rcpp_hf.rcpp.masks import drcd_attention_mask
 from rcpp_hf.rcpp.schedule import scheduled_value, visual_token_budget
 from rcpp_hf.rcpp.stages import (
@@ -39,8 +39,13 @@ def rcpp_enabled(generation_config: GenerationConfig) -> bool:
     return isinstance(generation_config, RCPPGenerationConfig) and generation_config.rcpp
 
 
-def resolve_scoring_layers(scoring_layers: tuple[int, ...], num_layers: int) -> list[int]:
-    """Absolute, sorted layer indices; negative ones count from the end.  Raises on an index out of range."""
+def resolve_scoring_layers(scoring_layers: tuple[int, ...] | None, num_layers: int) -> list[int]:
+    """Absolute, sorted layer indices; negative ones count from the end.  Raises on an index out of range.
+
+    `None` is the default: the last min(DEFAULT_NUM_SCORING_LAYERS, num_layers) layers, so that it fits any decoder.
+    """
+    if scoring_layers is None:
+        return list(range(max(num_layers - DEFAULT_NUM_SCORING_LAYERS, 0), num_layers))
     resolved = []
     for index in scoring_layers:
         if not -num_layers <= index < num_layers:
