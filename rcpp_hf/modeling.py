@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from transformers import GenerationConfig, LlavaForConditionalGeneration
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation.utils import GenerationMode, StopCheck
 
 from rcpp_hf.engine.attention import RCPP_ATTENTION, AttentionRecorder, register_rcpp_attention
@@ -71,6 +70,19 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         register_rcpp_attention()
         self.set_attn_implementation({"text_config": RCPP_ATTENTION, "vision_config": "sdpa"})
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: every module, parameter and `_init_weights` of this class is transformers' own LLaVA.
+
+        transformers calls any class whose `__module__` is outside its package "custom code" and, for it alone,
+        (1) initialises missing weights differently: a module whose own parameters look initialised is skipped,
+        so CLIPAttention / CLIPMLP never get CLIP's initialisation (their Linear children's plain N(0, 0.02)
+        stays); (2) withholds llava's checkpoint key renaming. Both guard modeling code it does not know; this
+        class adds only a decoding loop, so saying so is the one switch that puts `from_pretrained` on the stock
+        class's path (`PreTrainedModel.is_custom_code`, `_initialize_weights` and
+        `get_model_conversion_mapping` in transformers 5.23).
+        """
+        return False
 
     # -- refusing what the method cannot do ---------------------------------------------------------------------
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
@@ -282,9 +294,3 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             visual_cache_bytes=cache.visual_nbytes(),
         )
 
-
-# transformers applies llava's checkpoint key renaming (llava-hf checkpoints keep the legacy layout) only to its own
-# classes; a subclass defined outside the library has to ask for it by name.
-register_checkpoint_conversion_mapping(
-    RCPPLlavaForConditionalGeneration.__name__, get_checkpoint_conversion_mapping("llava"), overwrite=True
-)

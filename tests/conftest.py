@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,6 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
 from rcpp_hf.tiny import TinyLlavaSpec, save_tiny_llava
-
-warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
 GQA_SPEC = TinyLlavaSpec()  # 4 query heads share 2 kv heads
 # The first 60 questions of each official COCO POPE file (tests/fixtures/pope/README.md).
