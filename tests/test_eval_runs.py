@@ -1,4 +1,4 @@
-"""End-to-end runs on the tiny model: POPE (real question files), CHAIR and MME, resume, bad input, report."""
+"""End-to-end runs on the tiny model: POPE (the committed excerpt), CHAIR and MME, resume, extension, bad input, report."""
 
 import json
 from pathlib import Path
