@@ -11,6 +11,9 @@ from transformers import GenerationConfig
 from rcpp_hf.methods import check_compatible, load_method
 
 SCHEDULES = ("linear", "cosine", "step")
+# scoring_layers = None scores on the last min(4, L) decoder layers: the method note's "last 4 layers", and every
+# layer of a decoder shallower than that.
+DEFAULT_NUM_SCORING_LAYERS = 4
 
 # Field -> default. Kept in one table so __init__, validation, YAML and docs agree.
 RCPP_DEFAULTS: dict[str, object] = {
@@ -23,7 +26,7 @@ RCPP_DEFAULTS: dict[str, object] = {
     "keep_ratio_end": 0.5,
     "schedule": "linear",
     "schedule_steps": 32,
-    "scoring_layers": (-4, -3, -2, -1),
+    "scoring_layers": None,
     "plausibility_beta": None,
     "methods": (),
 }
@@ -44,7 +47,8 @@ class RCPPGenerationConfig(GenerationConfig):
         schedule: "linear", "cosine" or "step" (start value until `schedule_steps`, end value from then on).
         schedule_steps: number of decoding steps over which lambda and keep ratio move from start to end, >= 1.
         scoring_layers: decoder layers whose attention and visual hidden states drive the reconstruction (stage 2);
-            negative indices count from the last layer. Checked against the model at `generate` time.
+            negative indices count from the last layer. Checked against the model at `generate` time: a layer out of
+            range raises, naming it. `None` (the default): the last min(4, L) layers of an L-layer decoder.
         plausibility_beta: adaptive plausibility constraint (VCD): keep only tokens with p_C >= beta * max p_C.
             `None` turns it off; else in (0, 1].
         methods: other inference-time methods of the registry (`rcpp_hf.methods`) to run in the same `generate`:
@@ -61,7 +65,7 @@ class RCPPGenerationConfig(GenerationConfig):
             value = kwargs.pop(name, default)
             if name == "methods":
                 value = tuple(load_method(spec) for spec in value)
-            setattr(self, name, tuple(value) if name == "scoring_layers" else value)
+            setattr(self, name, tuple(value) if name == "scoring_layers" and value is not None else value)
         super().__init__(**kwargs)  # ends with self.validate()
 
     # -- validation --------------------------------------------------------------------------------------------
@@ -95,8 +99,11 @@ class RCPPGenerationConfig(GenerationConfig):
         if not (isinstance(self.schedule_steps, int) and self.schedule_steps >= 1):
             fail("schedule_steps", "must be an integer >= 1")
         layers = self.scoring_layers
-        if not (len(layers) >= 1 and all(isinstance(i, int) for i in layers) and len(set(layers)) == len(layers)):
-            fail("scoring_layers", "must be a non-empty sequence of distinct integers")
+        if layers is not None and not (
+            len(layers) >= 1 and all(isinstance(i, int) for i in layers) and len(set(layers)) == len(layers)
+        ):
+            fail("scoring_layers", "must be None (the last min(4, L) layers) or a non-empty sequence of distinct "
+                                   "integers")
         beta = self.plausibility_beta
         if beta is not None and not (isinstance(beta, (int, float)) and 0.0 < beta <= 1.0):
             fail("plausibility_beta", "must be None (off) or lie in (0, 1]")
@@ -105,7 +112,8 @@ class RCPPGenerationConfig(GenerationConfig):
     # -- (de)serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         output = super().to_dict()
-        output["scoring_layers"] = list(self.scoring_layers)  # JSON/YAML have no tuples
+        if self.scoring_layers is not None:
+            output["scoring_layers"] = list(self.scoring_layers)  # JSON/YAML have no tuples
         output["methods"] = [method.to_dict() for method in self.methods]
         return output
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 from transformers import GenerationConfig, LlavaForConditionalGeneration
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation.utils import GenerationMode, StopCheck
 
-from rcpp_hf.config import RCPPGenerationConfig
+from rcpp_hf.config import DEFAULT_NUM_SCORING_LAYERS, RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.engine.decoder import DENSE_MASK_IMPLEMENTATIONS, run_decoder
 from rcpp_hf.engine.layout import TokenLayout
@@ -44,8 +43,13 @@ def methods_active(generation_config: GenerationConfig) -> bool:
     )
 
 
-def resolve_scoring_layers(scoring_layers: tuple[int, ...], num_layers: int) -> list[int]:
-    """Absolute, sorted layer indices; negative ones count from the end.  Raises on an index out of range."""
+def resolve_scoring_layers(scoring_layers: tuple[int, ...] | None, num_layers: int) -> list[int]:
+    """Absolute, sorted layer indices; negative ones count from the end.  Raises on an index out of range.
+
+    `None` is the default: the last min(DEFAULT_NUM_SCORING_LAYERS, num_layers) layers, so that it fits any decoder.
+    """
+    if scoring_layers is None:
+        return list(range(max(num_layers - DEFAULT_NUM_SCORING_LAYERS, 0), num_layers))
     resolved = []
     for index in scoring_layers:
         if not -num_layers <= index < num_layers:
@@ -68,6 +72,20 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     rows the methods need from the layers' own query projections; DRCD's two-row masks and pruning need a dense
     mask, so `sdpa` (the default) and `eager` are supported there.
     """
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: every module, parameter and `_init_weights` of this class is transformers' own LLaVA.
+
+        transformers calls any class whose `__module__` is outside its package "custom code" and, for it alone,
+        (1) initialises missing weights differently: a module whose own parameters look initialised is skipped,
+        so CLIPAttention / CLIPMLP never get CLIP's initialisation (their Linear children's plain N(0, 0.02)
+        stays); (2) withholds llava's checkpoint key renaming. Both guard modeling code it does not know; this
+        class adds only a decoding loop, so saying so is the one switch that puts `from_pretrained` on the stock
+        class's path (`PreTrainedModel.is_custom_code`, `_initialize_weights` and
+        `get_model_conversion_mapping` in transformers 5.23).
+        """
+        return False
 
     # -- refusing what the methods cannot do ---------------------------------------------------------------------
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
@@ -314,9 +332,3 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             visual_cache_bytes=cache.visual_nbytes(),
         )
 
-
-# transformers applies llava's checkpoint key renaming (llava-hf checkpoints keep the legacy layout) only to its own
-# classes; a subclass defined outside the library has to ask for it by name.
-register_checkpoint_conversion_mapping(
-    RCPPLlavaForConditionalGeneration.__name__, get_checkpoint_conversion_mapping("llava"), overwrite=True
-)

@@ -3,7 +3,7 @@
 No weights can be downloaded here, so everything that needs "a llava-hf checkpoint" builds one:
 a CLIP vision tower, the LLaVA-1.5 two-layer GELU projector and a Llama decoder with grouped-query
 attention, saved with a LlavaProcessor (a byte-level BPE tokenizer trained locally and a
-CLIPImageProcessor) so that `from_pretrained(folder)` takes the same path as a real checkpoint.
+CLIPImageProcessorPil) so that `from_pretrained(folder)` takes the same path as a real checkpoint.
 The weights are random: the model is for exercising code, not for judging quality.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -147,7 +147,10 @@ def build_tiny_llava(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    image_processor = CLIPImageProcessor(
+    # The Pillow backend, named as such: transformers' `CLIPImageProcessor` is the torchvision backend, and without
+    # torchvision asking for it falls back to this class with a warning. Saved, either is recorded as
+    # "CLIPImageProcessor"; AutoProcessor picks the backend when loading.
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 
 import pytest
@@ -16,23 +15,26 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
 from rcpp_hf.tiny import TinyLlavaSpec, save_tiny_llava
 
-warnings.filterwarnings("ignore", message=".*requires torchvision.*")
-
 GQA_SPEC = TinyLlavaSpec()  # 4 query heads share 2 kv heads
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# The real POPE question files live in ../shared/data/pope beside the repository (never committed into it);
-# RCPP_HF_POPE_DATA points elsewhere.
-POPE_CANDIDATES = [Path(p) for p in [os.environ.get("RCPP_HF_POPE_DATA")] if p] + [
-    parent / "shared" / "data" / "pope" for parent in REPO_ROOT.parents
-]
+# The first 60 questions of each official COCO POPE file (tests/fixtures/pope/README.md).
+POPE_EXCERPT = Path(__file__).resolve().parent / "fixtures" / "pope"
 
 
 @pytest.fixture(scope="session")
 def pope_data() -> Path:
-    for folder in POPE_CANDIDATES:
-        if (folder / "coco_pope_adversarial.json").exists():
-            return folder
-    raise FileNotFoundError(f"the real POPE question files are expected in one of {POPE_CANDIDATES}")
+    """The committed POPE excerpt: every test that reads POPE questions reads these."""
+    return POPE_EXCERPT
+
+
+@pytest.fixture(scope="session")
+def full_pope_data() -> Path:
+    """The full POPE question files, when RCPP_HF_POPE_DATA names a folder holding them; skipped otherwise."""
+    folder = os.environ.get("RCPP_HF_POPE_DATA")
+    if not folder:
+        pytest.skip("RCPP_HF_POPE_DATA is not set: the full POPE question files are optional")
+    if not (Path(folder) / "coco_pope_adversarial.json").is_file():
+        raise FileNotFoundError(f"RCPP_HF_POPE_DATA={folder} holds no coco_pope_adversarial.json")
+    return Path(folder)
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +140,7 @@ def make_image_files():
 
 @pytest.fixture
 def pope_files(pope_data, tmp_path, make_image_files):
-    """The first 12 questions (2 images) of the real adversarial and random files, and their images."""
+    """The first 12 questions (2 images) of the adversarial and random POPE excerpts, and their images."""
     files = []
     for split in ("adversarial", "random"):
         lines = (pope_data / f"coco_pope_{split}.json").read_text().splitlines()[:12]

@@ -55,19 +55,36 @@ def test_pope_metrics_rejects_bad_values():
         pope_metrics(["yes"], ["maybe"])
 
 
-@pytest.mark.parametrize("split", ["random", "popular", "adversarial"])
-def test_real_pope_files(pope_data, split):
-    questions = read_pope_json_lines(pope_data / f"coco_pope_{split}.json")
-    assert len(questions) == 3000
-    assert len({q.id for q in questions}) == 3000
-    assert len({q.image for q in questions}) == 500
-    assert sum(q.label == "yes" for q in questions) == 1500
+POPE_SPLITS = ["random", "popular", "adversarial"]
+
+
+def check_pope_file(path, questions_per_split):
+    """The official file's shape: 6 questions per image, half "yes", COCO val2014 images, one id each."""
+    questions = read_pope_json_lines(path)
+    assert len(questions) == questions_per_split
+    assert len({q.id for q in questions}) == questions_per_split
+    assert len({q.image for q in questions}) == questions_per_split // 6
+    assert sum(q.label == "yes" for q in questions) == questions_per_split // 2
     first = questions[0]
-    assert first.split == f"coco_pope_{split}"
+    assert first.split == path.stem
     assert first.image.startswith("COCO_val2014_") and first.question.endswith("in the image?")
-    always_yes = pope_metrics([q.label for q in questions], ["yes"] * 3000)
+    always_yes = pope_metrics([q.label for q in questions], ["yes"] * questions_per_split)
     assert (always_yes["accuracy"], always_yes["precision"], always_yes["recall"]) == (0.5, 0.5, 1.0)
     assert always_yes["yes_ratio"] == 1.0
+    return questions
+
+
+@pytest.mark.parametrize("split", POPE_SPLITS)
+def test_pope_excerpt(pope_data, split):
+    check_pope_file(pope_data / f"coco_pope_{split}.json", 60)
+
+
+@pytest.mark.parametrize("split", POPE_SPLITS)
+def test_full_pope_files_begin_with_the_excerpt(full_pope_data, pope_data, split):
+    name = f"coco_pope_{split}.json"
+    check_pope_file(full_pope_data / name, 3000)
+    excerpt = (pope_data / name).read_text().splitlines()
+    assert (full_pope_data / name).read_text().splitlines()[:60] == excerpt
 
 
 def test_read_pope_json_lines_names_the_bad_line(tmp_path):

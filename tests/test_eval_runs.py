@@ -1,4 +1,4 @@
-"""End-to-end runs on the tiny model: POPE (real question files), CHAIR and MME, resume, bad input, report."""
+"""End-to-end runs on the tiny model: POPE (the committed excerpt), CHAIR and MME, resume, extension, bad input, report."""
 
 import json
 from pathlib import Path
@@ -99,13 +99,52 @@ def test_resume_after_a_crash_loses_nothing_and_redoes_nothing(varied_tiny_path,
     assert len(json.loads((out / "config.json").read_text())["sessions"]) == 2
 
 
-def test_a_run_directory_refuses_another_configuration(varied_tiny_path, pope_files, tmp_path):
+def test_a_run_directory_refuses_another_configuration(varied_tiny_path, tiny_path, pope_files, tmp_path):
     files, images = pope_files
-    evaluate_pope(files, images, options(varied_tiny_path, tmp_path / "run", limit=4))
+    run = tmp_path / "run"
+    evaluate_pope(files, images, options(varied_tiny_path, run, limit=4))
     with pytest.raises(ValueError, match=r"config.json: this run directory holds a run with a different prompt"):
-        evaluate_pope(files, images, options(varied_tiny_path, tmp_path / "run", limit=4), prompt="{question} Yes or no?")
+        evaluate_pope(files, images, options(varied_tiny_path, run, limit=4), prompt="{question} Yes or no?")
     with pytest.raises(ValueError, match="different generation_config, seed"):
-        evaluate_pope(files, images, options(varied_tiny_path, tmp_path / "run", limit=4, seed=1, max_new_tokens=2))
+        evaluate_pope(files, images, options(varied_tiny_path, run, limit=4, seed=1, max_new_tokens=2))
+    # Another limit is no excuse for another identity.
+    with pytest.raises(ValueError, match="different inputs;"):
+        evaluate_pope(files[:1], images, options(varied_tiny_path, run, limit=8))
+    with pytest.raises(ValueError, match="different model;"):
+        evaluate_pope(files, images, options(tiny_path, run, limit=8))
+    with pytest.raises(ValueError, match="different decoding_config_file, generation_config;"):
+        evaluate_pope(files, images, options(varied_tiny_path, run, limit=8, config=RCPP_DEFAULT))
+
+
+def test_a_larger_limit_extends_the_run(varied_tiny_path, pope_files, tmp_path, monkeypatch):
+    files, images = pope_files  # 24 questions: 12 adversarial, then 12 random
+    whole = evaluate_pope(files, images, options(varied_tiny_path, tmp_path / "whole"))
+    asked = []
+    original = Answerer.__call__
+
+    def count(self, images, prompts):
+        asked.extend(prompts)
+        return original(self, images, prompts)
+
+    monkeypatch.setattr(Answerer, "__call__", count)
+    out = tmp_path / "extended"
+    evaluate_pope(files, images, options(varied_tiny_path, out, limit=12))
+    first = read_jsonl(out / "answers.jsonl")
+    assert [a["id"] for a in first] == [f"coco_pope_adversarial/{i}" for i in range(1, 13)] and len(asked) == 12
+
+    asked.clear()
+    extended = evaluate_pope(files, images, options(varied_tiny_path, out, limit=24))
+    assert len(asked) == 12  # only the new questions
+    answers = read_jsonl(out / "answers.jsonl")
+    assert answers[:12] == first  # kept as they were, timing included
+    assert without_timing(answers) == without_timing(read_jsonl(tmp_path / "whole" / "answers.jsonl"))
+    assert extended["splits"] == whole["splits"]
+    sessions = json.loads((out / "config.json").read_text())["sessions"]
+    assert [session["limit"] for session in sessions] == [12, 24]
+
+    asked.clear()
+    shrunk = evaluate_pope(files, images, options(varied_tiny_path, out, limit=6))
+    assert asked == [] and shrunk["n"] == 6  # back to fewer items: scored from what is on disk
 
 
 @pytest.fixture

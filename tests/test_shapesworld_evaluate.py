@@ -72,6 +72,33 @@ def test_a_run_with_other_settings_is_refused(small_model, tmp_path):
         evaluate(EvalSettings(model=small_model, split="random", num_images=2, max_new_tokens=1), tmp_path, progress=False)
 
 
+def test_a_larger_limit_extends_the_run(small_model, tmp_path, monkeypatch):
+    real = evaluate_module.generate_answers
+    asked = []
+
+    def count(model, processor, images, prompts, config):
+        asked.extend(prompts)
+        return real(model, processor, images, prompts, config)
+
+    monkeypatch.setattr(evaluate_module, "generate_answers", count)
+    settings = EvalSettings(model=small_model, split="popular", num_images=5, limit=12, batch_size=8, max_new_tokens=2)
+    evaluate(settings, tmp_path, progress=False)
+    first = read_records(tmp_path)
+    assert len(asked) == 12
+
+    asked.clear()
+    metrics = evaluate(replace(settings, limit=24), tmp_path, progress=False)
+    assert len(asked) == 12  # only the new questions
+    records = read_records(tmp_path)
+    assert records[:12] == first and [r["id"] for r in records] == [f"popular/{i}" for i in range(1, 25)]
+    assert metrics["n"] == 24 and metrics["limit"] == 24
+    # The limit is no excuse for other settings.
+    for other in (dict(seed=3), dict(max_new_tokens=3), dict(config=str(REPO_CONFIGS / "rcpp_evict.yaml"))):
+        with pytest.raises(ValueError, match="other settings|other generation_config"):
+            evaluate(replace(settings, limit=30, **other), tmp_path, progress=False)
+    assert len(asked) == 12
+
+
 def test_captions_with_an_rcpp_preset_record_chair_counts_and_kept_tokens(small_model, tmp_path):
     settings = EvalSettings(model=small_model, split="captions", config=str(REPO_CONFIGS / "rcpp_evict.yaml"),
                             num_images=3, batch_size=3, max_new_tokens=12)  # fmt: skip

@@ -45,7 +45,7 @@ class RunOptions:
     device: str | None = None  # None: the device accelerate gives this process
     system_prompt: str = LLAVA_SYSTEM_PROMPT
     image_aspect: str = "pad"
-    limit: int | None = None  # only the first `limit` items (smoke tests)
+    limit: int | None = None  # only the first `limit` items (smoke tests); not part of the run's identity
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -154,6 +154,8 @@ def run_benchmark(
     """
     from rcpp_hf.default_model import default_model_path
 
+    # The limit chooses how many items are asked, not how they are asked: it stays out of the identity, so a
+    # run extended from 12 to 24 items keeps the 12 answers and asks only the 12 new items.
     if options.limit is not None:
         items = items[: options.limit]
     _check_unique_ids(items)
@@ -164,7 +166,6 @@ def run_benchmark(
     identity = {
         "benchmark": benchmark,
         "inputs": inputs,
-        "limit": options.limit,
         "model": model_path,
         "dtype": options.dtype,
         "decoding_config_file": str(options.config) if options.config is not None else None,
@@ -181,7 +182,9 @@ def run_benchmark(
     if state.is_main_process:
         run_dir.record_session(
             identity,
-            session_provenance(num_processes=state.num_processes, batch_size=options.batch_size, device=str(device)),
+            session_provenance(
+                num_processes=state.num_processes, batch_size=options.batch_size, device=str(device), limit=options.limit
+            ),
         )
 
     pending = [item for item in items if item.id not in done]

@@ -8,7 +8,8 @@
         metrics.json          the benchmark's metrics over answers.jsonl
 
 A rerun with the same identity resumes: what any part file holds is not asked again. A rerun with a
-different identity is refused, so answers from two configurations never mix.
+different identity is refused, so answers from two configurations never mix. How many items a session asks
+(`--limit`) is not identity: a session's limit is recorded with its provenance.
 """
 
 from __future__ import annotations

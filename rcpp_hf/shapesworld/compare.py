@@ -48,8 +48,7 @@ SWEEP_GRID = {
 def sweep_configs(folder: Path, max_new_tokens: int = 64) -> list[str]:
     """Write the sweep's YAML presets into `folder`; returns [VANILLA, default, each variation] as names/paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    base = {**RCPP_DEFAULTS, "scoring_layers": list(RCPP_DEFAULTS["scoring_layers"]),
-            "max_new_tokens": max_new_tokens, "do_sample": False}  # fmt: skip
+    base = {**RCPP_DEFAULTS, "max_new_tokens": max_new_tokens, "do_sample": False}
     variations = [("default", {})] + [(f"{key}={value}", {key: value}) for key, values in SWEEP_GRID.items() for value in values]
     paths = [VANILLA]
     for name, change in variations:

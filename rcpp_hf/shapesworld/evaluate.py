@@ -4,7 +4,8 @@ A run writes into its output folder:
 
 - `data/`: the split as files (POPE JSON lines or caption scenes, and the rendered images);
 - `run.json`: what the run is (model, split, seed, sizes, prompt, the full generation config,
-  versions); a rerun into the same folder must match it, so results of different settings never mix;
+  versions); a rerun into the same folder must match it, so results of different settings never mix.
+  `--limit` is not part of it: a run extended from 12 to 24 items keeps the 12 answers and asks the 12 new ones;
 - `results.jsonl`: one record per question or caption, appended as soon as its batch is generated;
   a rerun skips the ids already there, so an interrupted run loses nothing;
 - `metrics.json`: POPE metrics (accuracy, precision, recall, F1, yes-ratio) or CHAIR metrics
@@ -54,7 +55,7 @@ class EvalSettings:
     config: str | None = None  # RCPP YAML preset; None: vanilla greedy decoding
     seed: int = TEST_SEED
     num_images: int = 100
-    limit: int | None = None  # evaluate only the first `limit` items of the split
+    limit: int | None = None  # evaluate only the first `limit` items of the split; not part of run.json
     batch_size: int = 16
     max_new_tokens: int | None = None  # None: 8 for POPE answers, 64 for captions
 
@@ -151,7 +152,9 @@ def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = Tr
     output_dir.mkdir(parents=True, exist_ok=True)
     processor = AutoProcessor.from_pretrained(settings.model)
     generation_config = generation_config_for(settings, processor.tokenizer)
-    run = {"settings": asdict(settings), "prompt": _prompt_of(settings.split), "generation_config": generation_config.to_dict()}
+    # The limit chooses how many items are asked, not how: it stays out of the run's identity.
+    identity = {key: value for key, value in asdict(settings).items() if key != "limit"}
+    run = {"settings": identity, "prompt": _prompt_of(settings.split), "generation_config": generation_config.to_dict()}
     _check_same_run(output_dir / "run.json", run)
     data_dir = output_dir / "data"
     items = split_items(settings, data_dir)
@@ -172,7 +175,7 @@ def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = Tr
 
     wanted = {item["id"] for item in items}
     records = [r for r in results.read() if r["id"] in wanted]
-    metrics = {"split": settings.split, **split_metrics(settings.split, records), "run": run}
+    metrics = {"split": settings.split, **split_metrics(settings.split, records), "limit": settings.limit, "run": run}
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
 

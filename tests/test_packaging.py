@@ -1,0 +1,30 @@
+"""Packaging: a user who installs the library does not get the test tools; `pip install -e ".[test]"` does."""
+
+import configparser
+import re
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEST_ONLY = {"pytest", "nbclient", "nbformat", "ipykernel"}
+
+
+def requirement_names(value: str) -> set[str]:
+    """Package names of a setup.cfg requirement list (one per line, comments and blank lines skipped)."""
+    lines = (line.split("#")[0].strip() for line in value.splitlines())
+    return {re.match(r"[A-Za-z0-9_.\-]+", line).group(0).lower() for line in lines if line}
+
+
+def test_test_only_packages_are_an_extra_not_runtime_requirements():
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg")
+    runtime = requirement_names(setup["options"]["install_requires"])
+    assert {"torch", "transformers", "pillow"} <= runtime
+    assert runtime.isdisjoint(TEST_ONLY)
+    assert requirement_names(setup["options.extras_require"]["test"]) == TEST_ONLY
+
+
+def test_readme_and_ci_install_the_test_extra_before_running_the_tests():
+    readme = (REPO_ROOT / "README.md").read_text()
+    commands = re.search(r"```bash\n(.*?)```", readme, re.DOTALL).group(1)
+    assert 'pip install -e ".[test]" && python -m pytest -q tests' in commands
+    assert '-e ".[test]"' in (REPO_ROOT / ".ci" / "run").read_text()
