@@ -281,6 +281,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     settings = comparison_settings(names, tuple(args.budgets), model_shape(model)[1], args.with_rcpp)
     settings += [config_setting(config) for config in args.configs]
+    settings = list({setting.name: setting for setting in settings}.values())  # "vanilla" named twice runs once
     compare(model, settings, args.splits, args.seed, args.num_images, args.output_dir, args.batch_size)
     print((Path(args.output_dir) / "table.md").read_text())
     return 0
