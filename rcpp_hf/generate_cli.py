@@ -1,4 +1,5 @@
-"""`rcpp-hf generate`: caption an image with RCPP + DRCD, optionally beside the original LLaVA output."""
+"""`rcpp-hf generate`: caption an image with RCPP + DRCD or a registry method, optionally beside the original LLaVA
+output."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from rcpp_hf.engine.cache import cache_nbytes
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.default_model import default_model_path
+from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
 from rcpp_hf.eval.runner import load_model
+from rcpp_hf.method_cli import add_method_arguments, method_from_args, with_method
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "rcpp_default.yaml"
 LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -25,7 +27,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--image", type=Path, help="image file (default: a drawn test scene)")
     parser.add_argument("--prompt", default="Describe the image.", help="question; wrapped in the LLaVA-1.5 template "
                         "unless it already contains <image>")
-    parser.add_argument("--config", type=Path, help="RCPP YAML preset (default: RCPPGenerationConfig defaults)")
+    parser.add_argument("--config", type=Path, help="RCPP YAML preset (default: RCPPGenerationConfig defaults; with "
+                        "--method: the method alone, rcpp off)")
+    add_method_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, help="overrides the preset")
     parser.add_argument("--compare", action="store_true", help="also run vanilla LLaVA decoding and compare")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
@@ -42,11 +46,22 @@ def drawn_scene() -> Image.Image:
     return image
 
 
-def load_generation_config(path: Path | None, max_new_tokens: int | None) -> RCPPGenerationConfig:
+def load_generation_config(path: Path | None, max_new_tokens: int | None, method=None) -> RCPPGenerationConfig:
+    """The preset at `path` (default: RCPP's defaults, or, with a `method`, that method alone with RCPP off, greedy)
+    with `method` added."""
     overrides = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     if path is None:
-        return RCPPGenerationConfig(**{"max_new_tokens": 64, "do_sample": False, **overrides})
-    return RCPPGenerationConfig.from_yaml(path, **overrides)
+        alone = {} if method is None else {"rcpp": False}
+        config = RCPPGenerationConfig(**{"max_new_tokens": 64, "do_sample": False, **alone, **overrides})
+    else:
+        config = RCPPGenerationConfig.from_yaml(path, **overrides)
+    return with_method(config, method)
+
+
+def setting_label(config: RCPPGenerationConfig) -> str:
+    """E.g. "RCPP + DRCD", "fastv(budget=64)", "RCPP + DRCD + fastv(budget=64)"."""
+    parts = (["RCPP + DRCD"] if config.rcpp else []) + [method.describe() for method in config.methods]
+    return " + ".join(parts) or "original LLaVA"
 
 
 def timed_generate(model, inputs, generation_config) -> tuple[object, float]:
@@ -58,7 +73,8 @@ def timed_generate(model, inputs, generation_config) -> tuple[object, float]:
 def run(args: argparse.Namespace) -> int:
     if args.image is not None and not args.image.is_file():
         raise SystemExit(f"rcpp-hf generate: image file not found: {args.image}")
-    generation_config = load_generation_config(args.config, args.max_new_tokens)
+    method = method_from_args(args.method, args.method_config)
+    generation_config = load_generation_config(args.config, args.max_new_tokens, method)
     generation_config.return_dict_in_generate = True
     model_path = args.model or str(default_model_path())
     model, processor = load_model(model_path, args.dtype, args.device)
@@ -71,21 +87,24 @@ def run(args: argparse.Namespace) -> int:
     runs = []
     if args.compare:
         vanilla_config = copy.deepcopy(generation_config)
-        vanilla_config.rcpp = False  # the model's own _sample: exactly LlavaForConditionalGeneration.generate
+        vanilla_config.rcpp, vanilla_config.methods = False, ()  # exactly LlavaForConditionalGeneration.generate
         runs.append(("original LLaVA", *timed_generate(model, inputs, vanilla_config)))
-    runs.append(("RCPP + DRCD", *timed_generate(model, inputs, generation_config)))
+    runs.append((setting_label(generation_config), *timed_generate(model, inputs, generation_config)))
+    num_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
 
     print(f"model: {model_path}   prompt: {text!r}")
     for name, out, seconds in runs:
         new_tokens = out.sequences.shape[1] - prompt_length
         caption = processor.decode(out.sequences[0, prompt_length:], skip_special_tokens=True).strip()
         cache = out.past_key_values
-        if getattr(out, "rcpp", None) is not None:
-            kept = f"{cache.num_visual_tokens}/{out.rcpp.num_visual_tokens}"
+        if isinstance(cache, VisualKVCache):  # the methods' cache; the deepest layer holds the fewest visual tokens
+            kept = f"{cache.num_visual_tokens}/{num_visual}"
             visual_bytes = cache.visual_nbytes()
         else:
             kept, visual_bytes = "all", None
         print(f"\n== {name}\n{caption}")
+        for record in getattr(out, "pruning", None) or []:
+            print(f"   prefill pruning before layer {record.layer}: {record.kept}/{num_visual} visual tokens kept")
         print(f"   new tokens {new_tokens}, time {seconds:.2f} s ({1000 * seconds / max(new_tokens, 1):.1f} ms/token), "
               f"visual tokens kept {kept}, cache {cache_nbytes(cache) / 1024:.1f} KiB"
               + ("" if visual_bytes is None else f" (visual {visual_bytes / 1024:.1f} KiB)"))

@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rcpp_hf import RCPPGenerationConfig
 from rcpp_hf.config import RCPP_DEFAULTS
+from rcpp_hf.methods import load_method
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -55,6 +57,10 @@ def test_yaml_round_trip(tmp_path):
 
 @pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_presets_load(preset):
+    """configs/ holds decoding presets and method presets (a "method" key, loaded by `load_method`)."""
+    if "method" in yaml.safe_load(preset.read_text()):
+        assert load_method(preset).to_dict() == yaml.safe_load(preset.read_text())
+        return
     config = RCPPGenerationConfig.from_yaml(preset)
     assert config.max_new_tokens is not None
 

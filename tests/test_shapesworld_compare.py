@@ -1,4 +1,5 @@
-"""Comparing decoding settings: the sweep's presets, the table files, and the choice rule."""
+"""Comparing decoding settings: the rows from the registry, the sweep's presets, the table and plot files, and the
+choice rule."""
 
 import json
 from dataclasses import replace
@@ -6,7 +7,19 @@ from dataclasses import replace
 import pytest
 
 from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.shapesworld.compare import VANILLA, choose, compare, sweep_configs
+from rcpp_hf.cli import build_parser
+from rcpp_hf.engine.pruning import PruneRecord
+from rcpp_hf.shapesworld.compare import (
+    RCPP,
+    VANILLA,
+    choose,
+    compare,
+    comparison_settings,
+    config_setting,
+    model_shape,
+    sweep_configs,
+)
+from rcpp_hf.shapesworld.evaluate import prefill_visual_tokens
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 
 SMALL = replace(SHAPESWORLD_SPEC, image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,
@@ -33,16 +46,62 @@ def test_choose_takes_the_lowest_chair_i_that_keeps_recall():
     assert choose([row(VANILLA, 0.3, 0.9), row("e", 0.3, 0.9)])["setting"] == VANILLA  # a tie keeps vanilla
 
 
-def test_compare_writes_the_table(tmp_path):
-    folder = tmp_path / "model"
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapesworld-small")
     model, processor = build_shapesworld_llava(SMALL)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    return str(folder)
+
+
+def test_compare_writes_the_table(small_model, tmp_path):
     configs = [VANILLA, sweep_configs(tmp_path / "configs", max_new_tokens=6)[1]]
-    rows = compare(str(folder), configs, ["adversarial", "captions"], seed=1, num_images=1, output_dir=tmp_path / "runs",
-                   progress=False)  # fmt: skip
+    rows = compare(small_model, [config_setting(c) for c in configs], ["adversarial", "captions"], seed=1, num_images=1,
+                   output_dir=tmp_path / "runs", progress=False)  # fmt: skip
     assert [r["setting"] for r in rows] == [VANILLA, "default"]
     assert "visual_kept" not in json.dumps(rows[0]) and "captions.visual_kept" in rows[1]
     table = (tmp_path / "runs" / "table.md").read_text().splitlines()
-    assert len(table) == 4 and table[0].startswith("| setting | adv acc")
+    assert len(table) == 4 and table[0].startswith("| setting | budget | adv acc")
     assert (tmp_path / "runs" / "table.png").stat().st_size > 0
+
+
+def test_rows_come_from_the_registry_at_each_budget():
+    settings = comparison_settings([VANILLA, RCPP, "fastv"], (64, 192), num_visual=100, with_rcpp=True)
+    assert [s.name for s in settings] == [VANILLA, RCPP, "fastv-64", "fastv-192", "fastv+rcpp-64", "fastv+rcpp-192"]
+    assert [s.method["budget"] for s in settings[2:]] == [11, 33, 11, 33]  # 64 / 576 and 192 / 576 of 100 tokens
+    assert settings[1].config == settings[4].config and settings[1].config.endswith("rcpp_default.yaml")
+    assert settings[2].config is None and settings[4].family == "fastv+rcpp"
+    with pytest.raises(ValueError, match="unknown setting 'beam'; known: vanilla, rcpp, fastv"):
+        comparison_settings(["beam"], (64,), num_visual=100)
+
+
+def test_prefill_visual_tokens_average_over_layers():
+    records = [PruneRecord(layer=1, kept=6, kept_visual_ids=None), PruneRecord(layer=3, kept=2, kept_visual_ids=None)]
+    assert prefill_visual_tokens(records, num_layers=4, num_visual=16) == (16 + 6 + 6 + 2) / 4
+    assert prefill_visual_tokens([], num_layers=4, num_visual=16) == 16
+
+
+def test_compare_across_methods_and_budgets(small_model, tmp_path, capsys):
+    assert model_shape(small_model) == (4, 16)
+    args = build_parser().parse_args(["shapesworld", "compare", "--model", small_model, "--methods", "vanilla,fastv",
+                                      "--budgets", "64", "192", "--splits", "random", "captions", "--seed", "1",
+                                      "--num-images", "1", "--batch-size", "4", "--output-dir", str(tmp_path)])
+    assert args.func(args) == 0
+    rows = {row["setting"]: row for row in json.loads((tmp_path / "table.json").read_text())}
+    assert list(rows) == [VANILLA, "fastv-64", "fastv-192"]
+    # 64 of 576 -> 2 of 16 tokens: below the 4 that layer 0 alone averages before FastV prunes at layer 1 of 4
+    assert "too small" in rows["fastv-64"]["skipped"] and not (tmp_path / "fastv-64").exists()
+    # 192 of 576 -> budget 5 of 16; keep R = round((5 * 4 - 16) / 3) = 1 from layer 1: (16 + 3 * 1) / 4 = 4.75
+    assert rows["fastv-192"]["method"] == {"method": "fastv", "budget": 5, "keep": None, "layer": None, "query": "last"}
+    assert rows["fastv-192"]["visual_tokens"] == 4.75 and rows[VANILLA]["visual_tokens"] == 16
+    for row in (rows[VANILLA], rows["fastv-192"]):
+        assert {"random.f1", "captions.chair_i", "captions.recall"} <= set(row)
+        assert row["prefill_ms"] > 0 and row["decode_ms"] > 0
+    run = json.loads((tmp_path / "fastv-192" / "captions" / "run.json").read_text())
+    assert run["settings"]["method"]["budget"] == 5 and run["generation_config"]["methods"][0]["method"] == "fastv"
+    assert "method" not in json.loads((tmp_path / VANILLA / "captions" / "run.json").read_text())["settings"]
+    table = (tmp_path / "table.md").read_text()
+    assert "| fastv-64 | 64 | skipped: FastV.budget = 2" in table and "| fastv-192 | 192 |" in table
+    assert (tmp_path / "quality.png").stat().st_size > 10_000
+    assert "fastv-192" in capsys.readouterr().out

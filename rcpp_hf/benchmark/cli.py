@@ -8,14 +8,29 @@ from pathlib import Path
 
 import torch
 
-from rcpp_hf.benchmark.suite import METHODS, BenchmarkSettings, format_report, plot_report, run_benchmark
+from rcpp_hf.benchmark.suite import (
+    METHODS,
+    WITH_RCPP,
+    BenchmarkSettings,
+    format_report,
+    known_methods,
+    plot_report,
+    run_benchmark,
+)
+from rcpp_hf.method_cli import read_method_yaml
+from rcpp_hf.methods import METHODS as REGISTRY
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("bench", help="speed and memory of RCPP + DRCD beside vanilla and a two-pass reference")
     parser.add_argument("--shape", default="small", help="tiny | small | 7b (random weights), ignored with --model")
     parser.add_argument("--model", help="checkpoint folder or hub id instead of a shape")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(known_methods())}"
+                        " (registry methods run alone, greedy; '<name>+rcpp' composes one with the 'rcpp' setting)")
+    parser.add_argument("--method-config", action="append", default=[], help="YAML preset of a registry method in "
+                        "--methods ('method' key; without it: settings of the only one); repeat for several")
+    parser.add_argument("--budget", type=int, default=128, help="registry pruners' budget in visual tokens of 576, "
+                        "scaled to the model's image, unless a --method-config sets one (default: 128)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -31,10 +46,15 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    registered = {m.removesuffix(WITH_RCPP) for m in methods} & set(REGISTRY)
+    only = next(iter(registered)) if len(registered) == 1 else None
     settings = BenchmarkSettings(
         shape=args.shape,
         model=args.model,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        methods=methods,
+        budget=args.budget,
+        method_presets=tuple(read_method_yaml(path, only) for path in args.method_config),
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         batch_size=args.batch_size,

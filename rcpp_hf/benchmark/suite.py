@@ -1,5 +1,10 @@
 """Run the methods side by side in one process, interleaved, and report per-method speed, cache size and memory,
-each also as a ratio to vanilla measured in the same run."""
+each also as a ratio to vanilla measured in the same run.
+
+Methods are the benchmark's own (`METHODS`), a registry method by name (alone: RCPP off, greedy), or
+"<registry name>+rcpp" (composed with the "rcpp" setting). A registry pruner's budget is `BenchmarkSettings.budget`
+of 576 visual tokens, scaled to the model's image, unless its preset (`method_presets`) sets one.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,15 @@ from transformers import GenerationConfig
 from rcpp_hf.benchmark.measure import PeakMemory, StepTimer
 from rcpp_hf.benchmark.shapes import load_benchmark_model
 from rcpp_hf.benchmark.two_pass import two_pass_contrastive_generate
-from rcpp_hf.engine.cache import cache_nbytes
 from rcpp_hf.config import RCPPGenerationConfig
+from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
+from rcpp_hf.engine.pruning import PrefillPruner, scale_tokens, stage_flops_ratio
+from rcpp_hf.method_cli import with_method
+from rcpp_hf.methods import METHODS as REGISTRY
+from rcpp_hf.methods import MethodConfig, load_method
 
 METHODS = ("vanilla", "rcpp-score-only", "rcpp", "rcpp-evict", "two-pass")
+WITH_RCPP = "+rcpp"  # "fastv+rcpp": a registry method composed with the "rcpp" setting
 PROMPT = "USER: <image>\nDescribe the image in detail. ASSISTANT:"
 
 # (method, metric, "<=" or ">=", threshold): issue #5's targets, checked on every run and reported with it.
@@ -51,12 +61,19 @@ class BenchmarkSettings:
     early_steps: int = 32
     late_steps: int = 128
     seed: int = 0
+    budget: int = 128  # registry pruners' visual tokens, of 576, scaled to the model's image
+    method_presets: tuple[dict, ...] = ()  # registry method settings {"method": name, ...} (e.g. --method-config)
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
-        unknown = sorted(set(self.methods) - set(METHODS))
+        self.method_presets = tuple(self.method_presets)
+        unknown = sorted(set(self.methods) - set(known_methods()))
         if unknown:
-            raise ValueError(f"BenchmarkSettings.methods: unknown {unknown}; expected some of {list(METHODS)}")
+            raise ValueError(f"BenchmarkSettings.methods: unknown {unknown}; known: {', '.join(known_methods())}")
+        if not (isinstance(self.budget, int) and self.budget >= 1):
+            raise ValueError(f"BenchmarkSettings.budget = {self.budget!r}: must be an integer >= 1 (tokens of 576)")
+        for preset in self.method_presets:
+            load_method(preset)  # validated now, before any model work
         if "vanilla" not in self.methods:
             raise ValueError("BenchmarkSettings.methods must include 'vanilla': every ratio is to vanilla")
         if self.new_tokens < 4:
@@ -67,9 +84,32 @@ class BenchmarkSettings:
             raise ValueError(f"BenchmarkSettings.dtype = {self.dtype!r}: expected float32, float16 or bfloat16")
 
 
-def method_generation_config(method: str, settings: BenchmarkSettings, tau: float) -> GenerationConfig:
-    """Every method decodes exactly `new_tokens` greedy tokens (min = max, so an early EOS cannot shorten a run)."""
+def known_methods() -> list[str]:
+    """The benchmark's own methods, then every registry method alone and composed with RCPP."""
+    return [*METHODS, *REGISTRY, *(name + WITH_RCPP for name in REGISTRY)]
+
+
+def registry_method(method: str, settings: BenchmarkSettings, num_visual: int) -> MethodConfig | None:
+    """The registry method that `method` runs ("fastv" or "fastv+rcpp"), or None for the benchmark's own."""
+    name = method.removesuffix(WITH_RCPP)
+    if method in METHODS or name not in REGISTRY:
+        return None
+    preset = next((preset for preset in settings.method_presets if preset["method"] == name), {"method": name})
+    if "budget" in load_method(name).to_dict() and "budget" not in preset:
+        return load_method(preset, budget=scale_tokens(settings.budget, num_visual))
+    return load_method(preset)
+
+
+def method_generation_config(method: str, settings: BenchmarkSettings, tau: float,
+                             num_visual: int | None = None) -> GenerationConfig:  # fmt: skip
+    """Every method decodes exactly `new_tokens` greedy tokens (min = max, so an early EOS cannot shorten a run).
+    `num_visual` (the image's visual tokens) scales a registry method's budget."""
     length = dict(max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens, do_sample=False)
+    registered = registry_method(method, settings, num_visual) if method not in METHODS else None
+    if registered is not None:
+        composed = method.endswith(WITH_RCPP)
+        base = method_generation_config("rcpp", settings, tau) if composed else RCPPGenerationConfig(rcpp=False, **length)
+        return with_method(base, registered)
     contrast = dict(tau=tau, lambda_start=settings.lambda_t, lambda_end=settings.lambda_t)
     if method == "vanilla":
         return GenerationConfig(**length)
@@ -84,13 +124,14 @@ def method_generation_config(method: str, settings: BenchmarkSettings, tau: floa
     raise ValueError(f"no generation config for {method!r}")
 
 
-def run_method(model, inputs, method: str, settings: BenchmarkSettings, tau: float, streamer=None, trace=False):
+def run_method(model, inputs, method: str, settings: BenchmarkSettings, tau: float, streamer=None, trace=False,
+               num_visual: int | None = None):  # fmt: skip
     """One generation; returns (sequences, cache, RCPPTrace or None)."""
     if method == "two-pass":
         sequences, cache = two_pass_contrastive_generate(model, inputs, settings.new_tokens, settings.lambda_t,
                                                          streamer=streamer)
         return sequences, cache, None
-    config = method_generation_config(method, settings, tau)
+    config = method_generation_config(method, settings, tau, num_visual)
     config.return_dict_in_generate = trace
     out = model.generate(**inputs, generation_config=config, streamer=streamer)
     if not trace:
@@ -110,20 +151,25 @@ def calibrate_tau(model, inputs, settings: BenchmarkSettings) -> float:
 
 def cache_profile(model, inputs, method, settings, tau, prompt_length, num_visual) -> dict:
     """Total and visual KV bytes after every step, from an untimed run: RCPP's trace measures them; for the methods
-    whose cache only grows, the per-entry size of the final cache gives every step exactly."""
-    _, cache, trace = run_method(model, inputs, method, settings, tau, trace=True)
+    whose cache only grows by one token in every layer per step, the final cache gives every step exactly (a
+    prefill pruner's layers differ in length, so a token's bytes are summed over layers)."""
+    _, cache, trace = run_method(model, inputs, method, settings, tau, trace=True, num_visual=num_visual)
     if trace is not None:
         noisy_steps = [int(step.num_noise.min()) > 0 for step in trace.steps[1:]]
         return {
             "cache_bytes": [step.cache_bytes for step in trace.steps],
             "visual_cache_bytes": [step.visual_cache_bytes for step in trace.steps],
-            "contrast_step_fraction": (sum(noisy_steps) / len(noisy_steps)) if method in ("rcpp", "rcpp-evict") else 0.0,
+            "contrast_step_fraction": (sum(noisy_steps) / len(noisy_steps))
+            if method in ("rcpp", "rcpp-evict") or method.endswith(WITH_RCPP) else 0.0,
         }
-    entry_bytes = cache_nbytes(cache) // cache.get_seq_length()
+    token_bytes = sum((layer.keys.nbytes + layer.values.nbytes) // layer.keys.shape[-2] for layer in cache.layers
+                      if layer.is_initialized)  # fmt: skip
+    final_bytes, last = cache_nbytes(cache), settings.new_tokens - 1  # the last token is never cached
+    visual_bytes = cache.visual_nbytes() if isinstance(cache, VisualKVCache) else token_bytes * num_visual
     steps = range(settings.new_tokens)
     return {
-        "cache_bytes": [entry_bytes * (prompt_length + step) for step in steps],
-        "visual_cache_bytes": [entry_bytes * num_visual for _ in steps],
+        "cache_bytes": [final_bytes - token_bytes * (last - step) for step in steps],
+        "visual_cache_bytes": [visual_bytes for _ in steps],
         "contrast_step_fraction": 1.0 if method == "two-pass" else 0.0,
     }
 
@@ -222,13 +268,22 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
     for repeat, method in tqdm(rounds, desc=f"bench {settings.model or settings.shape}", unit="run"):
         timer = StepTimer()
         with PeakMemory(settings.device) as memory:
-            run_method(model, inputs, method, settings, tau, streamer=timer)
+            run_method(model, inputs, method, settings, tau, streamer=timer, num_visual=num_visual)
         if repeat > 0:
             timers[method].append(timer)
             peaks[method].append(memory.peak_bytes)
 
     results = {m: summarise(timers[m], peaks[m], profiles[m], settings) for m in settings.methods}
     add_ratios(results)
+    num_layers = model.config.text_config.num_hidden_layers
+    for method in settings.methods:
+        registered = registry_method(method, settings, num_visual)
+        if registered is not None:
+            results[method]["method"] = registered.to_dict()
+        if isinstance(registered, PrefillPruner):  # the token-count FLOPs ratio the measured prefill ratio should meet
+            stages = registered.resolve_stages(num_layers, num_visual)
+            results[method]["prefill_flops_ratio"] = stage_flops_ratio(stages, num_layers, num_visual,
+                                                                       prompt_length - num_visual)  # fmt: skip
     return {
         "settings": asdict(settings),
         "environment": {
@@ -261,7 +316,7 @@ TABLE_COLUMNS = [
 
 def format_report(report: dict) -> str:
     """A plain-text table (value and ratio to vanilla per cell) followed by the targets."""
-    header = ["method"] + [name for name, *_ in TABLE_COLUMNS] + ["contrast steps"]
+    header = ["method"] + [name for name, *_ in TABLE_COLUMNS] + ["contrast steps", "prefill FLOPs"]
     rows = [header]
     for method, metrics in report["methods"].items():
         row = [method]
@@ -271,6 +326,7 @@ def format_report(report: dict) -> str:
                 cell += f" ({metrics[ratio]:.2f}x)"
             row.append(cell)
         row.append(f"{metrics['contrast_step_fraction']:.0%}")
+        row.append(f"{metrics['prefill_flops_ratio']:.2f}x" if "prefill_flops_ratio" in metrics else "-")
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]

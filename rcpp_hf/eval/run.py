@@ -29,6 +29,7 @@ from rcpp_hf.eval.runner import (
     load_generation_config,
     load_model,
 )
+from rcpp_hf.method_cli import add_method_arguments, method_from_args
 
 
 @dataclass
@@ -38,6 +39,8 @@ class RunOptions:
     output_dir: str | Path
     model: str | Path | None = None  # None: rcpp_hf.default_model.default_model_path()
     config: str | Path | None = None  # RCPPGenerationConfig YAML preset; None: plain greedy LLaVA decoding
+    method: str | None = None  # a registry method added to the decoding (alone, greedy, when `config` is None)
+    method_config: str | Path | None = None  # its YAML preset or settings (`rcpp_hf.method_cli`)
     batch_size: int = 1
     max_new_tokens: int | None = None  # None: the benchmark's default
     seed: int = 0
@@ -67,6 +70,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", help="checkpoint folder or hub id (default: the embedded default model)")
     group.add_argument("--config", help="RCPPGenerationConfig YAML preset, e.g. configs/rcpp_default.yaml "
                        "(default: plain greedy LLaVA decoding)")
+    add_method_arguments(group)
     group.add_argument("--batch-size", type=int, default=1)
     group.add_argument("--max-new-tokens", type=int, help="default: the benchmark's")
     group.add_argument("--seed", type=int, default=0)
@@ -82,6 +86,8 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         output_dir=args.output_dir,
         model=args.model,
         config=args.config,
+        method=args.method,
+        method_config=args.method_config,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
@@ -162,7 +168,8 @@ def run_benchmark(
     check_files_exist((item.image for item in items if not callable(item.image)), "image files")
     model_path = str(options.model) if options.model is not None else str(default_model_path())
     max_new_tokens = options.max_new_tokens or default_max_new_tokens
-    generation_config = load_generation_config(model_path, options.config, max_new_tokens)
+    method = method_from_args(options.method, options.method_config)
+    generation_config = load_generation_config(model_path, options.config, max_new_tokens, method)
     identity = {
         "benchmark": benchmark,
         "inputs": inputs,
@@ -174,6 +181,8 @@ def run_benchmark(
         "image_aspect": options.image_aspect,
         "seed": options.seed,
     }
+    if method is not None:  # only then, so that runs recorded before methods existed stay resumable
+        identity["method"] = method.to_dict()
     state, device = _process_state(options.device)
     run_dir = RunDirectory(options.output_dir)
     run_dir.check_identity(identity)

@@ -16,6 +16,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
 from rcpp_hf.config import RCPPGenerationConfig
+from rcpp_hf.method_cli import with_method
+from rcpp_hf.methods import MethodConfig
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 
 LLAVA_SYSTEM_PROMPT = (
@@ -43,11 +45,11 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device
 
 
 def load_generation_config(
-    model_path: str | Path, config_path: str | Path | None, max_new_tokens: int
+    model_path: str | Path, config_path: str | Path | None, max_new_tokens: int, method: MethodConfig | None = None
 ) -> RCPPGenerationConfig:
     """The decoding configuration: the YAML preset (`RCPPGenerationConfig.from_yaml`), or without one plain
-    greedy LLaVA decoding (`rcpp=False`); `max_new_tokens` always; special token ids from the checkpoint
-    where the preset leaves them unset.
+    greedy LLaVA decoding (`rcpp=False`); `method` (a registry method) added to it; `max_new_tokens` always;
+    special token ids from the checkpoint where the preset leaves them unset.
 
     Reads only small YAML/JSON files, so a bad configuration fails before any weights are loaded.
     """
@@ -55,6 +57,7 @@ def load_generation_config(
         config = RCPPGenerationConfig(rcpp=False, do_sample=False, max_new_tokens=max_new_tokens)
     else:
         config = RCPPGenerationConfig.from_yaml(config_path, max_new_tokens=max_new_tokens)
+    config = with_method(config, method)
     try:
         checkpoint = GenerationConfig.from_pretrained(model_path)
     except OSError:  # a checkpoint without generation_config.json: generate() derives one from its config

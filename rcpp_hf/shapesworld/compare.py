@@ -1,7 +1,13 @@
 """`rcpp-hf shapesworld compare` and `sweep`: decoding settings side by side on ShapesWorld.
 
-`compare` evaluates each setting (vanilla greedy, or an RCPP YAML preset) on each split, each run in
-its own resumable folder (`evaluate.py`), and writes `table.md`, `table.json` and `table.png`.
+`compare` is the comparison across methods and budgets: vanilla, RCPP + DRCD (`configs/rcpp_default.yaml`), and
+every method of the registry, a prefill pruner at each budget (64 / 128 / 192 of LLaVA-1.5's 576 visual tokens,
+scaled to ShapesWorld's by fraction, `scale_tokens`). Each setting runs on each split in its own resumable folder
+(`<output-dir>/<setting>/<split>`, `evaluate.py`); it writes `table.md`, `table.json`, `table.png` and
+`quality.png`: POPE F1 per split, CHAIR_I and recall against the visual tokens the prefill computed (averaged over
+layers, i.e. the budget) and against prefill / decode time (the streamer-timed generate calls of the runs). Rows come
+from the registry, so a method added there gets its rows without touching this command. A budget a method cannot
+meet on this model (e.g. FastV's first layers alone exceed it on a 4-layer decoder) gives a row marked as skipped.
 
 `sweep` is `compare` over a one-factor-at-a-time grid around the library defaults (gamma, tau,
 lambda_end, keep-ratio schedule) on the captions split, meant for the validation world; it also
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -22,12 +29,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
 from rcpp_hf.config import RCPP_DEFAULTS  # noqa: E402
+from rcpp_hf.engine.pruning import PrefillPruner, check_stages, scale_tokens  # noqa: E402
+from rcpp_hf.methods import METHODS, load_method  # noqa: E402
 from rcpp_hf.shapesworld.evaluate import SPLITS, EvalSettings, evaluate  # noqa: E402
 from rcpp_hf.shapesworld.world import VALIDATION_SEED  # noqa: E402
 
 VANILLA = "vanilla"
+RCPP = "rcpp"
+RCPP_PRESET = Path(__file__).resolve().parents[2] / "configs" / "rcpp_default.yaml"
+BUDGETS = (64, 128, 192)  # of 576 visual tokens, the finepruner seed's budgets
 COLUMNS = {  # split -> (metric, header)
     "random": [("accuracy", "rand acc"), ("f1", "rand F1"), ("yes_ratio", "rand yes")],
     "popular": [("accuracy", "pop acc"), ("f1", "pop F1"), ("yes_ratio", "pop yes")],
@@ -35,6 +48,12 @@ COLUMNS = {  # split -> (metric, header)
     "captions": [("chair_s", "CHAIR_S"), ("chair_i", "CHAIR_I"), ("recall", "recall"), ("length", "len"),
                  ("partner_hallucination", "partner"), ("visual_kept", "KV kept")],  # fmt: skip
 }
+COST_COLUMNS = [("visual_tokens", "visual tokens"), ("prefill_ms", "prefill ms"), ("decode_ms", "decode ms/tok")]
+QUALITY = [("random.f1", "POPE F1 (random)"), ("popular.f1", "POPE F1 (popular)"),
+           ("adversarial.f1", "POPE F1 (adversarial)"), ("captions.chair_i", "CHAIR_I"),
+           ("captions.recall", "recall")]  # fmt: skip
+COSTS = [("visual_tokens", "visual tokens in prefill (mean over layers)"), ("prefill_ms", "prefill ms / item"),
+         ("decode_ms", "decode ms / token")]  # fmt: skip
 
 # One knob at a time around the defaults; keep-ratio schedules as (end, schedule).
 SWEEP_GRID = {
@@ -43,6 +62,83 @@ SWEEP_GRID = {
     "lambda_end": [0.0, 0.25, 1.0],
     "keep_ratio_end": [1.0, 0.25],
 }
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the comparison.
+
+    Args:
+        name: the row and its folder, e.g. "vanilla", "rcpp", "fastv-128".
+        family: the line it belongs to in the plots ("vanilla", "rcpp", a registry name, "fastv+rcpp").
+        config: RCPP YAML preset, or None (greedy, RCPP off).
+        method: a registry method (`MethodConfig.to_dict()`) added to the decoding, or None.
+        budget: the budget in tokens of 576, as the row is labelled (the method's own is scaled), or None.
+    """
+
+    name: str
+    family: str
+    config: str | None = None
+    method: dict | None = None
+    budget: int | None = None
+
+
+def config_setting(config: str) -> Setting:
+    """The row of `VANILLA` or of an RCPP YAML preset (named after its file)."""
+    if config == VANILLA:
+        return Setting(VANILLA, VANILLA)
+    return Setting(Path(config).stem, RCPP, config=config)
+
+
+def method_settings(name: str, budgets: tuple[int, ...], num_visual: int, with_rcpp: bool = False) -> list[Setting]:
+    """The rows of registry method `name`: one per budget when it has a `budget` setting (scaled from 576 tokens to
+    `num_visual`), else one with its defaults; with `with_rcpp`, the same again composed with RCPP + DRCD."""
+    family = name + "+rcpp" if with_rcpp else name
+    config = str(RCPP_PRESET) if with_rcpp else None
+    if "budget" not in load_method(name).to_dict():
+        return [Setting(family, family, config, load_method(name).to_dict())]
+    return [
+        Setting(f"{family}-{budget}", family, config, load_method(name, budget=scale_tokens(budget, num_visual)).to_dict(),
+                budget)  # fmt: skip
+        for budget in budgets
+    ]
+
+
+def comparison_settings(methods: list[str], budgets: tuple[int, ...], num_visual: int,
+                        with_rcpp: bool = False) -> list[Setting]:  # fmt: skip
+    """The rows for `methods`: `VANILLA`, `RCPP` (RCPP + DRCD with the library defaults), or registry names."""
+    settings = []
+    for name in methods:
+        if name == VANILLA:
+            settings.append(Setting(VANILLA, VANILLA))
+        elif name == RCPP:
+            settings.append(Setting(RCPP, RCPP, config=str(RCPP_PRESET)))
+        elif name in METHODS:
+            settings += method_settings(name, budgets, num_visual)
+            settings += method_settings(name, budgets, num_visual, with_rcpp=True) if with_rcpp else []
+        else:
+            raise ValueError(f"unknown setting {name!r}; known: {', '.join([VANILLA, RCPP, *METHODS])}")
+    return settings
+
+
+def model_shape(model: str) -> tuple[int, int]:
+    """(decoder layers, visual tokens per image) of a LLaVA checkpoint, from its config alone."""
+    config = AutoConfig.from_pretrained(model)
+    vision = config.vision_config
+    cls_token = 0 if config.vision_feature_select_strategy == "default" else 1  # "default" drops CLS
+    return config.text_config.num_hidden_layers, (vision.image_size // vision.patch_size) ** 2 + cls_token
+
+
+def skip_reason(setting: Setting, num_layers: int, num_visual: int) -> str | None:
+    """Why the setting's prefill pruner cannot run on this model (its ValueError), or None."""
+    method = None if setting.method is None else load_method(setting.method)
+    if not isinstance(method, PrefillPruner):
+        return None
+    try:
+        check_stages(method.resolve_stages(num_layers, num_visual), num_layers, num_visual, method.name)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def sweep_configs(folder: Path, max_new_tokens: int = 64) -> list[str]:
@@ -58,26 +154,35 @@ def sweep_configs(folder: Path, max_new_tokens: int = 64) -> list[str]:
     return paths
 
 
-def setting_name(config: str) -> str:
-    return VANILLA if config == VANILLA else Path(config).stem
-
-
-def compare(model: str, configs: list[str], splits: list[str], seed: int, num_images: int, output_dir: str | Path,
-            batch_size: int = 16, progress: bool = True) -> list[dict]:  # fmt: skip
-    """Evaluate every config on every split; returns one row per config: {"setting": name, metric: value}."""
+def compare(model: str, settings: list[Setting], splits: list[str], seed: int, num_images: int,
+            output_dir: str | Path, batch_size: int = 16, progress: bool = True) -> list[dict]:  # fmt: skip
+    """Evaluate every setting on every split (a skipped setting keeps its reason); returns one row per setting:
+    {"setting", "family", "budget", "config", "method", metric: value}, the costs averaged over its splits."""
     output_dir = Path(output_dir)
+    num_layers, num_visual = model_shape(model)
     rows = []
-    for config in configs:
-        row = {"setting": setting_name(config), "config": config}
+    for setting in settings:
+        row = {"setting": setting.name, "family": setting.family, "budget": setting.budget, "config": setting.config,
+               "method": setting.method}  # fmt: skip
+        reason = skip_reason(setting, num_layers, num_visual)
+        if reason is not None:
+            rows.append({**row, "skipped": reason})
+            continue
+        costs = {key: [] for key, _ in COST_COLUMNS}
         for split in splits:
-            settings = EvalSettings(model=model, split=split, config=None if config == VANILLA else config, seed=seed,
-                                    num_images=num_images, batch_size=batch_size)  # fmt: skip
-            metrics = evaluate(settings, output_dir / row["setting"] / split, progress=progress)
+            run = EvalSettings(model=model, split=split, config=setting.config, method=setting.method, seed=seed,
+                               num_images=num_images, batch_size=batch_size)  # fmt: skip
+            metrics = evaluate(run, output_dir / setting.name / split, progress=progress)
             for metric, _ in COLUMNS[split]:
                 if metric in metrics:
                     row[f"{split}.{metric}"] = metrics[metric]
+            for key in costs:
+                if key in metrics:
+                    costs[key].append(metrics[key])
+        row.update({key: sum(values) / len(values) for key, values in costs.items() if values})
         rows.append(row)
     write_table(rows, splits, output_dir)
+    plot_quality(rows, output_dir / "quality.png")
     return rows
 
 
@@ -85,11 +190,15 @@ def write_table(rows: list[dict], splits: list[str], output_dir: Path) -> None:
     """table.json (rows), table.md (one column per metric) and table.png (CHAIR_I and adversarial accuracy)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
-    columns = [(f"{split}.{metric}", header) for split in splits for metric, header in COLUMNS[split]]
-    lines = ["| setting | " + " | ".join(h for _, h in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    columns = [(f"{split}.{metric}", header) for split in splits for metric, header in COLUMNS[split]] + COST_COLUMNS
+    lines = ["| setting | budget | " + " | ".join(h for _, h in columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for row in rows:
+        budget = "-" if row.get("budget") is None else str(row["budget"])
+        if "skipped" in row:
+            lines.append(f"| {row['setting']} | {budget} | skipped: {row['skipped']} |")
+            continue
         cells = [f"{row[key]:.3f}" if key in row else "-" for key, _ in columns]
-        lines.append(f"| {row['setting']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['setting']} | {budget} | " + " | ".join(cells) + " |")
     (output_dir / "table.md").write_text("\n".join(lines) + "\n")
 
     shown = [(key, header) for key, header in (("captions.chair_i", "CHAIR_I (captions)"), ("adversarial.accuracy",
@@ -107,6 +216,30 @@ def write_table(rows: list[dict], splits: list[str], output_dir: Path) -> None:
     plt.close(figure)
 
 
+def plot_quality(rows: list[dict], path: Path) -> None:
+    """A grid, one row per cost (visual tokens, prefill ms, decode ms) and one column per quality metric measured;
+    one line per family through its budgets."""
+    quality = [(key, label) for key, label in QUALITY if any(key in row for row in rows)]
+    if not quality:
+        return
+    families = list(dict.fromkeys(row["family"] for row in rows if "skipped" not in row))
+    figure, axes = plt.subplots(len(COSTS), len(quality), figsize=(3.6 * len(quality), 3.2 * len(COSTS)),
+                                squeeze=False)  # fmt: skip
+    for (cost, cost_label), axis_row in zip(COSTS, axes):
+        for (metric, label), axis in zip(quality, axis_row):
+            for family in families:
+                points = sorted((row[cost], row[metric]) for row in rows if row["family"] == family and "skipped" not in row
+                                and cost in row and metric in row)  # fmt: skip
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=family)
+            axis.set(xlabel=cost_label, ylabel=label)
+            axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def choose(rows: list[dict]) -> dict:
     """The sweep's choice (see the module docstring); vanilla when no RCPP setting qualifies."""
     vanilla = next(row for row in rows if row["setting"] == VANILLA)
@@ -120,7 +253,14 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
                                         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
         if name == "compare":
-            parser.add_argument("--configs", nargs="+", required=True, help=f"'{VANILLA}' or RCPP YAML presets")
+            parser.add_argument("--methods", default=",".join([VANILLA, RCPP, *METHODS]),
+                                help=f"comma-separated rows: {VANILLA}, {RCPP} (RCPP + DRCD, library defaults) or "
+                                     f"registry methods ({', '.join(METHODS)}); default: all")  # fmt: skip
+            parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS),
+                                help="visual-token budgets of the pruners, of 576 (scaled to the model's image)")
+            parser.add_argument("--with-rcpp", action="store_true", help="also each registry method composed with "
+                                "RCPP + DRCD ('<method>+rcpp' rows)")
+            parser.add_argument("--configs", nargs="+", default=[], help="extra rows: RCPP YAML presets")
             parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
         parser.add_argument("--seed", type=int, default=VALIDATION_SEED, help=f"world seed (validation: {VALIDATION_SEED})")
         parser.add_argument("--num-images", type=int, default=50)
@@ -136,14 +276,19 @@ def _model(args: argparse.Namespace) -> str:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    compare(_model(args), args.configs, args.splits, args.seed, args.num_images, args.output_dir, args.batch_size)
+    model = _model(args)
+    names = [name.strip() for name in args.methods.split(",") if name.strip()]
+    settings = comparison_settings(names, tuple(args.budgets), model_shape(model)[1], args.with_rcpp)
+    settings += [config_setting(config) for config in args.configs]
+    settings = list({setting.name: setting for setting in settings}.values())  # "vanilla" named twice runs once
+    compare(model, settings, args.splits, args.seed, args.num_images, args.output_dir, args.batch_size)
     print((Path(args.output_dir) / "table.md").read_text())
     return 0
 
 
 def _run_sweep(args: argparse.Namespace) -> int:
-    configs = sweep_configs(Path(args.output_dir) / "configs")
-    rows = compare(_model(args), configs, ["captions"], args.seed, args.num_images, args.output_dir, args.batch_size)
+    settings = [config_setting(config) for config in sweep_configs(Path(args.output_dir) / "configs")]
+    rows = compare(_model(args), settings, ["captions"], args.seed, args.num_images, args.output_dir, args.batch_size)
     chosen = choose(rows)
     (Path(args.output_dir) / "chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
     print((Path(args.output_dir) / "table.md").read_text())

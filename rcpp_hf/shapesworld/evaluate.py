@@ -11,11 +11,17 @@ A run writes into its output folder:
 - `metrics.json`: POPE metrics (accuracy, precision, recall, F1, yes-ratio) or CHAIR metrics
   (CHAIR_S, CHAIR_I, recall, length, partner hallucination), over the records of the selection,
   and, with RCPP on, the mean share of visual tokens still in the KV cache at each item's last
-  token (`visual_kept`; the schedule depends on the step alone, so batching does not change it).
+  token (`visual_kept`; the schedule depends on the step alone, so batching does not change it);
+  the visual tokens the prefill computed, averaged over the decoder's layers (`visual_tokens`: all
+  of them without a prefill pruner, about the budget with one); and the time of the generate calls
+  from a streamer's timestamps: `prefill_ms` per item (the batch's prompt forward, vision tower
+  included, over its rows) and `decode_ms` per generated token of one answer (the batch's mean
+  step over its rows). Times are taken on whatever else the machine runs: compare settings of one run.
 
 Without --config the model decodes greedily with a plain GenerationConfig (vanilla LLaVA); with
---config the YAML preset is loaded as an RCPPGenerationConfig. Either way max_new_tokens is the
-split's (8 for POPE answers, 64 for captions) unless --max-new-tokens says otherwise.
+--config the YAML preset is loaded as an RCPPGenerationConfig; --method adds a registry method to
+either (alone: RCPP off, greedy). Either way max_new_tokens is the split's (8 for POPE answers, 64
+for captions) unless --max-new-tokens says otherwise.
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, GenerationConfig
 
+from rcpp_hf.benchmark.measure import StepTimer
 from rcpp_hf.config import RCPPGenerationConfig
+from rcpp_hf.engine.pruning import PruneRecord
 from rcpp_hf.eval.pope import parse_yes_no, pope_metrics
 from rcpp_hf.eval.results import ResultsFile
+from rcpp_hf.method_cli import add_method_arguments, method_from_args, with_method
+from rcpp_hf.methods import load_method
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 from rcpp_hf.shapesworld.caption_sets import caption_rows, caption_scenes, write_caption_split
 from rcpp_hf.shapesworld.chair import chair_metrics, score_caption
@@ -53,6 +63,7 @@ class EvalSettings:
     model: str
     split: str
     config: str | None = None  # RCPP YAML preset; None: vanilla greedy decoding
+    method: dict | None = None  # a registry method (`MethodConfig.to_dict()`) added to the decoding
     seed: int = TEST_SEED
     num_images: int = 100
     limit: int | None = None  # evaluate only the first `limit` items of the split; not part of run.json
@@ -92,9 +103,10 @@ def split_items(settings: EvalSettings, data_dir: Path) -> list[dict]:
     return items[: settings.limit]
 
 
-def item_record(item: dict, answer: str, visual_kept: float | None) -> dict:
-    """The results record of one generated answer: the item's fields, the answer and its scores."""
-    record = dict(item, answer=answer)
+def item_record(item: dict, answer: str, visual_kept: float | None, measured: dict | None = None) -> dict:
+    """The results record of one generated answer: the item's fields, the answer, what was measured while
+    generating it (`generate_answers`) and its scores."""
+    record = dict(item, answer=answer, **(measured or {}))
     if visual_kept is not None:
         record["visual_kept"] = visual_kept
     if "scene" in record:
@@ -109,15 +121,34 @@ def split_metrics(split: str, records: list[dict]) -> dict:
     metrics = chair_metrics(records) if split == "captions" else pope_metrics(
         [r["label"] for r in records], [r["prediction"] for r in records]
     )
-    kept = [r["visual_kept"] for r in records if "visual_kept" in r]
-    if kept:
-        metrics["visual_kept"] = sum(kept) / len(kept)
+    for field, metric, scale in (("visual_kept", "visual_kept", 1), ("visual_tokens", "visual_tokens", 1),
+                                 ("prefill_s", "prefill_ms", 1e3), ("decode_s", "decode_ms", 1e3)):  # fmt: skip
+        values = [r[field] for r in records if r.get(field) is not None]
+        if values:
+            metrics[metric] = scale * sum(values) / len(values)
     return metrics
+
+
+def prefill_visual_tokens(records: list[PruneRecord], num_layers: int, num_visual: int) -> float:
+    """Visual tokens the prefill computed, averaged over the decoder's layers: `num_visual` up to the first pruning
+    stage, then each stage's `kept` from its layer on (the "equivalent" budget of FinePruner's `R_dict`)."""
+    kept_from = {record.layer: record.kept for record in records}
+    per_layer, visual = [], num_visual
+    for layer in range(num_layers):
+        visual = kept_from.get(layer, visual)
+        per_layer.append(visual)
+    return sum(per_layer) / num_layers
 
 
 def generation_config_for(settings: EvalSettings, tokenizer) -> GenerationConfig:
     """The run's generation config: the YAML preset (RCPP) or plain greedy, with the split's token budget."""
-    config = GenerationConfig(do_sample=False) if settings.config is None else RCPPGenerationConfig.from_yaml(settings.config)
+    if settings.config is not None:
+        config = RCPPGenerationConfig.from_yaml(settings.config)
+    elif settings.method is not None:
+        config = RCPPGenerationConfig(rcpp=False, do_sample=False)
+    else:
+        config = GenerationConfig(do_sample=False)
+    config = with_method(config, None if settings.method is None else load_method(settings.method))
     config.max_new_tokens = settings.new_tokens
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
@@ -127,23 +158,33 @@ def generation_config_for(settings: EvalSettings, tokenizer) -> GenerationConfig
 
 def generate_answers(
     model, processor, images: list[Image.Image], prompts: list[str], generation_config: GenerationConfig
-) -> tuple[list[str], list[float | None]]:
-    """One answer per (image, prompt), batched with left padding; and, with RCPP on, the share of visual
-    tokens still cached at each row's last generated token (None without RCPP)."""
+) -> tuple[list[str], list[float | None], dict]:
+    """One answer per (image, prompt), batched with left padding; with RCPP on, the share of visual tokens still
+    cached at each row's last generated token (None without RCPP); and what the batch measured, per row:
+    `visual_tokens` (`prefill_visual_tokens`), `prefill_s` and `decode_s` (see the module docstring)."""
     texts = [chat_prompt(processor, p) for p in prompts]
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
+    timer = StepTimer()
     with torch.inference_mode():
-        out = model.generate(**inputs, generation_config=generation_config)
+        out = model.generate(**inputs, generation_config=generation_config, streamer=timer)
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
     answers = [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+    num_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    decode = timer.decode_seconds
+    measured = {
+        "visual_tokens": prefill_visual_tokens(getattr(out, "pruning", None) or [],
+                                               model.config.text_config.num_hidden_layers, num_visual),
+        "prefill_s": timer.prefill_seconds / len(answers),
+        "decode_s": sum(decode) / len(decode) / len(answers) if decode else None,
+    }  # fmt: skip
     trace = getattr(out, "rcpp", None)
     if trace is None:
-        return answers, [None] * len(answers)
+        return answers, [None] * len(answers), measured
     # A row's length: its tokens up to and including its first eos (the rest is padding after it finished).
     is_eos = new_tokens == generation_config.eos_token_id
     lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, new_tokens.shape[1])
     kept = [1.0 - trace.steps[int(n) - 1].scores[row].isnan().float().mean().item() for row, n in enumerate(lengths)]
-    return answers, kept
+    return answers, kept, measured
 
 
 def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = True) -> dict:
@@ -154,6 +195,8 @@ def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = Tr
     generation_config = generation_config_for(settings, processor.tokenizer)
     # The limit chooses how many items are asked, not how: it stays out of the run's identity.
     identity = {key: value for key, value in asdict(settings).items() if key != "limit"}
+    if settings.method is None:  # runs recorded before methods existed stay resumable
+        del identity["method"]
     run = {"settings": identity, "prompt": _prompt_of(settings.split), "generation_config": generation_config.to_dict()}
     _check_same_run(output_dir / "run.json", run)
     data_dir = output_dir / "data"
@@ -168,8 +211,9 @@ def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = Tr
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
             images = [Image.open(data_dir / IMAGE_FOLDER / item["image"]).convert("RGB") for item in batch]
-            answers, kept = generate_answers(model, processor, images, [item["prompt"] for item in batch], generation_config)
-            results.extend(item_record(item, answer, k) for item, answer, k in zip(batch, answers, kept))
+            answers, kept, measured = generate_answers(model, processor, images, [item["prompt"] for item in batch],
+                                                       generation_config)  # fmt: skip
+            results.extend(item_record(item, answer, k, measured) for item, answer, k in zip(batch, answers, kept))
             bar.update(len(batch))
         bar.close()
 
@@ -203,6 +247,7 @@ def add_eval_parser(eval_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", required=True, choices=SPLITS)
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded ShapesWorld model)")
     parser.add_argument("--config", default=None, help="RCPP YAML preset (default: vanilla greedy decoding)")
+    add_method_arguments(parser)
     parser.add_argument("--seed", type=int, default=TEST_SEED, help=f"world seed of the held-out scenes (test: {TEST_SEED})")
     parser.add_argument("--num-images", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
@@ -215,10 +260,12 @@ def add_eval_parser(eval_subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from rcpp_hf.default_model import default_model_path
 
+    method = method_from_args(args.method, args.method_config)
     settings = EvalSettings(
         model=str(args.model or default_model_path()),
         split=args.split,
         config=args.config,
+        method=None if method is None else method.to_dict(),
         seed=args.seed,
         num_images=args.num_images,
         limit=args.limit,

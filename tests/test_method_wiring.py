@@ -1,0 +1,138 @@
+"""The registry's methods from every entry point: `--method` / `--method-config` parsing, generate, eval identities,
+bench on the tiny shape, and the presets in configs/."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.eval_helpers import options, read_jsonl, write_mme
+
+from rcpp_hf.benchmark.suite import BenchmarkSettings, method_generation_config, run_benchmark
+from rcpp_hf.cli import build_parser, main
+from rcpp_hf.config import RCPPGenerationConfig
+from rcpp_hf.eval.mme import evaluate_mme
+from rcpp_hf.eval.runner import load_generation_config
+from rcpp_hf.generate_cli import setting_label
+from rcpp_hf.method_cli import method_from_args, read_method_yaml
+from rcpp_hf.methods import FastV, load_method
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_presets_load_by_path():
+    for budget in (64, 128, 192):
+        method = load_method(CONFIGS / f"fastv_{budget}.yaml")
+        assert method == FastV(budget=budget)
+    # 576 tokens, 32 layers, K = 2: FinePruner's R_dict
+    assert [load_method(CONFIGS / f"fastv_{b}.yaml").resolve_stages(32, 576)[0].keep for b in (64, 128, 192)] == [
+        30, 98, 166]
+
+
+def test_method_arguments(tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("budget: 3\nquery: all\n")
+    preset = CONFIGS / "fastv_64.yaml"
+    assert method_from_args(None, None) is None
+    assert method_from_args("fastv", None) == FastV()
+    assert method_from_args(None, preset) == FastV(budget=64)
+    assert method_from_args("fastv", preset) == FastV(budget=64)
+    assert method_from_args("fastv", settings) == FastV(budget=3, query="all")
+    with pytest.raises(ValueError, match="no 'method' key: name the method with --method"):
+        method_from_args(None, settings)
+    other = tmp_path / "other.yaml"
+    other.write_text("method: sparsevlm\n")
+    with pytest.raises(ValueError, match="--method fastv conflicts with .*other.yaml, a preset of method 'sparsevlm'"):
+        read_method_yaml(other, "fastv")
+    with pytest.raises(ValueError, match=r"FastV.query = 'first'"):
+        method_from_args("fastv", _write(tmp_path / "bad.yaml", {"query": "first"}))
+    with pytest.raises(FileNotFoundError, match="method config file not found"):
+        method_from_args("fastv", tmp_path / "missing.yaml")
+    args = build_parser().parse_args(["eval", "mme", "--mme-root", "x", "--output-dir", "y", "--method", "fastv",
+                                      "--method-config", str(preset)])  # fmt: skip
+    assert (args.method, args.method_config) == ("fastv", str(preset))
+
+
+def _write(path, values):
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_unknown_method_lists_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'fastw'; known methods: .*fastv"):
+        main(["generate", "--method", "fastw"])
+    with pytest.raises(ValueError, match="unknown method 'fastw'; known methods: .*fastv"):
+        main(["eval", "shapesworld", "--split", "random", "--output-dir", str(tmp_path), "--method", "fastw"])
+    with pytest.raises(ValueError, match=r"unknown \['fastw'\]; known: vanilla, .*two-pass, fastv, .*fastv\+rcpp"):
+        BenchmarkSettings(methods=("vanilla", "fastw"))
+
+
+def test_a_method_joins_the_decoding_config(tiny_path):
+    alone = load_generation_config(tiny_path, None, 5, FastV(budget=4))
+    assert alone.rcpp is False and alone.methods == (FastV(budget=4),) and alone.max_new_tokens == 5
+    composed = load_generation_config(tiny_path, CONFIGS / "rcpp_default.yaml", 5, FastV(budget=4))
+    assert composed.rcpp is True and composed.methods == (FastV(budget=4),)
+    assert setting_label(composed) == "RCPP + DRCD + fastv(budget=4)" and setting_label(alone) == "fastv(budget=4)"
+    with pytest.raises(ValueError, match="cannot be combined"):
+        load_generation_config(tiny_path, _preset_with_fastv(tiny_path.parent), 5, FastV(budget=4))
+
+
+def _preset_with_fastv(folder: Path) -> Path:
+    path = folder / "with_fastv.yaml"
+    RCPPGenerationConfig(methods=[FastV(budget=8)]).to_yaml(path)
+    return path
+
+
+def test_generate_with_a_method(tiny_path, tmp_path, capsys):
+    preset = _write(tmp_path / "fastv.yaml", {"method": "fastv", "keep": 4})
+    assert main(["generate", "--model", str(tiny_path), "--method-config", str(preset), "--max-new-tokens", "3",
+                 "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert "== original LLaVA" in out and "visual tokens kept all" in out
+    # tiny: 4 layers, FastV's layer 2 of 32 -> 1; 4 of 16 visual tokens from there on
+    assert "== fastv(keep=4)" in out and "prefill pruning before layer 1: 4/16 visual tokens kept" in out
+    assert "visual tokens kept 4/16" in out
+
+
+def test_eval_identity_records_the_method_and_refuses_another(varied_tiny_path, tmp_path, make_image_files):
+    root = write_mme(tmp_path / "MME", make_image_files)
+    run = tmp_path / "run"
+    evaluate_mme(root, options(varied_tiny_path, run, method="fastv", method_config=str(_write(
+        tmp_path / "k4.yaml", {"keep": 4}))), subtasks=("existence",))  # fmt: skip
+    identity = json.loads((run / "config.json").read_text())["identity"]
+    assert identity["method"] == {"method": "fastv", "budget": 128, "keep": 4, "layer": None, "query": "last"}
+    assert identity["generation_config"]["methods"] == [identity["method"]] and len(read_jsonl(run / "answers.jsonl")) == 4
+    with pytest.raises(ValueError, match="different generation_config, method"):
+        evaluate_mme(root, options(varied_tiny_path, run, method="fastv", method_config=str(_write(
+            tmp_path / "k2.yaml", {"keep": 2}))), subtasks=("existence",))  # fmt: skip
+    with pytest.raises(ValueError, match="different generation_config, method"):
+        evaluate_mme(root, options(varied_tiny_path, run), subtasks=("existence",))
+    plain = tmp_path / "plain"
+    evaluate_mme(root, options(varied_tiny_path, plain), subtasks=("existence",))
+    assert "method" not in json.loads((plain / "config.json").read_text())["identity"]
+
+
+def test_bench_runs_registry_methods_on_the_tiny_shape(tmp_path):
+    preset = _write(tmp_path / "fastv.yaml", {"method": "fastv", "keep": 4})
+    settings = BenchmarkSettings(shape="tiny", methods=("vanilla", "fastv", "fastv+rcpp"), new_tokens=5, repeats=1,
+                                 early_steps=2, late_steps=2, method_presets=(read_method_yaml(preset),))  # fmt: skip
+    report = run_benchmark(settings)
+    methods = report["methods"]
+    entry = 4 * 2 * 16 * 2 * 4  # tiny: 4 layers x 2 kv heads x head_dim 16 x (key + value) x float32, per token
+    prompt = report["environment"]["prompt_tokens"]
+    # FastV before layer 1 of 4 keeps 4 of 16 visual tokens: layer 0 caches 16, layers 1-3 cache 4
+    assert methods["fastv"]["method"]["keep"] == 4
+    assert methods["fastv"]["final_visual_cache_bytes"] == entry // 4 * (16 + 3 * 4)
+    assert methods["fastv"]["final_cache_bytes"] == entry * (prompt + 4) - entry // 4 * 3 * 12
+    assert methods["fastv"]["cache_bytes_per_step"] == [methods["fastv"]["final_cache_bytes"] - entry * (4 - step)
+                                                        for step in range(5)]  # fmt: skip
+    assert methods["fastv+rcpp"]["final_visual_cache_bytes"] == methods["fastv"]["final_visual_cache_bytes"]
+    text_tokens = prompt - 16
+    assert methods["fastv"]["prefill_flops_ratio"] == pytest.approx(
+        ((text_tokens + 16) + 3 * (text_tokens + 4)) / (4 * (text_tokens + 16)))
+    assert "prefill_flops_ratio" not in methods["vanilla"]
+    # the budget path: 192 of 576 -> 5 of 16 tokens
+    assert method_generation_config("fastv", BenchmarkSettings(budget=192), 0.0, num_visual=16).methods == (
+        FastV(budget=5),)
+    composed = method_generation_config("fastv+rcpp", BenchmarkSettings(budget=192), 0.0, num_visual=16)
+    assert composed.rcpp and composed.lambda_end == 0.5 and composed.methods == (FastV(budget=5),)
