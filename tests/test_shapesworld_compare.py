@@ -105,3 +105,28 @@ def test_compare_across_methods_and_budgets(small_model, tmp_path, capsys):
     assert "| fastv-64 | 64 | skipped: FastV.budget = 2" in table and "| fastv-192 | 192 |" in table
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert "fastv-192" in capsys.readouterr().out
+
+
+def test_head_ablation_rows_table_and_heat_map(small_model, tmp_path, capsys):
+    from rcpp_hf.shapesworld.head_ablation import ablation_settings, scale_heads
+
+    assert [scale_heads(h, 8) for h in (8, 16, 24, 32)] == [2, 4, 6, 8]
+    settings = ablation_settings(["sum", "gini", "consensus_diversity"], (8, 32), (64, 192), 16, 4)
+    names = [s.name for s in settings]
+    assert names[:5] == ["fastv-64", "fp-sum-h1-64", "fp-sum-h4-64", "fp-gini-h1-64", "fp-gini-h4-64"]
+    assert names[5] == "fp-consensus_diversity-64" and len(names) == 12
+
+    args = build_parser().parse_args(
+        ["shapesworld", "head-ablation", "--model", small_model, "--strategies", "sum", "consensus_diversity",
+         "--heads", "8", "32", "--budgets", "192", "--num-images", "1", "--output-dir", str(tmp_path)]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    table = (tmp_path / "ablation.md").read_text()
+    assert "budget 192 of 576" in table and "| sum |" in table and "fastv (all heads)" in table
+    cells = json.loads((tmp_path / "ablation.json").read_text())
+    assert {(c["strategy"], c["heads"]) for c in cells} == {
+        ("fastv (all heads)", "all"), ("sum", 1), ("sum", 4), ("consensus_diversity", "dyn")
+    }
+    dynamic = next(c for c in cells if c["heads"] == "dyn")
+    assert 1 <= dynamic["heads_chosen"] <= 4
+    assert (tmp_path / "ablation.png").stat().st_size > 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from rcpp_hf.shapesworld import compare, train
+from rcpp_hf.shapesworld import compare, head_ablation, train
 from rcpp_hf.shapesworld.caption_sets import caption_scenes, write_caption_split
 from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS, pope_scenes, write_pope_split
 from rcpp_hf.shapesworld.world import TEST_SEED
@@ -18,6 +18,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     subcommands = parser.add_subparsers(dest="shapesworld_command", required=True)
     train.add_parser(subcommands)
     compare.add_parsers(subcommands)
+    head_ablation.add_parser(subcommands)
     export = subcommands.add_parser(
         "export",
         help="write POPE question files (official JSON-lines format) and caption sets with their images",

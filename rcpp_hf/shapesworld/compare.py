@@ -168,7 +168,7 @@ def compare(model: str, settings: list[Setting], splits: list[str], seed: int, n
         if reason is not None:
             rows.append({**row, "skipped": reason})
             continue
-        costs = {key: [] for key, _ in COST_COLUMNS}
+        costs = {key: [] for key in [*(key for key, _ in COST_COLUMNS), "num_heads"]}  # averaged over splits
         for split in splits:
             run = EvalSettings(model=model, split=split, config=setting.config, method=setting.method, seed=seed,
                                num_images=num_images, batch_size=batch_size)  # fmt: skip

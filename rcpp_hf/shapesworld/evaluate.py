@@ -122,7 +122,8 @@ def split_metrics(split: str, records: list[dict]) -> dict:
         [r["label"] for r in records], [r["prediction"] for r in records]
     )
     for field, metric, scale in (("visual_kept", "visual_kept", 1), ("visual_tokens", "visual_tokens", 1),
-                                 ("prefill_s", "prefill_ms", 1e3), ("decode_s", "decode_ms", 1e3)):  # fmt: skip
+                                 ("prefill_s", "prefill_ms", 1e3), ("decode_s", "decode_ms", 1e3),
+                                 ("num_heads", "num_heads", 1)):  # fmt: skip
         values = [r[field] for r in records if r.get(field) is not None]
         if values:
             metrics[metric] = scale * sum(values) / len(values)
@@ -177,6 +178,9 @@ def generate_answers(
         "prefill_s": timer.prefill_seconds / len(answers),
         "decode_s": sum(decode) / len(decode) / len(answers) if decode else None,
     }  # fmt: skip
+    heads = [h for record in getattr(out, "pruning", None) or [] for h in record.details.get("num_heads", [])]
+    if heads:  # FastV + FinePruner: attention heads chosen, averaged over the batch's rows and stages
+        measured["num_heads"] = sum(heads) / len(heads)
     trace = getattr(out, "rcpp", None)
     if trace is None:
         return answers, [None] * len(answers), measured

@@ -1,0 +1,130 @@
+"""`rcpp-hf shapesworld head-ablation`: the finepruner seed's head-strategy ablation on ShapesWorld.
+
+FastV + FinePruner for every head strategy (the nine fixed ones and the dynamic consensus-diversity selection) x
+number of heads H (8 / 16 / 24 / 32 of LLaVA-1.5's 32, scaled to the model's heads) x budget (64 / 128 / 192 of 576,
+scaled), with FastV (all heads, averaged) beside each budget; POPE on one split. Every cell is a row of `compare`
+(its own resumable run folder); the ablation writes `ablation.md`, `ablation.json` and `ablation.png` (a heat map of
+F1 per budget: strategies x H) next to `compare`'s table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+
+from rcpp_hf.engine.pruning import scale_tokens  # noqa: E402
+from rcpp_hf.methods import FastV, FastVFinePruner  # noqa: E402
+from rcpp_hf.methods.fastv_finepruner import DYNAMIC  # noqa: E402
+from rcpp_hf.methods.head_selection import HEAD_STRATEGIES  # noqa: E402
+from rcpp_hf.shapesworld.compare import BUDGETS, Setting, compare, model_shape  # noqa: E402
+from rcpp_hf.shapesworld.world import VALIDATION_SEED  # noqa: E402
+
+STUDY_HEADS = (8, 16, 24, 32)  # of LLaVA-1.5-7B's 32 heads, the seed's H
+REFERENCE_HEADS = 32
+
+
+def scale_heads(heads: int, num_heads: int) -> int:
+    return max(1, round(heads * num_heads / REFERENCE_HEADS))
+
+
+def ablation_settings(strategies: list[str], heads: tuple[int, ...], budgets: tuple[int, ...], num_visual: int,
+                      num_heads: int) -> list[Setting]:  # fmt: skip
+    """FastV per budget, then every (strategy, H) per budget; the dynamic strategy once per budget (it picks H)."""
+    settings = []
+    for budget in budgets:
+        tokens = scale_tokens(budget, num_visual)
+        settings.append(Setting(f"fastv-{budget}", "fastv", method=FastV(budget=tokens).to_dict(), budget=budget))
+        for strategy in strategies:
+            for h in dict.fromkeys([None] if strategy == DYNAMIC else [scale_heads(h, num_heads) for h in heads]):
+                method = FastVFinePruner(budget=tokens, head_strategy=strategy, num_heads=h or 1)
+                name = f"fp-{strategy}-{budget}" if h is None else f"fp-{strategy}-h{h}-{budget}"
+                settings.append(Setting(name, f"fastv_finepruner:{strategy}", method=method.to_dict(), budget=budget))
+    return settings
+
+
+def ablation_table(rows: list[dict], split: str, output_dir: Path) -> None:
+    """ablation.json / .md (F1 per strategy x H, one block per budget; heads chosen for the dynamic strategy) and
+    ablation.png (heat maps)."""
+    metric = f"{split}.f1"
+    done = [row for row in rows if "skipped" not in row]
+    budgets = sorted({row["budget"] for row in done})
+    cells = {}
+    for row in done:
+        method = row["method"]
+        strategy = method.get("head_strategy", "fastv (all heads)") if method["method"] != "fastv" else "fastv (all heads)"
+        heads = "all" if method["method"] == "fastv" else ("dyn" if strategy == DYNAMIC else method["num_heads"])
+        cells[(row["budget"], strategy, heads)] = (row.get(metric), row.get("num_heads"))
+    (output_dir / "ablation.json").write_text(json.dumps(
+        [{"budget": b, "strategy": s, "heads": h, "f1": v[0], "heads_chosen": v[1]} for (b, s, h), v in cells.items()],
+        indent=1) + "\n")  # fmt: skip
+    strategies = list(dict.fromkeys(s for (_, s, _) in cells))
+    head_columns = sorted({h for (_, _, h) in cells if isinstance(h, int)})
+    lines = []
+    for budget in budgets:
+        lines += [f"### budget {budget} of 576 — POPE {split} F1", "",
+                  "| strategy | " + " | ".join(f"H={h}" for h in head_columns) + " | dynamic (heads chosen) | all heads |",
+                  "|---" * (len(head_columns) + 3) + "|"]  # fmt: skip
+        for strategy in strategies:
+            values = [cells.get((budget, strategy, h), (None, None))[0] for h in head_columns]
+            dynamic = cells.get((budget, strategy, "dyn"))
+            whole = cells.get((budget, strategy, "all"))
+            line = [f"{v:.3f}" if v is not None else "" for v in values]
+            line.append(f"{dynamic[0]:.3f} ({dynamic[1]:.1f})" if dynamic and dynamic[0] is not None else "")
+            line.append(f"{whole[0]:.3f}" if whole and whole[0] is not None else "")
+            lines.append(f"| {strategy} | " + " | ".join(line) + " |")
+        lines.append("")
+    (output_dir / "ablation.md").write_text("\n".join(lines))
+
+    fixed = [s for s in strategies if s in HEAD_STRATEGIES]
+    if not (budgets and fixed and head_columns):
+        return
+    figure, axes = plt.subplots(1, len(budgets), figsize=(2.2 + 1.1 * len(head_columns) * len(budgets), 4.5),
+                                squeeze=False)  # fmt: skip
+    for axis, budget in zip(axes[0], budgets):
+        grid = [[cells.get((budget, s, h), (float("nan"),))[0] or float("nan") for h in head_columns] for s in fixed]
+        image = axis.imshow(grid, cmap="viridis", aspect="auto")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                axis.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7, color="white")
+        axis.set(xticks=range(len(head_columns)), xticklabels=[f"H={h}" for h in head_columns],
+                 yticks=range(len(fixed)), yticklabels=fixed, title=f"budget {budget}/576")  # fmt: skip
+        figure.colorbar(image, ax=axis, shrink=0.8, label=f"POPE {split} F1")
+    figure.tight_layout()
+    figure.savefig(output_dir / "ablation.png", dpi=110)
+    plt.close(figure)
+
+
+def add_parser(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("head-ablation", help="FastV + FinePruner head strategies x heads x budgets",
+                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
+    parser.add_argument("--strategies", nargs="+", default=[*HEAD_STRATEGIES, DYNAMIC],
+                        choices=[*HEAD_STRATEGIES, DYNAMIC])  # fmt: skip
+    parser.add_argument("--heads", type=int, nargs="+", default=list(STUDY_HEADS), help="H, of 32 heads (scaled)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="of 576 visual tokens (scaled)")
+    parser.add_argument("--split", default="adversarial", choices=["random", "popular", "adversarial"])
+    parser.add_argument("--seed", type=int, default=VALIDATION_SEED)
+    parser.add_argument("--num-images", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--output-dir", required=True)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rcpp_hf.default_model import default_model_path
+
+    model = str(args.model or default_model_path())
+    num_heads = AutoConfig.from_pretrained(model).text_config.num_attention_heads
+    settings = ablation_settings(args.strategies, tuple(args.heads), tuple(args.budgets), model_shape(model)[1],
+                                 num_heads)  # fmt: skip
+    rows = compare(model, settings, [args.split], args.seed, args.num_images, args.output_dir, args.batch_size)
+    ablation_table(rows, args.split, Path(args.output_dir))
+    print((Path(args.output_dir) / "ablation.md").read_text())
+    return 0
