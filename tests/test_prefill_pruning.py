@@ -240,3 +240,21 @@ def test_methods_round_trip_through_the_generation_config(tmp_path):
     assert loaded.methods == (FastV(budget=64),)
     FastV(budget=64, query="all").to_yaml(tmp_path / "fastv.yaml")
     assert load_method(tmp_path / "fastv.yaml") == FastV(budget=64, query="all")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_pruning_in_half_precision(tiny_path, batch2, dtype):
+    """Keeping every token is still vanilla in half precision, and a real drop keeps the asked count per layer."""
+    vanilla = LlavaForConditionalGeneration.from_pretrained(tiny_path, dtype=dtype).eval()
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(tiny_path, dtype=dtype).eval()
+    inputs = {**batch2, "pixel_values": batch2["pixel_values"].to(dtype)}
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    expected = vanilla.generate(**inputs, generation_config=GenerationConfig(**kwargs))
+    keep_all = RCPPGenerationConfig(rcpp=False, methods=[FastV(keep=NUM_VISUAL)], **kwargs)
+    assert torch.equal(model.generate(**inputs, generation_config=keep_all), expected)
+    pruned = RCPPGenerationConfig(rcpp=False, methods=[FastV(keep=5, layer=2)], return_dict_in_generate=True, **kwargs)
+    out = model.generate(**inputs, generation_config=pruned)
+    assert out.past_key_values.layers[0].keys.dtype == dtype
+    assert [layer.keys.shape[2] for layer in out.past_key_values.layers[1:3]] == [
+        out.past_key_values.layers[0].keys.shape[2], out.past_key_values.layers[0].keys.shape[2] - 11
+    ]
