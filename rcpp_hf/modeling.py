@@ -119,7 +119,9 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
 
     # -- the prompt's embeddings ----------------------------------------------------------------------------------
-    def _maybe_prepare_encoder_kwargs_for_generation(self, inputs_tensor, model_kwargs, model_input_name, generation_config):
+    def _maybe_prepare_encoder_kwargs_for_generation(
+        self, inputs_tensor, model_kwargs, model_input_name, generation_config
+    ):
         """generate encodes images before `_sample`; a pruner that reads the vision tower needs that forward
         recorded, so with one the images are encoded in `_sample` instead (`_record_vision`), once either way."""
         if methods_active(generation_config) and any(m.reads_vision for m in generation_config.methods

@@ -98,12 +98,13 @@ def test_visionzip_merges_into_strided_targets_by_key_cosine():
 
 # -- the recorded vision attention ----------------------------------------------------------------------------------
 def test_recorded_cls_attention_equals_eager(varied_tiny_path, varied_model, batch2):
+    pixels = {"pixel_values": batch2["pixel_values"]}
     eager = LlavaForConditionalGeneration.from_pretrained(varied_tiny_path, attn_implementation="eager").eval()
     layer = feature_attention_layer(-2, 2)
     assert layer == 0 and feature_attention_layer(-2, 24) == 22
     with torch.no_grad():
         reference = eager.model.vision_tower(batch2["pixel_values"], output_attentions=True).attentions[layer]
-        _, record = varied_model._record_vision(VisPruner(), batch2["input_ids"], {"pixel_values": batch2["pixel_values"]})
+        _, record = varied_model._record_vision(VisPruner(), batch2["input_ids"], pixels)
     assert varied_model.model.vision_tower.config._attn_implementation == "sdpa"
     torch.testing.assert_close(record.cls_attention(), reference[:, :, 0, 1:], atol=1e-6, rtol=0)
     assert record.features.shape == (2, NUM_VISUAL, 32) and record.visual_keys().shape == (2, NUM_VISUAL, 8)
@@ -136,7 +137,8 @@ def test_shapes_and_positions_handed_to_the_language_model(varied_model, batch2,
 def test_visionzip_hands_projected_merged_features_at_the_targets(varied_model, batch1):
     method = VisionZip(budget=6, contextual=2)
     with torch.no_grad():
-        encoded, vision = varied_model._record_vision(method, batch1["input_ids"], {"pixel_values": batch1["pixel_values"]})
+        pixels = {"pixel_values": batch1["pixel_values"]}
+        encoded, vision = varied_model._record_vision(method, batch1["input_ids"], pixels)
         embeds = varied_model._embed_prompt(batch1["input_ids"], {}, encoded)
 
     tap, seen = PrefillPruningTap(method, varied_model.model.language_model, NUM_VISUAL, vision), LayerZeroInput()
@@ -168,7 +170,7 @@ def test_budget_keeping_every_token_equals_vanilla(varied_tiny_path, varied_mode
     assert torch.equal(out.sequences, expected) and out.pruning == []
 
 
-def test_cdpruner_with_a_clip_model(tmp_path, varied_model, batch2):
+def test_cdpruner_with_a_clip_model(tmp_path, monkeypatch, varied_model, batch2):
     tokenizer = build_tokenizer(320)
     clip_config = CLIPConfig(
         text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -180,7 +182,7 @@ def test_cdpruner_with_a_clip_model(tmp_path, varied_model, batch2):
     torch.manual_seed(0)
     CLIPModel(clip_config).save_pretrained(tmp_path / "clip")
     tokenizer.save_pretrained(tmp_path / "clip")
-    varied_model.config._name_or_path = str(tmp_path / "clip")  # the LLaVA tokenizer: the same tiny one
+    monkeypatch.setattr(varied_model.config, "_name_or_path", str(tmp_path / "clip"))  # LLaVA's tokenizer: the same
     out = generate(varied_model, batch2, CDPruner(budget=5, clip_model=str(tmp_path / "clip")))
     assert out.pruning[0].kept_visual_ids.shape == (2, 5)
     plain = generate(varied_model, batch2, CDPruner(budget=5))

@@ -195,7 +195,11 @@ class PrefillPruningTap(DecoderTap):
     """Runs a `PrefillPruner`'s stages inside the prefill forward; `records` holds one `PruneRecord` per stage."""
 
     def __init__(
-        self, pruner: PrefillPruner, language_model: torch.nn.Module, num_visual: int, vision: VisionRecord | None = None
+        self,
+        pruner: PrefillPruner,
+        language_model: torch.nn.Module,
+        num_visual: int,
+        vision: VisionRecord | None = None,
     ):
         num_layers = language_model.config.num_hidden_layers
         self.pruner = pruner

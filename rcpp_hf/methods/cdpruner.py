@@ -75,7 +75,8 @@ def dpp_greedy_map(kernel: torch.Tensor, count: int) -> torch.Tensor:
         best = gains.argmax(dim=-1)
         chosen[step] = best
         done = cholesky[:step, rows, best]  # (step, batch)
-        row = (kernel[rows, best] - torch.einsum("sb,sbn->bn", done, cholesky[:step])) / gains[rows, best].sqrt()[:, None]
+        residual = kernel[rows, best] - torch.einsum("sb,sbn->bn", done, cholesky[:step])  # (batch, N)
+        row = residual / gains[rows, best].sqrt()[:, None]
         cholesky[step] = row
         gains = gains - row**2
         gains[rows, best] = -float("inf")

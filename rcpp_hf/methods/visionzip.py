@@ -76,7 +76,8 @@ class VisionZip(VisionPruner):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.contextual is not None and not (isinstance(self.contextual, int) and 0 <= self.contextual < self.budget):
+        contextual = self.contextual
+        if contextual is not None and not (isinstance(contextual, int) and 0 <= contextual < self.budget):
             self.fail("contextual", f"must be None or an integer in [0, budget = {self.budget})")
 
     def split(self) -> tuple[int, int]:
