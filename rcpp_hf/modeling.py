@@ -20,6 +20,7 @@ from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.engine.decoder import DENSE_MASK_IMPLEMENTATIONS, run_decoder
 from rcpp_hf.engine.layout import TokenLayout
 from rcpp_hf.engine.pruning import PrefillPruningTap
+from rcpp_hf.engine.vision import VisionRecord, record_vision_attention, vision_encoder_layers
 from rcpp_hf.rcpp.schedule import scheduled_value, visual_token_budget
 from rcpp_hf.rcpp.stages import (
     accumulate_consistency,
@@ -118,11 +119,61 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
 
     # -- the prompt's embeddings ----------------------------------------------------------------------------------
-    def _embed_prompt(self, input_ids: torch.LongTensor, model_kwargs: dict) -> torch.Tensor:
+    def _maybe_prepare_encoder_kwargs_for_generation(
+        self, inputs_tensor, model_kwargs, model_input_name, generation_config
+    ):
+        """generate encodes images before `_sample`; a pruner that reads the vision tower needs that forward
+        recorded, so with one the images are encoded in `_sample` instead (`_record_vision`), once either way."""
+        if methods_active(generation_config) and any(m.reads_vision for m in generation_config.methods
+                                                     if m.kind == "prefill_pruner"):  # fmt: skip
+            return model_kwargs
+        return super()._maybe_prepare_encoder_kwargs_for_generation(
+            inputs_tensor, model_kwargs, model_input_name, generation_config
+        )
+
+    def _record_vision(self, pruner, input_ids: torch.LongTensor, model_kwargs: dict):
+        """Encode the images while recording the vision layer `pruner` reads -> (the `get_image_features` output,
+        `VisionRecord`). One image per batch row."""
+        pixel_values, batch_size = model_kwargs.get("pixel_values"), input_ids.shape[0]
+        if pixel_values is None or pixel_values.shape[0] != batch_size:
+            raise ValueError(
+                f"{pruner.name} reads the vision tower and takes one image per batch row; got "
+                f"{None if pixel_values is None else pixel_values.shape[0]} images for {batch_size} rows"
+            )
+        feature_layer = model_kwargs.get("vision_feature_layer") or self.config.vision_feature_layer
+        strategy = model_kwargs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        if not isinstance(feature_layer, int):
+            raise ValueError(f"{pruner.name} needs one vision_feature_layer, got {feature_layer!r}")
+        tower = self.model.vision_tower
+        layers = vision_encoder_layers(tower)
+        layer = pruner.resolve_vision_layer(len(layers), feature_layer)
+        with record_vision_attention(tower, layer) as recorded:
+            encoded = self.model.get_image_features(
+                pixel_values=pixel_values, vision_feature_layer=feature_layer,
+                vision_feature_select_strategy=strategy, return_dict=True,
+            )  # fmt: skip
+        first_visual = 1 if strategy == "default" else 0  # "default" drops CLS from the features
+        attention = layers[layer].self_attn
+        return encoded, VisionRecord(
+            queries=recorded["queries"],
+            keys=recorded["keys"],
+            features=encoded.hidden_states[feature_layer][:, first_visual:],
+            num_heads=attention.num_heads,
+            scale=attention.scale,
+            first_visual=first_visual,
+            projector=self.model.multi_modal_projector,
+            post_layernorm=getattr(getattr(tower, "vision_model", tower), "post_layernorm", None),
+            input_ids=input_ids,
+            name_or_path=self.config._name_or_path,
+        )
+
+    def _embed_prompt(self, input_ids: torch.LongTensor, model_kwargs: dict, encoded=None) -> torch.Tensor:
         """Token embeddings with the image features in place of the image tokens, (B, S, D): the first half of
-        `LlavaModel.forward` (transformers 5.23, models/llava/modeling_llava.py)."""
+        `LlavaModel.forward` (transformers 5.23, models/llava/modeling_llava.py). `encoded`: the images, already
+        encoded by `get_image_features`."""
         inputs_embeds = self.model.get_input_embeddings()(input_ids)
-        encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")  # generate encodes images up front
+        if encoded is None:
+            encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")  # generate encodes images up front
         if encoded is None and model_kwargs.get("pixel_values") is not None:
             encoded = self.model.get_image_features(
                 pixel_values=model_kwargs["pixel_values"],
@@ -179,11 +230,13 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("rcpp_hf's methods start from an empty cache; continuing from past_key_values is not supported")
         cache = VisualKVCache(config=self.config)
-        pruners = [
-            PrefillPruningTap(method, language_model, num_visual)
-            for method in cfg.methods
-            if method.kind == "prefill_pruner"
-        ]
+        encoded, pruners = None, []
+        for method in cfg.methods:
+            if method.kind == "prefill_pruner":
+                vision = None
+                if method.reads_vision:
+                    encoded, vision = self._record_vision(method, input_ids, model_kwargs)
+                pruners.append(PrefillPruningTap(method, language_model, num_visual, vision))
         rcpp = RCPPTap(resolve_scoring_layers(cfg.scoring_layers, language_model.config.num_hidden_layers)) if cfg.rcpp else None
         decode_taps = [rcpp] if rcpp else []
 
@@ -192,7 +245,7 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # exist once S does.
         hidden, _ = run_decoder(
             language_model,
-            self._embed_prompt(input_ids, model_kwargs),
+            self._embed_prompt(input_ids, model_kwargs, encoded),
             TokenLayout.prompt(position_ids, valid, image_token_mask),
             cache,
             taps=[*pruners, *decode_taps],

@@ -15,6 +15,7 @@ resolved and kept.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -22,6 +23,9 @@ from rcpp_hf.engine.attention import LayerAttention
 from rcpp_hf.engine.decoder import DecoderTap, take_entries
 from rcpp_hf.engine.layout import TokenLayout, first_true_columns
 from rcpp_hf.methods.base import MethodConfig
+
+if TYPE_CHECKING:
+    from rcpp_hf.engine.vision import VisionRecord
 
 REFERENCE_LAYERS = 32  # LLaVA-1.5-7B's decoder depth, the scale of every method's published layer defaults
 REFERENCE_VISUAL_TOKENS = 576  # LLaVA-1.5's 24 x 24 patches, the scale of every published token budget
@@ -88,6 +92,7 @@ class PruneContext:
         inputs_embeds: (B, S0, D) the decoder's input, laid out as `prompt_layout` (the unpruned prompt).
         scores: (B, Vl) what `score` returned, once `select` ran.
         details: facts the pruner wants reported in `PruneRecord.details`.
+        vision: what the vision tower recorded, for pruners that read it (`reads_vision`), else None.
     """
 
     stage: PruneStage
@@ -99,6 +104,7 @@ class PruneContext:
     prompt_layout: TokenLayout | None = None
     scores: torch.Tensor | None = None
     details: dict = field(default_factory=dict)
+    vision: VisionRecord | None = None
 
     def last_prompt_rows(self) -> torch.Tensor:
         """(B, 1) index of the last prompt entry (prompts are left-padded, so it is the last column)."""
@@ -130,6 +136,7 @@ class PrefillPruner(MethodConfig):
     implement `resolve_stages` and `score`; `select` (top-k of the score) may be overridden."""
 
     kind = "prefill_pruner"
+    reads_vision: ClassVar[bool] = False  # True: `generate` records the vision tower for it (`engine/vision.py`)
 
     def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
         """The stages on a decoder of `num_layers` layers for an image of `num_visual` tokens, layers increasing and
@@ -155,16 +162,26 @@ class PrefillPruner(MethodConfig):
         return None
 
 
-def check_stages(stages: list[PruneStage], num_layers: int, num_visual: int, method: str) -> None:
-    """Stages must fit the model: layers in [1, num_layers - 1], increasing; keeps in [1, num_visual], not increasing."""
-    previous_layer, previous_keep = 0, num_visual
+def check_stages(
+    stages: list[PruneStage], num_layers: int, num_visual: int, method: str, read_layers: dict | None = None
+) -> None:
+    """Stages must fit the model: layers in [0, num_layers - 1], increasing; keeps in [1, num_visual], not
+    increasing; a stage that reads a layer's attention (`read_layers`: stage layer -> read layer or None) comes
+    after that layer, so only a stage that reads none (e.g. a vision-side pruner) may act before layer 0."""
+    previous_layer, previous_keep = -1, num_visual
     for stage in stages:
-        if not 1 <= stage.layer < num_layers:
+        if not 0 <= stage.layer < num_layers:
             raise ValueError(
                 f"{method}: pruning before layer {stage.layer} does not fit a decoder with {num_layers} layers "
-                f"(valid: 1..{num_layers - 1})"
+                f"(valid: 0..{num_layers - 1})"
             )
-        if stage.layer <= previous_layer and previous_layer:
+        read = (read_layers or {}).get(stage.layer)
+        if read is not None and not 0 <= read < stage.layer:
+            raise ValueError(
+                f"{method}: the stage before layer {stage.layer} reads the attention of layer {read}, which has not "
+                f"run yet (valid: 0..{stage.layer - 1})"
+            )
+        if stage.layer <= previous_layer:
             raise ValueError(f"{method}: stage layers must increase, got {[s.layer for s in stages]}")
         if not 1 <= stage.keep <= previous_keep:
             raise ValueError(
@@ -177,13 +194,20 @@ def check_stages(stages: list[PruneStage], num_layers: int, num_visual: int, met
 class PrefillPruningTap(DecoderTap):
     """Runs a `PrefillPruner`'s stages inside the prefill forward; `records` holds one `PruneRecord` per stage."""
 
-    def __init__(self, pruner: PrefillPruner, language_model: torch.nn.Module, num_visual: int):
+    def __init__(
+        self,
+        pruner: PrefillPruner,
+        language_model: torch.nn.Module,
+        num_visual: int,
+        vision: VisionRecord | None = None,
+    ):
         num_layers = language_model.config.num_hidden_layers
         self.pruner = pruner
         self.language_model = language_model
+        self.vision = vision
         self.stages = {stage.layer: stage for stage in pruner.resolve_stages(num_layers, num_visual)}
-        check_stages(list(self.stages.values()), num_layers, num_visual, pruner.name)
         self.read_layers = {stage.layer: pruner.attention_layer(stage) for stage in self.stages.values()}
+        check_stages(list(self.stages.values()), num_layers, num_visual, pruner.name, self.read_layers)
         self.attention_layers = frozenset(layer for layer in self.read_layers.values() if layer is not None)
         self.attention: dict[int, LayerAttention] = {}
         self.inputs_embeds: torch.Tensor | None = None  # the decoder's input and its layout, seen before layer 0
@@ -202,7 +226,7 @@ class PrefillPruningTap(DecoderTap):
             return None
         ctx = PruneContext(
             stage, hidden, layout, self.attention.get(self.read_layers[layer_idx]), self.language_model,
-            self.inputs_embeds, self.prompt_layout,
+            self.inputs_embeds, self.prompt_layout, vision=self.vision,
         )  # fmt: skip
         columns = self.pruner.select(ctx)
         recycled = self.pruner.recycle(ctx, columns)

@@ -11,17 +11,23 @@ from rcpp_hf.methods.registry import (
     register_method,
 )
 # Each method registers itself on import.
+from rcpp_hf.methods.cdpruner import CDPruner  # noqa: E402
 from rcpp_hf.methods.fastv import FastV  # noqa: E402
 from rcpp_hf.methods.fastv_finepruner import FastVFinePruner  # noqa: E402
 from rcpp_hf.methods.pdrop import PDrop  # noqa: E402
 from rcpp_hf.methods.sparsevlm import SparseVLM  # noqa: E402
+from rcpp_hf.methods.visionzip import VisionZip  # noqa: E402
+from rcpp_hf.methods.vispruner import VisPruner  # noqa: E402
 
 __all__ = [
     "METHODS",
+    "CDPruner",
     "FastV",
     "FastVFinePruner",
     "PDrop",
     "SparseVLM",
+    "VisPruner",
+    "VisionZip",
     "MethodConfig",
     "check_compatible",
     "load_method",
