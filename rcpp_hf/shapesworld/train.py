@@ -2,7 +2,7 @@
 
 Every batch is a pure function of (world_seed, step): scenes `step * batch_size ...` of the training
 world, each rendered and turned into one packed sequence of single-turn examples (a caption and
-yes/no answers, see `conversations.py`). The initial weights come from `seed`. AdamW with linear warm-up and
+existence, count, colour and position questions, see `conversations.py`). The initial weights come from `seed`. AdamW with linear warm-up and
 cosine decay, float32, gradient clipping. A resumable state is saved every `save_every` steps, so
 an interrupted run continues where it stopped and ends with the same weights.
 
@@ -44,7 +44,7 @@ SUMMARY_FILE = "training.json"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """What a training run is; the defaults trained the shipped checkpoint."""
+    """What a training run is; the defaults train the 12-layer model of `model.py` (ShapesWorld v2)."""
 
     seed: int = 0  # initial weights
     world_seed: int = TRAIN_SEED  # training scenes; the held-out worlds' seeds are refused
