@@ -107,7 +107,8 @@ def relation_holds(first: ShapeObject, relation: str, second: ShapeObject) -> bo
 
 def relation_claim(first: str, relation: str, second: str) -> str:
     """`relation_claim("star", "left of", "moon")` is "Is the star left of the moon?"."""
-    _check_kind(first), _check_kind(second)
+    for kind in (first, second):
+        _check_kind(kind)
     if relation not in RELATIONS:
         raise ValueError(f"unknown relation {relation!r}; relations are {RELATIONS}")
     return f"Is the {first} {relation} the {second}?"
