@@ -52,7 +52,7 @@ def test_questions_of_a_hand_built_scene():
     assert yes in ("Is the star red?", "Is the moon blue?") and no != yes
     (yes, _), (no, _) = pairs["count"]
     assert yes in ("Is there one star in the image?", "Is there one moon in the image?")
-    assert no in ("Are there two stars in the image?", "Are there two moons in the image?")
+    assert no.startswith("Is there one ") and no[13:-14] not in ("star", "moon")  # a kind the scene does not hold
     assert mme_questions(scene) == pairs  # the scene's own random streams: deterministic
 
 

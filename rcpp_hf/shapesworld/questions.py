@@ -12,7 +12,8 @@ subtasks (count, color, position), each in a yes/no form and, for count and colo
 
 Each `*_pair` function draws one question answered yes and one answered no about a scene, as MME
 asks them per image, or None when the scene cannot support the subtask. Wrong claims are near
-misses (a count off by one, another colour, the opposite relation), so the answer needs the image.
+misses (the true number of another kind, another colour, the opposite relation), so the answer
+needs the image.
 """
 
 from __future__ import annotations
@@ -138,11 +139,18 @@ def existence_pair(scene: Scene, rng: random.Random) -> QuestionPair:
 
 
 def count_pair(scene: Scene, rng: random.Random) -> QuestionPair:
-    """A present kind's true count (yes) and the same kind's count off by one (no; never below one)."""
+    """A present kind's true count n (yes), and the same number n claimed of another kind (no): a present
+    kind held another number of times if there is one, else an absent kind.
+
+    Both claims name the same number, so the number word tells nothing: claiming "two" of a kind held
+    once would be answered "no" from the text alone, since most kinds are held once (measured: 0.95
+    accuracy on that form after 200 steps while existence was still at chance).
+    """
     kind = rng.choice(sorted(scene.kinds))
     count = count_of(scene, kind)
-    wrong = count + 1 if count == 1 or rng.random() < 0.5 else count - 1
-    return (count_claim(kind, count), YES), (count_claim(kind, wrong), NO)
+    miscounted = sorted(k for k in scene.kinds if count_of(scene, k) != count)
+    wrong = rng.choice(miscounted or sorted(set(KINDS) - scene.kinds))
+    return (count_claim(kind, count), YES), (count_claim(wrong, count), NO)
 
 
 def colour_pair(scene: Scene, rng: random.Random) -> QuestionPair | None:
