@@ -1,12 +1,15 @@
 """The MME-style set: one yes and one no question per image and subtask, written in MME's layout,
 read back by the MME loader and scored by its scorer (hand-counted)."""
 
+import re
+from collections import Counter
+
 import pytest
 
 from rcpp_hf.cli import main
 from rcpp_hf.eval.mme import HALLUCINATION, mme_scores, parse_mme_answer, read_mme
 from rcpp_hf.shapesworld.mme_sets import MME_FOLDER, MME_INSTRUCTION, mme_questions, mme_scenes, write_mme_set
-from rcpp_hf.shapesworld.world import Scene, ShapeObject
+from rcpp_hf.shapesworld.world import KINDS, Scene, ShapeObject
 
 
 def test_export_reads_back_through_the_mme_loader(tmp_path):
@@ -63,3 +66,19 @@ def test_scenes_need_a_kind_held_once():
                          ShapeObject("star", "red", "normal", 2, 2, 133.3, 133.3)))  # fmt: skip
     with pytest.raises(ValueError, match="position / color"):
         mme_questions(twins)
+
+
+def test_wording_without_the_kinds_does_not_tell_the_answer():
+    # A blind reader that knows, for each question with its nouns masked ("Is there one K in the image?"), the
+    # answer most often right over the set scores near chance: only the kinds carry the world's priors.
+    # (Off-by-one count claims scored 0.896 blind on these scenes: "Are there two K" was nearly always "No".)
+    nouns = re.compile("|".join(sorted([*KINDS, *KINDS.values()], key=len, reverse=True)))
+    answers = {}
+    for scene in mme_scenes(5, 400):
+        for subtask, pair in mme_questions(scene).items():
+            for question, answer in pair:
+                answers.setdefault(subtask, Counter())[(nouns.sub("K", question), answer)] += 1
+    for subtask, counts in answers.items():
+        masked = {question for question, _ in counts}
+        blind = sum(max(counts[(q, "Yes")], counts[(q, "No")]) for q in masked) / sum(counts.values())
+        assert blind <= 0.55, subtask
