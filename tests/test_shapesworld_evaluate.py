@@ -110,6 +110,22 @@ def test_captions_with_an_rcpp_preset_record_chair_counts_and_kept_tokens(small_
         assert 0.0 < record["visual_kept"] <= 1.0
 
 
+def test_mme_split_records_mme_predictions_and_scores(small_model, tmp_path):
+    settings = EvalSettings(model=small_model, split="mme", num_images=2, batch_size=8, max_new_tokens=1)
+    metrics = evaluate(settings, tmp_path, progress=False)
+    records = read_records(tmp_path)
+    assert len(records) == 16  # 2 images x 4 subtasks x (yes, no)
+    assert {r["subtask"] for r in records} == {"existence", "count", "position", "color"}
+    for r in records:
+        assert r["prediction"] in ("yes", "no", "other") and r["label"] in ("yes", "no")
+        assert r["prompt"].endswith("?\nAnswer the question using a single word or phrase.")  # MME's instruction stripped
+    for subtask in ("existence", "count", "position", "color"):
+        mine = [r for r in records if r["subtask"] == subtask]
+        assert metrics[f"{subtask}_acc"] == sum(r["prediction"] == r["label"] for r in mine) / 4
+        assert metrics["subtasks"][subtask]["n_images"] == 2
+    assert metrics["score"] == sum(s["score"] for s in metrics["subtasks"].values())
+
+
 @pytest.mark.parametrize("field, value", [("split", "hard"), ("num_images", 0), ("limit", 0), ("batch_size", 0)])
 def test_settings_reject_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -72,17 +72,17 @@ def test_batch_is_a_function_of_seed_and_step(processor):
     assert a["attention_mask"].shape == (2, 1, a["input_ids"].shape[1], a["input_ids"].shape[1])
 
 
-def test_loss_weights_favour_yes_no_answers_and_unit_weights_give_the_usual_loss(processor):
+def test_loss_weights_favour_answers_over_the_caption_and_unit_weights_give_the_usual_loss(processor):
     model = build_shapesworld_llava(SMALL)[0]
-    batch = training_batch(processor, batch_scenes(0, 1, 2), SMALL.num_visual_tokens, yes_no_loss_weight=4.0)
+    scenes = batch_scenes(0, 1, 2)
+    batch = training_batch(processor, scenes, SMALL.num_visual_tokens, answer_loss_weight=4.0)
     labels, weights = batch.pop("labels"), batch.pop("loss_weights")
     assert ((weights > 0) == (labels != -100)).all()
-    yes_no = {processor.tokenizer.convert_tokens_to_ids(t) for t in ("ĠYes", "ĠNo")}
-    for row in range(2):
-        for i, label in enumerate(labels[row].tolist()):
-            if label in yes_no:
-                assert weights[row, i] == 4.0 and weights[row, i + 1] == 4.0  # the answer and its eos
-    assert set(weights.unique().tolist()) == {0.0, 1.0, 4.0}
+    for row, scene in enumerate(scenes):
+        segments = encode_packed(training_turns(scene), processor.tokenizer, SMALL.num_visual_tokens).segments
+        labelled = [i for i, label in enumerate(labels[row].tolist()) if label != -100]
+        # Caption tokens (example 1) weigh 1; every question's answer (yes / no, a count, a colour) and its eos 4.
+        assert [weights[row, i].item() for i in labelled] == [1.0 if segments[i] == 1 else 4.0 for i in labelled]
     with torch.no_grad():
         out = model(**batch, labels=labels)
         torch.testing.assert_close(language_loss(out.logits, labels, (labels != -100).float()), out.loss)

@@ -9,6 +9,7 @@ import argparse
 
 from rcpp_hf.shapesworld import compare, head_ablation, train
 from rcpp_hf.shapesworld.caption_sets import caption_scenes, write_caption_split
+from rcpp_hf.shapesworld.mme_sets import mme_scenes, write_mme_set
 from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS, pope_scenes, write_pope_split
 from rcpp_hf.shapesworld.world import TEST_SEED
 
@@ -21,8 +22,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     head_ablation.add_parser(subcommands)
     export = subcommands.add_parser(
         "export",
-        help="write POPE question files (official JSON-lines format) and caption sets with their images",
-        description="Write held-out ShapesWorld test sets to disk, e.g. for `rcpp-hf eval pope --question-file ...`.",
+        help="write POPE question files (official JSON-lines format), an MME-style set (MME's folder layout) and caption sets",
+        description="Write held-out ShapesWorld test sets to disk, e.g. for `rcpp-hf eval pope --question-file ...` or "
+        "`rcpp-hf eval mme --mme-root <output-dir>/shapesworld_mme --subtasks existence count position color`.",
     )
     export.add_argument("--output-dir", required=True)
     export.add_argument("--seed", type=int, default=TEST_SEED, help=f"world seed (test: {TEST_SEED})")
@@ -34,5 +36,6 @@ def _export(args: argparse.Namespace) -> int:
     scenes = pope_scenes(args.seed, args.num_images)
     for split in POPE_SPLITS:
         print(write_pope_split(scenes, split, args.output_dir))
+    print(write_mme_set(mme_scenes(args.seed, args.num_images), args.output_dir))
     print(write_caption_split(caption_scenes(args.seed, args.num_images), args.output_dir))
     return 0

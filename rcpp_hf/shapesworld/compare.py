@@ -45,6 +45,8 @@ COLUMNS = {  # split -> (metric, header)
     "random": [("accuracy", "rand acc"), ("f1", "rand F1"), ("yes_ratio", "rand yes")],
     "popular": [("accuracy", "pop acc"), ("f1", "pop F1"), ("yes_ratio", "pop yes")],
     "adversarial": [("accuracy", "adv acc"), ("f1", "adv F1"), ("yes_ratio", "adv yes")],
+    "mme": [("existence_acc", "MME exist"), ("count_acc", "MME count"), ("position_acc", "MME pos"),
+            ("color_acc", "MME color"), ("score", "MME score")],  # fmt: skip
     "captions": [("chair_s", "CHAIR_S"), ("chair_i", "CHAIR_I"), ("recall", "recall"), ("length", "len"),
                  ("partner_hallucination", "partner"), ("visual_kept", "KV kept")],  # fmt: skip
 }

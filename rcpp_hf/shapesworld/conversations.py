@@ -1,4 +1,4 @@
-"""Prompts of the two ShapesWorld tasks, and the packed training examples built from them.
+"""Prompts of the ShapesWorld tasks (captions and questions), and the packed training examples built from them.
 
 Evaluation asks one question per conversation, in llava-1.5's single-turn format
 "USER: <image>\\n{prompt} ASSISTANT:". Training packs several such single-turn examples about one
@@ -21,7 +21,18 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from rcpp_hf.shapesworld.captions import reference_caption
-from rcpp_hf.shapesworld.questions import question_text, sample_questions
+from rcpp_hf.shapesworld.questions import (
+    colour_pair,
+    colour_question,
+    count_answer,
+    count_of,
+    count_pair,
+    count_question,
+    position_pair,
+    question_text,
+    sample_questions,
+    single_objects,
+)
 from rcpp_hf.shapesworld.world import Scene
 
 CAPTION_PROMPT = "Please describe this image in detail."  # CHAIR's prompt: the evaluation default
@@ -46,16 +57,28 @@ def chat_prompt(processor, text: str) -> str:
 
 
 def training_turns(scene: Scene, num_yes: int = 3, num_no: int = 3) -> list[tuple[str, str]]:
-    """(user text, assistant answer) examples about `scene`: one caption request and yes/no questions.
+    """(user text, assistant answer) examples about `scene`: one caption request, `num_yes` + `num_no`
+    existence questions, and one question of each other kind (see `questions.py`): an open count,
+    an open colour, a yes/no count and a yes/no colour (each answered yes or no at random), and
+    both questions of a position pair.
 
-    Deterministic per scene. Questions carry LLaVA's POPE suffix half of the time, so that both the
-    bare question and the POPE prompt are in distribution.
+    Deterministic per scene; the caption comes first. Questions carry LLaVA's short-answer suffix
+    half of the time, so that both the bare question and the POPE / MME prompt are in distribution.
     """
     rng = scene.rng("turns")
     turns = [(rng.choice(CAPTION_PROMPTS), reference_caption(scene))]
-    for kind, answer in sample_questions(scene, rng, num_yes, num_no):
-        question = question_text(kind)
-        turns.append((pope_prompt(question) if rng.random() < 0.5 else question, answer))
+    questions = [(question_text(kind), answer) for kind, answer in sample_questions(scene, rng, num_yes, num_no)]
+    counted = rng.choice(sorted(scene.kinds))
+    questions.append((count_question(counted), count_answer(count_of(scene, counted))))
+    singles = single_objects(scene)
+    if singles:
+        obj = rng.choice(singles)
+        questions.append((colour_question(obj.kind), obj.colour.capitalize()))
+    for pair in (count_pair(scene, rng), colour_pair(scene, rng)):
+        if pair is not None:
+            questions.append(pair[rng.random() < 0.5])
+    questions.extend(position_pair(scene, rng) or ())
+    turns += [(pope_prompt(question) if rng.random() < 0.5 else question, answer) for question, answer in questions]
     return turns
 
 

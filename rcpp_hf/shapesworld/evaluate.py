@@ -1,15 +1,17 @@
-"""`rcpp-hf eval shapesworld`: POPE splits and partner-absent captions on held-out ShapesWorld scenes.
+"""`rcpp-hf eval shapesworld`: POPE splits, the MME-style set and partner-absent captions on held-out ShapesWorld scenes.
 
 A run writes into its output folder:
 
-- `data/`: the split as files (POPE JSON lines or caption scenes, and the rendered images);
+- `data/`: the split as files (POPE JSON lines, the MME-style folders or caption scenes, and the
+  rendered images);
 - `run.json`: what the run is (model, split, seed, sizes, prompt, the full generation config,
   versions); a rerun into the same folder must match it, so results of different settings never mix.
   `--limit` is not part of it: a run extended from 12 to 24 items keeps the 12 answers and asks the 12 new ones;
 - `results.jsonl`: one record per question or caption, appended as soon as its batch is generated;
   a rerun skips the ids already there, so an interrupted run loses nothing;
-- `metrics.json`: POPE metrics (accuracy, precision, recall, F1, yes-ratio) or CHAIR metrics
-  (CHAIR_S, CHAIR_I, recall, length, partner hallucination), over the records of the selection,
+- `metrics.json`: POPE metrics (accuracy, precision, recall, F1, yes-ratio), MME's scores (acc, acc+
+  and score per subtask, as `rcpp_hf.eval.mme` computes them) or CHAIR metrics (CHAIR_S, CHAIR_I,
+  recall, length, partner hallucination), over the records of the selection,
   and, with RCPP on, the mean share of visual tokens still in the KV cache at each item's last
   token (`visual_kept`; the schedule depends on the step alone, so batching does not change it);
   the visual tokens the prefill computed, averaged over the decoder's layers (`visual_tokens`: all
@@ -20,8 +22,8 @@ A run writes into its output folder:
 
 Without --config the model decodes greedily with a plain GenerationConfig (vanilla LLaVA); with
 --config the YAML preset is loaded as an RCPPGenerationConfig; --method adds a registry method to
-either (alone: RCPP off, greedy). Either way max_new_tokens is the split's (8 for POPE answers, 64
-for captions) unless --max-new-tokens says otherwise.
+either (alone: RCPP off, greedy). Either way max_new_tokens is the split's (8 for POPE and MME answers,
+64 for captions) unless --max-new-tokens says otherwise.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from transformers import AutoProcessor, GenerationConfig
 from rcpp_hf.benchmark.measure import StepTimer
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.pruning import PruneRecord
+from rcpp_hf.eval.mme import HALLUCINATION, mme_scores, parse_mme_answer, read_mme
 from rcpp_hf.eval.pope import parse_yes_no, pope_metrics
 from rcpp_hf.eval.results import ResultsFile
 from rcpp_hf.method_cli import add_method_arguments, method_from_args, with_method
@@ -49,11 +52,12 @@ from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 from rcpp_hf.shapesworld.caption_sets import caption_rows, caption_scenes, write_caption_split
 from rcpp_hf.shapesworld.chair import chair_metrics, score_caption
 from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt, pope_prompt
+from rcpp_hf.shapesworld.mme_sets import mme_scenes, write_mme_set
 from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS, pope_scenes, write_pope_split
-from rcpp_hf.shapesworld.render import IMAGE_FOLDER
+from rcpp_hf.shapesworld.render import IMAGE_FOLDER, write_images
 from rcpp_hf.shapesworld.world import TEST_SEED, Scene
 
-SPLITS = (*POPE_SPLITS, "captions")
+SPLITS = (*POPE_SPLITS, "mme", "captions")
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class EvalSettings:
     num_images: int = 100
     limit: int | None = None  # evaluate only the first `limit` items of the split; not part of run.json
     batch_size: int = 16
-    max_new_tokens: int | None = None  # None: 8 for POPE answers, 64 for captions
+    max_new_tokens: int | None = None  # None: 8 for POPE and MME answers, 64 for captions
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -94,6 +98,14 @@ def split_items(settings: EvalSettings, data_dir: Path) -> list[dict]:
         write_caption_split(scenes, data_dir)
         items = [{"id": row["id"], "image": row["image"], "prompt": CAPTION_PROMPT, "scene": row["scene"]}
                  for row in caption_rows(scenes)]  # fmt: skip
+    elif settings.split == "mme":
+        # Written in MME's layout and read back by MME's own loader; the images also go to images/.
+        scenes = mme_scenes(settings.seed, settings.num_images)
+        write_images(scenes, data_dir / IMAGE_FOLDER)
+        questions = read_mme(write_mme_set(scenes, data_dir), HALLUCINATION)
+        items = [{"id": q.id, "subtask": q.subtask, "image": q.image.name, "question": q.question,
+                  "prompt": pope_prompt(q.question_without_instruction), "label": q.label}
+                 for q in questions]  # fmt: skip
     else:
         path = write_pope_split(pope_scenes(settings.seed, settings.num_images), settings.split, data_dir)
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
@@ -112,15 +124,23 @@ def item_record(item: dict, answer: str, visual_kept: float | None, measured: di
     if "scene" in record:
         scene = Scene.from_dict(record.pop("scene"))
         record.update(score_caption(answer, scene))
+    elif "subtask" in record:
+        record["prediction"] = parse_mme_answer(answer)
     else:
         record["prediction"] = parse_yes_no(answer)
     return record
 
 
 def split_metrics(split: str, records: list[dict]) -> dict:
-    metrics = chair_metrics(records) if split == "captions" else pope_metrics(
-        [r["label"] for r in records], [r["prediction"] for r in records]
-    )
+    if split == "captions":
+        metrics = chair_metrics(records)
+    elif split == "mme":
+        metrics = mme_scores(records)
+        # Flat copies for tables: each subtask's accuracy and the hallucination total (max 800).
+        metrics |= {f"{name}_acc": scores["acc"] for name, scores in metrics["subtasks"].items()}
+        metrics["score"] = metrics["headline"]["hallucination"]
+    else:
+        metrics = pope_metrics([r["label"] for r in records], [r["prediction"] for r in records])
     for field, metric, scale in (("visual_kept", "visual_kept", 1), ("visual_tokens", "visual_tokens", 1),
                                  ("prefill_s", "prefill_ms", 1e3), ("decode_s", "decode_ms", 1e3),
                                  ("num_heads", "num_heads", 1)):  # fmt: skip
@@ -247,7 +267,7 @@ def _check_same_run(path: Path, run: dict) -> None:
 
 def add_eval_parser(eval_subparsers: argparse._SubParsersAction) -> None:
     """Add `shapesworld` to the `rcpp-hf eval` sub-commands."""
-    parser = eval_subparsers.add_parser("shapesworld", help="POPE / CHAIR on held-out ShapesWorld scenes", description=__doc__)
+    parser = eval_subparsers.add_parser("shapesworld", help="POPE / MME / CHAIR on held-out ShapesWorld scenes", description=__doc__)
     parser.add_argument("--split", required=True, choices=SPLITS)
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded ShapesWorld model)")
     parser.add_argument("--config", default=None, help="RCPP YAML preset (default: vanilla greedy decoding)")
