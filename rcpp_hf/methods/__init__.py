@@ -13,6 +13,7 @@ from rcpp_hf.methods.registry import (
 # Each method registers itself on import.
 from rcpp_hf.methods.fastv import FastV  # noqa: E402
 from rcpp_hf.methods.fastv_finepruner import FastVFinePruner  # noqa: E402
+from rcpp_hf.methods.mc_lcbf import MCLCBF  # noqa: E402
 from rcpp_hf.methods.pdrop import PDrop  # noqa: E402
 from rcpp_hf.methods.sparsevlm import SparseVLM  # noqa: E402
 
@@ -20,6 +21,7 @@ __all__ = [
     "METHODS",
     "FastV",
     "FastVFinePruner",
+    "MCLCBF",
     "PDrop",
     "SparseVLM",
     "MethodConfig",
