@@ -238,7 +238,9 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     encoded, vision = self._record_vision(method, input_ids, model_kwargs)
                 pruners.append(PrefillPruningTap(method, language_model, num_visual, vision))
         rcpp = RCPPTap(resolve_scoring_layers(cfg.scoring_layers, language_model.config.num_hidden_layers)) if cfg.rcpp else None
-        decode_taps = [rcpp] if rcpp else []
+        # Steering methods act in both phases: one tap per method, in the prompt's forward and every decoding one.
+        steering = [method.tap(language_model, cache) for method in cfg.methods if method.kind == "steering"]
+        decode_taps = [*steering, rcpp] if rcpp else steering
 
         # Prefill: the prompt's forward; prefill pruners drop visual tokens inside it. RCPP also captures v_i[l]
         # (stage 2 input) and scores the first step; its token is decoded from the plain logits, since C and N only
