@@ -39,15 +39,15 @@ class RCPPTap(DecoderTap):
         self.num_rows = 1
         self.core_ids: torch.Tensor | None = None  # (B, V) C by prompt visual id; None: causal masks
         self.noise_ids: torch.Tensor | None = None
-        # Layers that share a cached layout share these; kept with the layout they were built for (held, so that
-        # an identity check cannot match a new layout at a recycled address).
+        # Built once per forward for the layers that share a cached layout (not once per layer); kept with the layout
+        # they were built for (held, so that an identity check cannot match a new layout at a recycled address).
         self._drcd_mask: tuple[TokenLayout, torch.Tensor] | None = None  # (B, 1, rows, K_past + rows)
         self._main_row_keys: tuple[TokenLayout, torch.Tensor] | None = None  # (B, 1, K_past + rows)
 
     def set_rows(self, num_rows: int, core_ids: torch.Tensor | None, noise_ids: torch.Tensor | None) -> None:
         """The next decode forward: 1 or 2 query rows (main, contrast), C and N by visual id (B, V) or None."""
         self.num_rows, self.core_ids, self.noise_ids = num_rows, core_ids, noise_ids
-        self._drcd_mask = None
+        self._drcd_mask = self._main_row_keys = None  # both depend on the rows
 
     def layer_mask(self, layer_idx: int, past: TokenLayout | None, queries: TokenLayout) -> torch.Tensor | None:
         if past is None or self.core_ids is None:
