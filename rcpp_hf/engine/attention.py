@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import rotate_half
 
 
 def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, key_mask: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,14 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, key
     logits = torch.matmul(grouped, keys.float()[:, :, None].transpose(-1, -2)) * scaling  # (B, H_kv, G, q, K)
     logits = logits.masked_fill(~key_mask[:, None, None], float("-inf"))
     return logits.softmax(dim=-1).reshape(batch, num_heads, num_rows, -1)
+
+
+def rotate_queries(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on queries alone: the query half of `apply_rotary_pos_emb` (transformers' modeling_llama.py), same
+    operations in the same order, so the same bits, without rotating keys that are not needed.
+    query (B, H, q, d); cos, sin (B, q, d)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (query * cos) + (rotate_half(query) * sin)
 
 
 @dataclass
@@ -58,7 +66,7 @@ class LayerAttention:
         index = rows[:, :, None]
         query = self.query_proj.gather(1, index.expand(-1, -1, width)).view(batch, rows.shape[1], -1, head_dim)
         cos, sin = (t.gather(1, index.expand(-1, -1, t.shape[-1])) for t in self.position_embeddings)
-        query, _ = apply_rotary_pos_emb(query.transpose(1, 2), query.transpose(1, 2), cos, sin)
+        query = rotate_queries(query.transpose(1, 2), cos, sin)
         return attention_probs(query, self.keys, self.self_attn.scaling, key_mask)
 
 

@@ -7,6 +7,7 @@ cache, scores) needs, per entry, its logical position, whether it is padding, an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -15,6 +16,9 @@ def first_true_columns(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Column indices of the first `count` True entries of each row, in order.  (B, S) bool -> (B, count).
     A stable sort instead of `nonzero`, so no host synchronisation."""
     return torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :count]
+
+
+VISUAL_VIEWS = ("num_visual", "visual_slots", "visual_token_ids")  # TokenLayout's cached views of its visual entries
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class TokenLayout:
         valid: False for left padding.
         visual_ids: index of the entry's visual token among the prompt's image tokens (0..V-1), -1 otherwise.
     Every row holds the same number of visual entries, so that rows stay rectangular after any drop.
+    A layout is never changed in place (every edit returns a new one), so its derived views are computed once: a
+    decode step asks for them on every layer, and `num_visual` costs a host synchronisation.
     """
 
     positions: torch.Tensor
@@ -42,17 +48,17 @@ class TokenLayout:
     def seq_len(self) -> int:
         return self.positions.shape[1]
 
-    @property
+    @cached_property
     def num_visual(self) -> int:
         """Visual entries per row."""
         return int((self.visual_ids[0] >= 0).sum())
 
-    @property
+    @cached_property
     def visual_slots(self) -> torch.Tensor:
         """(B, Vl) index of each visual entry, in order."""
         return first_true_columns(self.visual_ids >= 0, self.num_visual)
 
-    @property
+    @cached_property
     def visual_token_ids(self) -> torch.Tensor:
         """(B, Vl) visual-token id of each visual entry, in order."""
         return self.visual_ids.gather(1, self.visual_slots)
@@ -67,11 +73,15 @@ class TokenLayout:
 
     def extend(self, positions: torch.Tensor) -> "TokenLayout":
         """Append non-visual, non-padding entries (generated tokens) at logical `positions` (B, q)."""
-        return TokenLayout(
+        extended = TokenLayout(
             positions=torch.cat([self.positions, positions], dim=1),
             valid=torch.cat([self.valid, torch.ones_like(positions, dtype=torch.bool)], dim=1),
             visual_ids=torch.cat([self.visual_ids, torch.full_like(positions, -1)], dim=1),
         )
+        for view in VISUAL_VIEWS:  # the appended entries are not visual: views already computed carry over
+            if view in self.__dict__:
+                extended.__dict__[view] = self.__dict__[view]
+        return extended
 
     def crop(self, count: int) -> "TokenLayout":
         """Without the last `count` entries."""

@@ -39,15 +39,23 @@ class RCPPTap(DecoderTap):
         self.num_rows = 1
         self.core_ids: torch.Tensor | None = None  # (B, V) C by prompt visual id; None: causal masks
         self.noise_ids: torch.Tensor | None = None
+        # Built once per forward for the layers that share a cached layout (not once per layer); kept with the layout
+        # they were built for (held, so that an identity check cannot match a new layout at a recycled address).
+        self._drcd_mask: tuple[TokenLayout, torch.Tensor] | None = None  # (B, 1, rows, K_past + rows)
+        self._main_row_keys: tuple[TokenLayout, torch.Tensor] | None = None  # (B, 1, K_past + rows)
 
     def set_rows(self, num_rows: int, core_ids: torch.Tensor | None, noise_ids: torch.Tensor | None) -> None:
         """The next decode forward: 1 or 2 query rows (main, contrast), C and N by visual id (B, V) or None."""
         self.num_rows, self.core_ids, self.noise_ids = num_rows, core_ids, noise_ids
+        self._drcd_mask = self._main_row_keys = None  # both depend on the rows
 
     def layer_mask(self, layer_idx: int, past: TokenLayout | None, queries: TokenLayout) -> torch.Tensor | None:
         if past is None or self.core_ids is None:
             return None
-        return drcd_attention_mask(past.valid, past.visual_ids, self.core_ids, self.noise_ids, self.num_rows)
+        if self._drcd_mask is None or self._drcd_mask[0] is not past:
+            mask = drcd_attention_mask(past.valid, past.visual_ids, self.core_ids, self.noise_ids, self.num_rows)
+            self._drcd_mask = (past, mask)
+        return self._drcd_mask[1]
 
     def after_layer(self, layer_idx, hidden, past, layout, attention: LayerAttention | None) -> None:
         if attention is None:
@@ -61,8 +69,10 @@ class RCPPTap(DecoderTap):
             self.captured[layer_idx] = (states, layout.visual_ids.gather(1, slots))
         else:  # decode: the main row sees everything cached and its own entry, not the contrast row's
             row = 0
-            own = torch.eye(num_queries, dtype=torch.bool, device=hidden.device)[:1].expand(batch, -1)
-            key_mask = torch.cat([past.valid, own], dim=1)[:, None, :]
+            if self._main_row_keys is None or self._main_row_keys[0] is not past:
+                own = torch.eye(num_queries, dtype=torch.bool, device=hidden.device)[:1].expand(batch, -1)
+                self._main_row_keys = (past, torch.cat([past.valid, own], dim=1)[:, None, :])
+            key_mask = self._main_row_keys[1]
         rows = torch.full((batch, 1), row, dtype=torch.long, device=hidden.device)
         self.probs[layer_idx] = attention.probs(rows, key_mask).mean(dim=1)[:, 0]
 
