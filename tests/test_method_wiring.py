@@ -5,9 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tests.eval_helpers import options, read_jsonl, write_mme
 
+from rcpp_hf.benchmark.flops import prefill_flops, prefill_flops_ratio
+from rcpp_hf.benchmark.shapes import load_benchmark_model
 from rcpp_hf.benchmark.suite import BenchmarkSettings, method_generation_config, run_benchmark
 from rcpp_hf.cli import build_parser, main
 from rcpp_hf.config import RCPPGenerationConfig
@@ -15,6 +18,7 @@ from rcpp_hf.eval.mme import evaluate_mme
 from rcpp_hf.eval.runner import load_generation_config
 from rcpp_hf.generate_cli import setting_label
 from rcpp_hf.method_cli import method_from_args, read_method_yaml
+from rcpp_hf.engine.pruning import PruneStage
 from rcpp_hf.methods import FastV, load_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -129,10 +133,27 @@ def test_bench_runs_registry_methods_on_the_tiny_shape(tmp_path):
     assert methods["fastv+rcpp"]["final_visual_cache_bytes"] == methods["fastv"]["final_visual_cache_bytes"]
     text_tokens = prompt - 16
     assert methods["fastv"]["prefill_flops_ratio"] == pytest.approx(
-        ((text_tokens + 16) + 3 * (text_tokens + 4)) / (4 * (text_tokens + 16)))
+        prefill_flops_ratio(load_benchmark_model("tiny", None, "cpu", torch.float32)[0], [PruneStage(1, 4)], 16, text_tokens)
+    )
     assert "prefill_flops_ratio" not in methods["vanilla"]
     # the budget path: 192 of 576 -> 5 of 16 tokens
     assert method_generation_config("fastv", BenchmarkSettings(budget=192), 0.0, num_visual=16).methods == (
         FastV(budget=5),)
     composed = method_generation_config("fastv+rcpp", BenchmarkSettings(budget=192), 0.0, num_visual=16)
     assert composed.rcpp and composed.lambda_end == 0.5 and composed.methods == (FastV(budget=5),)
+
+
+def test_prefill_flops_count_the_pruned_layers_by_hand():
+    model = load_benchmark_model("tiny", None, "cpu", torch.float32)[0]
+    layer = model.model.language_model.layers[0]
+    per_token = sum(p.weight.numel() for p in (*[getattr(layer.self_attn, f"{n}_proj") for n in "qkvo"],
+                                                layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))  # fmt: skip
+    width = model.config.text_config.num_attention_heads * model.config.text_config.head_dim
+    text, visual, keep = 10, 16, 4
+    full, pruned = text + visual, text + keep
+    saved_per_layer = 2 * per_token * (full - pruned) + 2 * width * (full * full - pruned * pruned)
+    # FastV before layer 1 of 4: layers 1, 2, 3 compute 12 tokens fewer
+    assert prefill_flops(model, [], visual, text) - prefill_flops(model, [PruneStage(1, keep)], visual, text) == (
+        3 * saved_per_layer
+    )
+    assert 0 < prefill_flops_ratio(model, [PruneStage(1, keep)], visual, text) < 1

@@ -23,7 +23,8 @@ from rcpp_hf.benchmark.shapes import load_benchmark_model
 from rcpp_hf.benchmark.two_pass import two_pass_contrastive_generate
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
-from rcpp_hf.engine.pruning import PrefillPruner, scale_tokens, stage_flops_ratio
+from rcpp_hf.benchmark.flops import prefill_flops_ratio
+from rcpp_hf.engine.pruning import PrefillPruner, scale_tokens
 from rcpp_hf.method_cli import with_method
 from rcpp_hf.methods import METHODS as REGISTRY
 from rcpp_hf.methods import MethodConfig, load_method
@@ -280,10 +281,10 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
         registered = registry_method(method, settings, num_visual)
         if registered is not None:
             results[method]["method"] = registered.to_dict()
-        if isinstance(registered, PrefillPruner):  # the token-count FLOPs ratio the measured prefill ratio should meet
+        if isinstance(registered, PrefillPruner):  # the theoretical ratio the measured prefill ratio should meet
             stages = registered.resolve_stages(num_layers, num_visual)
-            results[method]["prefill_flops_ratio"] = stage_flops_ratio(stages, num_layers, num_visual,
-                                                                       prompt_length - num_visual)  # fmt: skip
+            results[method]["prefill_flops_ratio"] = prefill_flops_ratio(model, stages, num_visual,
+                                                                         prompt_length - num_visual)  # fmt: skip
     return {
         "settings": asdict(settings),
         "environment": {

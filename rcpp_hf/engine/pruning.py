@@ -242,15 +242,3 @@ class PrefillPruningTap(DecoderTap):
         hidden, layout = take_entries(hidden, layout, kept)
         self.records.append(PruneRecord(layer_idx, columns.shape[1], layout.visual_token_ids, ctx.details))
         return hidden, layout
-
-
-def stage_flops_ratio(stages: list[PruneStage], num_layers: int, num_visual: int, num_text: int) -> float:
-    """Prefill compute of the pruned model over the unpruned one, counting tokens per layer (linear layers dominate
-    at these lengths; attention's quadratic term is left out): sum_l (text + visual_l) / (L * (text + V))."""
-    per_layer, visual = [], num_visual
-    stage_at = {stage.layer: stage.keep for stage in stages}
-    for layer in range(num_layers):
-        visual = stage_at.get(layer, visual)
-        per_layer.append(num_text + visual)
-    return sum(per_layer) / (num_layers * (num_text + num_visual))
-
