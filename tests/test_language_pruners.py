@@ -6,7 +6,8 @@ from transformers import GenerationConfig, LlavaForConditionalGeneration
 
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
 from rcpp_hf.methods import FastVFinePruner, PDrop, SparseVLM, load_method
-from rcpp_hf.methods.sparsevlm import rater_scores, select_text_raters, text_after_image
+from rcpp_hf.engine.layout import text_after_image
+from rcpp_hf.methods.sparsevlm import rater_scores, select_text_raters
 from tests.test_prefill_pruning import NUM_VISUAL, prompt_layout
 
 METHODS = [

@@ -99,3 +99,17 @@ class TokenLayout:
             raise ValueError("each row must name distinct visual tokens that the layout holds")
         kept = first_true_columns(~hit, self.seq_len - num_drop)
         return self.take(kept), kept
+
+
+def text_after_image(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries of the text after the image (the instruction, in llava-hf's template), in order: indices (B, T) padded
+    to the longest row (with the last entry, a real query), and which are real (B, T) bool. Text entries are never
+    dropped, so row k of the prompt is row k of any pruned layout."""
+    visual = layout.visual_ids >= 0
+    index = torch.arange(layout.seq_len, device=visual.device)
+    last_visual = torch.where(visual, index, -1).max(dim=1, keepdim=True).values
+    after = (index > last_visual) & layout.valid
+    count = int(after.sum(dim=1).max())
+    rows = first_true_columns(after, count)
+    real = after.gather(1, rows)
+    return torch.where(real, rows, layout.seq_len - 1), real

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rcpp_hf.engine.layout import TokenLayout, first_true_columns
+from rcpp_hf.engine.layout import text_after_image
 from rcpp_hf.engine.pruning import PrefillPruner, PruneContext, PruneStage, scale_layers, scale_tokens
 from rcpp_hf.methods.registry import register_method
 
@@ -233,19 +233,6 @@ def recycle_tokens(
 
 
 # -- the method, on the engine's prefill pruning ----------------------------------------------------------------------
-def text_after_image(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entries of the text after the image, in order: indices (B, T) padded to the longest row (with the last entry),
-    and which are real (B, T) bool. Text entries are never dropped, so row k of the prompt is row k of any pruned layout."""
-    visual = layout.visual_ids >= 0
-    index = torch.arange(layout.seq_len, device=visual.device)
-    last_visual = torch.where(visual, index, -1).max(dim=1, keepdim=True).values
-    after = (index > last_visual) & layout.valid
-    count = int(after.sum(dim=1).max())
-    rows = first_true_columns(after, count)
-    real = after.gather(1, rows)
-    return torch.where(real, rows, layout.seq_len - 1), real  # padded with the last prompt entry, a real query
-
-
 @register_method
 @dataclass
 class SparseVLM(PrefillPruner):
