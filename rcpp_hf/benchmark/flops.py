@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rcpp_hf.engine.pruning import PruneStage
+from rcpp_hf.engine.pruning import PruneStage, visual_tokens_per_layer
 
 
 def weight_macs(module: torch.nn.Module) -> int:
@@ -29,10 +29,9 @@ def prefill_flops(model, stages: list[PruneStage], num_visual: int, num_text: in
     attention_width = text_config.num_attention_heads * getattr(
         text_config, "head_dim", text_config.hidden_size // text_config.num_attention_heads
     )
-    keep_from = {stage.layer: stage.keep for stage in stages}
-    visual = num_visual
-    for index, layer in enumerate(model.model.language_model.layers):
-        visual = keep_from.get(index, visual)
+    layers = model.model.language_model.layers
+    visual_per_layer = visual_tokens_per_layer({stage.layer: stage.keep for stage in stages}, len(layers), num_visual)
+    for layer, visual in zip(layers, visual_per_layer):
         tokens = num_text + visual
         flops += 2 * weight_macs(layer) * tokens + 2 * tokens * tokens * attention_width
     return flops + 2 * weight_macs(model.lm_head)

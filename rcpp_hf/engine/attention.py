@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import rotate_half
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 
 def attention_probs(query: torch.Tensor, keys: torch.Tensor, scaling: float, key_mask: torch.Tensor) -> torch.Tensor:
@@ -88,3 +88,32 @@ def keep_query_projections(decoder_layers: dict[int, torch.nn.Module]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+# -- a layer's own queries / keys recomputed from its input, in float32 (autograd-friendly in any dtype) -----------
+def normed_states(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`LlamaRMSNorm` (transformers 5.23, models/llama/modeling_llama.py) in float32: (..., D) -> (..., D) float32.
+    The module itself casts back to the model's dtype and would feed a float16 weight a float32 input."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.float()
+
+
+def project_heads(proj: torch.nn.Linear, normed: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A query / key / value projection in float32, split into heads: (B, S, D) -> (B, heads, S, head_dim)."""
+    bias = None if proj.bias is None else proj.bias.float()
+    out = torch.nn.functional.linear(normed, proj.weight.float(), bias)
+    return out.view(*normed.shape[:2], -1, head_dim).transpose(1, 2)
+
+
+def probe_query(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """A layer's own query for x, recomputed in float32: RoPE(q_proj(input_layernorm(x))) (MC-LCBF's probe, PDrop's
+    ranking query).  x (B, q, D), cos / sin (B, q, d) -> (B, H, q, d)."""
+    query = project_heads(layer.self_attn.q_proj, normed_states(layer.input_layernorm, x), layer.self_attn.head_dim)
+    return rotate_queries(query, cos, sin)
+
+
+def prompt_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The keys a layer caches for `hidden`, recomputed in float32: RoPE(k_proj(input_layernorm(hidden))).
+    hidden (B, S, D), cos / sin (B, S, d) -> (B, H_kv, S, d) float32."""
+    keys = project_heads(layer.self_attn.k_proj, normed_states(layer.input_layernorm, hidden), layer.self_attn.head_dim)
+    return apply_rotary_pos_emb(keys, keys, cos, sin)[1]

@@ -61,6 +61,16 @@ def equivalent_keep(budget: int, num_visual: int, layer: int, num_layers: int) -
     return max(1, round((budget * num_layers - layer * num_visual) / (num_layers - layer)))
 
 
+def visual_tokens_per_layer(kept_from: dict[int, int], num_layers: int, num_visual: int) -> list[int]:
+    """Visual tokens each decoder layer computes: `num_visual` up to the first stage, then `kept_from[layer]` from
+    each stage's layer on ({layer: kept}, from `PruneStage`s or `PruneRecord`s)."""
+    per_layer, visual = [], num_visual
+    for layer in range(num_layers):
+        visual = kept_from.get(layer, visual)
+        per_layer.append(visual)
+    return per_layer
+
+
 @dataclass(frozen=True)
 class PruneStage:
     """Before decoder layer `layer` runs, keep `keep` visual tokens per row (from then on, until the next stage)."""

@@ -23,9 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from rcpp_hf.engine.attention import attention_probs
+from rcpp_hf.engine.attention import attention_probs, normed_states, probe_query, project_heads, prompt_keys
 from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.engine.decoder import DecoderTap
 from rcpp_hf.engine.layout import TokenLayout
@@ -39,33 +38,6 @@ PHASES = ("prefill", "decode")
 
 
 # -- the note's steps, as pure functions ---------------------------------------------------------------------------
-def normed_states(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`LlamaRMSNorm` (transformers 5.23, models/llama/modeling_llama.py) in float32: (..., D) -> (..., D) float32.
-    The module itself casts back to the model's dtype and would feed a float16 weight a float32 input."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.float()
-
-
-def project_heads(proj: torch.nn.Linear, normed: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """A query / key / value projection in float32, split into heads: (B, S, D) -> (B, heads, S, head_dim)."""
-    bias = None if proj.bias is None else proj.bias.float()
-    out = torch.nn.functional.linear(normed, proj.weight.float(), bias)
-    return out.view(*normed.shape[:2], -1, head_dim).transpose(1, 2)
-
-
-def probe_query(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Note step 2-3: q = RoPE(q_proj(input_layernorm(x))).  x (B, q, D), cos / sin (B, q, d) -> (B, H, q, d)."""
-    query = project_heads(layer.self_attn.q_proj, normed_states(layer.input_layernorm, x), layer.self_attn.head_dim)
-    return apply_rotary_pos_emb(query, query, cos, sin)[0]
-
-
-def prompt_keys(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Note step 4 at prefill: the keys the layer is about to cache, RoPE(k_proj(input_layernorm(hidden))).
-    hidden (B, S, D), cos / sin (B, S, d) -> (B, H_kv, S, d) float32."""
-    keys = project_heads(layer.self_attn.k_proj, normed_states(layer.input_layernorm, hidden), layer.self_attn.head_dim)
-    return apply_rotary_pos_emb(keys, keys, cos, sin)[1]
-
-
 def image_attention_mass(probs: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """Note step 5, the softmax barrier: h = mean over heads of the attention mass on image keys.
     probs (B, H, q, K), image (B, K) bool -> (B, q)."""

@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from rcpp_hf.engine.attention import attention_probs
+from rcpp_hf.engine.attention import attention_probs, probe_query, prompt_keys
 from rcpp_hf.engine.pruning import PrefillPruner, PruneContext, PruneStage, scale_layers
 from rcpp_hf.methods.registry import register_method
 
@@ -107,17 +106,13 @@ def light_attention(
     rows = torch.arange(batch, device=hidden_states.device)
     if not key_valid[rows, query_index].all():
         raise ValueError("query_index must point at a valid key (the query sees itself)")
-    attn = layer.self_attn
-    head_dim = attn.head_dim
-    normed = layer.input_layernorm(hidden_states)
-    query = attn.q_proj(normed[rows, query_index][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)
-    key = attn.k_proj(normed).view(batch, seq, -1, head_dim).transpose(1, 2)  # (batch, H_kv, S, d)
-    # RoPE on the query row with its own (cos, sin) row, and on all keys; each call's other output is unused.
-    query, _ = apply_rotary_pos_emb(query, query, cos[rows, query_index][:, None], sin[rows, query_index][:, None])
-    _, key = apply_rotary_pos_emb(key, key, cos, sin)
+    # The query row and all keys, with the layer's own norm, projections and RoPE (engine.attention).
+    cos_row, sin_row = cos[rows, query_index][:, None], sin[rows, query_index][:, None]
+    query = probe_query(layer, hidden_states[rows, query_index][:, None], cos_row, sin_row)
+    key = prompt_keys(layer, hidden_states, cos, sin)  # (batch, H_kv, S, d)
     causal = torch.arange(seq, device=hidden_states.device)[None, :] <= query_index[:, None]
     key_mask = (key_valid & causal)[:, None, :]
-    return attention_probs(query, key, attn.scaling, key_mask).mean(dim=1)[:, 0]
+    return attention_probs(query, key, layer.self_attn.scaling, key_mask).mean(dim=1)[:, 0]
 
 
 # -- the method, on the engine's prefill pruning ----------------------------------------------------------------------

@@ -42,7 +42,7 @@ from transformers import AutoProcessor, GenerationConfig
 
 from rcpp_hf.benchmark.measure import StepTimer
 from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.engine.pruning import PruneRecord
+from rcpp_hf.engine.pruning import PruneRecord, visual_tokens_per_layer
 from rcpp_hf.eval.mme import HALLUCINATION, mme_scores, parse_mme_answer, read_mme
 from rcpp_hf.eval.pope import parse_yes_no, pope_metrics
 from rcpp_hf.eval.results import ResultsFile
@@ -153,11 +153,7 @@ def split_metrics(split: str, records: list[dict]) -> dict:
 def prefill_visual_tokens(records: list[PruneRecord], num_layers: int, num_visual: int) -> float:
     """Visual tokens the prefill computed, averaged over the decoder's layers: `num_visual` up to the first pruning
     stage, then each stage's `kept` from its layer on (the "equivalent" budget of FinePruner's `R_dict`)."""
-    kept_from = {record.layer: record.kept for record in records}
-    per_layer, visual = [], num_visual
-    for layer in range(num_layers):
-        visual = kept_from.get(layer, visual)
-        per_layer.append(visual)
+    per_layer = visual_tokens_per_layer({record.layer: record.kept for record in records}, num_layers, num_visual)
     return sum(per_layer) / num_layers
 
 
