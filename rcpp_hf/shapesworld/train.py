@@ -31,8 +31,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from rcpp_hf.shapesworld.conversations import encode_packed, training_turns
+from rcpp_hf.shapesworld.expand import expand_decoder
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_object_map, render_scene
 from rcpp_hf.shapesworld.world import COLOURS, KINDS, TEST_SEED, TRAIN_SEED, VALIDATION_SEED, Scene, WorldConfig, sample_scene
@@ -57,6 +59,8 @@ class TrainConfig:
     patch_loss_weight: float = 1.0  # weight of the vision tower's patch-probe loss (0: language loss only)
     answer_loss_weight: float = 4.0  # weight of a question's answer tokens against a caption's (1 each)
     save_every: int = 100
+    init_from: str | None = None  # a trained, shallower ShapesWorld checkpoint to deepen (`expand.py`) instead of `seed`'s weights
+    freeze_vision: bool = False  # keep the vision tower as initialised (no gradient, no patch probe)
 
     def __post_init__(self):
         if self.world_seed in (VALIDATION_SEED, TEST_SEED):
@@ -75,6 +79,8 @@ class TrainConfig:
         for name in ("patch_loss_weight", "answer_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.freeze_vision and self.patch_loss_weight:
+            raise ValueError("a frozen vision tower learns nothing from the patch probe: set patch_loss_weight to 0")
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -187,6 +193,14 @@ class _VisionFeatures:
         self.tokens = output.hidden_states[self.layer][:, 1:]
 
 
+def _load_source(folder: str) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The checkpoint (model, processor) that `init_from` names."""
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"init_from: no checkpoint (config.json) in {path}")
+    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32), LlavaProcessor.from_pretrained(path)
+
+
 def _optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
     # No weight decay on norms and biases (1-D parameters), as usual for transformers.
     decay = [p for p in parameters if p.ndim >= 2]
@@ -206,9 +220,15 @@ def train(
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model, processor = build_shapesworld_llava(spec, seed=config.seed)
+    if config.init_from is not None:
+        source, source_processor = _load_source(config.init_from)
+        expand_decoder(source, model, source_processor.tokenizer.get_vocab(), processor.tokenizer.get_vocab())
     probe = PatchProbe(spec.vision_hidden)
     model.train()
-    optimizer = _optimizer([*model.parameters(), *probe.parameters()], config)
+    if config.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+    trained = [p for p in [*model.parameters(), *probe.parameters()] if p.requires_grad]
+    optimizer = _optimizer(trained, config)
     start, elapsed, cpu_elapsed, losses = 0, 0.0, 0.0, []
     state_path = output_dir / STATE_FILE
     if state_path.exists():
@@ -231,9 +251,12 @@ def train(
         batch = training_batch(processor, scenes, spec.num_visual_tokens, config.answer_loss_weight)
         labels, loss_weights = batch.pop("labels"), batch.pop("loss_weights")
         text_loss = language_loss(model(**batch).logits, labels, loss_weights)
-        patch_loss = probe.loss(vision.tokens, *patch_targets(scenes, patches_per_side))
+        if config.patch_loss_weight:
+            patch_loss = probe.loss(vision.tokens, *patch_targets(scenes, patches_per_side))
+        else:
+            patch_loss = torch.zeros(())
         (text_loss + config.patch_loss_weight * patch_loss).backward()
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe.parameters()], config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append([round(text_loss.item(), 5), round(patch_loss.item(), 5)])
@@ -272,8 +295,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     for name, kind in (("seed", int), ("world_seed", int), ("steps", int), ("batch_size", int), ("lr", float), ("warmup_steps", int),
                        ("weight_decay", float), ("max_grad_norm", float), ("patch_loss_weight", float),
                        ("answer_loss_weight", float),
-                       ("save_every", int)):  # fmt: skip
+                       ("save_every", int), ("init_from", str)):  # fmt: skip
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
+    parser.add_argument("--freeze-vision", action="store_true", help="train without touching the vision tower")
     parser.set_defaults(func=_run)
 
 
