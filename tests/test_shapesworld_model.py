@@ -1,9 +1,13 @@
 """The ShapesWorld model and tokenizer: LLaVA-1.5 layout, >= 100 visual tokens, one token per grammar word."""
 
+from dataclasses import replace
+
 import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
 
 from rcpp_hf.shapesworld.captions import NOUN_TO_KIND
-from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
+from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava, store_weights_in_float16
 from rcpp_hf.shapesworld.tokenizer import build_shapesworld_tokenizer, tokenizer_corpus
 
 
@@ -41,3 +45,17 @@ def test_processor_is_llava_1_5_shaped():
         add_generation_prompt=True,
     )
     assert prompt == "USER: <image>\nDescribe the image. ASSISTANT:"
+
+
+def test_float16_storage_loads_as_a_float32_model_with_the_rounded_weights(tmp_path):
+    model, processor = build_shapesworld_llava(replace(SHAPESWORLD_SPEC, text_layers=2, vision_layers=1))
+    model.save_pretrained(tmp_path)
+    before = (tmp_path / "model.safetensors").stat().st_size
+    store_weights_in_float16(tmp_path)
+    assert (tmp_path / "model.safetensors").stat().st_size < 0.55 * before
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.dtype == torch.float32
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value.half().float()), name
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        store_weights_in_float16(tmp_path / "missing")
