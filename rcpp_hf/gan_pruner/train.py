@@ -160,13 +160,13 @@ def loss_weights(config: GanTrainConfig, step: int) -> dict[str, float]:
 def loss_terms(
     fake: PrunedForward, fake_pooled: list[torch.Tensor], batch: dict, discriminator: Discriminator, config: GanTrainConfig
 ) -> dict[str, torch.Tensor]:
-    """The generator's loss terms, unweighted; the discriminator is read, not trained (its parameters get no
-    gradient)."""
-    discriminator.requires_grad_(False)
+    """The generator's loss terms, unweighted; the discriminator is read, not trained: its parameters get no
+    gradient, and in eval mode its spectral norms' power iteration does not advance."""
+    discriminator.requires_grad_(False).eval()
     try:
         adversarial = adversarial_loss(discriminator(fake_pooled))
     finally:
-        discriminator.requires_grad_(True)
+        discriminator.requires_grad_(True).train()
     return {
         "task": language_loss(fake.logits, batch["labels"], batch["loss_weights"]),
         "adversarial": adversarial,
