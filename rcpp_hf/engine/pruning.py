@@ -147,6 +147,9 @@ class PrefillPruner(MethodConfig):
 
     kind = "prefill_pruner"
     reads_vision: ClassVar[bool] = False  # True: `generate` records the vision tower for it (`engine/vision.py`)
+    # True: `stage.keep` is an upper bound and `select` decides how many stay (the same count in every row), so a
+    # stage runs even when it may keep every token (e.g. the GAN pruner's learned masks).
+    selects_count: ClassVar[bool] = False
 
     def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
         """The stages on a decoder of `num_layers` layers for an image of `num_visual` tokens, layers increasing and
@@ -232,7 +235,7 @@ class PrefillPruningTap(DecoderTap):
         if layer_idx == 0:
             self.inputs_embeds, self.prompt_layout = hidden, layout
         stage = self.stages.get(layer_idx)
-        if stage is None or layout.num_visual <= stage.keep:
+        if stage is None or (layout.num_visual <= stage.keep and not self.pruner.selects_count):
             return None
         ctx = PruneContext(
             stage, hidden, layout, self.attention.get(self.read_layers[layer_idx]), self.language_model,

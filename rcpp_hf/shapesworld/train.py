@@ -97,17 +97,24 @@ def batch_scenes(world_seed: int, step: int, batch_size: int) -> list[Scene]:
 
 
 def training_batch(
-    processor, scenes: list[Scene], num_image_tokens: int, answer_loss_weight: float = 1.0
+    processor,
+    scenes: list[Scene],
+    num_image_tokens: int,
+    answer_loss_weight: float = 1.0,
+    turns: list[list[tuple[str, str]]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Model inputs of one packed example per scene (`conversations.encode_packed`), right-padded,
     and `loss_weights` (B, L): each labelled token's weight, 1 on the caption (the first example),
     `answer_loss_weight` on the questions' answers.
 
+    `turns`: the examples of each scene (default `training_turns(scene)`, the caption first); the
+    GAN pruner's trainer passes one question per scene.
+
     attention_mask is 4-D and boolean, (B, 1, L, L): a token sees the earlier tokens of the shared
     prefix and of its own example; padding sees the prefix only and carries no label.
     """
     tokenizer = processor.tokenizer
-    turns = [training_turns(s) for s in scenes]
+    turns = [training_turns(s) for s in scenes] if turns is None else turns
     packed = [encode_packed(t, tokenizer, num_image_tokens) for t in turns]
     length = max(len(p.input_ids) for p in packed)
     input_ids = torch.full((len(scenes), length), tokenizer.pad_token_id)

@@ -1,0 +1,60 @@
+"""`GanPrunerConfig`: the architecture of the pruners and the backbone they belong to, saved beside their weights."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+GUMBEL_MODES = ("straight_through", "relaxed")
+
+
+class GanPrunerConfig(PretrainedConfig):
+    """Args:
+        hidden_size: width of the LLaVA decoder the pruners read (its `text_config.hidden_size`).
+        num_hidden_layers: depth of that decoder; `pruning_layers` are indices into it.
+        pruning_layers: before which decoder layers the pruners act, increasing, in [1, num_hidden_layers - 1].
+        pruner_hidden: width of a pruner's projection and cross-attention (the seed: 512).
+        pruner_heads: heads of its cross-attention (the seed: 4).
+        initial_keep_logit: bias of the keep logit at initialisation (sigmoid(2) = 0.88: training starts near
+            keeping everything and learns what to drop).
+        gumbel: "straight_through" (forward binary, gradient of the relaxed sample) or "relaxed" (the relaxed sample
+            itself in the forward).
+    """
+
+    model_type = "rcpp_gan_pruner"
+
+    def __init__(
+        self,
+        hidden_size: int = 4096,
+        num_hidden_layers: int = 32,
+        pruning_layers: list[int] | tuple[int, ...] = (6, 12, 18),
+        pruner_hidden: int = 512,
+        pruner_heads: int = 4,
+        initial_keep_logit: float = 2.0,
+        gumbel: str = "straight_through",
+        **kwargs,
+    ):
+        pruning_layers = [int(layer) for layer in pruning_layers]
+        if not (isinstance(hidden_size, int) and hidden_size >= 1):
+            raise ValueError(f"GanPrunerConfig.hidden_size = {hidden_size!r}: must be an integer >= 1")
+        if not (isinstance(num_hidden_layers, int) and num_hidden_layers >= 2):
+            raise ValueError(f"GanPrunerConfig.num_hidden_layers = {num_hidden_layers!r}: must be an integer >= 2")
+        if not pruning_layers or any(b <= a for a, b in zip(pruning_layers, pruning_layers[1:])) or not (
+            1 <= pruning_layers[0] and pruning_layers[-1] <= num_hidden_layers - 1
+        ):
+            raise ValueError(
+                f"GanPrunerConfig.pruning_layers = {pruning_layers!r}: must be increasing, in [1, {num_hidden_layers - 1}]"
+            )
+        if not (isinstance(pruner_hidden, int) and pruner_hidden >= 1 and pruner_hidden % pruner_heads == 0):
+            raise ValueError(
+                f"GanPrunerConfig.pruner_hidden = {pruner_hidden!r}: must be a positive multiple of pruner_heads ({pruner_heads})"
+            )
+        if gumbel not in GUMBEL_MODES:
+            raise ValueError(f"GanPrunerConfig.gumbel = {gumbel!r}: must be one of {GUMBEL_MODES}")
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.pruning_layers = pruning_layers
+        self.pruner_hidden = pruner_hidden
+        self.pruner_heads = pruner_heads
+        self.initial_keep_logit = float(initial_keep_logit)
+        self.gumbel = gumbel
+        super().__init__(**kwargs)

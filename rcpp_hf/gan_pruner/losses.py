@@ -1,0 +1,41 @@
+"""The loss terms of the GAN pruner's training (the gan-layer-pruner seed's table), each a pure function;
+the task term is ShapesWorld's weighted next-token cross-entropy on the answers (`shapesworld.train.language_loss`).
+
+Every term reaches the pruners' parameters: the masks are never detached (the reference code's defect 1, which made
+its sparsity, count and binarisation losses inert), and the task and adversarial terms reach them through the policy
+attention of the training forward (`attention.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import binary_cross_entropy_with_logits
+
+
+def adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """The pruners' term: make the discriminator call the pruned states real, BCE(D(fake), 1) (non-saturating GAN
+    loss, Goodfellow et al. 2014). fake_logits (B,)."""
+    return binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """BCE(D(real), 1) + BCE(D(fake), 0); the fake states come detached from the pruners. Each (B,)."""
+    return binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits)) + binary_cross_entropy_with_logits(
+        fake_logits, torch.zeros_like(fake_logits)
+    )
+
+
+def sparsity_loss(keep: list[torch.Tensor], targets: tuple[float, ...]) -> torch.Tensor:
+    """Mean over stages of (mean keep - target)^2: each stage's cumulative keep ratio pulled toward its target (two-
+    sided, where the reference's relu(mean - target)^2 only pushes down). keep: per stage (B, V)."""
+    return torch.stack([(k.mean() - t) ** 2 for k, t in zip(keep, targets, strict=True)]).mean()
+
+
+def token_count_loss(keep: list[torch.Tensor]) -> torch.Tensor:
+    """Mean keep over stages and tokens: fewer visual tokens, whatever the target. keep: per stage (B, V)."""
+    return torch.stack([k.mean() for k in keep]).mean()
+
+
+def binarisation_loss(samples: list[torch.Tensor]) -> torch.Tensor:
+    """mean m (1 - m) of the relaxed samples: 0 when every mask is 0 or 1. samples: per stage (B, V)."""
+    return torch.stack([(m * (1 - m)).mean() for m in samples]).mean()

@@ -1,0 +1,96 @@
+"""The registry method "gan_pruner": trained GAN pruners evaluated as a prefill pruner.
+
+Each pruning layer is a stage of `engine/pruning.py`: the pruner of that layer scores the visual tokens still
+present (from the hidden states entering the layer and the prompt's text after the image, the question), and the
+tokens whose keep logit is > 0 (mask > 0.5 without noise) stay; the others are physically dropped, the kept ones at
+their original positions, and the KV cache of the later layers holds only them.
+
+Rows of a batch keep one count (the engine keeps rows rectangular): each row keeps its tokens with mask > 0.5 and,
+when another row keeps more, its next-best tokens by logit up to the row maximum (at least one token). With one row
+per batch, the selection is exactly mask > 0.5.
+
+Modes: "hard" (the above) and "origin" (no stage: the unpruned model, token-identical to vanilla decoding).
+`pruner_path` is a folder written by `GanLayerPruners.save_pretrained` (`rcpp-hf gan-pruner train`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from rcpp_hf.engine.layout import text_after_image
+from rcpp_hf.engine.pruning import PrefillPruner, PruneContext, PruneStage
+from rcpp_hf.gan_pruner.forward import gather_rows
+from rcpp_hf.gan_pruner.pruner import GanLayerPruners
+from rcpp_hf.methods.registry import register_method
+
+GAN_PRUNER_MODES = ("hard", "origin")
+
+
+@lru_cache(maxsize=4)
+def load_pruners(path: str, modified: float) -> GanLayerPruners:
+    """The pruners saved in `path` (`modified`: the weights' mtime, so a retrained folder is read again)."""
+    return GanLayerPruners.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@register_method
+@dataclass
+class GanPruner(PrefillPruner):
+    """Args:
+        pruner_path: folder of the trained pruners (config.json + model.safetensors); required in "hard" mode.
+        mode: "hard" (drop the tokens with mask <= 0.5 at each pruning layer) or "origin" (no pruning).
+    """
+
+    name = "gan_pruner"
+    selects_count: ClassVar[bool] = True
+    pruner_path: str | None = None
+    mode: str = "hard"
+
+    def __post_init__(self):
+        if self.mode not in GAN_PRUNER_MODES:
+            self.fail("mode", f"must be one of {GAN_PRUNER_MODES}")
+        if self.mode == "hard" and self.pruner_path is None:
+            self.fail("pruner_path", "is required in mode 'hard' (a folder written by `rcpp-hf gan-pruner train`)")
+        if self.pruner_path is not None and not (Path(self.pruner_path) / "config.json").is_file():
+            self.fail("pruner_path", "holds no config.json (a folder written by `rcpp-hf gan-pruner train`)")
+
+    def pruners(self) -> GanLayerPruners:
+        path = Path(self.pruner_path).resolve()
+        weights = path / "model.safetensors"
+        return load_pruners(str(path), weights.stat().st_mtime if weights.exists() else 0.0)
+
+    def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
+        if self.mode == "origin":
+            return []
+        config = self.pruners().config
+        if num_layers != config.num_hidden_layers:
+            self.fail("pruner_path", f"holds pruners trained for a decoder of {config.num_hidden_layers} layers; this "
+                                     f"model's has {num_layers}")  # fmt: skip
+        # keep is an upper bound (`selects_count`): how many stay is decided per batch by the masks.
+        return [PruneStage(layer=layer, keep=num_visual) for layer in config.pruning_layers]
+
+    def attention_layer(self, stage: PruneStage) -> int | None:
+        return None
+
+    def score(self, ctx: PruneContext) -> torch.Tensor:
+        """Keep logits (B, Vl) of the visual entries present, from the pruner of `ctx.stage.layer`."""
+        pruners = self.pruners()
+        pruners.check_backbone(ctx.hidden.shape[-1], ctx.language_model.config.num_hidden_layers)
+        pruners.to(ctx.hidden.device)
+        question, question_valid = text_after_image(ctx.layout)
+        stage = pruners.config.pruning_layers.index(ctx.stage.layer)
+        with torch.no_grad():
+            return pruners(stage, gather_rows(ctx.hidden, ctx.layout.visual_slots), gather_rows(ctx.hidden, question),
+                           question_valid)  # fmt: skip
+
+    def select(self, ctx: PruneContext) -> torch.Tensor:
+        """Visual columns (B, k) with logit > 0, topped up per row with the next-best ones to the rows' maximum."""
+        ctx.scores = self.score(ctx).float()
+        kept = ctx.scores > 0
+        count = max(1, int(kept.sum(dim=1).max()))
+        ctx.details["mask_kept"] = kept.sum(dim=1).tolist()  # per row, before the top-up
+        return torch.topk(ctx.scores, count, dim=-1, sorted=False).indices

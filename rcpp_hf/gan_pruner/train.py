@@ -1,0 +1,430 @@
+"""`rcpp-hf gan-pruner train`: train the layer pruners against a discriminator, the LLaVA backbone frozen.
+
+Each step: the unpruned forward (real, no gradient) and the pruned forward (fake: Gumbel masks from the pruners,
+applied as an attention policy, `forward.py`) over one ShapesWorld question per scene; a generator step on the
+pruners (task CE + adversarial + sparsity + token count + binarisation, weights on cosine schedules) with the
+discriminator frozen; a discriminator step on real vs detached fake. Every random draw (scenes, questions, Gumbel and
+discriminator noise) is a function of (seed, step), and a resumable state is saved every `save_every` steps, so an
+interrupted run continues to the same weights.
+
+Training data is the ShapesWorld training world (`shapesworld/train.py`'s `training_batch`), one single-turn example
+per row (a question or a caption request drawn per scene): the pruners' masks depend on the question, so the packed
+examples of the backbone's own training, which share one image prefix between questions, cannot carry them.
+
+Runs under accelerate (`accelerate launch -m rcpp_hf.cli gan-pruner train ...` or plain python; CPU is the tested
+path): each process takes every n-th row of the step's batch, and the gradients are averaged across processes
+before each optimizer step (no DDP wrapper: the pruners are called stage by stage inside the backbone's forward).
+Curves go to `curves.jsonl` (one line per step) and `curves.png`; the pruners to `save_pretrained` files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import LlavaProcessor
+
+from rcpp_hf.engine.layout import first_true_columns
+from rcpp_hf.engine.pruning import REFERENCE_LAYERS, scale_layers
+from rcpp_hf.gan_pruner.config import GUMBEL_MODES, GanPrunerConfig
+from rcpp_hf.gan_pruner.discriminator import Discriminator, pool_states
+from rcpp_hf.gan_pruner.forward import PrunedForward, gather_rows, pruned_forward
+from rcpp_hf.gan_pruner.losses import (
+    adversarial_loss,
+    binarisation_loss,
+    discriminator_loss,
+    sparsity_loss,
+    token_count_loss,
+)
+from rcpp_hf.gan_pruner.pruner import GanLayerPruners, gumbel_keep_mask
+from rcpp_hf.gan_pruner.schedules import cosine_schedule
+from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
+from rcpp_hf.shapesworld.conversations import training_turns
+from rcpp_hf.shapesworld.train import batch_scenes, language_loss, training_batch
+from rcpp_hf.shapesworld.world import TEST_SEED, TRAIN_SEED, VALIDATION_SEED, Scene
+
+STATE_FILE = "trainer_state.pt"
+CURVES_FILE = "curves.jsonl"
+SUMMARY_FILE = "training.json"
+LOSS_TERMS = ("task", "adversarial", "sparsity", "token_count", "binarisation")
+VARIABLE_LENGTH = ("pruning_layers", "discriminator_layers", "target_keep")  # list settings that are not pairs
+UNDECIDED = (0.1, 0.9)  # a relaxed mask in this open interval has not decided yet
+
+
+@dataclass(frozen=True)
+class GanTrainConfig:
+    """A training run. Layers are stated for a 32-layer decoder and scaled to the backbone's depth; (start, end)
+    pairs are cosine schedules over the run.
+
+    pruning_layers: before which layers the pruners act (the seed: 6 / 12 / 18 of 32).
+    discriminator_layers: decoder layers whose output text states the discriminator reads.
+    target_keep: per stage, the cumulative share of the image's visual tokens kept from its layer on.
+    """
+
+    seed: int = 0
+    world_seed: int = TRAIN_SEED
+    steps: int = 600
+    batch_size: int = 8
+    pruning_layers: tuple[int, ...] = (6, 12, 18)
+    discriminator_layers: tuple[int, ...] = (15, 23, 31)
+    target_keep: tuple[float, ...] = (0.5, 0.3, 0.15)
+    pruner_hidden: int = 512
+    pruner_heads: int = 4
+    gumbel: str = "straight_through"
+    discriminator_width: int = 256
+    spectral_norm: bool = True
+    lr: float = 3e-4
+    discriminator_lr: float = 1e-4
+    max_grad_norm: float = 1.0
+    temperature: tuple[float, float] = (0.99, 0.4)
+    task_weight: tuple[float, float] = (10.0, 10.0)
+    adversarial_weight: tuple[float, float] = (1.0, 10.0)
+    sparsity_weight: tuple[float, float] = (20.0, 20.0)
+    token_count_weight: tuple[float, float] = (0.1, 0.1)
+    binarisation_weight: tuple[float, float] = (0.0, 1.0)
+    noise_scale: tuple[float, float] = (0.05, 0.01)
+    pool_weight: tuple[float, float] = (0.3, 1.0)
+    save_every: int = 50
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():  # JSON / argparse give lists: keep the config hashable and comparable
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if self.world_seed in (VALIDATION_SEED, TEST_SEED):
+            raise ValueError(f"world_seed {self.world_seed} is a held-out world (validation {VALIDATION_SEED}, test {TEST_SEED})")
+        for name in ("steps", "batch_size", "save_every", "pruner_hidden", "pruner_heads", "discriminator_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "discriminator_lr", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if len(self.target_keep) != len(self.pruning_layers):
+            raise ValueError(f"target_keep needs one value per pruning layer ({len(self.pruning_layers)}), got {self.target_keep}")
+        if not all(0 < t <= 1 for t in self.target_keep) or list(self.target_keep) != sorted(self.target_keep, reverse=True):
+            raise ValueError(f"target_keep must lie in (0, 1] and not increase, got {self.target_keep}")
+        if not self.discriminator_layers:
+            raise ValueError("discriminator_layers must name at least one layer")
+        if self.gumbel not in GUMBEL_MODES:
+            raise ValueError(f"gumbel must be one of {GUMBEL_MODES}, got {self.gumbel!r}")
+        for name in ("temperature", *(f"{term}_weight" for term in LOSS_TERMS), "noise_scale", "pool_weight"):
+            pair = getattr(self, name)
+            if len(pair) != 2 or min(pair) < 0:
+                raise ValueError(f"{name} must be a (start, end) pair of non-negative numbers, got {pair}")
+        if min(self.temperature) <= 0:
+            raise ValueError(f"temperature must stay > 0, got {self.temperature}")
+
+
+def scale_state_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """Decoder layers whose outputs are read, stated for 32 layers, at the same depth fraction counted in layer
+    outputs (output l of 32 -> round((l + 1) * L / 32) - 1, so the last layer stays the last), duplicates merged."""
+    return tuple(sorted({min(max(round((l + 1) * num_layers / REFERENCE_LAYERS) - 1, 0), num_layers - 1) for l in layers}))
+
+
+def gan_batch(processor, scenes: list[Scene], num_image_tokens: int, image_token_id: int) -> dict[str, torch.Tensor]:
+    """`training_batch` with one example per scene (drawn from its `training_turns` by the scene's own random
+    stream), plus question_mask (B, L): the prompt's text after the image, and text_mask (B, L): all text after the
+    image (question and answer), both without padding."""
+    turns = [[scene.rng("gan_pruner").choice(training_turns(scene))] for scene in scenes]
+    batch = training_batch(processor, scenes, num_image_tokens, turns=turns)
+    input_ids = batch["input_ids"]
+    index = torch.arange(input_ids.shape[1])
+    last_visual = torch.where(input_ids == image_token_id, index, -1).max(dim=1, keepdim=True).values
+    batch["text_mask"] = (index > last_visual) & (input_ids != processor.tokenizer.pad_token_id)
+    batch["question_mask"] = batch["text_mask"] & (batch["labels"] == -100)
+    return batch
+
+
+def pooled_text_states(
+    forward: PrunedForward, text_mask: torch.Tensor, layers: tuple[int, ...], generator, config: GanTrainConfig
+) -> list[torch.Tensor]:
+    """The discriminator's input: per layer, the text states after the image pooled with noise, (B, D) each.
+    Real and fake both come through here."""
+    slots = first_true_columns(text_mask, int(text_mask.sum(1).max()))
+    valid = text_mask.gather(1, slots)
+    return [
+        pool_states(gather_rows(forward.layer_states[layer], slots), valid, generator, config.noise_scale, config.pool_weight)
+        for layer in layers
+    ]
+
+
+def loss_weights(config: GanTrainConfig, step: int) -> dict[str, float]:
+    return {term: cosine_schedule(*getattr(config, f"{term}_weight"), step, config.steps) for term in LOSS_TERMS}
+
+
+def loss_terms(
+    fake: PrunedForward, fake_pooled: list[torch.Tensor], batch: dict, discriminator: Discriminator, config: GanTrainConfig
+) -> dict[str, torch.Tensor]:
+    """The generator's loss terms, unweighted; the discriminator is read, not trained: its parameters get no
+    gradient, and in eval mode its spectral norms' power iteration does not advance."""
+    discriminator.requires_grad_(False).eval()
+    try:
+        adversarial = adversarial_loss(discriminator(fake_pooled))
+    finally:
+        discriminator.requires_grad_(True).train()
+    return {
+        "task": language_loss(fake.logits, batch["labels"], batch["loss_weights"]),
+        "adversarial": adversarial,
+        "sparsity": sparsity_loss(fake.keep, config.target_keep),
+        "token_count": token_count_loss(fake.keep),
+        "binarisation": binarisation_loss(fake.samples),
+    }
+
+
+def average_gradients(accelerator: Accelerator, parameters: list[torch.nn.Parameter]) -> None:
+    """Mean of each gradient over the processes (a no-op in one process)."""
+    if accelerator.num_processes > 1:
+        for parameter in parameters:
+            if parameter.grad is not None:
+                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+
+
+def optimizer_step(accelerator, optimizer: torch.optim.Optimizer, loss: torch.Tensor, config: GanTrainConfig) -> None:
+    """zero_grad, backward, cross-process mean, clipping, step: on the optimizer's parameters only."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(accelerator, parameters)
+    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass
+class GanTrainer:
+    """The frozen backbone, the trained modules and their optimizers; `step` runs one training step."""
+
+    config: GanTrainConfig
+    model: RCPPLlavaForConditionalGeneration
+    processor: LlavaProcessor
+    pruners: GanLayerPruners
+    discriminator: Discriminator
+    pruner_optimizer: torch.optim.Optimizer
+    discriminator_optimizer: torch.optim.Optimizer
+    accelerator: Accelerator
+
+    @classmethod
+    def build(cls, config: GanTrainConfig, model_dir: str | Path, accelerator: Accelerator | None = None) -> "GanTrainer":
+        accelerator = accelerator or Accelerator()
+        model = RCPPLlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+        model = model.eval().requires_grad_(False).to(accelerator.device)
+        processor = LlavaProcessor.from_pretrained(model_dir)
+        text = model.config.text_config
+        torch.manual_seed(config.seed)
+        pruners = GanLayerPruners(GanPrunerConfig(
+            hidden_size=text.hidden_size, num_hidden_layers=text.num_hidden_layers,
+            pruning_layers=scale_layers(config.pruning_layers, text.num_hidden_layers),
+            pruner_hidden=config.pruner_hidden, pruner_heads=config.pruner_heads, gumbel=config.gumbel,
+        )).to(accelerator.device).train()  # fmt: skip
+        layers = scale_state_layers(config.discriminator_layers, text.num_hidden_layers)
+        discriminator = Discriminator(text.hidden_size, len(layers), config.discriminator_width, config.spectral_norm)
+        discriminator = discriminator.to(accelerator.device).train()
+        return cls(
+            config, model, processor, pruners, discriminator,
+            torch.optim.AdamW(pruners.parameters(), lr=config.lr, betas=(0.5, 0.999)),
+            torch.optim.AdamW(discriminator.parameters(), lr=config.discriminator_lr, betas=(0.5, 0.999)),
+            accelerator,
+        )  # fmt: skip
+
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        return tuple(self.pruners.config.pruning_layers)
+
+    @property
+    def state_layers(self) -> tuple[int, ...]:
+        return scale_state_layers(self.config.discriminator_layers, self.pruners.config.num_hidden_layers)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """This process's rows of step `step`'s batch, on its device."""
+        scenes = batch_scenes(self.config.world_seed, step, self.config.batch_size)
+        scenes = scenes[self.accelerator.process_index :: self.accelerator.num_processes]
+        batch = gan_batch(self.processor, scenes, self.model.config.image_seq_length, self.model.config.image_token_id)
+        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
+
+    def generator(self, step: int) -> torch.Generator:
+        """The random stream of step `step` in this process (Gumbel noise, then the discriminator's input noise)."""
+        seed = (self.config.seed * 1_000_003 + step) * 64 + self.accelerator.process_index
+        return torch.Generator(device=self.accelerator.device).manual_seed(seed)
+
+    def forwards(self, batch: dict, step: int, generator: torch.Generator):
+        """Real (unpruned, no gradient) and fake (pruned) forwards and their pooled text states."""
+        temperature = cosine_schedule(*self.config.temperature, step, self.config.steps)
+        straight_through = self.pruners.config.gumbel == "straight_through"
+
+        def stage_masks(stage, visual, question, question_valid):
+            logits = self.pruners(stage, visual, question, question_valid)
+            return gumbel_keep_mask(logits, temperature, generator, straight_through)
+
+        with torch.no_grad():
+            real = pruned_forward(self.model, batch, self.stage_layers, None, self.state_layers)
+        fake = pruned_forward(self.model, batch, self.stage_layers, stage_masks, self.state_layers)
+        real_pooled = pooled_text_states(real, batch["text_mask"], self.state_layers, generator, self.config)
+        fake_pooled = pooled_text_states(fake, batch["text_mask"], self.state_layers, generator, self.config)
+        return fake, real_pooled, fake_pooled, temperature
+
+    def generator_step(self, batch, fake, fake_pooled, step: int) -> dict[str, torch.Tensor]:
+        """Update the pruners; the discriminator is unchanged. Returns the unweighted terms."""
+        terms = loss_terms(fake, fake_pooled, batch, self.discriminator, self.config)
+        weights = loss_weights(self.config, step)
+        optimizer_step(self.accelerator, self.pruner_optimizer, sum(weights[t] * terms[t] for t in LOSS_TERMS), self.config)
+        return terms
+
+    def discriminator_step(self, real_pooled, fake_pooled) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Update the discriminator on real vs detached fake; the pruners are unchanged. Returns its loss and its
+        logits on real and fake (before the update)."""
+        real_logits = self.discriminator(real_pooled)
+        fake_logits = self.discriminator([p.detach() for p in fake_pooled])
+        loss = discriminator_loss(real_logits, fake_logits)
+        optimizer_step(self.accelerator, self.discriminator_optimizer, loss, self.config)
+        return loss, real_logits.detach(), fake_logits.detach()
+
+    def step(self, step: int) -> dict:
+        """One training step; returns its curve row."""
+        batch = self.batch(step)
+        generator = self.generator(step)
+        fake, real_pooled, fake_pooled, temperature = self.forwards(batch, step, generator)
+        terms = self.generator_step(batch, fake, fake_pooled, step)
+        d_loss, real_logits, fake_logits = self.discriminator_step(real_pooled, fake_pooled)
+        samples = torch.cat([s.detach().flatten() for s in fake.samples])
+        local = {
+            **{f"{t}_loss": terms[t].detach() for t in LOSS_TERMS},
+            "discriminator_loss": d_loss.detach(),
+            "discriminator_accuracy_real": (real_logits > 0).float().mean(),
+            "discriminator_accuracy_fake": (fake_logits < 0).float().mean(),
+            "undecided_share": ((samples > UNDECIDED[0]) & (samples < UNDECIDED[1])).float().mean(),
+            **{f"keep_layer_{layer}": k.detach().mean() for layer, k in zip(self.stage_layers, fake.keep)},
+        }
+        row = {"step": step + 1, "temperature": round(temperature, 6)}
+        for name, value in local.items():
+            row[name] = round(float(self.accelerator.reduce(value.reshape(1), reduction="mean")), 6)
+        return row
+
+    def state(self) -> dict:
+        return {
+            "pruners": self.pruners.state_dict(), "discriminator": self.discriminator.state_dict(),
+            "pruner_optimizer": self.pruner_optimizer.state_dict(),
+            "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
+        }  # fmt: skip
+
+    def load_state(self, state: dict) -> None:
+        self.pruners.load_state_dict(state["pruners"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.pruner_optimizer.load_state_dict(state["pruner_optimizer"])
+        self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """The training curves, one panel per quantity family, into `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in rows]
+    panels = {
+        "task loss": ["task_loss"],
+        "adversarial losses": ["adversarial_loss", "discriminator_loss"],
+        "discriminator accuracy": ["discriminator_accuracy_real", "discriminator_accuracy_fake"],
+        "keep ratio per layer": [key for key in rows[0] if key.startswith("keep_layer_")],
+        "undecided masks in (0.1, 0.9)": ["undecided_share"],
+        "temperature": ["temperature"],
+    }
+    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for axis, (title, keys) in zip(axes.flat, panels.items()):
+        for key in keys:
+            axis.plot(steps, [row[key] for row in rows], label=key)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        if len(keys) > 1:
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def train(
+    config: GanTrainConfig,
+    model_dir: str | Path,
+    output_dir: str | Path,
+    progress: bool = True,
+    accelerator: Accelerator | None = None,
+) -> Path:
+    """Train the pruners of the LLaVA in `model_dir` (a ShapesWorld checkpoint); save them into `output_dir` and
+    return it; resumes a run found there (same config, else ValueError)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer = GanTrainer.build(config, model_dir, accelerator)
+    accelerator = trainer.accelerator
+    state_path, curves_path = output_dir / STATE_FILE, output_dir / CURVES_FILE
+    start, elapsed = 0, 0.0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False, map_location=accelerator.device)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{state_path} was saved by a run with another config: {state['config']}")
+        trainer.load_state(state)
+        start, elapsed = state["step"], state["elapsed_s"]
+    rows = [json.loads(line) for line in curves_path.read_text().splitlines()][:start] if start else []
+
+    main = accelerator.is_main_process
+    if main:  # the curves of the steps after the last saved state are written again
+        curves_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="gan-pruner", disable=not (progress and main))
+    began = time.perf_counter() - elapsed
+    for step in bar:
+        row = trainer.step(step)
+        rows.append(row)
+        if main:
+            with curves_path.open("a") as curves:
+                curves.write(json.dumps(row) + "\n")
+        bar.set_postfix(task=f"{row['task_loss']:.3f}", d_real=f"{row['discriminator_accuracy_real']:.2f}",
+                        d_fake=f"{row['discriminator_accuracy_fake']:.2f}", keep=f"{row[f'keep_layer_{trainer.stage_layers[-1]}']:.2f}")  # fmt: skip
+        done = step + 1
+        if done % config.save_every == 0 and done < config.steps and main:
+            state = {"config": asdict(config), "step": done, "elapsed_s": time.perf_counter() - began, **trainer.state()}
+            torch.save(state, state_path.with_suffix(".tmp"))
+            state_path.with_suffix(".tmp").replace(state_path)  # never a half-written state
+        accelerator.wait_for_everyone()
+
+    if main:
+        trainer.pruners.eval().save_pretrained(output_dir)
+        plot_curves(rows, output_dir / "curves.png")
+        seconds = time.perf_counter() - began
+        summary = {"config": asdict(config), "pruning_layers": list(trainer.stage_layers),
+                   "discriminator_layers": list(trainer.state_layers), "train_seconds": round(seconds, 1),
+                   "seconds_per_step": round(seconds / config.steps, 3), "processes": accelerator.num_processes,
+                   "torch_threads": torch.get_num_threads(), "last": rows[-1]}  # fmt: skip
+        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+        state_path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return output_dir
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train the GAN layer pruners of a ShapesWorld LLaVA", description=__doc__)
+    parser.add_argument("--model", required=True, help="the LLaVA checkpoint folder (frozen backbone)")
+    parser.add_argument("--output-dir", required=True, help="where the pruners, curves and resumable state go")
+    for name, value in asdict(GanTrainConfig()).items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value, metavar="BOOL")
+        elif isinstance(value, tuple):
+            nargs = "+" if name in VARIABLE_LENGTH else len(value)  # the others are (start, end) pairs
+            parser.add_argument(flag, type=type(value[0]), nargs=nargs, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = GanTrainConfig(**{name: getattr(args, name) for name in GanTrainConfig.__dataclass_fields__})
+    folder = train(config, args.model, args.output_dir, progress=not args.no_progress)
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    print(f"saved {folder}: {summary['train_seconds'] / 60:.1f} min, {summary['seconds_per_step']} s / step, "
+          f"last step {summary['last']}")
+    return 0

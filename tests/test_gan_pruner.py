@@ -1,0 +1,299 @@
+"""The GAN layer pruner: its training forward equals the physical drop, every loss reaches the pruners, the two
+players' steps leave each other alone, training is reproducible and resumable, evaluation runs from the registry."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GenerationConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
+from rcpp_hf.cli import main
+from rcpp_hf.engine.cache import VisualKVCache
+from rcpp_hf.engine.decoder import run_decoder
+from rcpp_hf.engine.layout import TokenLayout
+from rcpp_hf.engine.pruning import PrefillPruningTap
+from rcpp_hf.gan_pruner import train as train_module
+from rcpp_hf.gan_pruner.config import GanPrunerConfig
+from rcpp_hf.gan_pruner.discriminator import pool_states, ramp
+from rcpp_hf.gan_pruner.forward import pruned_forward
+from rcpp_hf.gan_pruner.losses import binarisation_loss, sparsity_loss, token_count_loss
+from rcpp_hf.gan_pruner.method import GanPruner
+from rcpp_hf.gan_pruner.pruner import GanLayerPruners, gumbel_keep_mask
+from rcpp_hf.gan_pruner.schedules import cosine_schedule
+from rcpp_hf.gan_pruner.train import LOSS_TERMS, GanTrainConfig, GanTrainer, scale_state_layers, train
+from rcpp_hf.methods import load_method
+from rcpp_hf.shapesworld.conversations import llava_prompt
+from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
+from rcpp_hf.shapesworld.render import render_scene
+from rcpp_hf.shapesworld.train import batch_scenes
+from rcpp_hf.shapesworld.world import sample_scene
+
+# A 4-layer ShapesWorld LLaVA small enough to train pruners for a few steps in seconds (16 visual tokens).
+SMALL = replace(SHAPESWORLD_SPEC, image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,
+                text_hidden=32, text_layers=4, num_heads=4, num_kv_heads=2)  # fmt: skip
+SMOKE = GanTrainConfig(steps=4, batch_size=2, pruner_hidden=16, pruner_heads=2, discriminator_width=16, save_every=2)
+
+
+@pytest.fixture(scope="module")
+def small_path(tmp_path_factory):
+    """The small model with weights of std 0.3, so that its outputs depend on which tokens it sees."""
+    folder = tmp_path_factory.mktemp("shapesworld-small")
+    model, processor = build_shapesworld_llava(SMALL)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() >= 2:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trainer(small_path):
+    return GanTrainer.build(SMOKE, small_path)
+
+
+@pytest.fixture(scope="module")
+def pruner_path(tmp_path_factory):
+    """Untrained pruners for the small model whose logits straddle 0, fewer kept at each stage (12, 6, 1 of 16 on
+    `prompt_batch`)."""
+    config = GanPrunerConfig(hidden_size=32, num_hidden_layers=4, pruning_layers=[1, 2, 3], pruner_hidden=16,
+                             pruner_heads=2)  # fmt: skip
+    torch.manual_seed(1)
+    pruners = GanLayerPruners(config)
+    with torch.no_grad():
+        for pruner, bias in zip(pruners.pruners, (1.0, 0.3, -0.3)):
+            pruner.mlp[-1].weight.normal_(std=10.0)
+            pruner.mlp[-1].bias.fill_(bias)
+    folder = tmp_path_factory.mktemp("gan-pruners")
+    pruners.save_pretrained(folder)
+    return folder
+
+
+# -- schedules and masks ------------------------------------------------------------------------------------------
+def test_cosine_schedules_at_their_ends_and_midpoint():
+    assert cosine_schedule(0.99, 0.4, 0, 100) == pytest.approx(0.99)
+    assert cosine_schedule(0.99, 0.4, 50, 100) == pytest.approx(0.695)
+    assert cosine_schedule(0.99, 0.4, 100, 100) == pytest.approx(0.4)
+    assert cosine_schedule(1.0, 10.0, 25, 100) == pytest.approx(10 - 9 * 0.5 * (1 + 2**-0.5))
+    weights = train_module.loss_weights(GanTrainConfig(steps=10), 5)
+    assert weights["adversarial"] == pytest.approx(5.5) and weights["task"] == pytest.approx(10.0)
+
+
+def test_straight_through_mask_is_binary_and_carries_the_relaxed_gradient():
+    logits = torch.tensor([[2.0, -1.0, 0.3, -0.2]], requires_grad=True)
+    mask, soft = gumbel_keep_mask(logits, 0.5, None)
+    assert torch.equal(mask, torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(soft, torch.sigmoid(logits / 0.5))
+    (mask * torch.arange(4.0)).sum().backward()
+    expected = torch.arange(4.0) * soft * (1 - soft) / 0.5  # d sigmoid(l / t) / dl
+    torch.testing.assert_close(logits.grad, expected.detach())
+    relaxed, same = gumbel_keep_mask(logits, 0.5, torch.Generator().manual_seed(0), straight_through=False)
+    assert relaxed is same and ((relaxed > 0) & (relaxed < 1)).all()
+
+
+def test_layers_scale_to_the_backbone_depth():
+    assert scale_state_layers((15, 23, 31), 32) == (15, 23, 31)
+    assert scale_state_layers((15, 23, 31), 12) == (5, 8, 11)
+    assert scale_state_layers((15, 23, 31), 4) == (1, 2, 3)
+
+
+# -- the training forward is the physical drop ----------------------------------------------------------------------
+def prompt_batch(processor, image_token_id, question="Is there a red circle in the image?"):
+    inputs = processor(images=render_scene(sample_scene(0, 3)), text=llava_prompt(question), return_tensors="pt")
+    length = inputs["input_ids"].shape[1]
+    index = torch.arange(length)
+    last_visual = torch.where(inputs["input_ids"] == image_token_id, index, -1).max()
+    return {
+        "input_ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"],
+        "attention_mask": torch.ones(length, length, dtype=torch.bool).tril()[None, None],
+        "position_ids": index[None], "question_mask": (index > last_visual)[None],
+    }  # fmt: skip
+
+
+def test_binary_masks_in_training_equal_the_hard_dropped_forward(small_path, pruner_path):
+    """The pruners' noise-free masks (logit > 0) applied as the training forward's attention policy give the
+    logits of the registry method's physical drop (float32)."""
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(small_path, dtype=torch.float32).eval()
+    processor = LlavaProcessor.from_pretrained(small_path)
+    pruners = GanLayerPruners.from_pretrained(pruner_path).eval()
+    batch = prompt_batch(processor, model.config.image_token_id)
+    stage_layers = tuple(pruners.config.pruning_layers)
+
+    def noise_free(stage, visual, question, valid):
+        return gumbel_keep_mask(pruners(stage, visual, question, valid), 1.0, None)
+
+    with torch.no_grad():
+        soft = pruned_forward(model, batch, stage_layers, noise_free)
+        unpruned = pruned_forward(model, batch, stage_layers)
+        tap = PrefillPruningTap(GanPruner(pruner_path=str(pruner_path)), model.model.language_model, 16)
+        layout = TokenLayout.prompt(batch["position_ids"], torch.ones_like(batch["input_ids"], dtype=torch.bool),
+                                    batch["input_ids"] == model.config.image_token_id)  # fmt: skip
+        embeds = model._embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
+        hidden, _ = run_decoder(model.model.language_model, embeds, layout, VisualKVCache(config=model.config), [tap])
+        hard = model.lm_head(hidden[:, -1]).float()
+    kept = [record.kept for record in tap.records]
+    assert kept == [int(k.sum()) for k in soft.keep] == [12, 6, 1]
+    torch.testing.assert_close(soft.logits[:, -1], hard, atol=1e-5, rtol=0)
+    assert not torch.allclose(unpruned.logits[:, -1], hard, atol=1e-3), "pruning must matter"
+
+
+# -- evaluation through the registry --------------------------------------------------------------------------------
+def test_origin_mode_is_token_identical_to_vanilla(tiny_path, rcpp_model, batch2):
+    vanilla = LlavaForConditionalGeneration.from_pretrained(tiny_path, dtype=torch.float32).eval()
+    expected = vanilla.generate(**batch2, generation_config=GenerationConfig(max_new_tokens=8, do_sample=False))
+    config = RCPPGenerationConfig(rcpp=False, methods=[load_method("gan_pruner", mode="origin")], max_new_tokens=8,
+                                  do_sample=False)  # fmt: skip
+    assert torch.equal(rcpp_model.generate(**batch2, generation_config=config), expected)
+
+
+def test_hard_mode_drops_tokens_and_shortens_the_cache(small_path, pruner_path):
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(small_path, dtype=torch.float32).eval()
+    processor = LlavaProcessor.from_pretrained(small_path)
+    prompts = [llava_prompt("Is there a red circle in the image?"), llava_prompt("Describe the image.")]
+    images = [render_scene(sample_scene(0, i)) for i in range(2)]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    config = RCPPGenerationConfig(rcpp=False, methods=[GanPruner(pruner_path=str(pruner_path))], max_new_tokens=4,
+                                  do_sample=False, return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(**inputs, generation_config=config)
+    assert [record.layer for record in out.pruning] == [1, 2, 3]
+    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert lengths[0] - lengths[-1] == 16 - out.pruning[-1].kept > 0
+    for record in out.pruning:  # rows keep the row maximum of mask > 0.5: some row keeps exactly its masked count
+        assert max(record.details["mask_kept"]) == record.kept or record.kept == 1
+
+
+def test_wrong_width_or_depth_is_a_clear_error(tmp_path, small_path, rcpp_model, batch2):
+    for name, settings, message in (("wide", dict(hidden_size=48, num_hidden_layers=4), "width 48"),
+                                    ("deep", dict(hidden_size=64, num_hidden_layers=6), "6 layers")):  # fmt: skip
+        GanLayerPruners(GanPrunerConfig(pruning_layers=[1, 2, 3], pruner_hidden=8, pruner_heads=2, **settings)
+                        ).save_pretrained(tmp_path / name)  # fmt: skip
+        config = RCPPGenerationConfig(rcpp=False, methods=[GanPruner(pruner_path=str(tmp_path / name))], max_new_tokens=2)
+        with pytest.raises(ValueError, match=message):
+            rcpp_model.generate(**batch2, generation_config=config)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    config = GanPrunerConfig(hidden_size=32, num_hidden_layers=12, pruning_layers=[2, 4, 7], pruner_hidden=16,
+                             pruner_heads=2, gumbel="relaxed")  # fmt: skip
+    pruners = GanLayerPruners(config).eval()
+    pruners.save_pretrained(tmp_path)
+    loaded = GanLayerPruners.from_pretrained(tmp_path).eval()
+    assert loaded.config.pruning_layers == [2, 4, 7] and loaded.config.gumbel == "relaxed"
+    for key, value in pruners.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    visual, question = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    torch.testing.assert_close(loaded(1, visual, question, valid), pruners(1, visual, question, valid), atol=0, rtol=0)
+    assert (pruners(0, visual, question, valid) > 1.5).all(), "training starts near keeping every token"
+
+
+# -- losses and the two players -------------------------------------------------------------------------------------
+def test_every_loss_term_reaches_the_pruners_and_not_the_backbone(trainer):
+    batch = trainer.batch(0)
+    fake, _, fake_pooled, _ = trainer.forwards(batch, 0, trainer.generator(0))
+    terms = train_module.loss_terms(fake, fake_pooled, batch, trainer.discriminator, trainer.config)
+    assert set(terms) == set(LOSS_TERMS)
+    for name in LOSS_TERMS:
+        grads = torch.autograd.grad(terms[name], list(trainer.pruners.parameters()), retain_graph=True, allow_unused=True)
+        assert sum(g.abs().sum() for g in grads if g is not None) > 0, name
+    assert not any(p.requires_grad for p in trainer.model.parameters())
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in [*trainer.model.parameters(), *trainer.discriminator.parameters()])
+    trainer.pruners.zero_grad(set_to_none=True)
+
+
+def test_each_players_step_leaves_the_other_unchanged(trainer):
+    snapshot = lambda module: {k: v.clone() for k, v in module.state_dict().items()}  # noqa: E731
+    batch = trainer.batch(1)
+    fake, real_pooled, fake_pooled, _ = trainer.forwards(batch, 1, trainer.generator(1))
+    assert [p.shape for p in real_pooled] == [p.shape for p in fake_pooled] == [(SMOKE.batch_size, 32)] * 3
+    discriminator, pruners = snapshot(trainer.discriminator), snapshot(trainer.pruners)
+    trainer.generator_step(batch, fake, fake_pooled, 1)
+    assert all(torch.equal(v, trainer.discriminator.state_dict()[k]) for k, v in discriminator.items())
+    assert not all(torch.equal(v, trainer.pruners.state_dict()[k]) for k, v in pruners.items())
+    pruners = snapshot(trainer.pruners)
+    trainer.discriminator_step(real_pooled, fake_pooled)
+    assert all(torch.equal(v, trainer.pruners.state_dict()[k]) for k, v in pruners.items())
+    assert not all(torch.equal(v, trainer.discriminator.state_dict()[k]) for k, v in discriminator.items())
+
+
+def test_real_and_fake_pass_the_same_pooling():
+    valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    torch.testing.assert_close(ramp(valid, 0.3, 1.0), torch.tensor([[0.3, 0.65, 1.0, 0.0], [0.3, 1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(ramp(valid, 0.05, 0.01), torch.tensor([[0.05, 0.03, 0.01, 0.0], [0.05, 0.01, 0.0, 0.0]]))
+    states = torch.arange(8.0).view(2, 4, 1).expand(2, 4, 3)
+    expected = torch.tensor([(0 * 0.3 + 1 * 0.65 + 2 * 1.0) / 1.95, (4 * 0.3 + 5 * 1.0) / 1.3])
+    torch.testing.assert_close(pool_states(states, valid, None), expected[:, None].expand(2, 3))
+    # Noise: the same draw for the same generator state, std falling along the sequence, none on padding.
+    big = torch.zeros(2000, 4, 1)
+    valid = torch.ones(2000, 4, dtype=torch.bool)
+    noisy = pool_states(big, valid, torch.Generator().manual_seed(0), (0.05, 0.01), (1.0, 1.0))
+    torch.testing.assert_close(noisy.std(), torch.tensor((0.05**2 + (0.05 * 2 / 3 + 0.01 / 3) ** 2 + (0.05 / 3 + 0.01 * 2 / 3) ** 2 + 0.01**2) ** 0.5 / 4), atol=1e-3, rtol=0)
+
+
+def test_mask_losses_by_hand():
+    keep = [torch.tensor([[1.0, 1.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]])]
+    assert sparsity_loss(keep, (0.5, 0.5)).item() == pytest.approx((0 + 0.25**2) / 2)
+    assert token_count_loss(keep).item() == pytest.approx(0.375)
+    assert binarisation_loss([torch.tensor([[0.5, 1.0, 0.0, 0.1]])]).item() == pytest.approx((0.25 + 0.09) / 4)
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+def test_tiny_run_is_reproducible_and_resumes_after_a_crash(tmp_path, small_path, monkeypatch):
+    straight = train(SMOKE, small_path, tmp_path / "straight", progress=False)
+    real_batch = train_module.gan_batch
+
+    def crash_at_step_3(processor, scenes, *args):
+        if scenes == batch_scenes(SMOKE.world_seed, 3, SMOKE.batch_size):
+            raise KeyboardInterrupt("simulated crash")
+        return real_batch(processor, scenes, *args)
+
+    monkeypatch.setattr(train_module, "gan_batch", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(SMOKE, small_path, tmp_path / "resumed", progress=False)
+    assert (tmp_path / "resumed" / train_module.STATE_FILE).exists()  # saved after step 2
+    monkeypatch.setattr(train_module, "gan_batch", real_batch)
+    with pytest.raises(ValueError, match="another config"):
+        train(replace(SMOKE, lr=1e-4), small_path, tmp_path / "resumed", progress=False)
+    resumed = train(SMOKE, small_path, tmp_path / "resumed", progress=False)
+
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "curves.jsonl").read_text() == (resumed / "curves.jsonl").read_text()
+    rows = [json.loads(line) for line in (straight / "curves.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4] and {"keep_layer_1", "keep_layer_3", "undecided_share",
+                                                              "discriminator_accuracy_real"} <= rows[0].keys()  # fmt: skip
+    assert (straight / "curves.png").is_file() and not (straight / train_module.STATE_FILE).exists()
+    assert GanLayerPruners.from_pretrained(straight).config.pruning_layers == [1, 2, 3]
+
+
+def test_cli_trains_and_the_result_evaluates(tmp_path, small_path):
+    assert main(["gan-pruner", "train", "--model", str(small_path), "--output-dir", str(tmp_path), "--steps", "1",
+                 "--batch-size", "1", "--pruner-hidden", "8", "--pruner-heads", "2", "--discriminator-width", "8",
+                 "--target-keep", "0.6", "0.4", "0.2", "--spectral-norm", "false", "--no-progress"]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "training.json").read_text())
+    assert summary["config"]["target_keep"] == [0.6, 0.4, 0.2] and summary["config"]["spectral_norm"] is False
+    assert GanPruner(pruner_path=str(tmp_path)).resolve_stages(4, 16)[0].layer == 1
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: GanPruner(mode="soft"), "GanPruner.mode"),
+        (lambda: GanPruner(), "GanPruner.pruner_path"),
+        (lambda: GanPruner(pruner_path="/nonexistent"), "GanPruner.pruner_path"),
+        (lambda: GanPrunerConfig(num_hidden_layers=4, pruning_layers=[1, 4]), "pruning_layers"),
+        (lambda: GanPrunerConfig(gumbel="hard"), "gumbel"),
+        (lambda: GanTrainConfig(target_keep=(0.5, 0.3)), "target_keep"),
+        (lambda: GanTrainConfig(temperature=(0.99, 0.0)), "temperature"),
+        (lambda: GanTrainConfig(steps=0), "steps"),
+    ],
+)
+def test_bad_settings_name_the_field(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
