@@ -16,7 +16,10 @@ from rcpp_hf.methods.fastv import FastV  # noqa: E402
 from rcpp_hf.methods.fastv_finepruner import FastVFinePruner  # noqa: E402
 from rcpp_hf.methods.mc_lcbf import MCLCBF  # noqa: E402
 from rcpp_hf.methods.pdrop import PDrop  # noqa: E402
+from rcpp_hf.methods.plausibility import PlausibilityCutoff  # noqa: E402
+from rcpp_hf.methods.sid import SID  # noqa: E402
 from rcpp_hf.methods.sparsevlm import SparseVLM  # noqa: E402
+from rcpp_hf.methods.vcd import VCD  # noqa: E402
 from rcpp_hf.methods.visionzip import VisionZip  # noqa: E402
 from rcpp_hf.methods.vispruner import VisPruner  # noqa: E402
 
@@ -27,7 +30,10 @@ __all__ = [
     "FastVFinePruner",
     "MCLCBF",
     "PDrop",
+    "PlausibilityCutoff",
+    "SID",
     "SparseVLM",
+    "VCD",
     "VisPruner",
     "VisionZip",
     "MethodConfig",
