@@ -2,6 +2,8 @@
 computation, SID's contrast selection against a hand attention row, contrast weight 0 token-identical to greedy
 `generate`, batch 2 with left padding equal to its rows alone, the two caches, sampling, and bad settings."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -173,3 +175,10 @@ def test_round_trip_through_the_generation_config(tmp_path):
     config = RCPPGenerationConfig(rcpp=False, methods=[VCD(alpha=0.5, noise_step=999)])
     config.to_yaml(tmp_path / "vcd.yaml")
     assert RCPPGenerationConfig.from_yaml(tmp_path / "vcd.yaml").methods == (VCD(alpha=0.5, noise_step=999),)
+
+
+def test_presets_are_the_defaults():
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    assert load_method(configs / "vcd.yaml") == VCD()
+    assert load_method(configs / "sid.yaml") == SID()
+    assert load_method(configs / "plausibility_cutoff.yaml") == PlausibilityCutoff()
