@@ -2,6 +2,7 @@
 computation, SID's contrast selection against a hand attention row, contrast weight 0 token-identical to greedy
 `generate`, batch 2 with left padding equal to its rows alone, the two caches, sampling, and bad settings."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,8 @@ def test_zero_contrast_is_greedy(vanilla_model, rcpp_model, batch2, method):
     assert torch.equal(generate(rcpp_model, batch2, method), expected)
 
 
-@pytest.mark.parametrize("method", [VCD(alpha=3.0, plausibility_beta=0.0), SID(alpha=3.0, keep=2, plausibility_beta=0.0)])
+@pytest.mark.parametrize("method", [VCD(alpha=3.0, plausibility_beta=0.0),
+                                    SID(alpha=3.0, keep=2, plausibility_beta=0.0)])
 def test_contrast_changes_tokens_and_batch_equals_rows(varied_tiny_path, processor, batch2, method):
     from rcpp_hf import RCPPLlavaForConditionalGeneration
 
@@ -182,3 +184,17 @@ def test_presets_are_the_defaults():
     assert load_method(configs / "vcd.yaml") == VCD()
     assert load_method(configs / "sid.yaml") == SID()
     assert load_method(configs / "plausibility_cutoff.yaml") == PlausibilityCutoff()
+
+
+def test_cli_generate_and_bench(tiny_path, tmp_path, capsys):
+    from rcpp_hf.cli import main
+
+    assert main(["generate", "--model", str(tiny_path), "--method", "sid", "--max-new-tokens", "3"]) == 0
+    assert "== sid()" in (out := capsys.readouterr().out) and "contrast branch's cache" in out
+    assert main(["bench", "--shape", "tiny", "--methods", "vanilla,vcd,sid,plausibility_cutoff", "--new-tokens", "5",
+                 "--repeats", "1", "--output", str(tmp_path / "bench.json")]) == 0  # fmt: skip
+    methods = json.loads((tmp_path / "bench.json").read_text())["methods"]
+    assert [methods[m]["contrast_step_fraction"] for m in ("vcd", "sid", "plausibility_cutoff")] == [1.0, 1.0, 0.0]
+    assert methods["sid"]["final_cache_bytes"] < methods["vcd"]["final_cache_bytes"] == 2 * methods["vanilla"][
+        "final_cache_bytes"]  # fmt: skip
+    assert methods["plausibility_cutoff"]["final_cache_bytes"] == methods["vanilla"]["final_cache_bytes"]

@@ -3,8 +3,9 @@ each also as a ratio to vanilla measured in the same run.
 
 Methods are the benchmark's own (`METHODS`), a registry method by name (alone: RCPP off, greedy), or
 "<registry name>+rcpp" (composed with the "rcpp" setting). The default adds VCD, the two-pass contrastive reference
-(two forwards and two caches per token, `engine/contrastive.py`), to show what DRCD's one forward saves. A registry pruner's budget is `BenchmarkSettings.budget`
-of 576 visual tokens, scaled to the model's image, unless its preset (`method_presets`) sets one.
+(two forwards and two caches per token, `engine/contrastive.py`), to show what DRCD's one forward saves. A registry
+pruner's budget is `BenchmarkSettings.budget` of 576 visual tokens, scaled to the model's image, unless its preset
+(`method_presets`) sets one.
 """
 
 from __future__ import annotations

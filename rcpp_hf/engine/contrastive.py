@@ -45,13 +45,15 @@ class ContrastiveDecoder(MethodConfig):
 
     def check_weights(self) -> None:
         """Validate `alpha` and `plausibility_beta` (ValueError naming the field)."""
-        if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 <= self.alpha < float("inf")):
+        alpha = self.alpha
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha < float("inf")):
             self.fail("alpha", "the contrast weight must be a finite number >= 0")
         beta = self.plausibility_beta
         if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0.0 <= beta <= 1.0):
             self.fail("plausibility_beta", "the cutoff must lie in [0, 1] (0 keeps every token)")
 
-    def contrast_embeds(self, model, input_ids: torch.LongTensor, model_kwargs: dict, embeds: torch.Tensor) -> torch.Tensor:
+    def contrast_embeds(self, model, input_ids: torch.LongTensor, model_kwargs: dict,
+                        embeds: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """The contrast branch's prompt embeddings (B, S, D); `embeds` are the main branch's."""
         return embeds
 
@@ -85,7 +87,8 @@ class Branch:
             valid=torch.ones_like(position_ids, dtype=torch.bool),
             visual_ids=torch.full_like(position_ids, -1),
         )
-        hidden, _ = run_decoder(self.language_model, self.language_model.embed_tokens(tokens[:, None]), rows, self.cache)
+        embeds = self.language_model.embed_tokens(tokens[:, None])
+        hidden, _ = run_decoder(self.language_model, embeds, rows, self.cache)
         self.cache.append_entries(position_ids)
         return self.model.lm_head(hidden[:, -1]).float()
 
