@@ -102,11 +102,13 @@ def run(args: argparse.Namespace) -> int:
             visual_bytes = cache.visual_nbytes()
         else:
             kept, visual_bytes = "all", None
+        contrast = getattr(out, "contrast_past_key_values", None)  # a contrastive decoder's second cache
         print(f"\n== {name}\n{caption}")
         for record in getattr(out, "pruning", None) or []:
             print(f"   prefill pruning before layer {record.layer}: {record.kept}/{num_visual} visual tokens kept")
         print(f"   new tokens {new_tokens}, time {seconds:.2f} s ({1000 * seconds / max(new_tokens, 1):.1f} ms/token), "
               f"visual tokens kept {kept}, cache {cache_nbytes(cache) / 1024:.1f} KiB"
-              + ("" if visual_bytes is None else f" (visual {visual_bytes / 1024:.1f} KiB)"))
+              + ("" if visual_bytes is None else f" (visual {visual_bytes / 1024:.1f} KiB)")
+              + ("" if contrast is None else f", contrast branch's cache {cache_nbytes(contrast) / 1024:.1f} KiB"))
     return 0
 

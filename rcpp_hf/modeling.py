@@ -17,6 +17,7 @@ from transformers.generation.utils import GenerationMode, StopCheck
 
 from rcpp_hf.config import DEFAULT_NUM_SCORING_LAYERS, RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache
+from rcpp_hf.engine.contrastive import check_contrastive, contrastive_sample
 from rcpp_hf.engine.decoder import DENSE_MASK_IMPLEMENTATIONS, run_decoder
 from rcpp_hf.engine.layout import TokenLayout
 from rcpp_hf.engine.pruning import PrefillPruningTap
@@ -123,9 +124,12 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self, inputs_tensor, model_kwargs, model_input_name, generation_config
     ):
         """generate encodes images before `_sample`; a pruner that reads the vision tower needs that forward
-        recorded, so with one the images are encoded in `_sample` instead (`_record_vision`), once either way."""
-        if methods_active(generation_config) and any(m.reads_vision for m in generation_config.methods
-                                                     if m.kind == "prefill_pruner"):  # fmt: skip
+        recorded, so with one the images are encoded in `_sample` instead (`_record_vision`), once either way. A
+        contrastive decoder that distorts the image (VCD) needs the pixel values, so it too encodes in `_sample`."""
+        if methods_active(generation_config) and any(
+            m.reads_vision if m.kind == "prefill_pruner" else getattr(m, "distorts_image", False)
+            for m in generation_config.methods
+        ):
             return model_kwargs
         return super()._maybe_prepare_encoder_kwargs_for_generation(
             inputs_tensor, model_kwargs, model_input_name, generation_config
@@ -223,6 +227,10 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # The prompt: which entries are image tokens, which are padding, and their logical positions.
         image_token_mask = input_ids == self.config.image_token_id
         num_visual = self._check_image_tokens(image_token_mask)
+        contrastive = check_contrastive(cfg)
+        if contrastive is not None:  # VCD, SID, the plausibility cutoff: their own loop (engine/contrastive.py)
+            return contrastive_sample(self, contrastive, input_ids, logits_processor, stopping_criteria, cfg, streamer,
+                                      model_kwargs, num_visual)  # fmt: skip
         valid = model_kwargs.get("attention_mask")
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
         position_ids = model_kwargs["position_ids"]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from rcpp_hf.benchmark.suite import (
-    METHODS,
+    DEFAULT_METHODS,
     RATIO_METRICS,
     BenchmarkSettings,
     format_report,
@@ -14,8 +14,6 @@ from rcpp_hf.benchmark.suite import (
     plot_report,
     run_benchmark,
 )
-from rcpp_hf.benchmark.two_pass import two_pass_contrastive_generate
-from rcpp_hf.engine.cache import cache_nbytes
 from rcpp_hf.cli import main
 
 
@@ -26,7 +24,7 @@ def report():
 
 
 def test_report_fields_and_ratios(report):
-    assert set(report["methods"]) == set(METHODS)
+    assert set(report["methods"]) == set(DEFAULT_METHODS)
     vanilla = report["methods"]["vanilla"]
     for name, metrics in report["methods"].items():
         assert len(metrics["decode_s_per_step"]) == 7  # tokens 2..8; token 1 comes from the prefill
@@ -34,7 +32,7 @@ def test_report_fields_and_ratios(report):
         assert metrics["prefill_s"] > 0 and metrics["tokens_per_s"] > 0
         for ratio, metric in RATIO_METRICS.items():
             assert metrics[ratio] == pytest.approx(metrics[metric] / vanilla[metric]), (name, ratio)
-    assert {check["method"] for check in report["targets"]} == set(METHODS) - {"vanilla"}
+    assert {check["method"] for check in report["targets"]} == set(DEFAULT_METHODS) - {"vanilla"}
     json.dumps(report)  # JSON-ready
 
 
@@ -52,13 +50,10 @@ def test_cache_bytes_follow_the_cache_tensors(report):
     assert methods["rcpp-evict"]["final_visual_cache_ratio"] == pytest.approx(0.25)
     assert methods["rcpp-evict"]["final_cache_bytes"] == entry * (prompt + 7 - 12)
     assert methods["rcpp"]["contrast_step_fraction"] > 0
-
-
-def test_two_pass_reference_uses_two_caches(rcpp_model, batch1):
-    sequences, cache = two_pass_contrastive_generate(rcpp_model, batch1, max_new_tokens=5, lambda_t=0.5)
-    assert sequences.shape[1] == batch1["input_ids"].shape[1] + 5
-    assert cache.get_seq_length() == batch1["input_ids"].shape[1] + 4
-    assert cache_nbytes(cache) == 1024 * cache.get_seq_length()
+    # VCD, the two-pass reference: two full caches, a contrast forward at every step
+    assert methods["vcd"]["cache_bytes_per_step"] == [2 * b for b in methods["vanilla"]["cache_bytes_per_step"]]
+    assert methods["vcd"]["final_visual_cache_bytes"] == 2 * entry * visual
+    assert methods["vcd"]["contrast_step_fraction"] == 1.0
 
 
 def test_report_table_and_plot(report, tmp_path):

@@ -130,3 +130,16 @@ def test_head_ablation_rows_table_and_heat_map(small_model, tmp_path, capsys):
     dynamic = next(c for c in cells if c["heads"] == "dyn")
     assert 1 <= dynamic["heads_chosen"] <= 4
     assert (tmp_path / "ablation.png").stat().st_size > 0
+
+
+def test_compare_rows_for_the_contrastive_peers(small_model, tmp_path):
+    settings = comparison_settings([VANILLA, "vcd", "sid", "plausibility_cutoff"], (64,), num_visual=16, with_rcpp=True)
+    assert [s.name for s in settings] == [VANILLA, "vcd", "vcd+rcpp", "sid", "sid+rcpp", "plausibility_cutoff",
+                                          "plausibility_cutoff+rcpp"]  # fmt: skip
+    rows = compare(small_model, settings[:4], ["random", "captions"], seed=1, num_images=1,
+                   output_dir=tmp_path, batch_size=4, progress=False)  # fmt: skip
+    rows = {row["setting"]: row for row in rows}
+    assert "does not compose with RCPP" in rows["vcd+rcpp"]["skipped"]
+    for name in (VANILLA, "vcd", "sid"):
+        assert {"random.f1", "random.yes_ratio", "captions.chair_i", "captions.recall"} <= set(rows[name]), name
+    assert rows["vcd"]["method"]["method"] == "vcd" and rows["sid"]["method"]["alpha"] == 0.5

@@ -1,4 +1,4 @@
-"""Speed and memory benchmark: RCPP + DRCD beside vanilla decoding and a two-pass contrastive reference."""
+"""Speed and memory benchmark: RCPP + DRCD beside vanilla decoding and a two-pass contrastive reference (VCD)."""
 
 from rcpp_hf.benchmark.suite import BenchmarkSettings, run_benchmark
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from rcpp_hf.benchmark.suite import (
-    METHODS,
+    DEFAULT_METHODS,
     WITH_RCPP,
     BenchmarkSettings,
     format_report,
@@ -22,11 +22,13 @@ from rcpp_hf.methods import METHODS as REGISTRY
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("bench", help="speed and memory of RCPP + DRCD beside vanilla and a two-pass reference")
+    parser = commands.add_parser("bench", help="speed and memory of RCPP + DRCD beside vanilla and a two-pass "
+                                               "contrastive reference (VCD)")
     parser.add_argument("--shape", default="small", help="tiny | small | 7b (random weights), ignored with --model")
     parser.add_argument("--model", help="checkpoint folder or hub id instead of a shape")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(known_methods())}"
-                        " (registry methods run alone, greedy; '<name>+rcpp' composes one with the 'rcpp' setting)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, of {','.join(known_methods())} (registry methods run alone, greedy; "
+                        "'<name>+rcpp' composes one with the 'rcpp' setting)")
     parser.add_argument("--method-config", action="append", default=[], help="YAML preset of a registry method in "
                         "--methods ('method' key; without it: settings of the only one); repeat for several")
     parser.add_argument("--budget", type=int, default=128, help="registry pruners' budget in visual tokens of 576, "

@@ -17,7 +17,10 @@ from rcpp_hf.methods.fastv_finepruner import FastVFinePruner  # noqa: E402
 from rcpp_hf.gan_pruner.method import GanPruner  # noqa: E402
 from rcpp_hf.methods.mc_lcbf import MCLCBF  # noqa: E402
 from rcpp_hf.methods.pdrop import PDrop  # noqa: E402
+from rcpp_hf.methods.plausibility import PlausibilityCutoff  # noqa: E402
+from rcpp_hf.methods.sid import SID  # noqa: E402
 from rcpp_hf.methods.sparsevlm import SparseVLM  # noqa: E402
+from rcpp_hf.methods.vcd import VCD  # noqa: E402
 from rcpp_hf.methods.visionzip import VisionZip  # noqa: E402
 from rcpp_hf.methods.vispruner import VisPruner  # noqa: E402
 
@@ -29,7 +32,10 @@ __all__ = [
     "GanPruner",
     "MCLCBF",
     "PDrop",
+    "PlausibilityCutoff",
+    "SID",
     "SparseVLM",
+    "VCD",
     "VisPruner",
     "VisionZip",
     "MethodConfig",

@@ -61,7 +61,9 @@ class RCPPTrace:
 @dataclass
 class RCPPGenerateOutput(GenerateDecoderOnlyOutput):
     """`GenerateDecoderOnlyOutput` plus what rcpp_hf's methods did: `rcpp`, RCPP's per-step trace (None when RCPP is
-    off), and `pruning`, one `engine.pruning.PruneRecord` per prefill-pruning stage."""
+    off), `pruning`, one `engine.pruning.PruneRecord` per prefill-pruning stage, and `contrast_past_key_values`, the
+    contrast branch's cache of a contrastive decoder (`engine.contrastive`; None otherwise)."""
 
     rcpp: RCPPTrace | None = None
     pruning: list | None = None
+    contrast_past_key_values: object | None = None

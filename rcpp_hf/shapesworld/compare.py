@@ -32,6 +32,7 @@ import yaml  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
 from rcpp_hf.config import RCPP_DEFAULTS  # noqa: E402
+from rcpp_hf.engine.contrastive import ContrastiveDecoder  # noqa: E402
 from rcpp_hf.engine.pruning import PrefillPruner, check_stages, scale_tokens  # noqa: E402
 from rcpp_hf.methods import METHODS, load_method  # noqa: E402
 from rcpp_hf.shapesworld.evaluate import SPLITS, EvalSettings, evaluate  # noqa: E402
@@ -132,8 +133,11 @@ def model_shape(model: str) -> tuple[int, int]:
 
 
 def skip_reason(setting: Setting, num_layers: int, num_visual: int) -> str | None:
-    """Why the setting's prefill pruner cannot run on this model (its ValueError), or None."""
+    """Why the setting cannot run on this model (its prefill pruner's ValueError; a contrastive decoder composed with
+    RCPP + DRCD), or None."""
     method = None if setting.method is None else load_method(setting.method)
+    if isinstance(method, ContrastiveDecoder) and setting.config is not None:
+        return f"{method.name} is a contrastive decoder and does not compose with RCPP + DRCD"
     if not isinstance(method, PrefillPruner):
         return None
     try:
