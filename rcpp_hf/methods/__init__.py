@@ -14,6 +14,7 @@ from rcpp_hf.methods.registry import (
 from rcpp_hf.methods.cdpruner import CDPruner  # noqa: E402
 from rcpp_hf.methods.fastv import FastV  # noqa: E402
 from rcpp_hf.methods.fastv_finepruner import FastVFinePruner  # noqa: E402
+from rcpp_hf.methods.himap import HiMAP  # noqa: E402
 from rcpp_hf.methods.mc_lcbf import MCLCBF  # noqa: E402
 from rcpp_hf.methods.pdrop import PDrop  # noqa: E402
 from rcpp_hf.methods.sparsevlm import SparseVLM  # noqa: E402
@@ -25,6 +26,7 @@ __all__ = [
     "CDPruner",
     "FastV",
     "FastVFinePruner",
+    "HiMAP",
     "MCLCBF",
     "PDrop",
     "SparseVLM",
