@@ -118,3 +118,12 @@ def test_the_pipeline_returns_sorted_centroids_with_their_aggregates():
 def test_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call(hand_features())
+
+
+def test_timing_script_runs(capsys):
+    from rcpp_hf.benchmark.condensation import main
+
+    assert main(["--tokens", "12", "--width", "8", "--heads", "2", "--centroids", "2", "6", "--repeats", "1",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("N = 12 tokens") and len(lines) == 5 and lines[-1].split()[0] == "6"
