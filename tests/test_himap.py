@@ -107,7 +107,8 @@ def test_both_stages_shrink_the_cache_and_keep_original_positions(varied_model, 
             assert torch.equal(layout.positions[row, slots], prompt.positions[row, prompt.visual_slots[row, ids]])
             text = (layout.visual_ids[row] < 0) & layout.valid[row]
             prompt_text = (prompt.visual_ids[row] < 0) & prompt.valid[row]
-            assert torch.equal(layout.positions[row][text][: int(prompt_text.sum())], prompt.positions[row][prompt_text])
+            text_positions = layout.positions[row][text][: int(prompt_text.sum())]  # the prompt's, then generated
+            assert torch.equal(text_positions, prompt.positions[row][prompt_text])
 
 
 class Entering(DecoderTap):

@@ -4,8 +4,8 @@ degree sum and a sort) at N visual tokens, for several M, with the aggregation's
     python -m rcpp_hf.benchmark.condensation [--tokens 576] [--width 4096] [--centroids 36 72 144 288] [--device cuda]
 
 Random features stand in for a layer's keys (the cost does not depend on their values); width 4096 is
-LLaVA-1.5-7B's 32 kv heads x 128. Prints the median time of each selection on a precomputed similarity matrix (the matrix itself, shared by both, is
-timed once), its growth relative to the smallest M, and the aggregation's time.
+LLaVA-1.5-7B's 32 kv heads x 128. Prints the median time of each selection on a precomputed similarity matrix (the
+matrix itself, shared by both, is timed once), its growth relative to the smallest M, and the aggregation's time.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = time_selections(args.tokens, args.width, args.centroids, args.heads, device, args.repeats)
-    print(f"N = {args.tokens} tokens, width {args.width}, {args.heads} heads, {device} "
-          f"({torch.get_num_threads()} threads on CPU); median of {args.repeats}; growth is relative to M = {rows[0]['M']}")
+    print(f"N = {args.tokens} tokens, width {args.width}, {args.heads} heads, {device} ({torch.get_num_threads()} "
+          f"threads on CPU); median of {args.repeats}; growth is relative to M = {rows[0]['M']}")
     print(f"similarity matrix: {rows[0]['similarity']:.3f} ms (both strategies)")
     print(f"{'M':>5}  {'fps ms':>9} {'growth':>7}  {'connectivity ms':>15} {'growth':>7}  {'fps / conn':>10}  "
           f"{'aggregate ms':>12}")  # fmt: skip

@@ -217,7 +217,8 @@ class PrefillPruningTap(DecoderTap):
         self.vision = vision
         stages = pruner.resolve_stages(num_layers, num_visual)
         self.read_layers = {stage.layer: pruner.attention_layer(stage) for stage in stages}
-        check_stages(stages, num_layers, num_visual, pruner.name, self.read_layers)  # before two stages on one layer merge
+        # Checked before keying by layer, where two stages on one layer would silently merge.
+        check_stages(stages, num_layers, num_visual, pruner.name, self.read_layers)
         self.stages = {stage.layer: stage for stage in stages}
         self.attention_layers = frozenset(layer for layer in self.read_layers.values() if layer is not None)
         self.attention: dict[int, LayerAttention] = {}

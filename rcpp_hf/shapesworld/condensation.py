@@ -55,7 +55,8 @@ def experiment_settings(targets: tuple[int, ...], layers: tuple[int, ...], num_v
         for layer in layers:
             for variant in variants:
                 method = variant_method(variant, layer, scale_tokens(target, num_visual))
-                settings.append(Setting(f"{variant}-t{target}-l{layer}", variant, method=method.to_dict(), budget=target))
+                name = f"{variant}-t{target}-l{layer}"
+                settings.append(Setting(name, variant, method=method.to_dict(), budget=target))
     return settings
 
 
