@@ -218,9 +218,11 @@ class PrefillPruningTap(DecoderTap):
         self.pruner = pruner
         self.language_model = language_model
         self.vision = vision
-        self.stages = {stage.layer: stage for stage in pruner.resolve_stages(num_layers, num_visual)}
-        self.read_layers = {stage.layer: pruner.attention_layer(stage) for stage in self.stages.values()}
-        check_stages(list(self.stages.values()), num_layers, num_visual, pruner.name, self.read_layers)
+        stages = pruner.resolve_stages(num_layers, num_visual)
+        self.read_layers = {stage.layer: pruner.attention_layer(stage) for stage in stages}
+        # Checked before keying by layer, where two stages on one layer would silently merge.
+        check_stages(stages, num_layers, num_visual, pruner.name, self.read_layers)
+        self.stages = {stage.layer: stage for stage in stages}
         self.attention_layers = frozenset(layer for layer in self.read_layers.values() if layer is not None)
         self.attention: dict[int, LayerAttention] = {}
         self.inputs_embeds: torch.Tensor | None = None  # the decoder's input and its layout, seen before layer 0

@@ -15,6 +15,7 @@ from rcpp_hf.methods.cdpruner import CDPruner  # noqa: E402
 from rcpp_hf.methods.fastv import FastV  # noqa: E402
 from rcpp_hf.methods.fastv_finepruner import FastVFinePruner  # noqa: E402
 from rcpp_hf.gan_pruner.method import GanPruner  # noqa: E402
+from rcpp_hf.methods.himap import HiMAP  # noqa: E402
 from rcpp_hf.methods.mc_lcbf import MCLCBF  # noqa: E402
 from rcpp_hf.methods.pdrop import PDrop  # noqa: E402
 from rcpp_hf.methods.plausibility import PlausibilityCutoff  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "FastV",
     "FastVFinePruner",
     "GanPruner",
+    "HiMAP",
     "MCLCBF",
     "PDrop",
     "PlausibilityCutoff",

@@ -15,6 +15,9 @@ class MethodConfig:
     `__post_init__` (ValueError naming the field) and adds the hooks of its kind (e.g. `PrefillPruner`)."""
 
     name: ClassVar[str] = ""
+    # Other names a method's settings are known by (e.g. its repository's config keys): alias -> field, or None for
+    # a setting accepted and ignored. `registry.method_config` renames them before validation.
+    SETTING_ALIASES: ClassVar[dict[str, str | None]] = {}
 
     def fail(self, field: str, why: str):
         raise ValueError(f"{type(self).__name__}.{field} = {getattr(self, field)!r}: {why}")

@@ -29,9 +29,22 @@ def method_class(name: str) -> type[MethodConfig]:
     return METHODS[name]
 
 
+def resolve_aliases(cls: type[MethodConfig], settings: dict) -> dict:
+    """`settings` with `cls.SETTING_ALIASES` renamed to their fields (ignored ones dropped); an alias given beside
+    its field raises."""
+    resolved = {key: value for key, value in settings.items() if key not in cls.SETTING_ALIASES}
+    for alias, field in cls.SETTING_ALIASES.items():
+        if alias in settings and field is not None:
+            if field in resolved:
+                raise ValueError(f"method {cls.name!r}: {alias!r} is another name of {field!r}; give one of them")
+            resolved[field] = settings[alias]
+    return resolved
+
+
 def method_config(name: str, **settings) -> MethodConfig:
     """The config of method `name` with `settings` (validated; an unknown setting raises naming it)."""
     cls = method_class(name)
+    settings = resolve_aliases(cls, settings)
     known = {f for f in cls.__dataclass_fields__}
     unknown = sorted(set(settings) - known)
     if unknown:

@@ -1,0 +1,164 @@
+"""`rcpp-hf shapesworld condensation`: the token-condensation seed's experiment on ShapesWorld.
+
+Hard pruning (HiMAP's text-stage cut), condensation with FPS centroids and condensation with connectivity centroids,
+each at one stage before layer L keeping T visual tokens, over target tokens T (of 576, scaled to the model's image,
+`scale_tokens`) x layers L (the model's own indices; default 5 / 10 / 15 of 32, scaled by depth), with vanilla
+beside them; on the MME-style ShapesWorld set (existence, count, position, color and their total) and one POPE split.
+The stage is HiMAP's first (`HiMAP(txt_layer=L, txt_rank=T, image_stage=False)`): the seed sweeps one condensation
+layer, and a second stage would make the layers of different rows incomparable.
+
+Every cell is a row of `compare` (its own resumable folder, answers appended to `results.jsonl` as they come, so an
+interrupted run resumes where it stopped); the experiment writes `condensation.json` (one record per cell, with the
+gain over hard pruning), `condensation.md` and `condensation.png` (MME total and POPE F1 against L, the four
+subtasks, the gain over hard pruning) next to `compare`'s table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from rcpp_hf.engine.pruning import scale_layer, scale_tokens  # noqa: E402
+from rcpp_hf.methods import HiMAP  # noqa: E402
+from rcpp_hf.shapesworld.compare import VANILLA, Setting, compare, model_shape  # noqa: E402
+from rcpp_hf.shapesworld.world import VALIDATION_SEED  # noqa: E402
+
+VARIANTS = ("hard", "fps", "connectivity")
+TARGET_TOKENS = (64, 128)  # of 576
+REFERENCE_CONDENSATION_LAYERS = (5, 10, 15)  # of 32, within the seed's --start-layer 5 --end-layer 15
+SUBTASKS = ("existence", "count", "position", "color")
+
+
+def variant_method(variant: str, layer: int, tokens: int) -> HiMAP:
+    """One cell's method: HiMAP's text stage alone, cut ("hard") or condensed by the named strategy."""
+    if variant == "hard":
+        return HiMAP(txt_layer=layer, txt_rank=tokens, image_stage=False)
+    return HiMAP(txt_layer=layer, txt_rank=tokens, image_stage=False, use_token_condensation=True,
+                 condensation_strategy=variant)  # fmt: skip
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    return tuple(dict.fromkeys(scale_layer(layer, num_layers) for layer in REFERENCE_CONDENSATION_LAYERS))
+
+
+def experiment_settings(targets: tuple[int, ...], layers: tuple[int, ...], num_visual: int,
+                        variants: tuple[str, ...] = VARIANTS) -> list[Setting]:  # fmt: skip
+    """Vanilla, then per target (of 576) and layer, one row per variant, named `<variant>-t<target>-l<layer>`."""
+    settings = [Setting(VANILLA, VANILLA)]
+    for target in targets:
+        for layer in layers:
+            for variant in variants:
+                method = variant_method(variant, layer, scale_tokens(target, num_visual))
+                name = f"{variant}-t{target}-l{layer}"
+                settings.append(Setting(name, variant, method=method.to_dict(), budget=target))
+    return settings
+
+
+def cell_records(rows: list[dict], pope_split: str) -> list[dict]:
+    """One record per cell: variant, target, layer, the four subtask accuracies, the MME total, POPE F1 and
+    accuracy, and the gain of each over hard pruning at the same target and layer (vanilla: layer None)."""
+    metrics = {**{f"{s}_acc": f"mme.{s}_acc" for s in SUBTASKS}, "mme_score": "mme.score",
+               "pope_f1": f"{pope_split}.f1", "pope_accuracy": f"{pope_split}.accuracy"}  # fmt: skip
+    records = []
+    for row in rows:
+        method = row.get("method") or {}
+        record = {"setting": row["setting"], "variant": row["family"], "target": row["budget"],
+                  "layer": method.get("txt_layer"), "tokens": method.get("txt_rank")}  # fmt: skip
+        if "skipped" in row:
+            records.append({**record, "skipped": row["skipped"]})
+            continue
+        records.append({**record, **{name: row[key] for name, key in metrics.items() if key in row}})
+    hard = {(r["target"], r["layer"]): r for r in records if r["variant"] == "hard" and "skipped" not in r}
+    for record in records:
+        reference = hard.get((record["target"], record["layer"]))
+        if record["variant"] in VARIANTS and reference is not None and "skipped" not in record:
+            for name in ("mme_score", "pope_f1"):
+                if name in record and name in reference:
+                    record[f"{name}_gain"] = record[name] - reference[name]
+    return records
+
+
+def write_report(records: list[dict], output_dir: Path) -> None:
+    """condensation.json / .md and condensation.png."""
+    (output_dir / "condensation.json").write_text(json.dumps(records, indent=1) + "\n")
+    columns = [*(f"{s}_acc" for s in SUBTASKS), "mme_score", "mme_score_gain", "pope_f1", "pope_f1_gain"]
+    lines = ["| variant | target | layer | tokens | " + " | ".join(columns) + " |", "|---" * (len(columns) + 4) + "|"]
+    for r in records:
+        head = f"| {r['variant']} | {r['target'] or '-'} | {r['layer'] if r['layer'] is not None else '-'} | " \
+               f"{r['tokens'] or '-'} | "  # fmt: skip
+        if "skipped" in r:
+            lines.append(head + f"skipped: {r['skipped']} |")
+            continue
+        lines.append(head + " | ".join(f"{r[c]:.3f}" if c in r else "-" for c in columns) + " |")
+    (output_dir / "condensation.md").write_text("\n".join(lines) + "\n")
+    plot_experiment(records, output_dir / "condensation.png")
+
+
+def plot_experiment(records: list[dict], path: Path) -> None:
+    """Top row: MME total, POPE F1 and the gains over hard pruning against the layer; bottom row: the subtasks.
+    One line per (variant, target); vanilla as a dashed line."""
+    cells = [r for r in records if r["layer"] is not None and "skipped" not in r]
+    vanilla = next((r for r in records if r["variant"] == VANILLA and "skipped" not in r), {})
+    panels = [[("mme_score", "MME total (of 800)"), ("pope_f1", "POPE F1"), ("mme_score_gain", "MME gain over hard"),
+               ("pope_f1_gain", "POPE F1 gain over hard")],
+              [(f"{s}_acc", f"MME {s} accuracy") for s in SUBTASKS]]  # fmt: skip
+    figure, axes = plt.subplots(2, 4, figsize=(16, 7.5))
+    lines = list(dict.fromkeys((r["variant"], r["target"]) for r in cells))
+    for panel_row, axis_row in zip(panels, axes):
+        for (key, label), axis in zip(panel_row, axis_row):
+            for variant, target in lines:
+                if key.endswith("_gain") and variant == "hard":
+                    continue
+                points = sorted((r["layer"], r[key]) for r in cells if (r["variant"], r["target"]) == (variant, target)
+                                and key in r)  # fmt: skip
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=f"{variant} T={target}")
+            if key in vanilla:
+                axis.axhline(vanilla[key], color="gray", linestyle="--", label="vanilla")
+            if key.endswith("_gain"):
+                axis.axhline(0.0, color="black", linewidth=0.8)
+            axis.set(xlabel="condensation layer", ylabel=label)
+            axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    axes[0][2].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def add_parser(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("condensation", help="hard pruning vs FPS / connectivity condensation over target "
+                                    "tokens x layers (MME-style set and POPE)", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
+    parser.add_argument("--target-tokens", type=int, nargs="+", default=list(TARGET_TOKENS),
+                        help="visual tokens kept, of 576 (scaled to the model's image)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="condensation layers of this model "
+                        "(default: 5 / 10 / 15 of 32, scaled by depth)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--pope-split", default="adversarial", choices=["random", "popular", "adversarial"])
+    parser.add_argument("--seed", type=int, default=VALIDATION_SEED)
+    parser.add_argument("--num-images", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--output-dir", required=True)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rcpp_hf.default_model import default_model_path
+
+    model = str(args.model or default_model_path())
+    num_layers, num_visual = model_shape(model)
+    layers = tuple(args.layers) if args.layers else default_layers(num_layers)
+    settings = experiment_settings(tuple(args.target_tokens), layers, num_visual, tuple(args.variants))
+    rows = compare(model, settings, ["mme", args.pope_split], args.seed, args.num_images, args.output_dir,
+                   args.batch_size)  # fmt: skip
+    write_report(cell_records(rows, args.pope_split), Path(args.output_dir))
+    print((Path(args.output_dir) / "condensation.md").read_text())
+    return 0
