@@ -143,3 +143,15 @@ def test_compare_rows_for_the_contrastive_peers(small_model, tmp_path):
     for name in (VANILLA, "vcd", "sid"):
         assert {"random.f1", "random.yes_ratio", "captions.chair_i", "captions.recall"} <= set(rows[name]), name
     assert rows["vcd"]["method"]["method"] == "vcd" and rows["sid"]["method"]["alpha"] == 0.5
+
+
+def test_method_presets_are_rows_and_methods_needing_training_are_not_default_rows():
+    from pathlib import Path
+
+    from rcpp_hf.shapesworld.compare import runs_with_defaults
+
+    preset = Path(__file__).parents[1] / "configs" / "himap_fps.yaml"
+    row = config_setting(str(preset))
+    assert (row.name, row.family, row.config) == ("himap_fps", "himap", None)
+    assert row.method["use_token_condensation"] is True
+    assert runs_with_defaults("fastv") and not runs_with_defaults("gan_pruner")  # needs its trained pruner_path

@@ -87,10 +87,24 @@ class Setting:
 
 
 def config_setting(config: str) -> Setting:
-    """The row of `VANILLA` or of an RCPP YAML preset (named after its file)."""
+    """The row of `VANILLA`, of an RCPP YAML preset, or of a registry method's YAML preset (one with a `method` key,
+    e.g. a trained `gan_pruner` with its `pruner_path`), named after its file."""
     if config == VANILLA:
         return Setting(VANILLA, VANILLA)
+    values = yaml.safe_load(Path(config).read_text()) if Path(config).is_file() else None
+    if isinstance(values, dict) and "method" in values:
+        method = load_method(config)
+        return Setting(Path(config).stem, method.name, method=method.to_dict())
     return Setting(Path(config).stem, RCPP, config=config)
+
+
+def runs_with_defaults(name: str) -> bool:
+    """Whether registry method `name` runs with its default settings (a `gan_pruner` needs its trained pruners)."""
+    try:
+        load_method(name)
+    except ValueError:
+        return False
+    return True
 
 
 def method_settings(name: str, budgets: tuple[int, ...], num_visual: int, with_rcpp: bool = False) -> list[Setting]:
@@ -259,14 +273,17 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
                                         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
         if name == "compare":
-            parser.add_argument("--methods", default=",".join([VANILLA, RCPP, *METHODS]),
+            defaults = [name for name in METHODS if runs_with_defaults(name)]
+            parser.add_argument("--methods", default=",".join([VANILLA, RCPP, *defaults]),
                                 help=f"comma-separated rows: {VANILLA}, {RCPP} (RCPP + DRCD, library defaults) or "
-                                     f"registry methods ({', '.join(METHODS)}); default: all")  # fmt: skip
+                                     f"registry methods ({', '.join(METHODS)}); default: all that run with their "
+                                     "default settings")  # fmt: skip
             parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS),
                                 help="visual-token budgets of the pruners, of 576 (scaled to the model's image)")
             parser.add_argument("--with-rcpp", action="store_true", help="also each registry method composed with "
                                 "RCPP + DRCD ('<method>+rcpp' rows)")
-            parser.add_argument("--configs", nargs="+", default=[], help="extra rows: RCPP YAML presets")
+            parser.add_argument("--configs", nargs="+", default=[], help="extra rows: RCPP YAML presets, or registry "
+                                "method presets (a 'method' key), e.g. a gan_pruner with its pruner_path")
             parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
         parser.add_argument("--seed", type=int, default=VALIDATION_SEED, help=f"world seed (validation: {VALIDATION_SEED})")
         parser.add_argument("--num-images", type=int, default=50)
