@@ -66,7 +66,10 @@ class RCPPGenerationConfig(GenerationConfig):
             decode-sized forward, the first token comes from the fused logits with lambda = `lambda_end`, and the
             cache keeps the main row's entry for that token. Costs one extra single-token forward per `generate`
             call, none when N is empty or lambda_end is 0 (then tokens are vanilla's). It acts where a short answer
-            (POPE's yes / no) is decided; see `RCPPLlavaForConditionalGeneration._first_token_action`.
+            (POPE's yes / no) is decided; see `RCPPLlavaForConditionalGeneration._first_token_action`. lambda_end,
+            not the schedule's start: the ramp eases the contrast in over a caption's first steps, while a short
+            answer has this step alone (and at lambda_start's default 0 the action would do nothing). S is not
+            updated by the extra forward.
         methods: other inference-time methods of the registry (`rcpp_hf.methods`) to run in the same `generate`:
             config objects (`FastV(budget=128)`), dicts with a "method" key, registered names, or YAML preset paths.
             A prefill pruner composes with RCPP + DRCD (RCPP then scores only the visual tokens that survived it);
