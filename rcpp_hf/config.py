@@ -11,6 +11,7 @@ from transformers import GenerationConfig
 from rcpp_hf.methods import check_compatible, load_method
 
 SCHEDULES = ("linear", "cosine", "step")
+TAU_MODES = ("absolute", "quantile", "std")
 # scoring_layers = None scores on the last min(4, L) decoder layers: the method note's "last 4 layers", and every
 # layer of a decoder shallower than that.
 DEFAULT_NUM_SCORING_LAYERS = 4
@@ -20,6 +21,7 @@ RCPP_DEFAULTS: dict[str, object] = {
     "rcpp": True,
     "gamma": 0.9,
     "tau": 0.0,
+    "tau_mode": "absolute",
     "lambda_start": 0.0,
     "lambda_end": 0.5,
     "keep_ratio_start": 1.0,
@@ -28,6 +30,7 @@ RCPP_DEFAULTS: dict[str, object] = {
     "schedule_steps": 32,
     "scoring_layers": None,
     "plausibility_beta": None,
+    "first_token_action": False,
     "methods": (),
 }
 
@@ -38,8 +41,15 @@ class RCPPGenerationConfig(GenerationConfig):
     Args:
         rcpp: turn the method on. `False` gives exactly `LlavaForConditionalGeneration.generate`.
         gamma: EMA momentum of the consistency score S, in [0, 1) (stage 4).
-        tau: grouping threshold: C = {S >= tau}, N = {S < tau} (stage 5). S is a cosine, so tau = -1 puts every
-            visual token in C.
+        tau: grouping threshold (stage 5): C = {S >= threshold}, N = {S < threshold}, the threshold read from tau
+            per `tau_mode`.
+        tau_mode: how tau sets each row's threshold from the current S of its cached visual tokens
+            (`rcpp.stages.grouping_threshold`), every decoding step:
+            "absolute" (the default, and the presets'): tau itself, a cosine; tau = -1 puts every token in C. Its
+                scale depends on the model.
+            "quantile": the tau-quantile of the row's S, tau in [0, 1] (the k-th smallest score, k = floor(tau *
+                (n - 1)), 0-based): N holds at most k of the n tokens, fewer with ties; tau = 0 leaves N empty.
+            "std": mean(S) - tau * std(S) over the row (population std); tau any finite number, larger = fewer in N.
         lambda_start, lambda_end: contrast coefficient lambda_t of `logits_C - lambda_t * logits_N` at the first and
             last scheduled step (stage 6-7), >= 0.
         keep_ratio_start, keep_ratio_end: fraction of the image's visual tokens kept in the KV cache, in (0, 1], not
@@ -51,13 +61,22 @@ class RCPPGenerationConfig(GenerationConfig):
             range raises, naming it. `None` (the default): the last min(4, L) layers of an L-layer decoder.
         plausibility_beta: adaptive plausibility constraint (VCD): keep only tokens with p_C >= beta * max p_C.
             `None` turns it off; else in (0, 1].
+        first_token_action: also decode the first generated token with DRCD (off by default). Once the prefill has
+            given S, the last prompt token is run again as DRCD's two rows (main -> C, contrast -> N) in one
+            decode-sized forward, the first token comes from the fused logits with lambda = `lambda_end`, and the
+            cache keeps the main row's entry for that token. Costs one extra single-token forward per `generate`
+            call, none when N is empty or lambda_end is 0 (then tokens are vanilla's). It acts where a short answer
+            (POPE's yes / no) is decided; see `RCPPLlavaForConditionalGeneration._first_token_action`. lambda_end,
+            not the schedule's start: the ramp eases the contrast in over a caption's first steps, while a short
+            answer has this step alone (and at lambda_start's default 0 the action would do nothing). S is not
+            updated by the extra forward.
         methods: other inference-time methods of the registry (`rcpp_hf.methods`) to run in the same `generate`:
             config objects (`FastV(budget=128)`), dicts with a "method" key, registered names, or YAML preset paths.
             A prefill pruner composes with RCPP + DRCD (RCPP then scores only the visual tokens that survived it);
             `rcpp=False` with methods runs the methods alone.
 
-    Neutral settings (`lambda_start = lambda_end = 0`, keep ratios 1, `tau = -1`) reproduce vanilla decoding token
-    for token while still recording the scores.
+    Neutral settings (`lambda_start = lambda_end = 0`, keep ratios 1, `tau = -1`, or `tau = 0` with "quantile")
+    reproduce vanilla decoding token for token while still recording the scores.
     """
 
     def __init__(self, **kwargs):
@@ -83,6 +102,10 @@ class RCPPGenerationConfig(GenerationConfig):
             fail("gamma", "the EMA momentum must lie in [0, 1)")
         if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau)):
             fail("tau", "must be a finite number")
+        if self.tau_mode not in TAU_MODES:
+            fail("tau_mode", f"must be one of {TAU_MODES}")
+        if self.tau_mode == "quantile" and not 0.0 <= self.tau <= 1.0:
+            fail("tau", "with tau_mode 'quantile' tau is a quantile of S and must lie in [0, 1]")
         for field in ("lambda_start", "lambda_end"):
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -107,6 +130,8 @@ class RCPPGenerationConfig(GenerationConfig):
         beta = self.plausibility_beta
         if beta is not None and not (isinstance(beta, (int, float)) and 0.0 < beta <= 1.0):
             fail("plausibility_beta", "must be None (off) or lie in (0, 1]")
+        if not isinstance(self.first_token_action, bool):
+            fail("first_token_action", "must be True or False")
         check_compatible(self.methods)
 
     # -- (de)serialisation -------------------------------------------------------------------------------------

@@ -59,8 +59,9 @@ def load_generation_config(path: Path | None, max_new_tokens: int | None, method
 
 
 def setting_label(config: RCPPGenerationConfig) -> str:
-    """E.g. "RCPP + DRCD", "fastv(budget=64)", "RCPP + DRCD + fastv(budget=64)"."""
-    parts = (["RCPP + DRCD"] if config.rcpp else []) + [method.describe() for method in config.methods]
+    """E.g. "RCPP + DRCD", "RCPP + DRCD (first-token action)", "fastv(budget=64)", "RCPP + DRCD + fastv(budget=64)"."""
+    rcpp = "RCPP + DRCD" + (" (first-token action)" if config.first_token_action else "")
+    parts = ([rcpp] if config.rcpp else []) + [method.describe() for method in config.methods]
     return " + ".join(parts) or "original LLaVA"
 
 

@@ -2,10 +2,12 @@
 
 The loop in `_sample` reads like the method: per decoding step t,
   7. schedule lambda_t and the visual-token budget; evict the lowest-scoring visual tokens beyond it,
-  5. group the cached visual tokens into C (S >= tau) and N,
+  5. group the cached visual tokens into C (S >= tau, or a threshold relative to S) and N,
   6. one forward with two query rows for the same token (main row -> C, contrast row -> N), then
      final = logits_C - lambda_t * logits_N, optional plausibility constraint, logits processors, token choice,
   1-4. from the main row of that same forward: h_t, alpha, recon_i, s_i_t, and the EMA update of S.
+Step 0's token comes from the prefill's logits, or with `first_token_action` from one extra two-row forward of the
+last prompt token (`_first_token_action`).
 With a plain `GenerationConfig` (or `rcpp=False`) `_sample` is transformers' own.
 """
 
@@ -252,7 +254,7 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
         # Prefill: the prompt's forward; prefill pruners drop visual tokens inside it. RCPP also captures v_i[l]
         # (stage 2 input) and scores the first step; its token is decoded from the plain logits, since C and N only
-        # exist once S does.
+        # exist once S does (with `first_token_action`, from a re-run of the last prompt token once they do).
         hidden, _ = run_decoder(
             language_model,
             self._embed_prompt(input_ids, model_kwargs, encoded),
@@ -281,6 +283,11 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 projection, recon_norm = reconstruct_visual_tokens(rcpp.visual_alpha(), visual.states, visual.gram, h_t)
                 instant = instant_consistency(projection, recon_norm, h_t)
                 scores = accumulate_consistency(scores, instant, cfg.gamma)
+                if step == 0 and cfg.first_token_action:
+                    lambda_t = cfg.lambda_end
+                    core, num_rows = self._group_and_mask(cfg, rcpp, cache, scores, lambda_t, num_visual)
+                    if num_rows == 2:
+                        logits = self._first_token_action(language_model, cache, decode_taps, input_ids, position_ids)
 
                 # Stage 6: DRCD fusion.
                 if num_rows == 2:
@@ -304,7 +311,9 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
             input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
             if trace is not None:
-                trace.steps.append(self._trace_step(step, cache, scores, core, evicted, lambda_t, keep_ratio, num_visual))
+                trace.steps.append(
+                    self._trace_step(step, cache, scores, core, evicted, lambda_t, keep_ratio, num_visual, num_rows)
+                )
 
             unfinished_sequences = unfinished_sequences & ~stopping_criteria(input_ids, scores_out)
             if stop_check(unfinished_sequences, next_tokens, input_ids.shape[1]):
@@ -327,16 +336,7 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     visual = visual.keep(kept)
                     rcpp.locate(cache.layouts, cache.visual_token_ids)
 
-                # Stage 5: grouping; it decides this step's masks. One host sync covers both decisions.
-                core = group_visual_tokens(scores, cfg.tau)
-                any_noise = bool((~core).any())
-                num_rows = 2 if (any_noise and lambda_t > 0) else 1
-                if any_noise:
-                    ids = cache.visual_token_ids
-                    by_id = torch.zeros(batch_size, num_visual, dtype=torch.bool, device=ids.device)
-                    rcpp.set_rows(num_rows, by_id.scatter(1, ids, core), by_id.scatter(1, ids, ~core))
-                else:
-                    rcpp.set_rows(1, None, None)  # the causal masks vanilla uses, so neutral settings stay bit-identical
+                core, num_rows = self._group_and_mask(cfg, rcpp, cache, scores, lambda_t, num_visual)
 
             # Stage 6: one forward; with DRCD, main row -> text + history + C, contrast row -> text + history + N.
             position_ids = position_ids[:, -1:] + 1
@@ -364,6 +364,47 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             pruning=[record for tap in pruners for record in tap.records],
         )
 
+    @staticmethod
+    def _group_and_mask(cfg, rcpp: RCPPTap, cache: VisualKVCache, scores, lambda_t: float, num_visual: int):
+        """Stage 5: C / N from S (B, Vc), and the masks of the next forward's rows -> (core (B, Vc) bool, number of
+        query rows: 2 when some row has a non-empty N and lambda_t > 0). One host sync covers both decisions."""
+        core = group_visual_tokens(scores, cfg.tau, cfg.tau_mode)
+        any_noise = bool((~core).any())
+        num_rows = 2 if (any_noise and lambda_t > 0) else 1
+        if any_noise:
+            ids = cache.visual_token_ids
+            by_id = torch.zeros(ids.shape[0], num_visual, dtype=torch.bool, device=ids.device)
+            rcpp.set_rows(num_rows, by_id.scatter(1, ids, core), by_id.scatter(1, ids, ~core))
+        else:
+            rcpp.set_rows(1, None, None)  # the causal masks vanilla uses, so neutral settings stay bit-identical
+        return core, num_rows
+
+    def _first_token_action(self, language_model, cache: VisualKVCache, taps, input_ids, position_ids):
+        """`first_token_action` (issue #12): the last prompt token again, as DRCD's two rows (main -> text + history +
+        C, contrast -> text + history + N, masks already set) in one decode-sized forward at that token's position,
+        so that the first generated token, which decides a short answer, is decoded from fused logits like every
+        later one -> logits (B, 2, vocab).
+
+        The prefill's cache entry of that token is dropped first and the main row's entry replaces it: later steps
+        attend to the token as the main branch saw it. S is not updated from this forward: it already holds the
+        prefill's measurement of this same token, made with every visual token in view, while the main row cannot
+        see N (its alpha on N is 0), which would drive N's scores down by construction.
+        """
+        last = input_ids[:, -1:]
+        if bool((last == self.config.image_token_id).any()):
+            raise ValueError("RCPPGenerationConfig.first_token_action re-runs the last prompt token, which must be "
+                             "text; this prompt ends with an image token")
+        cache.forget_last_entries(1)
+        rows = TokenLayout(
+            positions=position_ids[:, -1:].expand(-1, 2),
+            valid=torch.ones(last.shape[0], 2, dtype=torch.bool, device=last.device),
+            visual_ids=torch.full((last.shape[0], 2), -1, device=last.device),
+        )
+        hidden, _ = run_decoder(language_model, language_model.embed_tokens(last.expand(-1, 2)), rows, cache, taps=taps)
+        cache.drop_last_entries(1)  # the contrast row's entry
+        cache.append_entries(position_ids[:, -1:])
+        return self.lm_head(hidden).float()
+
     def _check_image_tokens(self, image_token_mask: torch.Tensor) -> int:
         """Every row must carry the same, non-zero number of image tokens; returns that number (V)."""
         per_row = image_token_mask.sum(dim=1).tolist()
@@ -380,7 +421,7 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         return per_row[0]
 
     @staticmethod
-    def _trace_step(step, cache, scores, core, evicted, lambda_t, keep_ratio, num_visual) -> RCPPStep:
+    def _trace_step(step, cache, scores, core, evicted, lambda_t, keep_ratio, num_visual, num_rows) -> RCPPStep:
         full_scores = scores.new_full((scores.shape[0], num_visual), float("nan"))
         full_scores.scatter_(1, cache.visual_token_ids, scores)
         return RCPPStep(
@@ -393,5 +434,6 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             keep_ratio=keep_ratio,
             cache_bytes=cache.nbytes(),
             visual_cache_bytes=cache.visual_nbytes(),
+            contrast=num_rows == 2,
         )
 

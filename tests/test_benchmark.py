@@ -63,6 +63,15 @@ def test_report_table_and_plot(report, tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 10_000
 
 
+def test_rcpp_first_is_rcpp_with_the_first_token_action(report):
+    first, plain = (method_generation_config(m, BenchmarkSettings(), tau=0.1).to_dict() for m in ("rcpp-first", "rcpp"))
+    assert first.pop("first_token_action") and not plain.pop("first_token_action")
+    assert first == plain
+    # Same cache: the action replaces the last prompt token's entry, it adds none.
+    methods = report["methods"]
+    assert methods["rcpp-first"]["cache_bytes_per_step"] == methods["rcpp"]["cache_bytes_per_step"]
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="methods"):
         BenchmarkSettings(methods=("vanilla", "beam"))

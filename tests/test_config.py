@@ -18,12 +18,19 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
         ("gamma", 1.0), ("gamma", -0.1), ("tau", float("nan")), ("lambda_start", -1.0), ("lambda_end", float("inf")),
         ("keep_ratio_start", 0.0), ("keep_ratio_end", 1.5), ("keep_ratio_end", -0.2), ("schedule", "exponential"),
         ("schedule_steps", 0), ("scoring_layers", ()), ("scoring_layers", (1, 1)), ("plausibility_beta", 0.0),
-        ("plausibility_beta", 2.0), ("rcpp", "yes"),
+        ("plausibility_beta", 2.0), ("rcpp", "yes"), ("tau_mode", "relative"), ("first_token_action", 1),
     ],
 )
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"RCPPGenerationConfig.{field}"):
         RCPPGenerationConfig(**{field: value})
+
+
+@pytest.mark.parametrize("tau", [-0.1, 1.5])
+def test_quantile_tau_must_be_a_fraction(tau):
+    with pytest.raises(ValueError, match="RCPPGenerationConfig.tau = .*quantile"):
+        RCPPGenerationConfig(tau_mode="quantile", tau=tau)
+    assert RCPPGenerationConfig(tau_mode="std", tau=tau).tau == tau  # std's tau is any finite number
 
 
 def test_keep_ratio_cannot_grow():
@@ -39,7 +46,7 @@ def test_updates_are_validated_too():
 
 def test_save_pretrained_round_trip(tmp_path):
     config = RCPPGenerationConfig(gamma=0.8, tau=0.1, schedule="cosine", scoring_layers=(-2, -1), max_new_tokens=7,
-                                  plausibility_beta=0.1)
+                                  plausibility_beta=0.1, tau_mode="quantile", first_token_action=True)
     config.save_pretrained(tmp_path)
     loaded = RCPPGenerationConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, RCPPGenerationConfig)
@@ -49,7 +56,8 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def test_yaml_round_trip(tmp_path):
-    config = RCPPGenerationConfig(gamma=0.7, keep_ratio_end=0.3, max_new_tokens=9, do_sample=True, temperature=0.5)
+    config = RCPPGenerationConfig(gamma=0.7, keep_ratio_end=0.3, max_new_tokens=9, do_sample=True, temperature=0.5,
+                                  tau=1.5, tau_mode="std", first_token_action=True)
     config.to_yaml(tmp_path / "preset.yaml")
     loaded = RCPPGenerationConfig.from_yaml(tmp_path / "preset.yaml")
     assert loaded.to_dict() == config.to_dict()

@@ -154,3 +154,16 @@ def test_edge_case_c_empty_main_row_sees_no_visual_token(rcpp_model, batch2):
     assert set(query_lengths[1:]) == {2}
     assert all(int(step.num_core.sum()) == 0 for step in out.rcpp.steps[1:])
     assert torch.isfinite(out.rcpp.steps[-1].scores[~torch.isnan(out.rcpp.steps[-1].scores)]).all()
+
+
+def test_quantile_tau_puts_a_fixed_share_in_n_every_step(rcpp_model, batch2):
+    """tau_mode "quantile" reads the current S of the cached tokens each step: with n of them, N holds the
+    floor(tau * (n - 1)) lowest (no ties among these scores), as the cache shrinks from 16 to 4."""
+    out = rcpp_model.generate(**batch2, generation_config=active_config(max_new_tokens=8, tau=0.25, tau_mode="quantile"),
+                              return_dict_in_generate=True)
+    counts = []
+    for step in out.rcpp.steps[1:]:
+        cached = step.num_core + step.num_noise
+        assert torch.equal(step.num_noise, (0.25 * (cached - 1)).floor().long())
+        counts.append(int(cached[0]))
+    assert counts[0] == 13 and counts[-1] == 4

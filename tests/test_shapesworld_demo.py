@@ -19,6 +19,9 @@ def test_patch_states_by_hand():
                     num_noise=torch.tensor([1]), evicted=torch.zeros(1, 0, dtype=torch.long), lambda_t=0.1,
                     keep_ratio=0.75, cache_bytes=0, visual_cache_bytes=0)  # fmt: skip
     assert patch_states(step, tau=0.0).tolist() == [CORE, NOISE, EVICTED, CORE]
+    # The median of the three cached scores (-0.1, 0.0, 0.2), the evicted one left out.
+    assert patch_states(step, tau=0.5, tau_mode="quantile").tolist() == [CORE, NOISE, EVICTED, CORE]
+    assert patch_states(step, tau=1.0, tau_mode="quantile").tolist() == [CORE, NOISE, EVICTED, NOISE]
 
 
 def test_demo_scene_holds_a_kind_without_its_partner():

@@ -11,6 +11,7 @@ from rcpp_hf.rcpp.stages import (
     adaptive_plausibility,
     drcd_fuse,
     group_visual_tokens,
+    grouping_threshold,
     instant_consistency,
     reasoning_state,
     reconstruct_visual_tokens,
@@ -78,6 +79,45 @@ def test_ema_initialises_then_accumulates():
 
 def test_grouping_threshold_is_inclusive():
     assert group_visual_tokens(torch.tensor([[0.2, 0.5, 0.7]]), tau=0.5).tolist() == [[False, True, True]]
+
+
+NAN = float("nan")
+# Two rows with different scales; ties (0.4, 0.4 and 0.5, 0.5); row 0's last token evicted or masked out (NaN).
+HAND_S = torch.tensor([[0.1, 0.4, 0.4, 0.2, NAN], [0.9, -0.3, 0.5, 0.5, 0.7]])
+
+
+def test_absolute_tau_is_unchanged():
+    assert grouping_threshold(HAND_S, 0.3, "absolute") == 0.3
+    assert torch.equal(group_visual_tokens(HAND_S, 0.3, "absolute"), HAND_S >= 0.3)
+    assert torch.equal(group_visual_tokens(HAND_S, 0.3), HAND_S >= 0.3)
+
+
+@pytest.mark.parametrize(
+    "tau, thresholds, core",
+    [
+        # row 0 sorted (NaN left out): 0.1 0.2 0.4 0.4, n = 4; row 1: -0.3 0.5 0.5 0.7 0.9, n = 5; k = floor(tau (n - 1))
+        (0.5, [0.2, 0.5], [[0, 1, 1, 1, 0], [1, 0, 1, 1, 1]]),  # k = 1, 2: row 1's tie at the threshold is in C
+        (0.75, [0.4, 0.7], [[0, 1, 1, 0, 0], [1, 0, 0, 0, 1]]),  # k = 2, 3: both 0.4 stay in C
+        (0.0, [0.1, -0.3], [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),  # the minimum: N empty
+        (1.0, [0.4, 0.9], [[0, 1, 1, 0, 0], [1, 0, 0, 0, 0]]),  # the maximum: its ties only
+    ],
+)
+def test_quantile_tau_by_hand(tau, thresholds, core):
+    torch.testing.assert_close(grouping_threshold(HAND_S, tau, "quantile"), torch.tensor(thresholds)[:, None])
+    assert group_visual_tokens(HAND_S, tau, "quantile").int().tolist() == core
+
+
+def test_std_tau_by_hand():
+    # row 0: mean 1.1 / 4 = 0.275, variance 0.0675 / 4; row 1: mean 2.3 / 5 = 0.46, variance 0.832 / 5
+    expected = torch.tensor([[0.275 - math.sqrt(0.0675 / 4)], [0.46 - math.sqrt(0.832 / 5)]])  # 0.1451, 0.0521
+    torch.testing.assert_close(grouping_threshold(HAND_S, 1.0, "std"), expected)
+    assert group_visual_tokens(HAND_S, 1.0, "std").int().tolist() == [[0, 1, 1, 1, 0], [1, 0, 1, 1, 1]]
+    torch.testing.assert_close(grouping_threshold(HAND_S, 0.0, "std"), torch.tensor([[0.275], [0.46]]))
+
+
+def test_unknown_tau_mode_is_refused():
+    with pytest.raises(ValueError, match="tau_mode"):
+        grouping_threshold(HAND_S, 0.5, "median")
 
 
 def test_evictions_pick_the_lowest_scores_per_row():

@@ -52,6 +52,12 @@ class VisualKVCache(DynamicCache):
             for layer in self.layers:
                 layer.crop(-count)
 
+    def forget_last_entries(self, count: int) -> None:
+        """Remove the last `count` described entries (keys, values and layouts) from every layer, e.g. to compute
+        them again."""
+        self.drop_last_entries(count)
+        self._map_layouts(lambda layout: layout.crop(count))
+
     def _map_layouts(self, change) -> None:
         """Apply `change` once per distinct layout, keeping layers that shared a layout sharing the new one."""
         new: dict[int, TokenLayout] = {}

@@ -58,9 +58,27 @@ def accumulate_consistency(scores: torch.Tensor | None, instant: torch.Tensor, g
     return gamma * scores + (1.0 - gamma) * instant
 
 
-def group_visual_tokens(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """Stage 5 — membership of the core set C = {S >= tau}; N is its complement.  (B, Vc) -> bool (B, Vc)."""
-    return scores >= tau
+def grouping_threshold(scores: torch.Tensor, tau: float, tau_mode: str) -> torch.Tensor | float:
+    """Stage 5's threshold per row, read from tau (`RCPPGenerationConfig.tau_mode`): "absolute" tau itself;
+    "quantile" the tau-quantile of the row's S (interpolation "lower": one of the row's scores, the
+    floor(tau * (n - 1))-th smallest); "std" mean(S) - tau * std(S) (population std). Relative forms make tau mean
+    the same on models whose cosines sit at different scales (issue #12). NaN scores (tokens evicted or masked
+    out) take no part.  (B, Vc) -> float or (B, 1)."""
+    if tau_mode == "absolute":
+        return tau
+    if tau_mode == "quantile":
+        return torch.nanquantile(scores, tau, dim=1, keepdim=True, interpolation="lower")
+    if tau_mode == "std":
+        mean = scores.nanmean(dim=1, keepdim=True)
+        std = (scores - mean).square().nanmean(dim=1, keepdim=True).sqrt()
+        return mean - tau * std
+    raise ValueError(f"unknown tau_mode {tau_mode!r}; expected 'absolute', 'quantile' or 'std'")
+
+
+def group_visual_tokens(scores: torch.Tensor, tau: float, tau_mode: str = "absolute") -> torch.Tensor:
+    """Stage 5 — membership of the core set C = {S >= threshold}; N is its complement (a NaN score is
+    never in C).  (B, Vc) -> bool (B, Vc)."""
+    return scores >= grouping_threshold(scores, tau, tau_mode)
 
 
 def select_evictions(scores: torch.Tensor, num_evict: int) -> torch.Tensor:

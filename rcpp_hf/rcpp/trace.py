@@ -10,14 +10,17 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 @dataclass
 class RCPPStep:
-    """What the method did at one decoding step (step 0 is the prefill, whose token is decoded without contrast).
+    """What the method did at one decoding step (step 0 is the prefill: its token is decoded without contrast, or,
+    with `first_token_action`, from the re-run of the last prompt token as DRCD's two rows).
 
     Attributes:
         scores: (B, V) consistency score S of every visual token of the prompt after this step's update; NaN for
             tokens evicted so far.
         num_core, num_noise: (B,) |C| and |N| used by this step's forward.
         evicted: (B, k) prompt indices (0..V-1) of the visual tokens evicted at this step; k may be 0.
-        lambda_t, keep_ratio: the scheduled values of this step.
+        lambda_t, keep_ratio: the scheduled values of this step (step 0: lambda_end with `first_token_action`,
+            else 0).
+        contrast: whether this step's token came from a forward with DRCD's contrast row.
         cache_bytes, visual_cache_bytes: KV cache size after this step, total and visual entries only.
     """
 
@@ -30,6 +33,7 @@ class RCPPStep:
     keep_ratio: float
     cache_bytes: int
     visual_cache_bytes: int
+    contrast: bool = False
 
 
 @dataclass
@@ -51,6 +55,7 @@ class RCPPTrace:
                 "evicted": s.evicted.shape[1],
                 "lambda_t": s.lambda_t,
                 "keep_ratio": s.keep_ratio,
+                "contrast": s.contrast,
                 "cache_bytes": s.cache_bytes,
                 "visual_cache_bytes": s.visual_cache_bytes,
             }

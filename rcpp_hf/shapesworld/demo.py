@@ -25,6 +25,7 @@ from rcpp_hf.shapesworld.captions import mentioned_kinds, reference_caption
 from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt
 from rcpp_hf.shapesworld.render import render_scene
 from rcpp_hf.shapesworld.world import TEST_SEED, Scene, sample_scene
+from rcpp_hf.rcpp.stages import group_visual_tokens
 from rcpp_hf.rcpp.trace import RCPPStep, RCPPTrace
 
 DEMO_SCENE_INDEX = 166
@@ -36,14 +37,15 @@ def demo_scene() -> Scene:
     return sample_scene(TEST_SEED, DEMO_SCENE_INDEX)
 
 
-def patch_states(step: RCPPStep, tau: float, row: int = 0) -> torch.Tensor:
-    """(V,) state of every visual token after `step`: CORE (S >= tau), NOISE (S < tau) or EVICTED (S is NaN)."""
-    scores = step.scores[row].float()
-    states = torch.where(scores >= tau, CORE, NOISE)
-    return torch.where(scores.isnan(), EVICTED, states)
+def patch_states(step: RCPPStep, tau: float, row: int = 0, tau_mode: str = "absolute") -> torch.Tensor:
+    """(V,) state of every visual token after `step`: CORE (S >= the threshold tau sets, `tau_mode`), NOISE (below
+    it) or EVICTED (S is NaN, left out of a relative threshold)."""
+    scores = step.scores[row : row + 1].float()
+    states = torch.where(group_visual_tokens(scores, tau, tau_mode)[0], CORE, NOISE)
+    return torch.where(scores[0].isnan(), EVICTED, states)
 
 
-def patch_state_figure(image, trace: RCPPTrace, tau: float, steps: list[int]) -> Figure:
+def patch_state_figure(image, trace: RCPPTrace, tau: float, steps: list[int], tau_mode: str = "absolute") -> Figure:
     """One panel per step of `steps`: the image with its patches coloured core / noise / evicted."""
     side = int(trace.num_visual_tokens**0.5)
     if side * side != trace.num_visual_tokens:
@@ -52,7 +54,7 @@ def patch_state_figure(image, trace: RCPPTrace, tau: float, steps: list[int]) ->
     axes = figure.subplots(1, len(steps), squeeze=False)
     for axis, index in zip(axes[0], steps):
         step = trace.steps[index]
-        states = patch_states(step, tau)
+        states = patch_states(step, tau, tau_mode=tau_mode)
         overlay = torch.tensor([_STATE_COLOURS[int(s)] for s in states]).view(side, side, 4)
         axis.imshow(image)
         axis.imshow(overlay.numpy(), extent=(0, image.width, image.height, 0), interpolation="nearest")
@@ -119,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     kept = int((~last.scores[0].isnan()).sum())
     print(f"    visual tokens kept at the last step: {kept}/{trace.num_visual_tokens}, "
           f"visual KV {last.visual_cache_bytes / 1024:.1f} KiB")  # fmt: skip
-    figure = patch_state_figure(image, trace, config.tau, demo_steps(trace))
+    figure = patch_state_figure(image, trace, config.tau, demo_steps(trace), config.tau_mode)
     figure.savefig(args.output, dpi=110)
     print(f"patch map: {args.output}")
     return 0
