@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from rcpp_hf.shapesworld import train as train_module
-from rcpp_hf.shapesworld.conversations import chat_prompt, encode_packed, llava_prompt, pope_prompt, training_turns
+from rcpp_hf.shapesworld.conversations import POPE_SUFFIX, chat_prompt, encode_packed, llava_prompt, pope_prompt, training_turns
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_scene
 from rcpp_hf.shapesworld.train import (
@@ -123,10 +123,10 @@ def test_tiny_run_is_reproducible_and_resumes_after_a_crash(tmp_path, monkeypatc
 
     real_batch = train_module.training_batch
 
-    def crash_at_step_3(processor, scenes, *args):
+    def crash_at_step_3(processor, scenes, *args, **kwargs):
         if scenes == batch_scenes(0, 3, SMOKE.batch_size):
             raise KeyboardInterrupt("simulated crash")
-        return real_batch(processor, scenes, *args)
+        return real_batch(processor, scenes, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "training_batch", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
@@ -141,3 +141,17 @@ def test_tiny_run_is_reproducible_and_resumes_after_a_crash(tmp_path, monkeypatc
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (resumed / train_module.STATE_FILE).exists()
+
+
+def test_binding_rounds_add_colour_and_position_pairs_and_one_round_is_the_usual_mixture():
+    scene = next(s for s in (sample_scene(0, i) for i in range(50)) if len(s.kinds) >= 3 and len(s.objects) == len(s.kinds))
+    usual = training_turns(scene)
+    assert training_turns(scene, binding_rounds=1) == usual
+    more = training_turns(scene, binding_rounds=3)
+    bare = [(question.removesuffix(POPE_SUFFIX), answer) for question, answer in more]
+    assert bare[: len(usual)] == [(q.removesuffix(POPE_SUFFIX), a) for q, a in usual]  # the extra rounds come after
+    extra = [question for question, _ in bare[len(usual):]]
+    assert len(extra) == 8  # 2 rounds x (colour pair + position pair), both answers of each
+    assert sum(q.startswith("Is the") for q in extra) == 8
+    with pytest.raises(ValueError, match="binding_rounds"):
+        TrainConfig(binding_rounds=0)

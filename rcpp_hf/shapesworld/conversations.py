@@ -56,11 +56,12 @@ def chat_prompt(processor, text: str) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
-def training_turns(scene: Scene, num_yes: int = 3, num_no: int = 3) -> list[tuple[str, str]]:
+def training_turns(scene: Scene, num_yes: int = 3, num_no: int = 3, binding_rounds: int = 1) -> list[tuple[str, str]]:
     """(user text, assistant answer) examples about `scene`: one caption request, `num_yes` + `num_no`
     existence questions, and one question of each other kind (see `questions.py`): an open count,
     an open colour, a yes/no count and a yes/no colour (each answered yes or no at random), and
-    both questions of a position pair.
+    both questions of a position pair. Each of `binding_rounds - 1` further rounds adds both questions
+    of a new colour pair and of a new position pair (the questions that bind an attribute to a kind).
 
     Deterministic per scene; the caption comes first. Questions carry LLaVA's short-answer suffix
     half of the time, so that both the bare question and the POPE / MME prompt are in distribution.
@@ -78,6 +79,9 @@ def training_turns(scene: Scene, num_yes: int = 3, num_no: int = 3) -> list[tupl
         if pair is not None:
             questions.append(pair[rng.random() < 0.5])
     questions.extend(position_pair(scene, rng) or ())
+    for _ in range(binding_rounds - 1):
+        questions.extend(colour_pair(scene, rng) or ())
+        questions.extend(position_pair(scene, rng) or ())
     turns += [(pope_prompt(question) if rng.random() < 0.5 else question, answer) for question, answer in questions]
     return turns
 

@@ -61,11 +61,12 @@ class TrainConfig:
     save_every: int = 100
     init_from: str | None = None  # a trained, shallower ShapesWorld checkpoint to deepen (`expand.py`) instead of `seed`'s weights
     freeze_vision: bool = False  # keep the vision tower as initialised (no gradient, no patch probe)
+    binding_rounds: int = 1  # rounds of colour and position questions per scene (`conversations.training_turns`)
 
     def __post_init__(self):
         if self.world_seed in (VALIDATION_SEED, TEST_SEED):
             raise ValueError(f"world_seed {self.world_seed} is a held-out world (validation {VALIDATION_SEED}, test {TEST_SEED})")
-        for name in ("steps", "batch_size", "save_every"):
+        for name in ("steps", "batch_size", "save_every", "binding_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -255,7 +256,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         scenes = batch_scenes(config.world_seed, step, config.batch_size)
-        batch = training_batch(processor, scenes, spec.num_visual_tokens, config.answer_loss_weight)
+        turns = [training_turns(scene, binding_rounds=config.binding_rounds) for scene in scenes]
+        batch = training_batch(processor, scenes, spec.num_visual_tokens, config.answer_loss_weight, turns=turns)
         labels, loss_weights = batch.pop("labels"), batch.pop("loss_weights")
         text_loss = language_loss(model(**batch).logits, labels, loss_weights)
         if config.patch_loss_weight:
@@ -302,7 +304,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     for name, kind in (("seed", int), ("world_seed", int), ("steps", int), ("batch_size", int), ("lr", float), ("warmup_steps", int),
                        ("weight_decay", float), ("max_grad_norm", float), ("patch_loss_weight", float),
                        ("answer_loss_weight", float),
-                       ("save_every", int), ("init_from", str)):  # fmt: skip
+                       ("save_every", int), ("init_from", str), ("binding_rounds", int)):  # fmt: skip
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=getattr(defaults, name))
     parser.add_argument("--freeze-vision", action="store_true", help="train without touching the vision tower")
     parser.set_defaults(func=_run)
