@@ -1,4 +1,4 @@
-"""The ShapesWorld LLaVA: tiny.py's LLaVA-1.5 layout at the size the shipped checkpoint has.
+"""The ShapesWorld LLaVA: tiny.py's LLaVA-1.5 layout at the size of ShapesWorld v2's deeper model.
 
 CLIP vision tower (160 px images, 16 px patches: 100 visual tokens + CLS, dropped; 4 layers, hidden
 192), LLaVA-1.5's two-layer GELU projector, a 12-layer Llama decoder (hidden 256, intermediate 512)
@@ -13,6 +13,8 @@ defaults to land on distinct layers. The width is the first model's (4 layers of
 question type: a 12 x 160 decoder trained from scratch for 1500 steps (75 min) stayed far from the
 targets (POPE random 0.80, colour and position at chance), while the expanded model starts where the
 first one ended. A step costs about 2.2 s on this 2-core CPU with the vision tower frozen (batch 16).
+The shipped checkpoint is still the first model (4 x 256): the deeper one has not met ShapesWorld v2's
+targets yet (README, "ShapesWorld").
 """
 
 from __future__ import annotations
