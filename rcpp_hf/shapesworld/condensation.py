@@ -110,6 +110,7 @@ def plot_experiment(records: list[dict], path: Path) -> None:
               [(f"{s}_acc", f"MME {s} accuracy") for s in SUBTASKS]]  # fmt: skip
     figure, axes = plt.subplots(2, 4, figsize=(16, 7.5))
     lines = list(dict.fromkeys((r["variant"], r["target"]) for r in cells))
+    colours = {line: f"C{i % 10}" for i, line in enumerate(lines)}  # one colour per line in every panel
     for panel_row, axis_row in zip(panels, axes):
         for (key, label), axis in zip(panel_row, axis_row):
             for variant, target in lines:
@@ -118,7 +119,7 @@ def plot_experiment(records: list[dict], path: Path) -> None:
                 points = sorted((r["layer"], r[key]) for r in cells if (r["variant"], r["target"]) == (variant, target)
                                 and key in r)  # fmt: skip
                 if points:
-                    axis.plot(*zip(*points), marker="o", label=f"{variant} T={target}")
+                    axis.plot(*zip(*points), marker="o", color=colours[variant, target], label=f"{variant} T={target}")
             if key in vanilla:
                 axis.axhline(vanilla[key], color="gray", linestyle="--", label="vanilla")
             if key.endswith("_gain"):
