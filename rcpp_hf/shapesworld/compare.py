@@ -13,8 +13,8 @@ meet on this model (e.g. FastV's first layers alone exceed it on a 4-layer decod
 lambda_end, keep-ratio schedule) on the captions split, meant for the validation world; it also
 names the setting it would choose: the lowest CHAIR_I among settings whose recall is at least
 vanilla's minus 0.02. POPE is left out of the sweep on purpose: a POPE answer is the first generated
-token, which RCPP decodes from the prefill without contrast or eviction, so every setting answers
-POPE exactly as vanilla does (the final table shows it).
+token, which RCPP decodes from the prefill without contrast or eviction unless `first_token_action`
+is on, so every setting of the grid answers POPE exactly as vanilla does.
 """
 
 from __future__ import annotations
