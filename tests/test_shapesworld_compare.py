@@ -104,6 +104,7 @@ def test_compare_across_methods_and_budgets(small_model, tmp_path, capsys):
     table = (tmp_path / "table.md").read_text()
     assert "| fastv-64 | 64 | skipped: FastV.budget = 2" in table and "| fastv-192 | 192 |" in table
     assert (tmp_path / "quality.png").stat().st_size > 10_000
+    assert (tmp_path / "frontier.png").stat().st_size > 5_000  # CHAIR_I against recall (no adversarial split here)
     assert "fastv-192" in capsys.readouterr().out
 
 

@@ -203,6 +203,7 @@ def compare(model: str, settings: list[Setting], splits: list[str], seed: int, n
         rows.append(row)
     write_table(rows, splits, output_dir)
     plot_quality(rows, output_dir / "quality.png")
+    plot_frontier(rows, output_dir / "frontier.png")
     return rows
 
 
@@ -255,6 +256,33 @@ def plot_quality(rows: list[dict], path: Path) -> None:
             axis.set(xlabel=cost_label, ylabel=label)
             axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# The trade-offs the field reads hallucination methods by (issue 12): captions and one-word answers.
+FRONTIERS = [("captions.recall", "captions.chair_i", "recall", "CHAIR_I"),
+             ("adversarial.yes_ratio", "adversarial.f1", "POPE adversarial yes-ratio", "POPE adversarial F1")]
+
+
+def plot_frontier(rows: list[dict], path: Path) -> None:
+    """CHAIR_I against recall and POPE adversarial F1 against its yes-ratio, one labelled point per setting, for the
+    splits measured."""
+    panels = [panel for panel in FRONTIERS if any(panel[0] in row and panel[1] in row for row in rows)]
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for (x_key, y_key, x_label, y_label), axis in zip(panels, axes[0]):
+        points: dict[tuple[float, float], list[str]] = {}  # settings with identical results share one label
+        for row in rows:
+            if x_key in row and y_key in row:
+                points.setdefault((row[x_key], row[y_key]), []).append(row["setting"])
+        for index, ((x, y), names) in enumerate(points.items()):
+            axis.scatter(x, y, color=f"C{index % 10}")
+            axis.annotate(" = ".join(names), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set(xlabel=x_label, ylabel=y_label)
+        axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
