@@ -280,7 +280,8 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
                 points.setdefault((row[x_key], row[y_key]), []).append(row["setting"])
         for index, ((x, y), names) in enumerate(points.items()):
             axis.scatter(x, y, color=f"C{index % 10}")
-            axis.annotate(" = ".join(names), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            label = " = ".join(names) if len(names) <= 3 else f"{names[0]} = {len(names) - 1} other settings"
+            axis.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         axis.set(xlabel=x_label, ylabel=y_label)
         axis.grid(alpha=0.3)
     figure.tight_layout()
