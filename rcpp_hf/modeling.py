@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from transformers import GenerationConfig, LlavaForConditionalGeneration
-from transformers.generation.utils import GenerationMode, StopCheck
+from transformers.generation.utils import GenerationMode
 
 from rcpp_hf.config import DEFAULT_NUM_SCORING_LAYERS, RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache
@@ -23,6 +23,7 @@ from rcpp_hf.engine.contrastive import check_contrastive, contrastive_sample
 from rcpp_hf.engine.decoder import DENSE_MASK_IMPLEMENTATIONS, run_decoder
 from rcpp_hf.engine.layout import TokenLayout
 from rcpp_hf.engine.pruning import PrefillPruningTap
+from rcpp_hf.engine.token_choice import TokenChoice
 from rcpp_hf.engine.vision import VisionRecord, record_vision_attention, vision_encoder_layers
 from rcpp_hf.rcpp.schedule import scheduled_value, visual_token_budget
 from rcpp_hf.rcpp.stages import (
@@ -219,11 +220,7 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             )
         cfg: RCPPGenerationConfig = generation_config
         batch_size = input_ids.shape[0]
-        pad_token_id = cfg._pad_token_tensor.to(input_ids.device) if cfg._pad_token_tensor is not None else None
-        has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
         return_dict = cfg.return_dict_in_generate
-        scores_out = () if (return_dict and cfg.output_scores) else None
-        logits_out = () if (return_dict and cfg.output_logits) else None
         language_model = self.model.language_model
 
         # The prompt: which entries are image tokens, which are padding, and their logical positions.
@@ -272,8 +269,7 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             core = torch.full((batch_size, cache.num_visual_tokens), True, device=input_ids.device)
         num_rows, evicted, lambda_t, keep_ratio = 1, input_ids.new_zeros(batch_size, 0), 0.0, 1.0
 
-        unfinished_sequences = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
-        stop_check = StopCheck(streamer)
+        choice = TokenChoice(cfg, logits_processor, stopping_criteria, streamer, input_ids)
         step = 0
         while True:
             next_token_logits = logits[:, 0]
@@ -298,25 +294,14 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     next_token_logits = adaptive_plausibility(next_token_logits, logits[:, 0], cfg.plausibility_beta)
 
             # The usual processors and token choice, as transformers' `_sample`.
-            next_token_scores = logits_processor(input_ids, next_token_logits)
-            if scores_out is not None:
-                scores_out += (next_token_scores,)
-            if logits_out is not None:
-                logits_out += (next_token_logits,)
-            if cfg.do_sample:
-                next_tokens = torch.multinomial(next_token_scores.softmax(dim=-1), num_samples=1).squeeze(1)
-            else:
-                next_tokens = torch.argmax(next_token_scores, dim=-1)
-            if has_eos_stopping_criteria:
-                next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
+            next_tokens = choice.next_tokens(input_ids, next_token_logits)
             input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
             if trace is not None:
                 trace.steps.append(
                     self._trace_step(step, cache, scores, core, evicted, lambda_t, keep_ratio, num_visual, num_rows)
                 )
 
-            unfinished_sequences = unfinished_sequences & ~stopping_criteria(input_ids, scores_out)
-            if stop_check(unfinished_sequences, next_tokens, input_ids.shape[1]):
+            if choice.done(input_ids, next_tokens):
                 break
             step += 1
 
@@ -357,8 +342,8 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             return input_ids
         return RCPPGenerateOutput(
             sequences=input_ids,
-            scores=scores_out,
-            logits=logits_out,
+            scores=choice.scores,
+            logits=choice.logits,
             past_key_values=cache,
             rcpp=trace,
             pruning=[record for tap in pruners for record in tap.records],

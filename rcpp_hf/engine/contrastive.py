@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from transformers.generation.utils import StopCheck
 
 from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.engine.decoder import DecoderTap, run_decoder
 from rcpp_hf.engine.layout import TokenLayout
+from rcpp_hf.engine.token_choice import TokenChoice
 from rcpp_hf.methods.base import MethodConfig
 from rcpp_hf.rcpp.stages import adaptive_plausibility, drcd_fuse
 from rcpp_hf.rcpp.trace import RCPPGenerateOutput
@@ -114,13 +114,6 @@ def contrastive_sample(model, method: ContrastiveDecoder, input_ids, logits_proc
     """The decoding loop of `method`, greedy or sampling, from `RCPPLlavaForConditionalGeneration._sample`; returns
     what `_sample` returns (`out.past_key_values` is the main branch's cache, `out.contrast_past_key_values` the
     contrast branch's)."""
-    cfg = generation_config
-    batch_size = input_ids.shape[0]
-    pad_token_id = cfg._pad_token_tensor.to(input_ids.device) if cfg._pad_token_tensor is not None else None
-    has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
-    return_dict = cfg.return_dict_in_generate
-    scores_out = () if (return_dict and cfg.output_scores) else None
-    logits_out = () if (return_dict and cfg.output_logits) else None
 
     valid = model_kwargs.get("attention_mask")
     valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
@@ -137,25 +130,12 @@ def contrastive_sample(model, method: ContrastiveDecoder, input_ids, logits_proc
             method.contrast_taps(main.language_model, num_visual),
         )  # fmt: skip
 
-    unfinished_sequences = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
-    stop_check = StopCheck(streamer)
+    choice = TokenChoice(generation_config, logits_processor, stopping_criteria, streamer, input_ids)
     while True:
-        next_token_logits = method.fuse(logits, contrast_logits)
-        # The usual processors and token choice, as transformers' `_sample`.
-        next_token_scores = logits_processor(input_ids, next_token_logits)
-        if scores_out is not None:
-            scores_out += (next_token_scores,)
-        if logits_out is not None:
-            logits_out += (next_token_logits,)
-        if cfg.do_sample:
-            next_tokens = torch.multinomial(next_token_scores.softmax(dim=-1), num_samples=1).squeeze(1)
-        else:
-            next_tokens = torch.argmax(next_token_scores, dim=-1)
-        if has_eos_stopping_criteria:
-            next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
+        # The usual processors and token choice, as transformers' `_sample`, on the fused logits.
+        next_tokens = choice.next_tokens(input_ids, method.fuse(logits, contrast_logits))
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-        unfinished_sequences = unfinished_sequences & ~stopping_criteria(input_ids, scores_out)
-        if stop_check(unfinished_sequences, next_tokens, input_ids.shape[1]):
+        if choice.done(input_ids, next_tokens):
             break
         position_ids = position_ids[:, -1:] + 1
         logits = main.step(next_tokens, position_ids)
@@ -164,12 +144,12 @@ def contrastive_sample(model, method: ContrastiveDecoder, input_ids, logits_proc
 
     if streamer is not None:
         streamer.end()
-    if not return_dict:
+    if not generation_config.return_dict_in_generate:
         return input_ids
     return RCPPGenerateOutput(
         sequences=input_ids,
-        scores=scores_out,
-        logits=logits_out,
+        scores=choice.scores,
+        logits=choice.logits,
         past_key_values=main.cache,
         contrast_past_key_values=None if contrast is None else contrast.cache,
         pruning=[],
