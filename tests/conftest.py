@@ -111,13 +111,26 @@ def varied_tiny_path(tmp_path_factory) -> Path:
     """
     folder = save_tiny_llava(tmp_path_factory.mktemp("varied-tiny-llava"))
     model = LlavaForConditionalGeneration.from_pretrained(folder)
-    generator = torch.Generator().manual_seed(0)
+    vary_weights(model)
+    model.save_pretrained(folder)
+    return folder
+
+
+def vary_weights(model, std: float = 0.3, seed: int = 0) -> None:
+    """Redraw every matrix of `model` with `std` (seeded), in place: a random model whose outputs depend on its inputs."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for weight in model.parameters():
             if weight.dim() >= 2:
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
-    model.save_pretrained(folder)
-    return folder
+                weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+
+
+def row_alone(batch: dict, row: int) -> dict:
+    """Row `row` of a left-padded `batch` (input_ids, attention_mask, pixel_values) without its padding, batch size 1."""
+    real = batch["attention_mask"][row].bool()
+    return {"input_ids": batch["input_ids"][row : row + 1, real],
+            "attention_mask": batch["attention_mask"][row : row + 1, real],
+            "pixel_values": batch["pixel_values"][row : row + 1]}  # fmt: skip
 
 
 @pytest.fixture

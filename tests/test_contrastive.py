@@ -14,6 +14,7 @@ from rcpp_hf.engine.contrastive import contrastive_fuse
 from rcpp_hf.methods import SID, VCD, FastV, PlausibilityCutoff, load_method
 from rcpp_hf.methods.sid import LeastAttended
 from rcpp_hf.methods.vcd import diffusion_noise, forward_diffusion, vcd_noise_schedule
+from tests.conftest import row_alone
 from tests.test_prefill_pruning import hand_context
 
 PEERS = [VCD(), SID(), PlausibilityCutoff()]
@@ -119,10 +120,7 @@ def test_contrast_changes_tokens_and_batch_equals_rows(varied_tiny_path, process
     prompt = batch2["input_ids"].shape[1]
     for row in range(2):
         real = batch2["attention_mask"][row].bool()
-        alone = {"input_ids": batch2["input_ids"][row : row + 1, real],
-                 "attention_mask": batch2["attention_mask"][row : row + 1, real],
-                 "pixel_values": batch2["pixel_values"][row : row + 1]}  # fmt: skip
-        single = generate(model, alone, method)
+        single = generate(model, row_alone(batch2, row), method)
         assert torch.equal(single[0, int(real.sum()):], batched[row, prompt:]), row
 
 

@@ -30,6 +30,7 @@ from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_scene
 from rcpp_hf.shapesworld.train import batch_scenes
 from rcpp_hf.shapesworld.world import sample_scene
+from tests.conftest import vary_weights
 
 # A 4-layer ShapesWorld LLaVA small enough to train pruners for a few steps in seconds (16 visual tokens).
 SMALL = replace(SHAPESWORLD_SPEC, image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,
@@ -42,11 +43,7 @@ def small_path(tmp_path_factory):
     """The small model with weights of std 0.3, so that its outputs depend on which tokens it sees."""
     folder = tmp_path_factory.mktemp("shapesworld-small")
     model, processor = build_shapesworld_llava(SMALL)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() >= 2:
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    vary_weights(model)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

@@ -22,6 +22,7 @@ from rcpp_hf.methods.mc_lcbf import (
     project_heads,
     prompt_keys,
 )
+from tests.conftest import row_alone
 from tests.test_prefill_pruning import decode, prefill, prompt_layout
 
 STEER_ALL = dict(prefill_tau=1.0, decode_tau=1.0, max_scale=1e4)  # every row below the barrier, unclamped
@@ -167,11 +168,7 @@ def test_per_row_image_spans_with_left_padding(rcpp_model, batch2):
     batched = steered_prefill(rcpp_model, batch2, method)
     assert [r.layer for r in batched.records] == [1, 2, 3]
     for row in range(2):
-        valid = batch2["attention_mask"][row].bool()
-        alone = {"input_ids": batch2["input_ids"][row : row + 1, valid],
-                 "attention_mask": batch2["attention_mask"][row : row + 1, valid],
-                 "pixel_values": batch2["pixel_values"][row : row + 1]}  # fmt: skip
-        tap = steered_prefill(rcpp_model, alone, method)
+        tap = steered_prefill(rcpp_model, row_alone(batch2, row), method)
         for batched_record, record in zip(batched.records, tap.records):
             torch.testing.assert_close(batched_record.h[row], record.h[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(batched_record.delta_norm[row], record.delta_norm[0], atol=1e-5, rtol=1e-4)
