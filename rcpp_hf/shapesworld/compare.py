@@ -300,7 +300,6 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
     for name in ("compare", "sweep"):
         parser = subcommands.add_parser(name, help=f"{name} decoding settings on ShapesWorld", description=__doc__,
                                         formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-        parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
         if name == "compare":
             defaults = [name for name in METHODS if runs_with_defaults(name)]
             parser.add_argument("--methods", default=",".join([VANILLA, RCPP, *defaults]),
@@ -314,21 +313,29 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
             parser.add_argument("--configs", nargs="+", default=[], help="extra rows: RCPP YAML presets, or registry "
                                 "method presets (a 'method' key), e.g. a gan_pruner with its pruner_path")
             parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-        parser.add_argument("--seed", type=int, default=VALIDATION_SEED, help=f"world seed (validation: {VALIDATION_SEED})")
-        parser.add_argument("--num-images", type=int, default=50)
-        parser.add_argument("--batch-size", type=int, default=16)
-        parser.add_argument("--output-dir", required=True)
+        add_run_arguments(parser)
         parser.set_defaults(func=_run_compare if name == "compare" else _run_sweep)
 
 
-def _model(args: argparse.Namespace) -> str:
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every ShapesWorld comparison command (compare, sweep, head-ablation, condensation) takes: the model,
+    the world and the run folder."""
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
+    parser.add_argument("--seed", type=int, default=VALIDATION_SEED, help=f"world seed (validation: {VALIDATION_SEED})")
+    parser.add_argument("--num-images", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--output-dir", required=True)
+
+
+def model_path(args: argparse.Namespace) -> str:
+    """`--model`, or the embedded ShapesWorld checkpoint."""
     from rcpp_hf.default_model import default_model_path
 
     return str(args.model or default_model_path())
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    model = _model(args)
+    model = model_path(args)
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     settings = comparison_settings(names, tuple(args.budgets), model_shape(model)[1], args.with_rcpp)
     settings += [config_setting(config) for config in args.configs]
@@ -340,7 +347,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     settings = [config_setting(config) for config in sweep_configs(Path(args.output_dir) / "configs")]
-    rows = compare(_model(args), settings, ["captions"], args.seed, args.num_images, args.output_dir, args.batch_size)
+    rows = compare(model_path(args), settings, ["captions"], args.seed, args.num_images, args.output_dir, args.batch_size)
     chosen = choose(rows)
     (Path(args.output_dir) / "chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
     print((Path(args.output_dir) / "table.md").read_text())

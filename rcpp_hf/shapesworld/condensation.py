@@ -26,8 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from rcpp_hf.engine.pruning import scale_layer, scale_tokens  # noqa: E402
 from rcpp_hf.methods import HiMAP  # noqa: E402
-from rcpp_hf.shapesworld.compare import VANILLA, Setting, compare, model_shape  # noqa: E402
-from rcpp_hf.shapesworld.world import VALIDATION_SEED  # noqa: E402
+from rcpp_hf.shapesworld.compare import VANILLA, Setting, add_run_arguments, compare, model_path, model_shape  # noqa: E402
 
 VARIANTS = ("hard", "fps", "connectivity")
 TARGET_TOKENS = (64, 128)  # of 576
@@ -137,24 +136,18 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     parser = subcommands.add_parser("condensation", help="hard pruning vs FPS / connectivity condensation over target "
                                     "tokens x layers (MME-style set and POPE)", description=__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
     parser.add_argument("--target-tokens", type=int, nargs="+", default=list(TARGET_TOKENS),
                         help="visual tokens kept, of 576 (scaled to the model's image)")
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="condensation layers of this model "
                         "(default: 5 / 10 / 15 of 32, scaled by depth)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--pope-split", default="adversarial", choices=["random", "popular", "adversarial"])
-    parser.add_argument("--seed", type=int, default=VALIDATION_SEED)
-    parser.add_argument("--num-images", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--output-dir", required=True)
+    add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rcpp_hf.default_model import default_model_path
-
-    model = str(args.model or default_model_path())
+    model = model_path(args)
     num_layers, num_visual = model_shape(model)
     layers = tuple(args.layers) if args.layers else default_layers(num_layers)
     settings = experiment_settings(tuple(args.target_tokens), layers, num_visual, tuple(args.variants))

@@ -23,8 +23,7 @@ from rcpp_hf.engine.pruning import scale_tokens  # noqa: E402
 from rcpp_hf.methods import FastV, FastVFinePruner  # noqa: E402
 from rcpp_hf.methods.fastv_finepruner import DYNAMIC  # noqa: E402
 from rcpp_hf.methods.head_selection import HEAD_STRATEGIES  # noqa: E402
-from rcpp_hf.shapesworld.compare import BUDGETS, Setting, compare, model_shape  # noqa: E402
-from rcpp_hf.shapesworld.world import VALIDATION_SEED  # noqa: E402
+from rcpp_hf.shapesworld.compare import BUDGETS, Setting, add_run_arguments, compare, model_path, model_shape  # noqa: E402
 
 STUDY_HEADS = (8, 16, 24, 32)  # of LLaVA-1.5-7B's 32 heads, the seed's H
 REFERENCE_HEADS = 32
@@ -104,23 +103,17 @@ def ablation_table(rows: list[dict], split: str, output_dir: Path) -> None:
 def add_parser(subcommands: argparse._SubParsersAction) -> None:
     parser = subcommands.add_parser("head-ablation", help="FastV + FinePruner head strategies x heads x budgets",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
     parser.add_argument("--strategies", nargs="+", default=[*HEAD_STRATEGIES, DYNAMIC],
                         choices=[*HEAD_STRATEGIES, DYNAMIC])  # fmt: skip
     parser.add_argument("--heads", type=int, nargs="+", default=list(STUDY_HEADS), help="H, of 32 heads (scaled)")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="of 576 visual tokens (scaled)")
     parser.add_argument("--split", default="adversarial", choices=["random", "popular", "adversarial"])
-    parser.add_argument("--seed", type=int, default=VALIDATION_SEED)
-    parser.add_argument("--num-images", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--output-dir", required=True)
+    add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rcpp_hf.default_model import default_model_path
-
-    model = str(args.model or default_model_path())
+    model = model_path(args)
     num_heads = AutoConfig.from_pretrained(model).text_config.num_attention_heads
     settings = ablation_settings(args.strategies, tuple(args.heads), tuple(args.budgets), model_shape(model)[1],
                                  num_heads)  # fmt: skip
