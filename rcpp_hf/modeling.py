@@ -20,7 +20,7 @@ from transformers.generation.utils import GenerationMode
 from rcpp_hf.config import DEFAULT_NUM_SCORING_LAYERS, RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.engine.contrastive import check_contrastive, contrastive_sample
-from rcpp_hf.engine.decoder import DENSE_MASK_IMPLEMENTATIONS, run_decoder
+from rcpp_hf.engine.decoder import DENSE_MASK_IMPLEMENTATIONS, decode_token, run_decoder
 from rcpp_hf.engine.layout import TokenLayout
 from rcpp_hf.engine.pruning import PrefillPruningTap
 from rcpp_hf.engine.token_choice import TokenChoice
@@ -325,16 +325,8 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
             # Stage 6: one forward; with DRCD, main row -> text + history + C, contrast row -> text + history + N.
             position_ids = position_ids[:, -1:] + 1
-            rows = TokenLayout(
-                positions=position_ids.expand(-1, num_rows),
-                valid=torch.ones(batch_size, num_rows, dtype=torch.bool, device=input_ids.device),
-                visual_ids=torch.full((batch_size, num_rows), -1, device=input_ids.device),
-            )
-            embeds = language_model.embed_tokens(next_tokens[:, None].expand(-1, num_rows))
-            hidden, _ = run_decoder(language_model, embeds, rows, cache, taps=decode_taps)
+            hidden = decode_token(language_model, next_tokens[:, None], position_ids, cache, num_rows, decode_taps)
             logits = self.lm_head(hidden).float()  # (B, rows, vocab)
-            cache.drop_last_entries(num_rows - 1)  # the contrast row's entry: history is the main branch's
-            cache.append_entries(position_ids)
 
         if streamer is not None:
             streamer.end()
@@ -380,14 +372,7 @@ class RCPPLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             raise ValueError("RCPPGenerationConfig.first_token_action re-runs the last prompt token, which must be "
                              "text; this prompt ends with an image token")
         cache.forget_last_entries(1)
-        rows = TokenLayout(
-            positions=position_ids[:, -1:].expand(-1, 2),
-            valid=torch.ones(last.shape[0], 2, dtype=torch.bool, device=last.device),
-            visual_ids=torch.full((last.shape[0], 2), -1, device=last.device),
-        )
-        hidden, _ = run_decoder(language_model, language_model.embed_tokens(last.expand(-1, 2)), rows, cache, taps=taps)
-        cache.drop_last_entries(1)  # the contrast row's entry
-        cache.append_entries(position_ids[:, -1:])
+        hidden = decode_token(language_model, last, position_ids[:, -1:], cache, num_rows=2, taps=taps)
         return self.lm_head(hidden).float()
 
     def _check_image_tokens(self, image_token_mask: torch.Tensor) -> int:

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from rcpp_hf.engine.cache import VisualKVCache
-from rcpp_hf.engine.decoder import DecoderTap, run_decoder
+from rcpp_hf.engine.decoder import DecoderTap, decode_token, run_decoder
 from rcpp_hf.engine.layout import TokenLayout
 from rcpp_hf.engine.token_choice import TokenChoice
 from rcpp_hf.methods.base import MethodConfig
@@ -82,14 +82,7 @@ class Branch:
 
     def step(self, tokens: torch.LongTensor, position_ids: torch.LongTensor) -> torch.Tensor:
         """The forward of the tokens (B,) just chosen at `position_ids` (B, 1) -> next logits (B, vocab), float32."""
-        rows = TokenLayout(
-            positions=position_ids,
-            valid=torch.ones_like(position_ids, dtype=torch.bool),
-            visual_ids=torch.full_like(position_ids, -1),
-        )
-        embeds = self.language_model.embed_tokens(tokens[:, None])
-        hidden, _ = run_decoder(self.language_model, embeds, rows, self.cache)
-        self.cache.append_entries(position_ids)
+        hidden = decode_token(self.language_model, tokens[:, None], position_ids, self.cache)
         return self.model.lm_head(hidden[:, -1]).float()
 
 

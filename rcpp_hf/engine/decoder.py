@@ -148,3 +148,30 @@ def run_decoder(
     if prefill:
         cache.register_layouts(prefill_layouts)
     return language_model.norm(hidden), layout
+
+
+def decode_token(
+    language_model,
+    tokens: torch.LongTensor,
+    position_ids: torch.LongTensor,
+    cache: VisualKVCache,
+    num_rows: int = 1,
+    taps: list[DecoderTap] = (),
+) -> torch.Tensor:
+    """One token per sequence through the decoder as `num_rows` query rows at the same position -> hidden states
+    (B, num_rows, D). Row 0 is the main row; further rows are DRCD's contrast rows, whose masks the taps set. The
+    cache keeps the main row's entry only, described as a generated (non-visual) entry at `position_ids`.
+
+    tokens, position_ids: (B, 1).
+    """
+    batch_size = tokens.shape[0]
+    rows = TokenLayout(
+        positions=position_ids.expand(-1, num_rows),
+        valid=torch.ones(batch_size, num_rows, dtype=torch.bool, device=tokens.device),
+        visual_ids=torch.full((batch_size, num_rows), -1, device=tokens.device),
+    )
+    embeds = language_model.embed_tokens(tokens.expand(-1, num_rows))
+    hidden, _ = run_decoder(language_model, embeds, rows, cache, taps=taps)
+    cache.drop_last_entries(num_rows - 1)  # the contrast rows' entries: history is the main branch's
+    cache.append_entries(position_ids)
+    return hidden
