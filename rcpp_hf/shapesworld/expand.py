@@ -33,7 +33,8 @@ def source_positions(num_source: int, num_target: int) -> list[int]:
 def _check_shapes(source: LlavaForConditionalGeneration, target: LlavaForConditionalGeneration) -> None:
     shapes = {
         "text_config": ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"),
-        "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"),
+        "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                          "patch_size"),
     }  # fmt: skip
     for part, names in shapes.items():
         src, tgt = getattr(source.config, part), getattr(target.config, part)
@@ -69,7 +70,8 @@ def expand_decoder(
     source_layers = source.model.language_model.layers
     target_layers = target.model.language_model.layers
     positions = source_positions(len(source_layers), len(target_layers))
-    by_token = (source.get_input_embeddings().weight, target.get_input_embeddings().weight), (source.lm_head.weight, target.lm_head.weight)
+    by_token = [(source.get_input_embeddings().weight, target.get_input_embeddings().weight),
+                (source.lm_head.weight, target.lm_head.weight)]
     for source_rows, target_rows in by_token:
         target_rows[target_ids] = source_rows[source_ids]
     skipped = {"model.language_model.embed_tokens.weight", "lm_head.weight"}

@@ -61,5 +61,6 @@ def store_weights_in_float16(folder: str | Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"no model.safetensors in {folder}")
     tensors = load_file(path)
-    save_file({name: t.half() if t.is_floating_point() else t for name, t in tensors.items()}, path, metadata={"format": "pt"})
+    half = {name: t.half() if t.is_floating_point() else t for name, t in tensors.items()}
+    save_file(half, path, metadata={"format": "pt"})
     return path
