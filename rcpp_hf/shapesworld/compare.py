@@ -93,7 +93,7 @@ def config_setting(config: str) -> Setting:
         return Setting(VANILLA, VANILLA)
     values = yaml.safe_load(Path(config).read_text()) if Path(config).is_file() else None
     if isinstance(values, dict) and "method" in values:
-        method = load_method(config)
+        method = load_method(values)
         return Setting(Path(config).stem, method.name, method=method.to_dict())
     return Setting(Path(config).stem, RCPP, config=config)
 
