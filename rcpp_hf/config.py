@@ -9,6 +9,7 @@ import yaml
 from transformers import GenerationConfig
 
 from rcpp_hf.methods import check_compatible, load_method
+from rcpp_hf.presets import read_yaml_mapping
 
 SCHEDULES = ("linear", "cosine", "step")
 TAU_MODES = ("absolute", "quantile", "std")
@@ -145,13 +146,7 @@ class RCPPGenerationConfig(GenerationConfig):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "RCPPGenerationConfig":
         """Load a preset (a flat mapping of field -> value, e.g. `configs/rcpp_default.yaml`); kwargs override it."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"RCPP config file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
-        return cls(**{**values, **overrides})
+        return cls(**{**read_yaml_mapping(path, "RCPP config", "of config fields"), **overrides})
 
     def to_yaml(self, path: str | Path) -> None:
         """Write the RCPP fields and every generation field that differs from the defaults."""

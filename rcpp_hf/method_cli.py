@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from rcpp_hf.methods import METHODS, MethodConfig, load_method
+from rcpp_hf.presets import read_yaml_mapping
 
 
 def add_method_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -25,12 +24,7 @@ def add_method_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
 def read_method_yaml(path: str | Path, name: str | None = None) -> dict:
     """The method dict {"method": name, **settings} of a `--method-config` file; `name` is `--method` (None: the
     file must name its method). Only reads YAML, so a bad file fails before any model work."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"method config file not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of method settings, got {type(values).__name__}")
+    values = read_yaml_mapping(path, "method config", "of method settings")
     preset = values.get("method")
     if preset is None and name is None:
         raise ValueError(f"{path} has no 'method' key: name the method with --method")

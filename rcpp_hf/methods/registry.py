@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from rcpp_hf.methods.base import MethodConfig
+from rcpp_hf.presets import read_yaml_mapping
 
 METHODS: dict[str, type[MethodConfig]] = {}
 
@@ -68,11 +67,7 @@ def load_method(spec: str | Path | dict | MethodConfig, **overrides) -> MethodCo
         return method_from_dict({**spec, **overrides})
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise FileNotFoundError(f"method config file not found: {path}")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping with a 'method' key, got {type(values).__name__}")
+        values = read_yaml_mapping(path, "method config", "with a 'method' key")
         return method_from_dict({**values, **overrides})
     return method_config(str(spec), **overrides)
 

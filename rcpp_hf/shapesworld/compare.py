@@ -35,6 +35,7 @@ from rcpp_hf.config import RCPP_DEFAULTS  # noqa: E402
 from rcpp_hf.engine.contrastive import ContrastiveDecoder  # noqa: E402
 from rcpp_hf.engine.pruning import PrefillPruner, check_stages, scale_tokens  # noqa: E402
 from rcpp_hf.methods import METHODS, load_method  # noqa: E402
+from rcpp_hf.presets import read_yaml_mapping  # noqa: E402
 from rcpp_hf.shapesworld.evaluate import SPLITS, EvalSettings, evaluate  # noqa: E402
 from rcpp_hf.shapesworld.world import VALIDATION_SEED  # noqa: E402
 
@@ -91,8 +92,8 @@ def config_setting(config: str) -> Setting:
     e.g. a trained `gan_pruner` with its `pruner_path`), named after its file."""
     if config == VANILLA:
         return Setting(VANILLA, VANILLA)
-    values = yaml.safe_load(Path(config).read_text()) if Path(config).is_file() else None
-    if isinstance(values, dict) and "method" in values:
+    values = read_yaml_mapping(config, "RCPP config", "of config fields")
+    if "method" in values:
         method = load_method(values)
         return Setting(Path(config).stem, method.name, method=method.to_dict())
     return Setting(Path(config).stem, RCPP, config=config)
