@@ -17,6 +17,7 @@ from rcpp_hf.engine.layout import TokenLayout
 from rcpp_hf.engine.pruning import PrefillPruningTap
 from rcpp_hf.gan_pruner import train as train_module
 from rcpp_hf.gan_pruner.config import GanPrunerConfig
+from rcpp_hf.gan_pruner.attention import EXPONENT_CAP, policy_attention_forward
 from rcpp_hf.gan_pruner.discriminator import pool_states, ramp
 from rcpp_hf.gan_pruner.forward import pruned_forward
 from rcpp_hf.gan_pruner.losses import binarisation_loss, sparsity_loss, token_count_loss
@@ -91,6 +92,30 @@ def test_straight_through_mask_is_binary_and_carries_the_relaxed_gradient():
     torch.testing.assert_close(logits.grad, expected.detach())
     relaxed, same = gumbel_keep_mask(logits, 0.5, torch.Generator().manual_seed(0), straight_through=False)
     assert relaxed is same and ((relaxed > 0) & (relaxed < 1)).all()
+
+
+def test_a_dropped_key_far_above_the_kept_ones_leaves_the_forward_exact_and_its_gradient_finite():
+    """The case that turned a real run's pruners to NaN: a dropped key 200 nats above every kept one."""
+    module = torch.nn.Module()
+    module.num_key_value_groups = 1
+    query = torch.zeros(1, 1, 3, 2)
+    query[..., 0] = 1.0
+    key = torch.tensor([[0.0, 0.0], [200.0, 0.0], [1.0, 0.0]])[None, None]
+    value = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])[None, None]
+    causal = torch.ones(3, 3).tril().bool()[None, None]
+    policy = torch.tensor([[1.0, 0.0, 1.0]], requires_grad=True)
+    output, probs = policy_attention_forward(module, query, key, value, causal, 1.0, key_policy=policy)
+    # Key 1 dropped: row 2 sees keys 0 and 2 only (softmax of logits 0 and 1); row 1 keeps its own diagonal.
+    expected = torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    torch.testing.assert_close(probs[0, 0, 2, [0, 2]], expected)
+    assert probs[0, 0, 2, 1] == 0 and probs[0, 0, 1, 1] == 1
+    output[0, 2, 0, 0].backward()  # (batch, query, head, dim): the first component of row 2
+    assert torch.isfinite(policy.grad).all()
+    assert policy.grad.abs().max() < 1e9  # summed over heads, queries and rows in training: far below 3.4e38
+    # Capped: d out / d m_1 = exp(min(200 - 1, cap)) / Z * (v_1 - out), Z = 1 + e^-1.
+    z = 1 + torch.exp(torch.tensor(-1.0))
+    out = (expected * torch.tensor([1.0, 2.0])).sum()
+    torch.testing.assert_close(policy.grad[0, 1], torch.exp(torch.tensor(EXPONENT_CAP)) / z * (0.0 - out))
 
 
 def test_layers_scale_to_the_backbone_depth():
