@@ -20,7 +20,7 @@ from rcpp_hf.gan_pruner.config import GanPrunerConfig
 from rcpp_hf.gan_pruner.attention import EXPONENT_CAP, policy_attention_forward
 from rcpp_hf.gan_pruner.discriminator import pool_states, ramp
 from rcpp_hf.gan_pruner.forward import pruned_forward
-from rcpp_hf.gan_pruner.losses import binarisation_loss, sparsity_loss, token_count_loss
+from rcpp_hf.gan_pruner.losses import binarisation_loss, distillation_loss, sparsity_loss, token_count_loss
 from rcpp_hf.gan_pruner.method import GanPruner
 from rcpp_hf.gan_pruner.pruner import GanLayerPruners, gumbel_keep_mask
 from rcpp_hf.gan_pruner.schedules import cosine_schedule
@@ -217,8 +217,8 @@ def test_save_and_load_round_trip(tmp_path):
 # -- losses and the two players -------------------------------------------------------------------------------------
 def test_every_loss_term_reaches_the_pruners_and_not_the_backbone(trainer):
     batch = trainer.batch(0)
-    fake, _, fake_pooled, _ = trainer.forwards(batch, 0, trainer.generator(0))
-    terms = train_module.loss_terms(fake, fake_pooled, batch, trainer.discriminator, trainer.config)
+    real, fake, _, fake_pooled, _ = trainer.forwards(batch, 0, trainer.generator(0))
+    terms = train_module.loss_terms(real, fake, fake_pooled, batch, trainer.discriminator, trainer.config)
     assert set(terms) == set(LOSS_TERMS)
     for name in LOSS_TERMS:
         grads = torch.autograd.grad(terms[name], list(trainer.pruners.parameters()), retain_graph=True, allow_unused=True)
@@ -232,10 +232,10 @@ def test_every_loss_term_reaches_the_pruners_and_not_the_backbone(trainer):
 def test_each_players_step_leaves_the_other_unchanged(trainer):
     snapshot = lambda module: {k: v.clone() for k, v in module.state_dict().items()}  # noqa: E731
     batch = trainer.batch(1)
-    fake, real_pooled, fake_pooled, _ = trainer.forwards(batch, 1, trainer.generator(1))
+    real, fake, real_pooled, fake_pooled, _ = trainer.forwards(batch, 1, trainer.generator(1))
     assert [p.shape for p in real_pooled] == [p.shape for p in fake_pooled] == [(SMOKE.batch_size, 32)] * 3
     discriminator, pruners = snapshot(trainer.discriminator), snapshot(trainer.pruners)
-    trainer.generator_step(batch, fake, fake_pooled, 1)
+    trainer.generator_step(batch, real, fake, fake_pooled, 1)
     assert all(torch.equal(v, trainer.discriminator.state_dict()[k]) for k, v in discriminator.items())
     assert not all(torch.equal(v, trainer.pruners.state_dict()[k]) for k, v in pruners.items())
     pruners = snapshot(trainer.pruners)
@@ -263,6 +263,20 @@ def test_mask_losses_by_hand():
     assert sparsity_loss(keep, (0.5, 0.5)).item() == pytest.approx((0 + 0.25**2) / 2)
     assert token_count_loss(keep).item() == pytest.approx(0.375)
     assert binarisation_loss([torch.tensor([[0.5, 1.0, 0.0, 0.1]])]).item() == pytest.approx((0.25 + 0.09) / 4)
+
+
+def test_distillation_loss_by_hand():
+    """KL(real || fake) at the positions that predict a labelled token, weighted like the task loss."""
+    real = torch.zeros(1, 3, 2)
+    fake = torch.zeros(1, 3, 2)
+    fake[0, 1] = torch.tensor([0.0, 1.0])  # predicts label position 2
+    fake[0, 0] = torch.tensor([5.0, 0.0])  # predicts position 1, unlabelled: not counted
+    labels = torch.tensor([[-100, -100, 1]])
+    weights = torch.tensor([[0.0, 0.0, 2.0]])
+    q = torch.softmax(torch.tensor([0.0, 1.0]), 0)
+    expected = 0.5 * (torch.log(0.5 / q)).sum()
+    assert distillation_loss(fake, real, labels, weights).item() == pytest.approx(expected.item())
+    assert distillation_loss(real, real, labels, weights).item() == 0.0
 
 
 # -- training -------------------------------------------------------------------------------------------------------

@@ -25,6 +25,20 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> 
     )
 
 
+def distillation_loss(
+    fake_logits: torch.Tensor, real_logits: torch.Tensor, labels: torch.Tensor, loss_weights: torch.Tensor
+) -> torch.Tensor:
+    """The ablation's replacement for the adversarial term: KL(unpruned || pruned) of the next-token distributions at
+    the positions the task loss scores, weighted like it: sum(w * KL) / sum(w). Logits (B, L, V) (real: no gradient);
+    labels, loss_weights (B, L)."""
+    scored = labels[:, 1:] != -100
+    real = torch.log_softmax(real_logits[:, :-1][scored].float(), dim=-1)
+    fake = torch.log_softmax(fake_logits[:, :-1][scored].float(), dim=-1)
+    kl = (real.exp() * (real - fake)).sum(-1)
+    weights = loss_weights[:, 1:][scored]
+    return (kl * weights).sum() / weights.sum()
+
+
 def sparsity_loss(keep: list[torch.Tensor], targets: tuple[float, ...]) -> torch.Tensor:
     """Mean over stages of (mean keep - target)^2: each stage's cumulative keep ratio pulled toward its target (two-
     sided, where the reference's relu(mean - target)^2 only pushes down). keep: per stage (B, V)."""

@@ -39,6 +39,7 @@ from rcpp_hf.gan_pruner.losses import (
     adversarial_loss,
     binarisation_loss,
     discriminator_loss,
+    distillation_loss,
     sparsity_loss,
     token_count_loss,
 )
@@ -52,7 +53,7 @@ from rcpp_hf.shapesworld.world import TEST_SEED, TRAIN_SEED, VALIDATION_SEED, Sc
 STATE_FILE = "trainer_state.pt"
 CURVES_FILE = "curves.jsonl"
 SUMMARY_FILE = "training.json"
-LOSS_TERMS = ("task", "adversarial", "sparsity", "token_count", "binarisation")
+LOSS_TERMS = ("task", "adversarial", "distillation", "sparsity", "token_count", "binarisation")
 VARIABLE_LENGTH = ("pruning_layers", "discriminator_layers", "target_keep")  # list settings that are not pairs
 UNDECIDED = (0.1, 0.9)  # a relaxed mask in this open interval has not decided yet
 
@@ -65,6 +66,9 @@ class GanTrainConfig:
     pruning_layers: before which layers the pruners act (the seed: 6 / 12 / 18 of 32).
     discriminator_layers: decoder layers whose output text states the discriminator reads.
     target_keep: per stage, the cumulative share of the image's visual tokens kept from its layer on.
+    distillation_weight: KL of the unpruned model's next-token distribution to the pruned one's, off by default; the
+        ablation "without the adversarial term" sets `adversarial_weight` to (0, 0) and this instead (the
+        discriminator still trains and is still logged: it measures what the ablation leaves distinguishable).
     """
 
     seed: int = 0
@@ -85,6 +89,7 @@ class GanTrainConfig:
     temperature: tuple[float, float] = (0.99, 0.4)
     task_weight: tuple[float, float] = (10.0, 10.0)
     adversarial_weight: tuple[float, float] = (1.0, 10.0)
+    distillation_weight: tuple[float, float] = (0.0, 0.0)
     sparsity_weight: tuple[float, float] = (20.0, 20.0)
     token_count_weight: tuple[float, float] = (0.1, 0.1)
     binarisation_weight: tuple[float, float] = (0.0, 1.0)
@@ -158,7 +163,12 @@ def loss_weights(config: GanTrainConfig, step: int) -> dict[str, float]:
 
 
 def loss_terms(
-    fake: PrunedForward, fake_pooled: list[torch.Tensor], batch: dict, discriminator: Discriminator, config: GanTrainConfig
+    real: PrunedForward,
+    fake: PrunedForward,
+    fake_pooled: list[torch.Tensor],
+    batch: dict,
+    discriminator: Discriminator,
+    config: GanTrainConfig,
 ) -> dict[str, torch.Tensor]:
     """The generator's loss terms, unweighted; the discriminator is read, not trained: its parameters get no
     gradient, and in eval mode its spectral norms' power iteration does not advance."""
@@ -170,6 +180,7 @@ def loss_terms(
     return {
         "task": language_loss(fake.logits, batch["labels"], batch["loss_weights"]),
         "adversarial": adversarial,
+        "distillation": distillation_loss(fake.logits, real.logits, batch["labels"], batch["loss_weights"]),
         "sparsity": sparsity_loss(fake.keep, config.target_keep),
         "token_count": token_count_loss(fake.keep),
         "binarisation": binarisation_loss(fake.samples),
@@ -252,7 +263,7 @@ class GanTrainer:
         return torch.Generator(device=self.accelerator.device).manual_seed(seed)
 
     def forwards(self, batch: dict, step: int, generator: torch.Generator):
-        """Real (unpruned, no gradient) and fake (pruned) forwards and their pooled text states."""
+        """Real (unpruned, no gradient) and fake (pruned) forwards, their pooled text states, the temperature."""
         temperature = cosine_schedule(*self.config.temperature, step, self.config.steps)
         straight_through = self.pruners.config.gumbel == "straight_through"
 
@@ -265,11 +276,11 @@ class GanTrainer:
         fake = pruned_forward(self.model, batch, self.stage_layers, stage_masks, self.state_layers)
         real_pooled = pooled_text_states(real, batch["text_mask"], self.state_layers, generator, self.config)
         fake_pooled = pooled_text_states(fake, batch["text_mask"], self.state_layers, generator, self.config)
-        return fake, real_pooled, fake_pooled, temperature
+        return real, fake, real_pooled, fake_pooled, temperature
 
-    def generator_step(self, batch, fake, fake_pooled, step: int) -> dict[str, torch.Tensor]:
+    def generator_step(self, batch, real, fake, fake_pooled, step: int) -> dict[str, torch.Tensor]:
         """Update the pruners; the discriminator is unchanged. Returns the unweighted terms."""
-        terms = loss_terms(fake, fake_pooled, batch, self.discriminator, self.config)
+        terms = loss_terms(real, fake, fake_pooled, batch, self.discriminator, self.config)
         weights = loss_weights(self.config, step)
         optimizer_step(self.accelerator, self.pruner_optimizer, sum(weights[t] * terms[t] for t in LOSS_TERMS), self.config)
         return terms
@@ -287,8 +298,8 @@ class GanTrainer:
         """One training step; returns its curve row."""
         batch = self.batch(step)
         generator = self.generator(step)
-        fake, real_pooled, fake_pooled, temperature = self.forwards(batch, step, generator)
-        terms = self.generator_step(batch, fake, fake_pooled, step)
+        real, fake, real_pooled, fake_pooled, temperature = self.forwards(batch, step, generator)
+        terms = self.generator_step(batch, real, fake, fake_pooled, step)
         d_loss, real_logits, fake_logits = self.discriminator_step(real_pooled, fake_pooled)
         samples = torch.cat([s.detach().flatten() for s in fake.samples])
         local = {
