@@ -5,7 +5,7 @@ import torch
 from transformers import GenerationConfig, LlavaForConditionalGeneration
 
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
-from rcpp_hf.methods import FastVFinePruner, PDrop, SparseVLM, load_method
+from rcpp_hf.methods import FastVFinePruner, PDrop, RandomPruning, SparseVLM, load_method
 from rcpp_hf.engine.layout import text_after_image
 from rcpp_hf.methods.sparsevlm import rater_scores, select_text_raters
 from tests.test_prefill_pruning import NUM_VISUAL, prompt_layout
@@ -17,6 +17,8 @@ METHODS = [
     SparseVLM(budget=5, token_recycling=True),
     PDrop(),
     PDrop(budget=6),
+    RandomPruning(budget=6),
+    RandomPruning(layers=(1, 3), keep=(10, 3), seed=4),
 ]
 
 
@@ -54,13 +56,44 @@ def test_stages_shrink_the_layers_as_resolved(varied_model, batch2, method):
 
 
 @pytest.mark.parametrize(
-    "method", [FastVFinePruner(keep=NUM_VISUAL, num_heads=2), PDrop(ratios=(1.0, 1.0, 1.0))], ids=["finepruner", "pdrop"]
+    "method",
+    [FastVFinePruner(keep=NUM_VISUAL, num_heads=2), PDrop(ratios=(1.0, 1.0, 1.0)),
+     RandomPruning(layers=(1, 2), keep=(NUM_VISUAL, NUM_VISUAL))],
+    ids=["finepruner", "pdrop", "random"],
 )
 def test_keeping_everything_is_vanilla(tiny_path, rcpp_model, batch2, method):
     vanilla = LlavaForConditionalGeneration.from_pretrained(tiny_path, dtype=torch.float32).eval()
     expected = vanilla.generate(**batch2, generation_config=GenerationConfig(max_new_tokens=8, do_sample=False))
     config = RCPPGenerationConfig(rcpp=False, methods=[method], max_new_tokens=8, do_sample=False)
     assert torch.equal(rcpp_model.generate(**batch2, generation_config=config), expected)
+
+
+def test_random_pruning_is_seeded_shared_by_the_rows_and_batch_independent(varied_model, batch2):
+    from tests.conftest import row_alone
+
+    method = RandomPruning(layers=(1, 3), keep=(10, 3), seed=4)
+    out = generate(varied_model, batch2, method)
+    first = [record.kept_visual_ids for record in out.pruning]
+    again = [record.kept_visual_ids for record in generate(varied_model, batch2, method).pruning]
+    other = [record.kept_visual_ids for record in generate(varied_model, batch2, RandomPruning(layers=(1, 3), keep=(10, 3), seed=5)).pruning]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert all(torch.equal(ids[0], ids[1]) for ids in first)  # one draw shared by the rows (left padding aside)
+    for row in range(2):
+        alone = generate(varied_model, row_alone(batch2, row), method)
+        real = batch2["attention_mask"][row].bool()
+        assert torch.equal(alone.sequences[0, real.sum():], out.sequences[row, batch2["input_ids"].shape[1]:])
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [(dict(layers=(1, 2)), "go together"), (dict(layers=(2, 1), keep=(4, 2)), "increasing"),
+     (dict(layers=(1, 2), keep=(2, 4)), "non-increasing"), (dict(layers=(1,), keep=(2, 1)), "one count per layer"),
+     (dict(budget=0), "budget")],
+)
+def test_random_pruning_bad_settings_name_the_field(settings, message):
+    with pytest.raises(ValueError, match=message):
+        RandomPruning(**settings)
 
 
 class RecordingSparseVLM(SparseVLM):

@@ -85,7 +85,7 @@ class PruneRecord:
 
     layer: int
     kept: int
-    kept_visual_ids: torch.Tensor  # (B, keep) prompt indices of the kept visual tokens
+    kept_visual_ids: torch.Tensor  # (B, keep) indices of the kept visual tokens among the image tokens (0..V-1)
     details: dict = field(default_factory=dict)
 
 

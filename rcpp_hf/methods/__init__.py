@@ -19,6 +19,7 @@ from rcpp_hf.methods.himap import HiMAP  # noqa: E402
 from rcpp_hf.methods.mc_lcbf import MCLCBF  # noqa: E402
 from rcpp_hf.methods.pdrop import PDrop  # noqa: E402
 from rcpp_hf.methods.plausibility import PlausibilityCutoff  # noqa: E402
+from rcpp_hf.methods.random_pruning import RandomPruning  # noqa: E402
 from rcpp_hf.methods.sid import SID  # noqa: E402
 from rcpp_hf.methods.sparsevlm import SparseVLM  # noqa: E402
 from rcpp_hf.methods.vcd import VCD  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "MCLCBF",
     "PDrop",
     "PlausibilityCutoff",
+    "RandomPruning",
     "SID",
     "SparseVLM",
     "VCD",
