@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from rcpp_hf.gan_pruner import train
+from rcpp_hf.gan_pruner import baselines, train
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("gan-pruner", help="the GAN-trained layer pruner: train it on a ShapesWorld LLaVA")
     subcommands = parser.add_subparsers(dest="gan_pruner_command", required=True)
     train.add_parser(subcommands)
+    baselines.add_parser(subcommands)
