@@ -21,11 +21,14 @@ from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import repeat_kv
 
 POLICY_ATTENTION = "rcpp_gan_policy"
-# A dropped key's logit may exceed the row's maximum over kept keys (the shift): exp(logit - shift) is capped, which
-# changes nothing in the forward (its weight is 0) but bounds its gradient dp/dm = exp(logit - shift) / Z, Z >= 1 with
-# binary masks. At exp(80) that gradient times the values overflowed float32 after ~60 steps of a real run (a key
-# ~30 nats above the kept ones); exp(20) = 4.9e8 leaves headroom for the sums over heads, queries and the batch.
-EXPONENT_CAP = 20.0
+# A dropped key's logit may exceed the row's maximum over kept keys (the shift). Its mask's derivative,
+# dp/dm = exp(logit - shift) / Z (Z >= 1 with binary masks), is the slope at m = 0, while switching the key on moves
+# its probability by at most exp(.) / (Z + exp(.)) <= 1: the slope overstates the effect without bound. The exponent is
+# capped, which leaves the forward unchanged (the key's weight is 0) and bounds the straight-through surrogate.
+# Measured on the 12-layer ShapesWorld model (budget 128, lr 3e-4): at a cap of 80 the gradients overflowed float32
+# within 60 steps; at 20 they stayed finite but dominated the sparsity term, and the keep ratio swung between 0.4 and
+# 0.99 for 300 steps; at 3 it tracked the targets within 0.1 from step 20 on.
+EXPONENT_CAP = 3.0
 
 
 def policy_attention_forward(
