@@ -6,8 +6,9 @@ so the count is exactly the masks' count) and the kept tokens per stage are aver
   - random pruning at the same layers and the same (rounded mean) counts: what the learned choice adds over chance;
   - FastV at the pruner's first layer with the same average number of visual tokens per layer (the equivalent budget
     of `engine/pruning.py`): an attention ranking at the same compute.
-Each is written as a registry preset beside the GAN pruner's own (`gan_pruner.yaml`), for `rcpp-hf shapesworld
-compare --configs ...`.
+Each is written as a registry preset beside the GAN pruner's own, named after the pruners' folder (`gan_128.yaml`,
+`gan_128_random.yaml`, `gan_128_fastv.yaml` for pruners in `gan_128/`), for `rcpp-hf shapesworld compare --configs
+...`, which names its rows after the files.
 """
 
 from __future__ import annotations
@@ -65,27 +66,28 @@ def measure_counts(model_dir: str | Path, pruner_path: str | Path, seed: int, nu
 
 
 def matched_baselines(counts: dict, seed: int = 0) -> dict[str, object]:
-    """The registry configs matched to `counts` (`measure_counts`): {"random_matched": ..., "fastv_matched": ...}."""
+    """The registry configs matched to `counts` (`measure_counts`): {"random": ..., "fastv": ...}."""
     keep = [max(1, round(k)) for k in counts["mean_kept"]]
     for i in range(1, len(keep)):  # rounding must not make a later stage keep more
         keep[i] = min(keep[i], keep[i - 1])
     return {
-        "random_matched": RandomPruning(layers=tuple(counts["layers"]), keep=tuple(keep), seed=seed),
-        "fastv_matched": FastV(budget=max(1, round(counts["visual_tokens_per_layer"])), layer=counts["layers"][0]),
+        "random": RandomPruning(layers=tuple(counts["layers"]), keep=tuple(keep), seed=seed),
+        "fastv": FastV(budget=max(1, round(counts["visual_tokens_per_layer"])), layer=counts["layers"][0]),
     }
 
 
 def write_presets(model_dir, pruner_path, output_dir, seed: int = VALIDATION_SEED, num_images: int = 50,
                   progress: bool = True) -> dict:  # fmt: skip
-    """Measure, then write `counts.json`, `gan_pruner.yaml`, `random_matched.yaml` and `fastv_matched.yaml` into
-    `output_dir`; returns the counts."""
+    """Measure, then write `counts.json` and the three presets (`<label>.yaml`, `<label>_random.yaml`,
+    `<label>_fastv.yaml`, label = the pruners' folder name) into `output_dir`; returns the counts."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     counts = measure_counts(model_dir, pruner_path, seed, num_images, progress)
     (output_dir / COUNTS_FILE).write_text(json.dumps(counts, indent=1) + "\n")
-    GanPruner(pruner_path=str(Path(pruner_path).resolve())).to_yaml(output_dir / "gan_pruner.yaml")
+    label = Path(pruner_path).resolve().name
+    GanPruner(pruner_path=str(Path(pruner_path).resolve())).to_yaml(output_dir / f"{label}.yaml")
     for name, method in matched_baselines(counts).items():
-        method.to_yaml(output_dir / f"{name}.yaml")
+        method.to_yaml(output_dir / f"{label}_{name}.yaml")
     return counts
 
 
