@@ -94,6 +94,17 @@ def test_straight_through_mask_is_binary_and_carries_the_relaxed_gradient():
     assert relaxed is same and ((relaxed > 0) & (relaxed < 1)).all()
 
 
+def test_gumbel_noise_decides_the_training_masks_and_annealed_to_zero_gives_the_evaluations():
+    logits = torch.linspace(-1.0, 1.0, 2001)[None]
+    evaluation = (logits > 0).float()
+    for temperature in (1.0, 0.4):  # the temperature never changes a straight-through mask
+        noisy, _ = gumbel_keep_mask(logits, temperature, torch.Generator().manual_seed(0))
+        assert (noisy != evaluation).float().mean() > 0.3  # logistic noise flips about 38% of logits in [-1, 1]
+        quiet, _ = gumbel_keep_mask(logits, temperature, torch.Generator().manual_seed(0), noise_scale=0.0)
+        assert torch.equal(quiet, evaluation)
+    assert GanTrainConfig().gumbel_noise == (1.0, 0.0)
+
+
 def test_a_dropped_key_far_above_the_kept_ones_leaves_the_forward_exact_and_its_gradient_finite():
     """The case that turned a real run's pruners to NaN: a dropped key 200 nats above every kept one."""
     module = torch.nn.Module()

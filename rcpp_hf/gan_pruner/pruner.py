@@ -95,7 +95,11 @@ class StraightThrough(torch.autograd.Function):
 
 
 def gumbel_keep_mask(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None, straight_through: bool = True
+    logits: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None,
+    straight_through: bool = True,
+    noise_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary Gumbel-softmax over (drop, keep) with logits (0, l) (Jang et al. 2017): the difference of the two
     Gumbel noises is logistic, so the relaxed keep sample is sigmoid((l + logistic noise) / temperature).
@@ -103,6 +107,9 @@ def gumbel_keep_mask(
     Args:
         logits: (B, V) keep logits.
         generator: the noise's random stream (on the logits' device), or None for no noise (the mask of the mean).
+        noise_scale: factor on the noise. With straight-through masks the temperature does not change the forward
+            (soft > 0.5 iff logit + noise > 0), so the noise alone decides how far training's masks are from the
+            evaluation's (logit > 0); annealing it to 0 makes them equal at the end of training.
     Returns:
         (mask, soft), each (B, V): soft is the relaxed sample; mask is soft itself, or with `straight_through` the
         binary soft > 0.5 whose gradient is soft's.
@@ -111,7 +118,7 @@ def gumbel_keep_mask(
         noise = torch.zeros_like(logits)
     else:
         uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)
-        noise = uniform.log() - (-uniform).log1p()
+        noise = (uniform.log() - (-uniform).log1p()) * noise_scale
     soft = torch.sigmoid((logits + noise) / temperature)
     if not straight_through:
         return soft, soft
