@@ -2,6 +2,7 @@
 forward with them equals the evaluation prefill (float32, binary masks), their parameters are trained, they are saved
 and loaded, and off (the default) changes nothing."""
 
+import copy
 import json
 from dataclasses import replace
 
@@ -117,6 +118,30 @@ def test_attention_feature_equals_the_layers_eager_attention(small_path):
     mean = (drop / drop.sum(-1, keepdim=True)).mean(1)[:, 6:, 1:5]
     expected = torch.stack([mean[0].mean(0), mean[1, :3].mean(0)]) * 3
     torch.testing.assert_close(masked[:, [0, 1, 3]], expected[:, [0, 1, 3]].log(), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_feature_is_finite_beside_a_dominant_dropped_key(small_path):  # noqa: F811
+    """The case that turned a smoke run's pruners to NaN: every question row's attention far (> 100 nats) on one
+    visual key dropped by an earlier stage; the kept keys' share must not underflow to 0 / 0."""
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(small_path, dtype=torch.float32).eval()
+    layer = copy.deepcopy(model.model.language_model.layers[2])
+    with torch.no_grad():  # logits 400 times larger
+        layer.self_attn.q_proj.weight.mul_(20.0)
+        layer.self_attn.k_proj.weight.mul_(20.0)
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 10, 32)
+    cos, sin = model.model.language_model.rotary_emb(hidden, position_ids=torch.arange(10)[None])
+    rows, slots, valid = torch.tensor([[6, 7, 8, 9]]), torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.bool)
+    key_mask = torch.ones(10, 10, dtype=torch.bool).tril()[rows]
+    full = question_attention_feature(layer, hidden, (cos, sin), rows, valid, key_mask, slots)
+    top = int(full.argmax()) + 1  # the most attended visual entry
+    weight = torch.ones(1, 10).index_fill(1, torch.tensor([top]), 0.0)
+    masked = question_attention_feature(layer, hidden, (cos, sin), rows, valid, key_mask, slots, weight)
+    assert torch.isfinite(masked).all()
+    removed = [i for i in range(10) if i != top]  # the same as the sequence without that entry (positions kept)
+    alone = question_attention_feature(layer, hidden[:, removed], (cos[:, removed], sin[:, removed]), rows - 1, valid,
+                                       key_mask[:, :, removed], torch.tensor([[1, 2, 3]]))  # fmt: skip
+    torch.testing.assert_close(masked[:, [i for i in range(4) if i != top - 1]], alone)
 
 
 # -- training forward == evaluation prefill --------------------------------------------------------------------------

@@ -50,12 +50,14 @@ def question_attention_feature(
     cos, sin = position_embeddings
     query = probe_query(layer, gather_tokens(hidden, question_rows), gather_tokens(cos, question_rows),
                         gather_tokens(sin, question_rows))  # fmt: skip
-    probs = attention_probs(query, prompt_keys(layer, hidden, cos, sin), layer.self_attn.scaling, key_mask)
     present = torch.full(visual_slots.shape, 1.0, device=hidden.device)
-    if key_weight is not None:  # the policy softmax (`attention.py`) as a reweighting of the plain one
+    if key_weight is not None:  # dropped keys out of the softmax: the others' need not underflow beside them
+        key_mask = key_mask & (key_weight[:, None, :] > 0)
+        present = key_weight.gather(1, visual_slots).float()
+    probs = attention_probs(query, prompt_keys(layer, hidden, cos, sin), layer.self_attn.scaling, key_mask)
+    if key_weight is not None:  # the policy softmax (`attention.py`) as a reweighting of the plain one (soft masks)
         probs = probs * key_weight[:, None, None, :].float()
         probs = probs / probs.sum(dim=-1, keepdim=True)
-        present = key_weight.gather(1, visual_slots).float()
     visual = probs.mean(dim=1).gather(2, visual_slots[:, None, :].expand(-1, probs.shape[2], -1))  # (B, T, V)
     valid = question_valid[:, :, None].float()
     mean = (visual * valid).sum(dim=1) / valid.sum(dim=1)
