@@ -11,8 +11,9 @@ Training data is the ShapesWorld training world (`shapesworld/train.py`'s `train
 per row (a question or a caption request drawn per scene): the pruners' masks depend on the question, so the packed
 examples of the backbone's own training, which share one image prefix between questions, cannot carry them.
 
-Runs under accelerate (`accelerate launch -m rcpp_hf.cli gan-pruner train ...` or plain python; CPU is the tested
-path): each process takes every n-th row of the step's batch, and the gradients are averaged across processes
+Runs under accelerate (plain python, or several processes: `accelerate launch --multi_gpu --num_processes N -m
+rcpp_hf.cli gan-pruner train ...`, or `torchrun --nproc_per_node N -m rcpp_hf.cli ...`; without CUDA they run on CPU
+over gloo, checked with 2; `accelerate launch --cpu --num_processes N` starts a single process): each process takes every n-th row of the step's batch, and the gradients are averaged across processes
 before each optimizer step (no DDP wrapper: the pruners are called stage by stage inside the backbone's forward).
 Curves go to `curves.jsonl` (one line per step) and `curves.png`; the pruners to `save_pretrained` files.
 """
@@ -226,7 +227,9 @@ class GanTrainer:
 
     @classmethod
     def build(cls, config: GanTrainConfig, model_dir: str | Path, accelerator: Accelerator | None = None) -> "GanTrainer":
-        accelerator = accelerator or Accelerator()
+        # cpu=True without CUDA: only then does accelerate take a torchrun-launched group of CPU processes as one
+        # distributed run (MULTI_CPU, gloo) rather than independent single processes.
+        accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         model = RCPPLlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
         model = model.eval().requires_grad_(False).to(accelerator.device)
         processor = LlavaProcessor.from_pretrained(model_dir)
