@@ -13,8 +13,9 @@ examples of the backbone's own training, which share one image prefix between qu
 
 Runs under accelerate (plain python, or several processes: `accelerate launch --multi_gpu --num_processes N -m
 rcpp_hf.cli gan-pruner train ...`, or `torchrun --nproc_per_node N -m rcpp_hf.cli ...`; without CUDA they run on CPU
-over gloo, checked with 2; `accelerate launch --cpu --num_processes N` starts a single process): each process takes every n-th row of the step's batch, and the gradients are averaged across processes
-before each optimizer step (no DDP wrapper: the pruners are called stage by stage inside the backbone's forward).
+over gloo, checked with 2; `accelerate launch --cpu --num_processes N` starts a single process): each process takes
+every n-th row of the step's batch, and the gradients are averaged across processes before each optimizer step (no
+DDP wrapper: the pruners are called stage by stage inside the backbone's forward).
 Curves go to `curves.jsonl` (one line per step) and `curves.png`; the pruners to `save_pretrained` files.
 """
 
