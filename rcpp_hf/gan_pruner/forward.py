@@ -85,7 +85,8 @@ def pruned_forward(
     hidden = model._embed_prompt(input_ids, {"pixel_values": batch["pixel_values"]})
     position_embeddings = language_model.rotary_emb(hidden, position_ids=position_ids)
     out, policy = PrunedForward(logits=torch.empty(0)), None
-    present = torch.ones(image.shape, dtype=torch.float32, device=hidden.device)  # before the stages: 1, text: 1
+    # The policy outside the stages' masks: 1 for text and, without a merger, for every visual entry.
+    present = torch.ones(image.shape, dtype=torch.float32, device=hidden.device)
     if merge is not None:
         merged = merge(gather_rows(hidden, visual_slots), gather_rows(hidden, question_slots), question_valid)
         visual_slots = visual_slots[:, merge_columns(visual_slots.shape[1], merged.shape[1], hidden.device)]
