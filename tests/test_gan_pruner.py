@@ -157,8 +157,8 @@ def test_binary_masks_in_training_equal_the_hard_dropped_forward(small_path, pru
     batch = prompt_batch(processor, model.config.image_token_id)
     stage_layers = tuple(pruners.config.pruning_layers)
 
-    def noise_free(stage, visual, question, valid):
-        return gumbel_keep_mask(pruners(stage, visual, question, valid), 1.0, None)
+    def noise_free(stage, visual, question, valid, attention):
+        return gumbel_keep_mask(pruners(stage, visual, question, valid, attention), 1.0, None)
 
     with torch.no_grad():
         soft = pruned_forward(model, batch, stage_layers, noise_free)

@@ -18,6 +18,10 @@ class GanPrunerConfig(PretrainedConfig):
             keeping everything and learns what to drop).
         gumbel: "straight_through" (forward binary, gradient of the relaxed sample) or "relaxed" (the relaxed sample
             itself in the forward).
+        attention_residual: the keep logit also gets a learned scalar (0 at initialisation) times the log of the
+            question's attention to the token at the pruning layer, relative to uniform (`attention_residual.py`).
+        token_merger: M > 0: a token merger (the seed's V3, `merger.py`) replaces the image's visual tokens by M
+            merged ones before the first decoder layer, and the pruners act on those; 0: off.
     """
 
     model_type = "rcpp_gan_pruner"
@@ -31,6 +35,8 @@ class GanPrunerConfig(PretrainedConfig):
         pruner_heads: int = 4,
         initial_keep_logit: float = 2.0,
         gumbel: str = "straight_through",
+        attention_residual: bool = False,
+        token_merger: int = 0,
         **kwargs,
     ):
         pruning_layers = [int(layer) for layer in pruning_layers]
@@ -50,6 +56,10 @@ class GanPrunerConfig(PretrainedConfig):
             )
         if gumbel not in GUMBEL_MODES:
             raise ValueError(f"GanPrunerConfig.gumbel = {gumbel!r}: must be one of {GUMBEL_MODES}")
+        if not isinstance(attention_residual, bool):
+            raise ValueError(f"GanPrunerConfig.attention_residual = {attention_residual!r}: must be a bool")
+        if not (isinstance(token_merger, int) and token_merger >= 0):
+            raise ValueError(f"GanPrunerConfig.token_merger = {token_merger!r}: must be an integer >= 0 (0: no merger)")
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.pruning_layers = pruning_layers
@@ -57,4 +67,6 @@ class GanPrunerConfig(PretrainedConfig):
         self.pruner_heads = pruner_heads
         self.initial_keep_logit = float(initial_keep_logit)
         self.gumbel = gumbel
+        self.attention_residual = attention_residual
+        self.token_merger = token_merger
         super().__init__(**kwargs)

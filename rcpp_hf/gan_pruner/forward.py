@@ -5,7 +5,9 @@ layers kept for the discriminator.
 With binary masks it computes what the physically pruned prefill computes (`engine/pruning.py`: the dropped
 tokens' keys and values gone from that layer on, the rest at their original positions): the same attention
 probabilities over the same entries (tested in float32). Dropped tokens still run as queries here (their rows are
-never read), which is where training spends more than inference.
+never read), which is where training spends more than inference. With a token merger (`merger.py`) its M tokens
+are written into their places at the decoder's input and the image's other tokens get policy 0 from layer 0 on:
+the evaluation's layer-0 stage that replaces the image by the merged tokens (`method.py`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,16 @@ import torch
 
 from rcpp_hf.engine.layout import first_true_columns
 from rcpp_hf.gan_pruner.attention import policy_attention
+from rcpp_hf.gan_pruner.attention_residual import question_attention_feature
+from rcpp_hf.gan_pruner.merger import merge_columns
 
-# (stage index, visual (B, V, D), question (B, T, D), question_valid (B, T)) -> (mask, soft), each (B, V)
-StageMasks = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (stage index, visual (B, V, D), question (B, T, D), question_valid (B, T), attention feature (B, V) or None)
+# -> (mask, soft), each (B, V)
+StageMasks = Callable[
+    [int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
+]
+# (visual (B, V, D), question (B, T, D), question_valid (B, T)) -> merged tokens (B, M, D)
+Merge = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -50,6 +59,8 @@ def pruned_forward(
     stage_layers: tuple[int, ...],
     stage_masks: StageMasks | None = None,
     state_layers: tuple[int, ...] = (),
+    merge: Merge | None = None,
+    attention_residual: bool = False,
 ) -> PrunedForward:
     """One forward of `model` (an `RCPPLlavaForConditionalGeneration`) over `batch`.
 
@@ -59,6 +70,10 @@ def pruned_forward(
         stage_layers: the decoder layers before which `stage_masks` is asked for a mask.
         stage_masks: None for the unpruned forward.
         state_layers: decoder layers whose outputs to keep.
+        merge: the token merger, or None: its M tokens take the places of `merge_columns(V, M)` before layer 0,
+            the image's other tokens are dropped (policy 0) from there on, and the stages act on the merged tokens.
+        attention_residual: give `stage_masks` the question's attention to the visual tokens at each pruning layer
+            (`attention_residual.py`, under the policy of the earlier stages); else None.
     """
     language_model = model.model.language_model
     input_ids, position_ids, attention_mask = batch["input_ids"], batch["position_ids"], batch["attention_mask"]
@@ -70,16 +85,27 @@ def pruned_forward(
     hidden = model._embed_prompt(input_ids, {"pixel_values": batch["pixel_values"]})
     position_embeddings = language_model.rotary_emb(hidden, position_ids=position_ids)
     out, policy = PrunedForward(logits=torch.empty(0)), None
+    # The policy outside the stages' masks: 1 for text and, without a merger, for every visual entry.
+    present = torch.ones(image.shape, dtype=torch.float32, device=hidden.device)
+    if merge is not None:
+        merged = merge(gather_rows(hidden, visual_slots), gather_rows(hidden, question_slots), question_valid)
+        visual_slots = visual_slots[:, merge_columns(visual_slots.shape[1], merged.shape[1], hidden.device)]
+        hidden = hidden.scatter(1, visual_slots[:, :, None].expand_as(merged), merged.to(hidden.dtype))
+        policy = present = present.masked_fill(image, 0.0).scatter(1, visual_slots, 1.0)
+    question_keys = attention_mask[:, 0].gather(1, question_slots[:, :, None].expand(-1, -1, image.shape[1]))
     layers = language_model.layers[: language_model.config.num_hidden_layers]
     with policy_attention(language_model):
         for layer_idx, layer in enumerate(layers):
             if stage_masks is not None and layer_idx in stage_layers:
                 visual, question = gather_rows(hidden, visual_slots), gather_rows(hidden, question_slots)
-                mask, soft = stage_masks(stage_layers.index(layer_idx), visual, question, question_valid)
+                attention = None
+                if attention_residual:
+                    attention = question_attention_feature(layer, hidden, position_embeddings, question_slots,
+                                                           question_valid, question_keys, visual_slots, policy)  # fmt: skip
+                mask, soft = stage_masks(stage_layers.index(layer_idx), visual, question, question_valid, attention)
                 out.keep.append(mask if not out.keep else out.keep[-1] * mask)
                 out.samples.append(soft)
-                text = torch.ones(image.shape, dtype=mask.dtype, device=mask.device)
-                policy = text.scatter(1, visual_slots, out.keep[-1])
+                policy = present.to(mask.dtype).scatter(1, visual_slots, out.keep[-1])
             hidden = layer(
                 hidden,
                 attention_mask=attention_mask,

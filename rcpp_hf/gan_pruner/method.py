@@ -9,6 +9,12 @@ Rows of a batch keep one count (the engine keeps rows rectangular): each row kee
 when another row keeps more, its next-best tokens by logit up to the row maximum (at least one token). With one row
 per batch, the selection is exactly mask > 0.5.
 
+With a token merger (`GanPrunerConfig.token_merger` = M), a first stage before layer 0 replaces the image's
+visual tokens by the M merged ones (the engine's recycled tokens, as VisionZip's contextual tokens: merged token m
+takes the place and original position of visual token m * V // M), and the pruning layers act on those. With the
+attention residual, `score` recomputes the question's attention at the pruning layer from its hidden states, as the
+training forward does (`attention_residual.py`).
+
 Modes: "hard" (the above) and "origin" (no stage: the unpruned model, token-identical to vanilla decoding).
 `pruner_path` is a folder written by `GanLayerPruners.save_pretrained` (`rcpp-hf gan-pruner train`).
 """
@@ -24,7 +30,9 @@ import torch
 
 from rcpp_hf.engine.layout import text_after_image
 from rcpp_hf.engine.pruning import PrefillPruner, PruneContext, PruneStage
+from rcpp_hf.gan_pruner.attention_residual import question_attention_feature
 from rcpp_hf.gan_pruner.forward import gather_rows
+from rcpp_hf.gan_pruner.merger import merge_columns
 from rcpp_hf.gan_pruner.pruner import GanLayerPruners
 from rcpp_hf.methods.registry import register_method
 
@@ -70,27 +78,58 @@ class GanPruner(PrefillPruner):
         if num_layers != config.num_hidden_layers:
             self.fail("pruner_path", f"holds pruners trained for a decoder of {config.num_hidden_layers} layers; this "
                                      f"model's has {num_layers}")  # fmt: skip
+        merged = config.token_merger
+        if merged > num_visual:
+            self.fail("pruner_path", f"holds a token merger to {merged} tokens; this model's image has {num_visual}")
         # keep is an upper bound (`selects_count`): how many stay is decided per batch by the masks.
-        return [PruneStage(layer=layer, keep=num_visual) for layer in config.pruning_layers]
+        stages = [PruneStage(layer=layer, keep=merged or num_visual) for layer in config.pruning_layers]
+        return [PruneStage(layer=0, keep=merged), *stages] if merged else stages
 
     def attention_layer(self, stage: PruneStage) -> int | None:
         return None
 
-    def score(self, ctx: PruneContext) -> torch.Tensor:
-        """Keep logits (B, Vl) of the visual entries present, from the pruner of `ctx.stage.layer`."""
+    def checked_pruners(self, ctx: PruneContext) -> GanLayerPruners:
+        """The pruners, checked against the decoder of `ctx` and moved to its device."""
         pruners = self.pruners()
         pruners.check_backbone(ctx.hidden.shape[-1], ctx.language_model.config.num_hidden_layers)
-        pruners.to(ctx.hidden.device)
+        return pruners.to(ctx.hidden.device)
+
+    def score(self, ctx: PruneContext) -> torch.Tensor:
+        """Keep logits (B, Vl) of the visual entries present, from the pruner of `ctx.stage.layer`."""
+        pruners = self.checked_pruners(ctx)
         question, question_valid = text_after_image(ctx.layout)
         stage = pruners.config.pruning_layers.index(ctx.stage.layer)
+        attention = None
+        if pruners.config.attention_residual:
+            attention = question_attention_feature(
+                ctx.language_model.layers[ctx.stage.layer], ctx.hidden, ctx.position_embeddings(), question,
+                question_valid, ctx.causal_key_mask(question), ctx.layout.visual_slots,
+            )  # fmt: skip
         with torch.no_grad():
             return pruners(stage, gather_rows(ctx.hidden, ctx.layout.visual_slots), gather_rows(ctx.hidden, question),
-                           question_valid)  # fmt: skip
+                           question_valid, attention)  # fmt: skip
 
     def select(self, ctx: PruneContext) -> torch.Tensor:
-        """Visual columns (B, k) with logit > 0, topped up per row with the next-best ones to the rows' maximum."""
+        """Visual columns (B, k) with logit > 0, topped up per row with the next-best ones to the rows' maximum;
+        none at the merger's stage (layer 0), where `recycle` replaces every visual token."""
+        if ctx.stage.layer == 0:
+            return ctx.layout.visual_slots[:, :0]
         ctx.scores = self.score(ctx).float()
         kept = ctx.scores > 0
         count = max(1, int(kept.sum(dim=1).max()))
         ctx.details["mask_kept"] = kept.sum(dim=1).tolist()  # per row, before the top-up
         return torch.topk(ctx.scores, count, dim=-1, sorted=False).indices
+
+    def recycle(self, ctx: PruneContext, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """At the merger's stage: the merged tokens (B, M, D) from the decoder's input and the visual columns (B, M)
+        whose places they take (`merge_columns`)."""
+        if ctx.stage.layer != 0:
+            return None
+        pruners = self.checked_pruners(ctx)
+        question, question_valid = text_after_image(ctx.layout)
+        with torch.no_grad():
+            merged = pruners.merger(gather_rows(ctx.hidden, ctx.layout.visual_slots), gather_rows(ctx.hidden, question),
+                                    question_valid)  # fmt: skip
+        columns = merge_columns(ctx.layout.num_visual, merged.shape[1], ctx.hidden.device)
+        ctx.details["merged"] = merged.shape[1]
+        return columns.expand(merged.shape[0], -1), merged

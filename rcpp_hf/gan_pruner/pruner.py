@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from rcpp_hf.gan_pruner.config import GanPrunerConfig
+from rcpp_hf.gan_pruner.merger import TokenMerger
 
 
 class LayerPruner(nn.Module):
@@ -30,15 +31,28 @@ class LayerPruner(nn.Module):
             nn.Linear(config.pruner_hidden, config.pruner_hidden), nn.GELU(), nn.Linear(config.pruner_hidden, 1)
         )
         self.mlp[-1].initial_bias = config.initial_keep_logit  # read by `GanLayerPruners._init_weights`
+        # The attention residual's scale, 0 at initialisation (`GanLayerPruners._init_weights`): training starts
+        # from the pruner without it.
+        self.attention_scale = nn.Parameter(torch.empty(())) if config.attention_residual else None
 
-    def forward(self, visual: torch.Tensor, question: torch.Tensor, question_valid: torch.Tensor) -> torch.Tensor:
-        """visual (B, V, D), question (B, T, D), question_valid (B, T) bool (False: padding) -> logits (B, V) float32.
+    def forward(
+        self,
+        visual: torch.Tensor,
+        question: torch.Tensor,
+        question_valid: torch.Tensor,
+        attention: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """visual (B, V, D), question (B, T, D), question_valid (B, T) bool (False: padding), attention (B, V) the
+        residual's feature (`attention_residual.py`), required iff it is configured -> logits (B, V) float32.
 
         Runs in float32 whatever the backbone's dtype."""
+        if (attention is None) != (self.attention_scale is None):
+            raise ValueError("the attention feature must be given exactly when the pruner has an attention residual")
         visual = self.project(self.norm_in(visual.float()))
         question = self.project(self.norm_in(question.float()))
         attended, _ = self.cross_attention(visual, question, question, key_padding_mask=~question_valid, need_weights=False)
-        return self.mlp(self.norm_mid(visual + attended)).squeeze(-1)
+        logits = self.mlp(self.norm_mid(visual + attended)).squeeze(-1)
+        return logits if attention is None else logits + self.attention_scale * attention
 
 
 class GanLayerPruners(PreTrainedModel):
@@ -52,6 +66,7 @@ class GanLayerPruners(PreTrainedModel):
     def __init__(self, config: GanPrunerConfig):
         super().__init__(config)
         self.pruners = nn.ModuleList(LayerPruner(config) for _ in config.pruning_layers)
+        self.merger = TokenMerger(config) if config.token_merger else None
         self.post_init()
 
     @torch.no_grad()
@@ -65,6 +80,10 @@ class GanLayerPruners(PreTrainedModel):
         elif isinstance(module, nn.MultiheadAttention):
             nn.init.normal_(module.in_proj_weight, std=0.02)
             nn.init.zeros_(module.in_proj_bias)
+        elif isinstance(module, LayerPruner) and module.attention_scale is not None:
+            nn.init.zeros_(module.attention_scale)
+        elif isinstance(module, TokenMerger):
+            nn.init.normal_(module.queries)  # distinct queries; with small keys the pooling starts near the mean
 
     def check_backbone(self, hidden_size: int, num_hidden_layers: int) -> None:
         """Raise ValueError unless the pruners were trained for a decoder of this width and depth."""
@@ -76,10 +95,16 @@ class GanLayerPruners(PreTrainedModel):
             )
 
     def forward(
-        self, stage: int, visual: torch.Tensor, question: torch.Tensor, question_valid: torch.Tensor
+        self,
+        stage: int,
+        visual: torch.Tensor,
+        question: torch.Tensor,
+        question_valid: torch.Tensor,
+        attention: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Keep logits (B, V) of pruning stage `stage` (index into `config.pruning_layers`)."""
-        return self.pruners[stage](visual, question, question_valid)
+        """Keep logits (B, V) of pruning stage `stage` (index into `config.pruning_layers`); `attention` (B, V): the
+        residual's feature, with `config.attention_residual` only."""
+        return self.pruners[stage](visual, question, question_valid, attention)
 
 
 class StraightThrough(torch.autograd.Function):

@@ -11,9 +11,11 @@ Training data is the ShapesWorld training world (`shapesworld/train.py`'s `train
 per row (a question or a caption request drawn per scene): the pruners' masks depend on the question, so the packed
 examples of the backbone's own training, which share one image prefix between questions, cannot carry them.
 
-Runs under accelerate (`accelerate launch -m rcpp_hf.cli gan-pruner train ...` or plain python; CPU is the tested
-path): each process takes every n-th row of the step's batch, and the gradients are averaged across processes
-before each optimizer step (no DDP wrapper: the pruners are called stage by stage inside the backbone's forward).
+Runs under accelerate (plain python, or several processes: `accelerate launch --multi_gpu --num_processes N -m
+rcpp_hf.cli gan-pruner train ...`, or `torchrun --nproc_per_node N -m rcpp_hf.cli ...`; without CUDA they run on CPU
+over gloo, checked with 2; `accelerate launch --cpu --num_processes N` starts a single process): each process takes
+every n-th row of the step's batch, and the gradients are averaged across processes before each optimizer step (no
+DDP wrapper: the pruners are called stage by stage inside the backbone's forward).
 Curves go to `curves.jsonl` (one line per step) and `curves.png`; the pruners to `save_pretrained` files.
 """
 
@@ -74,6 +76,7 @@ class GanTrainConfig:
     distillation_weight: KL of the unpruned model's next-token distribution to the pruned one's, off by default; the
         ablation "without the adversarial term" sets `adversarial_weight` to (0, 0) and this instead (the
         discriminator still trains and is still logged: it measures what the ablation leaves distinguishable).
+    attention_residual, token_merger: the pruners' optional parts, off by default (`GanPrunerConfig`).
     """
 
     seed: int = 0
@@ -86,6 +89,8 @@ class GanTrainConfig:
     pruner_hidden: int = 512
     pruner_heads: int = 4
     gumbel: str = "straight_through"
+    attention_residual: bool = False
+    token_merger: int = 0
     discriminator_width: int = 256
     spectral_norm: bool = True
     lr: float = 3e-4
@@ -112,6 +117,8 @@ class GanTrainConfig:
         for name in ("steps", "batch_size", "save_every", "pruner_hidden", "pruner_heads", "discriminator_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.token_merger < 0:
+            raise ValueError(f"token_merger must be >= 0 (0: no merger), got {self.token_merger}")
         for name in ("lr", "discriminator_lr", "max_grad_norm"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -227,7 +234,9 @@ class GanTrainer:
 
     @classmethod
     def build(cls, config: GanTrainConfig, model_dir: str | Path, accelerator: Accelerator | None = None) -> "GanTrainer":
-        accelerator = accelerator or Accelerator()
+        # cpu=True without CUDA: only then does accelerate take a torchrun-launched group of CPU processes as one
+        # distributed run (MULTI_CPU, gloo) rather than independent single processes.
+        accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         model = RCPPLlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
         model = model.eval().requires_grad_(False).to(accelerator.device)
         processor = LlavaProcessor.from_pretrained(model_dir)
@@ -237,6 +246,7 @@ class GanTrainer:
             hidden_size=text.hidden_size, num_hidden_layers=text.num_hidden_layers,
             pruning_layers=scale_layers(config.pruning_layers, text.num_hidden_layers),
             pruner_hidden=config.pruner_hidden, pruner_heads=config.pruner_heads, gumbel=config.gumbel,
+            attention_residual=config.attention_residual, token_merger=config.token_merger,
         )).to(accelerator.device).train()  # fmt: skip
         layers = scale_state_layers(config.discriminator_layers, text.num_hidden_layers)
         discriminator = Discriminator(text.hidden_size, len(layers), config.discriminator_width, config.spectral_norm)
@@ -274,13 +284,14 @@ class GanTrainer:
         noise_scale = cosine_schedule(*self.config.gumbel_noise, step, self.config.steps)
         straight_through = self.pruners.config.gumbel == "straight_through"
 
-        def stage_masks(stage, visual, question, question_valid):
-            logits = self.pruners(stage, visual, question, question_valid)
+        def stage_masks(stage, visual, question, question_valid, attention):
+            logits = self.pruners(stage, visual, question, question_valid, attention)
             return gumbel_keep_mask(logits, temperature, generator, straight_through, noise_scale)
 
         with torch.no_grad():
             real = pruned_forward(self.model, batch, self.stage_layers, None, self.state_layers)
-        fake = pruned_forward(self.model, batch, self.stage_layers, stage_masks, self.state_layers)
+        fake = pruned_forward(self.model, batch, self.stage_layers, stage_masks, self.state_layers,
+                              self.pruners.merger, self.pruners.config.attention_residual)  # fmt: skip
         real_pooled = pooled_text_states(real, batch["text_mask"], self.state_layers, generator, self.config)
         fake_pooled = pooled_text_states(fake, batch["text_mask"], self.state_layers, generator, self.config)
         return real, fake, real_pooled, fake_pooled, temperature
