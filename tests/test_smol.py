@@ -276,3 +276,10 @@ def test_training_is_resumable_and_trains_only_the_delta(tiny_gguf, tmp_path, mo
     apply_delta(model, tensors, recipe)
     changed = (model.model.language_model.embed_tokens.weight != start).any(dim=1)
     assert changed.nonzero().flatten().tolist() == [model.config.image_token_index]  # only the <image> row moved
+
+
+def test_build_smol_command_checks_the_gguf_file_against_smollm2(tiny_gguf, delta_folder, tmp_path):
+    from rcpp_hf.cli import main
+
+    with pytest.raises(ValueError, match="is not the expected model: block_count 2 \\(expected 30\\)"):
+        main(["shapesworld", "build-smol", "--gguf", str(tiny_gguf), "--delta", str(delta_folder), "--output-dir", str(tmp_path / "out")])

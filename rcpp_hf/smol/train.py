@@ -179,7 +179,7 @@ def train_smol(
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train-smol", disable=not progress)
     began = time.perf_counter() - elapsed
     for step in bar:
-        step_began = time.perf_counter()
+        step_began, step_cpu_began = time.perf_counter(), time.process_time()
         factor = warmup_cosine(step, config.steps, config.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
@@ -194,7 +194,9 @@ def train_smol(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step + 1, "loss": round(loss.item(), 5), "lr_factor": round(factor, 5),
-                  "seconds": round(time.perf_counter() - step_began, 2), "tokens": int(labels.numel())}  # fmt: skip
+                  "seconds": round(time.perf_counter() - step_began, 2),
+                  "cpu_seconds": round(time.process_time() - step_cpu_began, 2),  # all threads: stable on a shared CPU
+                  "tokens": int(labels.numel())}  # fmt: skip
         records.append(record)
         with open(curves_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -214,6 +216,7 @@ def train_smol(
         "gguf_sha256": gguf_sha256,
         "train_seconds": round(time.perf_counter() - began, 1),  # wall clock, resumed runs included
         "seconds_per_step": round(sum(r["seconds"] for r in records) / len(records), 2),
+        "cpu_seconds_per_step": round(sum(r["cpu_seconds"] for r in records) / len(records), 2),
         "loss_last_50": round(sum(r["loss"] for r in last) / len(last), 5),
         "torch_threads": torch.get_num_threads(),
     }
