@@ -23,7 +23,7 @@ LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("generate", help="caption an image with RCPP + DRCD (and, with --compare, vanilla)")
-    parser.add_argument("--model", help="checkpoint folder or hub id, or 'shapesworld-smol' (SmolLM2-based, built on first use) (default: the embedded default model)")
+    parser.add_argument("--model", help="checkpoint folder or hub id or shapesworld-smol (default: the embedded default model)")
     parser.add_argument("--image", type=Path, help="image file (default: a drawn test scene)")
     parser.add_argument("--prompt", default="Describe the image.", help="question; wrapped in the LLaVA-1.5 template "
                         "unless it already contains <image>")

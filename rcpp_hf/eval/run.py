@@ -67,7 +67,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line twins of `RunOptions`, for every `eval` sub-command."""
     group = parser.add_argument_group("run")
     group.add_argument("--output-dir", required=True, help="run directory (resumed when it exists)")
-    group.add_argument("--model", help="checkpoint folder or hub id, or 'shapesworld-smol' (SmolLM2-based, built on first use) (default: the embedded default model)")
+    group.add_argument("--model", help="checkpoint folder or hub id or shapesworld-smol (default: the embedded default model)")
     group.add_argument("--config", help="RCPPGenerationConfig YAML preset, e.g. configs/rcpp_default.yaml "
                        "(default: plain greedy LLaVA decoding)")
     add_method_arguments(group)

@@ -94,7 +94,7 @@ def _marked(caption: str, scene: Scene) -> str:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("demo", help="original vs RCPP + DRCD caption on a bundled ShapesWorld scene",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", default=None, help="checkpoint folder, or 'shapesworld-smol' (SmolLM2-based, built on first use) (default: the embedded ShapesWorld model)")
+    parser.add_argument("--model", default=None, help="checkpoint folder or shapesworld-smol (default: the embedded ShapesWorld model)")
     parser.add_argument("--config", default=None, help="RCPP YAML preset (default: RCPPGenerationConfig's defaults)")
     parser.add_argument("--output", default="rcpp_demo.png", help="where the patch-map PNG goes")
     parser.add_argument("--max-new-tokens", type=int, default=48)

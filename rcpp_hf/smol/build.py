@@ -92,6 +92,7 @@ def build_smol_llava(
     # Built in a sibling folder and renamed at the end: an interrupted build never looks finished.
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp's folders are private; a cache entry is not
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
     (staging / "LICENSE").write_text(license_text)
