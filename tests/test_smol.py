@@ -101,7 +101,8 @@ def delta_folder(tiny_gguf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tiny_gguf, delta_folder, tmp_path_factory) -> Path:
-    return build_smol_llava(tiny_gguf, delta_folder, tmp_path_factory.mktemp("built") / "model", TINY_SPEC, license_text="LICENCE")
+    folder = tmp_path_factory.mktemp("built") / "model"
+    return build_smol_llava(tiny_gguf, delta_folder, folder, TINY_SPEC, license_text="LICENCE")
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -199,7 +200,8 @@ def test_built_checkpoint_computes_what_the_unmerged_adapters_do(tiny_gguf, delt
     from rcpp_hf.shapesworld.render import render_scene
     from rcpp_hf.shapesworld.world import TRAIN_SEED, sample_scene
 
-    inputs = processor(images=[render_scene(sample_scene(TRAIN_SEED, 0))], text=["USER: <image>\nan ant? ASSISTANT:"], return_tensors="pt")
+    image = render_scene(sample_scene(TRAIN_SEED, 0))
+    inputs = processor(images=[image], text=["USER: <image>\nan ant? ASSISTANT:"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, reference.eval()(**inputs).logits, rtol=1e-4, atol=1e-4)
 
@@ -212,7 +214,8 @@ def test_built_tokenizer_has_the_image_token_and_the_llava_template(built):
     assert tokenizer("USER: <image>\n", add_special_tokens=False).input_ids.count(image_id) == 1
     assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.padding_side) == ("<|im_end|>", "<|im_end|>", "left")
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a circle?"}]}]
-    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == "USER: <image>\nIs there a circle? ASSISTANT:"
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nIs there a circle? ASSISTANT:"
     inputs = processor(images=[np.zeros((160, 160, 3), np.uint8)], text=["USER: <image>\nHi"], return_tensors="pt")
     assert (inputs.input_ids == image_id).sum() == 100  # the ShapesWorld tower's 100 visual tokens
     assert (built / "LICENSE").read_text() == "LICENCE"
@@ -248,7 +251,8 @@ def test_labelled_loss_equals_the_full_language_loss():
     hidden, head = torch.randn(2, 7, 8, generator=generator), torch.nn.Linear(8, 11)
     labels = torch.tensor([[-100, -100, 3, 4, -100, 5, 2], [-100, 7, 8, -100, -100, -100, -100]])
     weights = (labels != -100).float() * torch.tensor([[1.0, 1, 1, 4, 1, 4, 4], [1, 1, 1, 1, 1, 1, 1]])
-    torch.testing.assert_close(labelled_language_loss(hidden, head, labels, weights), language_loss(head(hidden), labels, weights))
+    full = language_loss(head(hidden), labels, weights)
+    torch.testing.assert_close(labelled_language_loss(hidden, head, labels, weights), full)
 
 
 def test_training_is_resumable_and_trains_only_the_delta(tiny_gguf, tmp_path, monkeypatch):
@@ -282,4 +286,5 @@ def test_build_smol_command_checks_the_gguf_file_against_smollm2(tiny_gguf, delt
     from rcpp_hf.cli import main
 
     with pytest.raises(ValueError, match="is not the expected model: block_count 2 \\(expected 30\\)"):
-        main(["shapesworld", "build-smol", "--gguf", str(tiny_gguf), "--delta", str(delta_folder), "--output-dir", str(tmp_path / "out")])
+        main(["shapesworld", "build-smol", "--gguf", str(tiny_gguf), "--delta", str(delta_folder),
+              "--output-dir", str(tmp_path / "out")])  # fmt: skip

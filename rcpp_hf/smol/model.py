@@ -61,6 +61,8 @@ def assemble_smol_llava(
     image_processor = LlavaProcessor.from_pretrained(vision_checkpoint).image_processor
 
     text_config = _text_config(language_model, len(tokenizer))
+    if not text_config.tie_word_embeddings:
+        raise ValueError("expected a language model with tied input / output embeddings (SmolLM2's layout)")
     config = LlavaConfig(
         vision_config=vision.config.vision_config,
         text_config=text_config,
@@ -78,8 +80,6 @@ def assemble_smol_llava(
     embeddings = decoder.pop("embed_tokens.weight")  # (vocab, hidden)
     decoder["embed_tokens.weight"] = torch.cat([embeddings, embeddings.mean(0, keepdim=True)])
     model.model.language_model.load_state_dict(decoder)
-    if not text_config.tie_word_embeddings:
-        raise ValueError("expected a language model with tied input / output embeddings (SmolLM2's layout)")
     model.tie_weights()
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, name, getattr(tokenizer, name))

