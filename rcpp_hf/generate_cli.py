@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.default_model import default_model_path
+from rcpp_hf.default_model import model_folder
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
 from rcpp_hf.eval.runner import load_model
 from rcpp_hf.method_cli import add_method_arguments, method_from_args, with_method
@@ -23,7 +23,7 @@ LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("generate", help="caption an image with RCPP + DRCD (and, with --compare, vanilla)")
-    parser.add_argument("--model", help="checkpoint folder or hub id (default: the embedded default model)")
+    parser.add_argument("--model", help="checkpoint folder or hub id or shapesworld-smol (default: the embedded default model)")
     parser.add_argument("--image", type=Path, help="image file (default: a drawn test scene)")
     parser.add_argument("--prompt", default="Describe the image.", help="question; wrapped in the LLaVA-1.5 template "
                         "unless it already contains <image>")
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     method = method_from_args(args.method, args.method_config)
     generation_config = load_generation_config(args.config, args.max_new_tokens, method)
     generation_config.return_dict_in_generate = True
-    model_path = args.model or str(default_model_path())
+    model_path = model_folder(args.model)
     model, processor = load_model(model_path, args.dtype, args.device)
     image = Image.open(args.image).convert("RGB") if args.image else drawn_scene()
     text = args.prompt if "<image>" in args.prompt else LLAVA_TEMPLATE.format(prompt=args.prompt)

@@ -67,7 +67,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line twins of `RunOptions`, for every `eval` sub-command."""
     group = parser.add_argument_group("run")
     group.add_argument("--output-dir", required=True, help="run directory (resumed when it exists)")
-    group.add_argument("--model", help="checkpoint folder or hub id (default: the embedded default model)")
+    group.add_argument("--model", help="checkpoint folder or hub id or shapesworld-smol (default: the embedded default model)")
     group.add_argument("--config", help="RCPPGenerationConfig YAML preset, e.g. configs/rcpp_default.yaml "
                        "(default: plain greedy LLaVA decoding)")
     add_method_arguments(group)
@@ -158,7 +158,7 @@ def run_benchmark(
     metrics, with a "headline" dict of the numbers `rcpp-hf report` tabulates.
     Returns the metrics, as written to metrics.json.
     """
-    from rcpp_hf.default_model import default_model_path
+    from rcpp_hf.default_model import model_folder
 
     # The limit chooses how many items are asked, not how they are asked: it stays out of the identity, so a
     # run extended from 12 to 24 items keeps the 12 answers and asks only the 12 new items.
@@ -166,7 +166,7 @@ def run_benchmark(
         items = items[: options.limit]
     _check_unique_ids(items)
     check_files_exist((item.image for item in items if not callable(item.image)), "image files")
-    model_path = str(options.model) if options.model is not None else str(default_model_path())
+    model_path = model_folder(options.model)
     max_new_tokens = options.max_new_tokens or default_max_new_tokens
     method = method_from_args(options.method, options.method_config)
     generation_config = load_generation_config(model_path, options.config, max_new_tokens, method)

@@ -1,4 +1,5 @@
-"""`rcpp-hf shapesworld ...`: the testbed's own commands (train, export, compare, sweep, head-ablation, condensation).
+"""`rcpp-hf shapesworld ...`: the testbed's own commands (train, export, compare, sweep, head-ablation, condensation,
+build-smol, train-smol, export-smol).
 
 Its single-split evaluation is `rcpp-hf eval shapesworld` (`evaluate.add_eval_parser`).
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 import argparse
 
 from rcpp_hf.shapesworld import compare, condensation, head_ablation, train
+from rcpp_hf.smol import build as smol_build
+from rcpp_hf.smol import train as smol_train
 from rcpp_hf.shapesworld.caption_sets import caption_scenes, write_caption_split
 from rcpp_hf.shapesworld.mme_sets import mme_scenes, write_mme_set
 from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS, pope_scenes, write_pope_split
@@ -21,6 +24,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     compare.add_parsers(subcommands)
     head_ablation.add_parser(subcommands)
     condensation.add_parser(subcommands)
+    smol_build.add_parser(subcommands)
+    smol_train.add_parsers(subcommands)
     export = subcommands.add_parser(
         "export",
         help="write POPE question files (official JSON-lines format), an MME-style set (MME's folder layout) and caption sets",

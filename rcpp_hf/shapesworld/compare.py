@@ -321,7 +321,7 @@ def add_parsers(subcommands: argparse._SubParsersAction) -> None:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """What every ShapesWorld comparison command (compare, sweep, head-ablation, condensation) takes: the model,
     the world and the run folder."""
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
+    parser.add_argument("--model", default=None, help="checkpoint folder or shapesworld-smol (default: the embedded ShapesWorld model)")
     parser.add_argument("--seed", type=int, default=VALIDATION_SEED, help=f"world seed (validation: {VALIDATION_SEED})")
     parser.add_argument("--num-images", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -329,10 +329,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_path(args: argparse.Namespace) -> str:
-    """`--model`, or the embedded ShapesWorld checkpoint."""
-    from rcpp_hf.default_model import default_model_path
+    """`--model` (a folder or "shapesworld-smol"), or the embedded ShapesWorld checkpoint."""
+    from rcpp_hf.default_model import model_folder
 
-    return str(args.model or default_model_path())
+    return model_folder(args.model or None)
 
 
 def _run_compare(args: argparse.Namespace) -> int:

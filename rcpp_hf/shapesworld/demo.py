@@ -94,7 +94,7 @@ def _marked(caption: str, scene: Scene) -> str:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("demo", help="original vs RCPP + DRCD caption on a bundled ShapesWorld scene",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
+    parser.add_argument("--model", default=None, help="checkpoint folder or shapesworld-smol (default: the embedded ShapesWorld model)")
     parser.add_argument("--config", default=None, help="RCPP YAML preset (default: RCPPGenerationConfig's defaults)")
     parser.add_argument("--output", default="rcpp_demo.png", help="where the patch-map PNG goes")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -102,9 +102,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rcpp_hf.default_model import default_model_path
+    from rcpp_hf.default_model import model_folder
 
-    model_path = args.model or str(default_model_path())
+    model_path = model_folder(args.model)
     overrides = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "return_dict_in_generate": True}
     config = RCPPGenerationConfig(**overrides) if args.config is None else RCPPGenerationConfig.from_yaml(args.config, **overrides)
     model = RCPPLlavaForConditionalGeneration.from_pretrained(model_path).eval()

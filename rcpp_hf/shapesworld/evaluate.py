@@ -265,7 +265,7 @@ def add_eval_parser(eval_subparsers: argparse._SubParsersAction) -> None:
     """Add `shapesworld` to the `rcpp-hf eval` sub-commands."""
     parser = eval_subparsers.add_parser("shapesworld", help="POPE / MME / CHAIR on held-out ShapesWorld scenes", description=__doc__)
     parser.add_argument("--split", required=True, choices=SPLITS)
-    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded ShapesWorld model)")
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id or shapesworld-smol (default: the embedded ShapesWorld model)")
     parser.add_argument("--config", default=None, help="RCPP YAML preset (default: vanilla greedy decoding)")
     add_method_arguments(parser)
     parser.add_argument("--seed", type=int, default=TEST_SEED, help=f"world seed of the held-out scenes (test: {TEST_SEED})")
@@ -278,11 +278,11 @@ def add_eval_parser(eval_subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rcpp_hf.default_model import default_model_path
+    from rcpp_hf.default_model import model_folder
 
     method = method_from_args(args.method, args.method_config)
     settings = EvalSettings(
-        model=str(args.model or default_model_path()),
+        model=model_folder(args.model),
         split=args.split,
         config=args.config,
         method=None if method is None else method.to_dict(),

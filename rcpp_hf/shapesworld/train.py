@@ -138,13 +138,15 @@ def training_batch(
             "labels": labels, "loss_weights": loss_weights, "pixel_values": pixel_values}  # fmt: skip
 
 
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w * CE) / sum(w): logits (N, V); targets (N,), -100 ignored; weights (N,)."""
+    ce = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none")
+    return (ce * weights).sum() / weights.sum()
+
+
 def language_loss(logits: torch.Tensor, labels: torch.Tensor, loss_weights: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy, each labelled token weighted: sum(w * CE) / sum(w). logits (B, L, V); labels, weights (B, L)."""
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="none"
-    )
-    weights = loss_weights[:, 1:].flatten()
-    return (ce * weights).sum() / weights.sum()
+    return weighted_cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), loss_weights[:, 1:].flatten())
 
 
 def patch_targets(scenes: list[Scene], patches_per_side: int, config: WorldConfig = WorldConfig()) -> tuple[torch.Tensor, torch.Tensor]:
