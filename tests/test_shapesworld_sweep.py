@@ -107,6 +107,7 @@ def test_sweep_writes_its_rule_before_any_row_and_resumes(shapesworld_small, tmp
         assert {"adversarial.f1", "adversarial.yes_ratio", "captions.chair_i", "captions.recall"} <= set(r)
     assert choice["setting"] == choose(rows)["setting"]
     assert (tmp_path / "ranking.md").read_text().splitlines()[2].startswith(f"| {VANILLA} | (greedy) |")
+    assert (tmp_path / "frontier.png").stat().st_size > 5_000
 
     def no_model(*args, **kwargs):
         raise AssertionError("a finished row was recomputed")

@@ -238,26 +238,34 @@ FRONTIERS = [("captions.recall", "captions.chair_i", "recall", "CHAIR_I"),
              ("adversarial.yes_ratio", "adversarial.f1", "POPE adversarial yes-ratio", "POPE adversarial F1")]
 
 
-def plot_frontier(rows: list[dict], path: Path) -> None:
-    """CHAIR_I against recall and POPE adversarial F1 against its yes-ratio, one labelled point per setting, for the
-    splits measured."""
+def plot_frontier(rows: list[dict], path: Path, bounds: dict[str, float] | None = None) -> None:
+    """CHAIR_I against recall and POPE adversarial F1 against its yes-ratio, for the splits measured: one numbered
+    point per result, named in the panel's legend (settings with identical results share a point); `bounds`
+    (metric -> value, e.g. a selection rule's recall floor) are drawn as dashed lines on the panels showing them."""
     panels = [panel for panel in FRONTIERS if any(panel[0] in row and panel[1] in row for row in rows)]
     if not panels:
         return
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    bounds = bounds or {}
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
     for (x_key, y_key, x_label, y_label), axis in zip(panels, axes[0]):
-        points: dict[tuple[float, float], list[str]] = {}  # settings with identical results share one label
+        points: dict[tuple[float, float], list[str]] = {}
         for row in rows:
             if x_key in row and y_key in row:
                 points.setdefault((row[x_key], row[y_key]), []).append(row["setting"])
-        for index, ((x, y), names) in enumerate(points.items()):
-            axis.scatter(x, y, color=f"C{index % 10}")
+        for number, ((x, y), names) in enumerate(points.items(), start=1):
             label = " = ".join(names) if len(names) <= 3 else f"{names[0]} = {len(names) - 1} other settings"
-            axis.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            axis.scatter(x, y, color=f"C{(number - 1) % 10}", marker="os^D"[(number - 1) // 10 % 4],
+                         label=f"{number}: {label}")  # fmt: skip
+            axis.annotate(str(number), (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        for key, value in bounds.items():
+            if key in (x_key, y_key):
+                line = axis.axvline if key == x_key else axis.axhline
+                line(value, color="grey", linestyle="--", linewidth=1, label=f"bound: {key} = {value:.3f}")
         axis.set(xlabel=x_label, ylabel=y_label)
         axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -267,7 +275,8 @@ def add_parser(subcommands: argparse._SubParsersAction) -> None:
     defaults = [name for name in METHODS if runs_with_defaults(name)]
     parser.add_argument("--methods", default=",".join([VANILLA, RCPP, *defaults]),
                         help=f"comma-separated rows: {VANILLA}, {RCPP} (RCPP + DRCD, library defaults) or registry "
-                             f"methods ({', '.join(METHODS)}); default: all that run with their default settings")  # fmt: skip
+                             f"methods ({', '.join(METHODS)}); default: all that run with their default "
+                             "settings")  # fmt: skip
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS),
                         help="visual-token budgets of the pruners, of 576 (scaled to the model's image)")
     parser.add_argument("--with-rcpp", action="store_true", help="also each registry method composed with RCPP + DRCD "

@@ -26,7 +26,14 @@ from pathlib import Path
 import yaml
 
 from rcpp_hf.config import RCPP_DEFAULTS, RCPPGenerationConfig
-from rcpp_hf.shapesworld.compare import VANILLA, add_run_arguments, compare, config_setting, model_path
+from rcpp_hf.shapesworld.compare import (
+    VANILLA,
+    add_run_arguments,
+    compare,
+    config_setting,
+    model_path,
+    plot_frontier,
+)
 
 SPLITS = ["adversarial", "captions"]
 DEFAULT = "default"
@@ -112,20 +119,21 @@ def second_round(rows: list[dict], variations: list[dict], size: int = SECOND_RO
             picked.append(changes)
         if len(picked) == size:
             break
-    return [{key: value for changes in combination for key, value in changes.items()}
-            for count in range(2, len(picked) + 1) for combination in itertools.combinations(picked, count)]  # fmt: skip
+    combinations = [c for count in range(2, len(picked) + 1) for c in itertools.combinations(picked, count)]
+    return [{key: value for changes in combination for key, value in changes.items()} for combination in combinations]
 
 
 def rule_text(model: str, seed: int, num_images: int, variations: list[dict]) -> str:
     """RULE.md: the rule, the run and the grid, written before any row runs."""
     grid = "\n".join(f"- `{variation_name(changes)}`" for changes in variations)
+    defaults = json.dumps({key: value for key, value in RCPP_DEFAULTS.items() if key != "methods"})
     return (
         "# The RCPP + DRCD defaults sweep: rule fixed before the run\n\n"
         f"Model `{model}`, world seed {seed}, {num_images} images; splits {', '.join(SPLITS)}.\n\n"
         "**Rule** (`rcpp_hf.shapesworld.sweep.choose`): among the RCPP settings, the lowest captions CHAIR_I whose "
         f"recall >= greedy's - {RECALL_SLACK} and whose POPE adversarial F1 >= greedy's F1; ties broken by the higher "
         "recall (then the earlier row); greedy if none qualifies.\n\n"
-        f"**Round 1**: greedy, the library defaults ({json.dumps({k: v for k, v in RCPP_DEFAULTS.items() if k != 'methods'})}), "
+        f"**Round 1**: greedy, the library defaults ({defaults}), "
         f"and one knob at a time:\n{grid}\n\n"
         f"**Round 2** (`second_round`): the {SECOND_ROUND_SIZE} most promising round-1 variations, i.e. the first in "
         "the rule's order (qualifying rows by CHAIR_I, then the others by how far they miss the two constraints) "
@@ -181,10 +189,12 @@ def sweep(model: str, seed: int, num_images: int, output_dir: str | Path, batch_
     settings += [config_setting(path) for path in write_presets(output_dir / "configs", second)]
     rows = compare(model, settings, SPLITS, seed, num_images, output_dir, batch_size, progress)  # round 1 resumes
     write_ranking(rows, output_dir / "ranking.md")
+    greedy = next(row for row in rows if row["setting"] == VANILLA)
+    floors = {"captions.recall": greedy["captions.recall"] - RECALL_SLACK, "adversarial.f1": greedy["adversarial.f1"]}
+    plot_frontier(rows, output_dir / "frontier.png", floors)  # compare's, with the rule's bounds drawn
     chosen = choose(rows)
     names = {variation_name(changes): changes for changes in first + second}
-    choice = {"setting": chosen["setting"], "changes": names.get(chosen["setting"]), "row": chosen,
-              "greedy": next(row for row in rows if row["setting"] == VANILLA),
+    choice = {"setting": chosen["setting"], "changes": names.get(chosen["setting"]), "row": chosen, "greedy": greedy,
               "second_round": [variation_name(changes) for changes in second]}  # fmt: skip
     (output_dir / "choice.json").write_text(json.dumps(choice, indent=1) + "\n")
     return chosen
@@ -192,7 +202,8 @@ def sweep(model: str, seed: int, num_images: int, output_dir: str | Path, batch_
 
 def add_parser(subcommands: argparse._SubParsersAction) -> None:
     parser = subcommands.add_parser("sweep", help="choose RCPP + DRCD's defaults by a rule fixed before the run",
-                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                    description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_run_arguments(parser)
     parser.set_defaults(func=_run)
 
