@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
+from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.tiny import TinyLlavaSpec, save_tiny_llava
 
 GQA_SPEC = TinyLlavaSpec()  # 4 query heads share 2 kv heads
@@ -163,3 +165,19 @@ def pope_files(pope_data, tmp_path, make_image_files):
         files.append(path)
         make_image_files(tmp_path / "val2014", [json.loads(line)["image"] for line in lines])
     return files, tmp_path / "val2014"
+
+
+# -- ShapesWorld commands (rcpp_hf.shapesworld) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shapesworld_small(tmp_path_factory) -> str:
+    """A randomly initialised ShapesWorld LLaVA (its tokenizer and 16 visual tokens, a 4-layer decoder) saved to a
+    folder: the testbed's commands run on it in seconds."""
+    spec = replace(SHAPESWORLD_SPEC, image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, text_hidden=32,
+                   text_layers=4, num_heads=4, num_kv_heads=2)  # fmt: skip
+    folder = tmp_path_factory.mktemp("shapesworld-small")
+    model, processor = build_shapesworld_llava(spec)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)

@@ -1,65 +1,28 @@
-"""Comparing decoding settings: the rows from the registry, the sweep's presets, the table and plot files, and the
-choice rule."""
+"""Comparing decoding settings: the rows from the registry, the table and the plot files."""
 
 import json
-from dataclasses import replace
 
 import pytest
 
-from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.cli import build_parser
 from rcpp_hf.engine.pruning import PruneRecord
 from rcpp_hf.shapesworld.compare import (
     RCPP,
+    RCPP_PRESET,
     VANILLA,
-    choose,
     compare,
     comparison_settings,
     config_setting,
     model_shape,
-    sweep_configs,
 )
 from rcpp_hf.shapesworld.evaluate import prefill_visual_tokens
-from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
-
-SMALL = replace(SHAPESWORLD_SPEC, image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,
-                text_hidden=32, text_layers=4, num_heads=4, num_kv_heads=2)  # fmt: skip
 
 
-def test_sweep_presets_are_valid_and_vary_one_knob(tmp_path):
-    configs = sweep_configs(tmp_path)
-    assert configs[0] == VANILLA
-    loaded = {path: RCPPGenerationConfig.from_yaml(path) for path in configs[1:]}
-    default = loaded[str(tmp_path / "default.yaml")]
-    for path, config in loaded.items():
-        differing = [k for k in ("gamma", "tau", "lambda_end", "keep_ratio_end") if getattr(config, k) != getattr(default, k)]
-        assert len(differing) == (0 if path.endswith("default.yaml") else 1)
-
-
-def row(name, chair_i, recall):
-    return {"setting": name, "captions.chair_i": chair_i, "captions.recall": recall}
-
-
-def test_choose_takes_the_lowest_chair_i_that_keeps_recall():
-    rows = [row(VANILLA, 0.30, 0.90), row("a", 0.10, 0.87), row("b", 0.20, 0.885), row("d", 0.25, 0.91)]  # a: recall lost
-    assert choose(rows)["setting"] == "b"
-    assert choose([row(VANILLA, 0.3, 0.9), row("e", 0.3, 0.9)])["setting"] == VANILLA  # a tie keeps vanilla
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shapesworld-small")
-    model, processor = build_shapesworld_llava(SMALL)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return str(folder)
-
-
-def test_compare_writes_the_table(small_model, tmp_path):
-    configs = [VANILLA, sweep_configs(tmp_path / "configs", max_new_tokens=6)[1]]
-    rows = compare(small_model, [config_setting(c) for c in configs], ["adversarial", "captions"], seed=1, num_images=1,
+def test_compare_writes_the_table(shapesworld_small, tmp_path):
+    configs = [VANILLA, str(RCPP_PRESET)]
+    rows = compare(shapesworld_small, [config_setting(c) for c in configs], ["adversarial", "captions"], seed=1, num_images=1,
                    output_dir=tmp_path / "runs", progress=False)  # fmt: skip
-    assert [r["setting"] for r in rows] == [VANILLA, "default"]
+    assert [r["setting"] for r in rows] == [VANILLA, "rcpp_default"]
     assert "visual_kept" not in json.dumps(rows[0]) and "captions.visual_kept" in rows[1]
     table = (tmp_path / "runs" / "table.md").read_text().splitlines()
     assert len(table) == 4 and table[0].startswith("| setting | budget | adv acc")
@@ -82,9 +45,9 @@ def test_prefill_visual_tokens_average_over_layers():
     assert prefill_visual_tokens([], num_layers=4, num_visual=16) == 16
 
 
-def test_compare_across_methods_and_budgets(small_model, tmp_path, capsys):
-    assert model_shape(small_model) == (4, 16)
-    args = build_parser().parse_args(["shapesworld", "compare", "--model", small_model, "--methods", "vanilla,fastv",
+def test_compare_across_methods_and_budgets(shapesworld_small, tmp_path, capsys):
+    assert model_shape(shapesworld_small) == (4, 16)
+    args = build_parser().parse_args(["shapesworld", "compare", "--model", shapesworld_small, "--methods", "vanilla,fastv",
                                       "--budgets", "64", "192", "--splits", "random", "captions", "--seed", "1",
                                       "--num-images", "1", "--batch-size", "4", "--output-dir", str(tmp_path)])
     assert args.func(args) == 0
@@ -108,7 +71,7 @@ def test_compare_across_methods_and_budgets(small_model, tmp_path, capsys):
     assert "fastv-192" in capsys.readouterr().out
 
 
-def test_head_ablation_rows_table_and_heat_map(small_model, tmp_path, capsys):
+def test_head_ablation_rows_table_and_heat_map(shapesworld_small, tmp_path, capsys):
     from rcpp_hf.shapesworld.head_ablation import ablation_settings, scale_heads
 
     assert [scale_heads(h, 8) for h in (8, 16, 24, 32)] == [2, 4, 6, 8]
@@ -118,7 +81,7 @@ def test_head_ablation_rows_table_and_heat_map(small_model, tmp_path, capsys):
     assert names[5] == "fp-consensus_diversity-64" and len(names) == 12
 
     args = build_parser().parse_args(
-        ["shapesworld", "head-ablation", "--model", small_model, "--strategies", "sum", "consensus_diversity",
+        ["shapesworld", "head-ablation", "--model", shapesworld_small, "--strategies", "sum", "consensus_diversity",
          "--heads", "8", "32", "--budgets", "192", "--num-images", "1", "--output-dir", str(tmp_path)]
     )  # fmt: skip
     assert args.func(args) == 0
@@ -133,11 +96,11 @@ def test_head_ablation_rows_table_and_heat_map(small_model, tmp_path, capsys):
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
 
-def test_compare_rows_for_the_contrastive_peers(small_model, tmp_path):
+def test_compare_rows_for_the_contrastive_peers(shapesworld_small, tmp_path):
     settings = comparison_settings([VANILLA, "vcd", "sid", "plausibility_cutoff"], (64,), num_visual=16, with_rcpp=True)
     assert [s.name for s in settings] == [VANILLA, "vcd", "vcd+rcpp", "sid", "sid+rcpp", "plausibility_cutoff",
                                           "plausibility_cutoff+rcpp"]  # fmt: skip
-    rows = compare(small_model, settings[:4], ["random", "captions"], seed=1, num_images=1,
+    rows = compare(shapesworld_small, settings[:4], ["random", "captions"], seed=1, num_images=1,
                    output_dir=tmp_path, batch_size=4, progress=False)  # fmt: skip
     rows = {row["setting"]: row for row in rows}
     assert "does not compose with RCPP" in rows["vcd+rcpp"]["skipped"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from rcpp_hf.shapesworld import compare, condensation, head_ablation, train
+from rcpp_hf.shapesworld import compare, condensation, head_ablation, sweep, train
 from rcpp_hf.smol import build as smol_build
 from rcpp_hf.smol import train as smol_train
 from rcpp_hf.shapesworld.caption_sets import caption_scenes, write_caption_split
@@ -21,7 +21,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("shapesworld", help="the ShapesWorld testbed: train its model, export its test sets")
     subcommands = parser.add_subparsers(dest="shapesworld_command", required=True)
     train.add_parser(subcommands)
-    compare.add_parsers(subcommands)
+    compare.add_parser(subcommands)
+    sweep.add_parser(subcommands)
     head_ablation.add_parser(subcommands)
     condensation.add_parser(subcommands)
     smol_build.add_parser(subcommands)

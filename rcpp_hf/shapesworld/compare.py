@@ -1,4 +1,4 @@
-"""`rcpp-hf shapesworld compare` and `sweep`: decoding settings side by side on ShapesWorld.
+"""`rcpp-hf shapesworld compare`: decoding settings side by side on ShapesWorld.
 
 `compare` is the comparison across methods and budgets: vanilla, RCPP + DRCD (`configs/rcpp_default.yaml`), and
 every method of the registry, a prefill pruner at each budget (64 / 128 / 192 of LLaVA-1.5's 576 visual tokens,
@@ -9,12 +9,7 @@ layers, i.e. the budget) and against prefill / decode time (the streamer-timed g
 from the registry, so a method added there gets its rows without touching this command. A budget a method cannot
 meet on this model (e.g. FastV's first layers alone exceed it on a 4-layer decoder) gives a row marked as skipped.
 
-`sweep` is `compare` over a one-factor-at-a-time grid around the library defaults (gamma, tau,
-lambda_end, keep-ratio schedule) on the captions split, meant for the validation world; it also
-names the setting it would choose: the lowest CHAIR_I among settings whose recall is at least
-vanilla's minus 0.02. POPE is left out of the sweep on purpose: a POPE answer is the first generated
-token, which RCPP decodes from the prefill without contrast or eviction unless `first_token_action`
-is on, so every setting of the grid answers POPE exactly as vanilla does.
+`sweep` (`sweep.py`) runs its rows through `compare`.
 """
 
 from __future__ import annotations
@@ -28,10 +23,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
-from rcpp_hf.config import RCPP_DEFAULTS  # noqa: E402
 from rcpp_hf.engine.contrastive import ContrastiveDecoder  # noqa: E402
 from rcpp_hf.engine.pruning import PrefillPruner, check_stages, scale_tokens  # noqa: E402
 from rcpp_hf.methods import METHODS, load_method  # noqa: E402
@@ -58,15 +51,6 @@ QUALITY = [("random.f1", "POPE F1 (random)"), ("popular.f1", "POPE F1 (popular)"
            ("captions.recall", "recall")]  # fmt: skip
 COSTS = [("visual_tokens", "visual tokens in prefill (mean over layers)"), ("prefill_ms", "prefill ms / item"),
          ("decode_ms", "decode ms / token")]  # fmt: skip
-
-# One knob at a time around the defaults; keep-ratio schedules as (end, schedule).
-SWEEP_GRID = {
-    "gamma": [0.8, 0.95],
-    "tau": [-0.05, 0.05],
-    "lambda_end": [0.0, 0.25, 1.0],
-    "keep_ratio_end": [1.0, 0.25],
-}
-
 
 @dataclass(frozen=True)
 class Setting:
@@ -162,19 +146,6 @@ def skip_reason(setting: Setting, num_layers: int, num_visual: int) -> str | Non
     return None
 
 
-def sweep_configs(folder: Path, max_new_tokens: int = 64) -> list[str]:
-    """Write the sweep's YAML presets into `folder`; returns [VANILLA, default, each variation] as names/paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    base = {**RCPP_DEFAULTS, "max_new_tokens": max_new_tokens, "do_sample": False}
-    variations = [("default", {})] + [(f"{key}={value}", {key: value}) for key, values in SWEEP_GRID.items() for value in values]
-    paths = [VANILLA]
-    for name, change in variations:
-        path = folder / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({**base, **change}, sort_keys=False))
-        paths.append(str(path))
-    return paths
-
-
 def compare(model: str, settings: list[Setting], splits: list[str], seed: int, num_images: int,
             output_dir: str | Path, batch_size: int = 16, progress: bool = True) -> list[dict]:  # fmt: skip
     """Evaluate every setting on every split (a skipped setting keeps its reason); returns one row per setting:
@@ -267,55 +238,54 @@ FRONTIERS = [("captions.recall", "captions.chair_i", "recall", "CHAIR_I"),
              ("adversarial.yes_ratio", "adversarial.f1", "POPE adversarial yes-ratio", "POPE adversarial F1")]
 
 
-def plot_frontier(rows: list[dict], path: Path) -> None:
-    """CHAIR_I against recall and POPE adversarial F1 against its yes-ratio, one labelled point per setting, for the
-    splits measured."""
+def plot_frontier(rows: list[dict], path: Path, bounds: dict[str, float] | None = None) -> None:
+    """CHAIR_I against recall and POPE adversarial F1 against its yes-ratio, for the splits measured: one numbered
+    point per result, named in the panel's legend (settings with identical results share a point); `bounds`
+    (metric -> value, e.g. a selection rule's recall floor) are drawn as dashed lines on the panels showing them."""
     panels = [panel for panel in FRONTIERS if any(panel[0] in row and panel[1] in row for row in rows)]
     if not panels:
         return
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    bounds = bounds or {}
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
     for (x_key, y_key, x_label, y_label), axis in zip(panels, axes[0]):
-        points: dict[tuple[float, float], list[str]] = {}  # settings with identical results share one label
+        points: dict[tuple[float, float], list[str]] = {}
         for row in rows:
             if x_key in row and y_key in row:
                 points.setdefault((row[x_key], row[y_key]), []).append(row["setting"])
-        for index, ((x, y), names) in enumerate(points.items()):
-            axis.scatter(x, y, color=f"C{index % 10}")
+        for number, ((x, y), names) in enumerate(points.items(), start=1):
             label = " = ".join(names) if len(names) <= 3 else f"{names[0]} = {len(names) - 1} other settings"
-            axis.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            axis.scatter(x, y, color=f"C{(number - 1) % 10}", marker="os^D"[(number - 1) // 10 % 4],
+                         label=f"{number}: {label}")  # fmt: skip
+            axis.annotate(str(number), (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        for key, value in bounds.items():
+            if key in (x_key, y_key):
+                line = axis.axvline if key == x_key else axis.axhline
+                line(value, color="grey", linestyle="--", linewidth=1, label=f"bound: {key} = {value:.3f}")
         axis.set(xlabel=x_label, ylabel=y_label)
         axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 
-def choose(rows: list[dict]) -> dict:
-    """The sweep's choice (see the module docstring); vanilla when no RCPP setting qualifies."""
-    vanilla = next(row for row in rows if row["setting"] == VANILLA)
-    qualified = [row for row in rows if row["captions.recall"] >= vanilla["captions.recall"] - 0.02]
-    return min(qualified, key=lambda row: (row["captions.chair_i"], row["setting"] != VANILLA))
-
-
-def add_parsers(subcommands: argparse._SubParsersAction) -> None:
-    for name in ("compare", "sweep"):
-        parser = subcommands.add_parser(name, help=f"{name} decoding settings on ShapesWorld", description=__doc__,
-                                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-        if name == "compare":
-            defaults = [name for name in METHODS if runs_with_defaults(name)]
-            parser.add_argument("--methods", default=",".join([VANILLA, RCPP, *defaults]),
-                                help=f"comma-separated rows: {VANILLA}, {RCPP} (RCPP + DRCD, library defaults) or "
-                                     f"registry methods ({', '.join(METHODS)}); default: all that run with their "
-                                     "default settings")  # fmt: skip
-            parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS),
-                                help="visual-token budgets of the pruners, of 576 (scaled to the model's image)")
-            parser.add_argument("--with-rcpp", action="store_true", help="also each registry method composed with "
-                                "RCPP + DRCD ('<method>+rcpp' rows)")
-            parser.add_argument("--configs", nargs="+", default=[], help="extra rows: RCPP YAML presets, or registry "
-                                "method presets (a 'method' key), e.g. a gan_pruner with its pruner_path")
-            parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-        add_run_arguments(parser)
-        parser.set_defaults(func=_run_compare if name == "compare" else _run_sweep)
+def add_parser(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser("compare", help="compare decoding settings on ShapesWorld", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    defaults = [name for name in METHODS if runs_with_defaults(name)]
+    parser.add_argument("--methods", default=",".join([VANILLA, RCPP, *defaults]),
+                        help=f"comma-separated rows: {VANILLA}, {RCPP} (RCPP + DRCD, library defaults) or registry "
+                             f"methods ({', '.join(METHODS)}); default: all that run with their default "
+                             "settings")  # fmt: skip
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS),
+                        help="visual-token budgets of the pruners, of 576 (scaled to the model's image)")
+    parser.add_argument("--with-rcpp", action="store_true", help="also each registry method composed with RCPP + DRCD "
+                        "('<method>+rcpp' rows)")
+    parser.add_argument("--configs", nargs="+", default=[], help="extra rows: RCPP YAML presets, or registry method "
+                        "presets (a 'method' key), e.g. a gan_pruner with its pruner_path")
+    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    add_run_arguments(parser)
+    parser.set_defaults(func=_run_compare)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -345,12 +315,3 @@ def _run_compare(args: argparse.Namespace) -> int:
     print((Path(args.output_dir) / "table.md").read_text())
     return 0
 
-
-def _run_sweep(args: argparse.Namespace) -> int:
-    settings = [config_setting(config) for config in sweep_configs(Path(args.output_dir) / "configs")]
-    rows = compare(model_path(args), settings, ["captions"], args.seed, args.num_images, args.output_dir, args.batch_size)
-    chosen = choose(rows)
-    (Path(args.output_dir) / "chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
-    print((Path(args.output_dir) / "table.md").read_text())
-    print(f"chosen: {chosen['setting']} ({chosen['config']})")
-    return 0
