@@ -96,7 +96,8 @@ def neutral_config(**overrides) -> RCPPGenerationConfig:
 def active_config(**overrides) -> RCPPGenerationConfig:
     """Contrast and eviction both active on the tiny model. Its scores sit near 0.5, so tau = 0.5 splits them."""
     values = dict(
-        tau=0.5, lambda_start=0.2, lambda_end=0.8, keep_ratio_start=1.0, keep_ratio_end=0.25, schedule_steps=4
+        tau=0.5, lambda_start=0.2, lambda_end=0.8, keep_ratio_start=1.0, keep_ratio_end=0.25, schedule="linear",
+        schedule_steps=4,
     )
     return RCPPGenerationConfig(**{**values, **overrides})
 

@@ -6,7 +6,7 @@ from rcpp_hf.benchmark.suite import known_methods
 from rcpp_hf.cli import build_parser
 from rcpp_hf.shapesworld.compare import VANILLA, comparison_settings
 from rcpp_hf.shapesworld.condensation import cell_records, default_layers, experiment_settings
-from tests.test_shapesworld_compare import small_model  # noqa: F401 (fixture)
+from tests.test_shapesworld_evaluate import small_model  # noqa: F401 (fixture)
 
 
 def test_cells_and_gains():

@@ -5,10 +5,11 @@ import json
 import pytest
 
 from rcpp_hf.cli import build_parser
-from rcpp_hf.config import RCPP_DEFAULTS, RCPPGenerationConfig
+from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.shapesworld import sweep as sweep_module
 from rcpp_hf.shapesworld.compare import VANILLA
 from rcpp_hf.shapesworld.sweep import (
+    CENTRE,
     FIRST_ROUND,
     choose,
     rank,
@@ -60,7 +61,7 @@ def test_first_round_names_every_knob_of_the_issue_and_every_setting_validates(t
     assert len(set(paths)) == len(FIRST_ROUND) + 1 and paths[0].endswith("default.yaml")
     for path, changes in zip(paths, [{}, *FIRST_ROUND]):
         config = RCPPGenerationConfig.from_yaml(path)
-        differing = {key for key in RCPP_DEFAULTS if key != "methods" and getattr(config, key) != RCPP_DEFAULTS[key]}
+        differing = {key for key in CENTRE if getattr(config, key) != CENTRE[key]}
         assert differing == set(changes), path
         assert config.do_sample is False
 

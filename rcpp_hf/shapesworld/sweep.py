@@ -6,7 +6,7 @@ never recomputed):
 
 1. `RULE.md` is written first: the rule (`choose`), the grid and how round 2 is built. A rerun into the same folder
    must find the same text, so the rule cannot move after the rows are seen.
-2. Round 1: greedy (`vanilla`), the library defaults, and `FIRST_ROUND`, one knob at a time around the defaults:
+2. Round 1: greedy (`vanilla`), `CENTRE` (row "default"), and `FIRST_ROUND`, one knob at a time around it:
    tau in its three modes, gamma, lambda_end, keep_ratio_end, schedule_steps, schedule (with "step", an eviction
    and a contrast that wait for `schedule_steps`), plausibility_beta and first_token_action. POPE is not constant
    across the grid: with `first_token_action` the yes / no answer comes from DRCD's fused logits.
@@ -40,8 +40,11 @@ DEFAULT = "default"
 RECALL_SLACK = 0.02  # the issue's "recall within 0.02 of greedy"
 SECOND_ROUND_SIZE = 3  # round 2 combines the 3 most promising round-1 variations: 3 pairs and the triple
 
-# Round 1: one knob at a time around RCPP_DEFAULTS (tau 0.0 absolute, gamma 0.9, lambda 0 -> 0.5, keep 1.0 -> 0.5,
-# linear over 32 steps, no plausibility cutoff, first-token action off). A variation is the fields it changes.
+# The centre of the grid: the method note's values, i.e. the library defaults before this sweep chose tau -0.05 and
+# the step schedule from them (tau 0.0 absolute, gamma 0.9, lambda 0 -> 0.5, keep 1.0 -> 0.5, linear over 32 steps,
+# no plausibility cutoff, first-token action off). Fixed here so that the recorded sweep stays reproducible.
+CENTRE: dict = {key: value for key, value in RCPP_DEFAULTS.items() if key != "methods"} | {"tau": 0.0, "schedule": "linear"}
+# Round 1: one knob at a time around CENTRE. A variation is the fields it changes.
 FIRST_ROUND: list[dict] = [
     {"tau": -0.05},
     {"tau": 0.05},
@@ -126,14 +129,14 @@ def second_round(rows: list[dict], variations: list[dict], size: int = SECOND_RO
 def rule_text(model: str, seed: int, num_images: int, variations: list[dict]) -> str:
     """RULE.md: the rule, the run and the grid, written before any row runs."""
     grid = "\n".join(f"- `{variation_name(changes)}`" for changes in variations)
-    defaults = json.dumps({key: value for key, value in RCPP_DEFAULTS.items() if key != "methods"})
+    defaults = json.dumps(CENTRE)
     return (
         "# The RCPP + DRCD defaults sweep: rule fixed before the run\n\n"
         f"Model `{model}`, world seed {seed}, {num_images} images; splits {', '.join(SPLITS)}.\n\n"
         "**Rule** (`rcpp_hf.shapesworld.sweep.choose`): among the RCPP settings, the lowest captions CHAIR_I whose "
         f"recall >= greedy's - {RECALL_SLACK} and whose POPE adversarial F1 >= greedy's F1; ties broken by the higher "
         "recall (then the earlier row); greedy if none qualifies.\n\n"
-        f"**Round 1**: greedy, the library defaults ({defaults}), "
+        f"**Round 1**: greedy, the centre of the grid ({defaults}), "
         f"and one knob at a time:\n{grid}\n\n"
         f"**Round 2** (`second_round`): the {SECOND_ROUND_SIZE} most promising round-1 variations, i.e. the first in "
         "the rule's order (qualifying rows by CHAIR_I, then the others by how far they miss the two constraints) "
@@ -151,10 +154,10 @@ def write_rule(path: Path, text: str) -> None:
 
 
 def write_presets(folder: Path, variations: list[dict]) -> list[str]:
-    """One YAML preset per variation (the defaults, greedy, with its changes) in `folder`; returns their paths.
+    """One YAML preset per variation (`CENTRE`, greedy, with its changes) in `folder`; returns their paths.
     Each is validated as an `RCPPGenerationConfig` before it is written."""
     folder.mkdir(parents=True, exist_ok=True)
-    base = {key: value for key, value in RCPP_DEFAULTS.items() if key != "methods"} | {"do_sample": False}
+    base = CENTRE | {"do_sample": False}
     paths = []
     for changes in variations:
         values = {**base, **changes}
@@ -212,5 +215,5 @@ def _run(args: argparse.Namespace) -> int:
     chosen = sweep(model_path(args), args.seed, args.num_images, args.output_dir, args.batch_size, FIRST_ROUND)
     print((Path(args.output_dir) / "ranking.md").read_text())
     changes = json.loads((Path(args.output_dir) / "choice.json").read_text())["changes"]
-    print(f"chosen: {chosen['setting']}" + ("" if changes is None else f" (changes to the defaults: {changes})"))
+    print(f"chosen: {chosen['setting']}" + ("" if changes is None else f" (changes to the centre: {changes})"))
     return 0
