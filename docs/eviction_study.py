@@ -37,7 +37,8 @@ def main(num_scenes: int = 40) -> dict:
     folder = default_model_path()
     model = RCPPLlavaForConditionalGeneration.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
-    config = RCPPGenerationConfig(max_new_tokens=64, return_dict_in_generate=True)
+    # The method note's values (the defaults before the issue-12 sweep): eviction ramps in from step 1.
+    config = RCPPGenerationConfig(tau=0.0, schedule="linear", max_new_tokens=64, return_dict_in_generate=True)
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     kinds_index = {kind: 1 + i for i, kind in enumerate(KINDS)}
     counts = {"objects": 0, "evicted_before_mention": 0, "never_mentioned": 0, "evicted_first_named": 0,
