@@ -8,6 +8,7 @@ from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
 from rcpp_hf.methods import FastVFinePruner, PDrop, RandomPruning, SparseVLM, load_method
 from rcpp_hf.engine.layout import text_after_image
 from rcpp_hf.methods.sparsevlm import rater_scores, select_text_raters
+from tests.conftest import row_alone
 from tests.test_prefill_pruning import NUM_VISUAL, prompt_layout
 
 METHODS = [
@@ -69,8 +70,6 @@ def test_keeping_everything_is_vanilla(tiny_path, rcpp_model, batch2, method):
 
 
 def test_random_pruning_is_seeded_shared_by_the_rows_and_batch_independent(varied_model, batch2):
-    from tests.conftest import row_alone
-
     method = RandomPruning(layers=(1, 3), keep=(10, 3), seed=4)
     out = generate(varied_model, batch2, method)
     first = [record.kept_visual_ids for record in out.pruning]
