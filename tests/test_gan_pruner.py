@@ -20,12 +20,28 @@ from rcpp_hf.gan_pruner.config import GanPrunerConfig
 from rcpp_hf.gan_pruner.attention import EXPONENT_CAP, policy_attention_forward
 from rcpp_hf.gan_pruner.discriminator import pool_states, ramp
 from rcpp_hf.gan_pruner.forward import pruned_forward
-from rcpp_hf.gan_pruner.losses import binarisation_loss, distillation_loss, sparsity_loss, token_count_loss
+from rcpp_hf.gan_pruner.losses import (
+    binarisation_loss,
+    budget_loss,
+    distillation_loss,
+    dual_ascent,
+    sparsity_loss,
+    token_count_loss,
+)
 from rcpp_hf.gan_pruner.method import GanPruner
 from rcpp_hf.gan_pruner.pruner import GanLayerPruners, gumbel_keep_mask
 from rcpp_hf.gan_pruner.schedules import cosine_schedule
-from rcpp_hf.gan_pruner.train import LOSS_TERMS, GanTrainConfig, GanTrainer, scale_state_layers, train
+from rcpp_hf.gan_pruner.train import (
+    LOSS_TERMS,
+    SEED_TARGET_KEEP,
+    GanTrainConfig,
+    GanTrainer,
+    keep_targets,
+    scale_state_layers,
+    train,
+)
 from rcpp_hf.methods import load_method
+from rcpp_hf.methods.pdrop import average_keep_fraction
 from rcpp_hf.shapesworld.conversations import llava_prompt
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_scene
@@ -228,10 +244,11 @@ def test_save_and_load_round_trip(tmp_path):
 # -- losses and the two players -------------------------------------------------------------------------------------
 def test_every_loss_term_reaches_the_pruners_and_not_the_backbone(trainer):
     batch = trainer.batch(0)
-    real, fake, _, fake_pooled, _ = trainer.forwards(batch, 0, trainer.generator(0))
-    terms = train_module.loss_terms(real, fake, fake_pooled, batch, trainer.discriminator, trainer.config)
+    real, fake, _, fake_pooled, _, evaluation_keep = trainer.forwards(batch, 0, trainer.generator(0))
+    terms = train_module.loss_terms(real, fake, fake_pooled, batch, trainer.discriminator, trainer.targets)
     assert set(terms) == set(LOSS_TERMS)
-    for name in LOSS_TERMS:
+    terms["budget"] = budget_loss(evaluation_keep, trainer.targets, torch.tensor([1.0, -2.0, 3.0]))
+    for name in terms:
         grads = torch.autograd.grad(terms[name], list(trainer.pruners.parameters()), retain_graph=True, allow_unused=True)
         assert sum(g.abs().sum() for g in grads if g is not None) > 0, name
     assert not any(p.requires_grad for p in trainer.model.parameters())
@@ -243,10 +260,10 @@ def test_every_loss_term_reaches_the_pruners_and_not_the_backbone(trainer):
 def test_each_players_step_leaves_the_other_unchanged(trainer):
     snapshot = lambda module: {k: v.clone() for k, v in module.state_dict().items()}  # noqa: E731
     batch = trainer.batch(1)
-    real, fake, real_pooled, fake_pooled, _ = trainer.forwards(batch, 1, trainer.generator(1))
+    real, fake, real_pooled, fake_pooled, _, evaluation_keep = trainer.forwards(batch, 1, trainer.generator(1))
     assert [p.shape for p in real_pooled] == [p.shape for p in fake_pooled] == [(SMOKE.batch_size, 32)] * 3
     discriminator, pruners = snapshot(trainer.discriminator), snapshot(trainer.pruners)
-    trainer.generator_step(batch, real, fake, fake_pooled, 1)
+    trainer.generator_step(batch, real, fake, fake_pooled, evaluation_keep, 1)
     assert all(torch.equal(v, trainer.discriminator.state_dict()[k]) for k, v in discriminator.items())
     assert not all(torch.equal(v, trainer.pruners.state_dict()[k]) for k, v in pruners.items())
     pruners = snapshot(trainer.pruners)
@@ -288,6 +305,42 @@ def test_distillation_loss_by_hand():
     expected = 0.5 * (torch.log(0.5 / q)).sum()
     assert distillation_loss(fake, real, labels, weights).item() == pytest.approx(expected.item())
     assert distillation_loss(real, real, labels, weights).item() == 0.0
+
+
+def test_budget_term_and_dual_ascent_by_hand():
+    keep = [torch.tensor([[1.0, 1.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]])]
+    multipliers = torch.tensor([2.0, -1.0])
+    assert budget_loss(keep, (0.25, 0.5), multipliers).item() == pytest.approx(2 * 0.25 - 1 * -0.25)
+    updated = dual_ascent(multipliers, torch.tensor([0.5, 0.25]), (0.25, 0.5), lr=0.4)
+    torch.testing.assert_close(updated, torch.tensor([2.1, -1.1]))  # too many kept: up; too few: down
+
+
+def test_a_positive_multiplier_pushes_the_evaluation_masks_toward_dropping():
+    logits = torch.tensor([[0.3, -0.2, 1.0]], requires_grad=True)
+    mask = gumbel_keep_mask(logits, 0.5, None)[0]
+    assert mask.tolist() == [[1.0, 0.0, 1.0]]
+    budget_loss([mask], (0.3,), torch.tensor([5.0])).backward()
+    assert (logits.grad > 0).all()  # gradient descent lowers every logit: fewer tokens kept
+
+
+def test_budget_targets_meet_the_registry_budget_or_refuse():
+    assert keep_targets(GanTrainConfig(), (2, 4, 7), 12) == SEED_TARGET_KEEP
+    assert keep_targets(GanTrainConfig(target_keep=(0.6, 0.4, 0.2)), (2, 4, 7), 12) == (0.6, 0.4, 0.2)
+    for budget in (128, 192):
+        targets = keep_targets(GanTrainConfig(budget=budget), (2, 4, 7), 12)
+        assert targets[1] == pytest.approx(targets[0] ** 2) and targets[2] == pytest.approx(targets[0] ** 3)
+        assert 576 * average_keep_fraction(targets[0], (2, 4, 7), 12) == pytest.approx(budget)
+    with pytest.raises(ValueError, match="budget 64 of 576 is unreachable with pruning layers"):
+        keep_targets(GanTrainConfig(budget=64), (2, 4, 7), 12)
+
+
+def test_a_step_moves_the_multipliers_by_the_evaluation_masks_keep_ratio(small_path):
+    trainer = GanTrainer.build(replace(SMOKE, budget_lr=0.5), small_path)
+    row = trainer.step(0)
+    layers = trainer.stage_layers
+    assert all(row[f"multiplier_layer_{layer}"] == 0.0 for layer in layers)  # the loss used the initial ones
+    expected = [0.5 * (row[f"eval_keep_layer_{layer}"] - t) for layer, t in zip(layers, trainer.targets)]
+    torch.testing.assert_close(trainer.multipliers, torch.tensor(expected), atol=1e-5, rtol=0)
 
 
 # -- training -------------------------------------------------------------------------------------------------------
@@ -337,6 +390,9 @@ def test_cli_trains_and_the_result_evaluates(tmp_path, small_path):
         (lambda: GanPrunerConfig(num_hidden_layers=4, pruning_layers=[1, 4]), "pruning_layers"),
         (lambda: GanPrunerConfig(gumbel="hard"), "gumbel"),
         (lambda: GanTrainConfig(target_keep=(0.5, 0.3)), "target_keep"),
+        (lambda: GanTrainConfig(target_keep=(0.5, 0.3, 0.1), budget=128), "target_keep or budget"),
+        (lambda: GanTrainConfig(budget=0), "budget"),
+        (lambda: GanTrainConfig(budget_lr=-1.0), "budget_lr"),
         (lambda: GanTrainConfig(temperature=(0.99, 0.0)), "temperature"),
         (lambda: GanTrainConfig(steps=0), "steps"),
     ],

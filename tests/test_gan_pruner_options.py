@@ -200,9 +200,9 @@ def test_training_forward_with_options_equals_the_prefill(tmp_path, small_path, 
 def test_the_options_parameters_get_gradients_from_every_loss(small_path):  # noqa: F811
     trainer = GanTrainer.build(replace(SMOKE, attention_residual=True, token_merger=8), small_path)
     batch = trainer.batch(0)
-    real, fake, _, fake_pooled, _ = trainer.forwards(batch, 0, trainer.generator(0))
+    real, fake, _, fake_pooled, _, _ = trainer.forwards(batch, 0, trainer.generator(0))
     assert [k.shape for k in fake.keep] == [(SMOKE.batch_size, 8)] * 3  # the stages act on the merged tokens
-    terms = train_module.loss_terms(real, fake, fake_pooled, batch, trainer.discriminator, trainer.config)
+    terms = train_module.loss_terms(real, fake, fake_pooled, batch, trainer.discriminator, trainer.targets)
     new = {name: p for name, p in trainer.pruners.named_parameters() if "merger" in name or "attention_scale" in name}
     assert len(new) == 3 + 2 + 3 + 2  # scales of 3 stages; queries, keys (w, b), FiLM (w, b), norm (w, b)
     for term in LOSS_TERMS:

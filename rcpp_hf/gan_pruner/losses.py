@@ -53,3 +53,16 @@ def token_count_loss(keep: list[torch.Tensor]) -> torch.Tensor:
 def binarisation_loss(samples: list[torch.Tensor]) -> torch.Tensor:
     """mean m (1 - m) of the relaxed samples: 0 when every mask is 0 or 1. samples: per stage (B, V)."""
     return torch.stack([(m * (1 - m)).mean() for m in samples]).mean()
+
+
+def budget_loss(keep: list[torch.Tensor], targets: tuple[float, ...], multipliers: torch.Tensor) -> torch.Tensor:
+    """The Lagrangian term of "keep ratio = target": sum over stages of multiplier * (mean keep - target). keep: per
+    stage the evaluation's cumulative mask (B, V), binary with a straight-through gradient; multipliers (S,), no
+    gradient."""
+    return sum(m * (k.mean() - t) for k, t, m in zip(keep, targets, multipliers, strict=True))
+
+
+def dual_ascent(multipliers: torch.Tensor, keep_ratios: torch.Tensor, targets: tuple[float, ...], lr: float) -> torch.Tensor:
+    """The multipliers' update: each grows by lr * (keep ratio - target), so it rises while its stage keeps too many
+    tokens and falls (below 0 if need be) while it keeps too few. multipliers, keep_ratios (S,)."""
+    return multipliers + lr * (keep_ratios - torch.tensor(targets, dtype=keep_ratios.dtype, device=keep_ratios.device))

@@ -33,13 +33,15 @@ from tqdm.auto import tqdm
 from transformers import LlavaProcessor
 
 from rcpp_hf.engine.layout import first_true_columns
-from rcpp_hf.engine.pruning import REFERENCE_LAYERS, scale_layers
+from rcpp_hf.engine.pruning import REFERENCE_LAYERS, REFERENCE_VISUAL_TOKENS, scale_layers
 from rcpp_hf.gan_pruner.config import GUMBEL_MODES, GanPrunerConfig
 from rcpp_hf.gan_pruner.discriminator import Discriminator, pool_states
 from rcpp_hf.gan_pruner.forward import PrunedForward, gather_rows, pruned_forward
 from rcpp_hf.gan_pruner.losses import (
     adversarial_loss,
     binarisation_loss,
+    budget_loss,
+    dual_ascent,
     discriminator_loss,
     distillation_loss,
     sparsity_loss,
@@ -47,6 +49,7 @@ from rcpp_hf.gan_pruner.losses import (
 )
 from rcpp_hf.gan_pruner.pruner import GanLayerPruners, gumbel_keep_mask
 from rcpp_hf.gan_pruner.schedules import cosine_schedule
+from rcpp_hf.methods.pdrop import ratio_for_budget
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 from rcpp_hf.shapesworld.conversations import training_turns
 from rcpp_hf.shapesworld.train import batch_scenes, language_loss, training_batch
@@ -57,6 +60,8 @@ CURVES_FILE = "curves.jsonl"
 SUMMARY_FILE = "training.json"
 LOSS_TERMS = ("task", "adversarial", "distillation", "sparsity", "token_count", "binarisation")
 VARIABLE_LENGTH = ("pruning_layers", "discriminator_layers", "target_keep")  # list settings that are not pairs
+OPTIONAL_TYPES = {"target_keep": float, "budget": int}  # settings whose default is None
+SEED_TARGET_KEEP = (0.5, 0.3, 0.15)
 UNDECIDED = (0.1, 0.9)  # a relaxed mask in this open interval has not decided yet
 
 
@@ -67,7 +72,17 @@ class GanTrainConfig:
 
     pruning_layers: before which layers the pruners act (the seed: 6 / 12 / 18 of 32).
     discriminator_layers: decoder layers whose output text states the discriminator reads.
-    target_keep: per stage, the cumulative share of the image's visual tokens kept from its layer on.
+    target_keep: per stage, the cumulative share of the image's visual tokens kept from its layer on; None: from
+        `budget`, or the seed's (0.5, 0.3, 0.15) without one.
+    budget: the registry's budget instead (visual tokens per decoder layer on average, of 576, e.g. 128): the targets
+        are PyramidDrop's lambda, lambda^2, lambda^3 with lambda solved for it at the scaled pruning layers
+        (`methods/pdrop.ratio_for_budget`), so that the rows of the comparison are at one budget convention.
+    budget_lr: step size of the budget multipliers (one per stage, dual ascent; 0: off). The seed's squared sparsity
+        term acts on training's noisy masks and is outweighed by the task and adversarial terms near its target: the
+        first runs ended 0.1-0.5 away from their targets, with evaluation counts unrelated to the budget. A multiplier
+        grows while the evaluation's masks (logit > 0, no noise) keep more than the target and shrinks while they
+        keep less, and multiplies their straight-through keep ratio in the loss, so the hard count is held to the
+        target whatever the other terms weigh (a Lagrangian relaxation of "keep ratio = target").
     gumbel_noise: factor on the Gumbel (logistic) noise of the masks, (start, end). The seed anneals only the
         temperature, which leaves straight-through masks' forward unchanged (logit + noise > 0 at any temperature);
         with the noise constant, a run on the 12-layer ShapesWorld model (budget 128) learned logits near 0 for most
@@ -85,7 +100,8 @@ class GanTrainConfig:
     batch_size: int = 8
     pruning_layers: tuple[int, ...] = (6, 12, 18)
     discriminator_layers: tuple[int, ...] = (15, 23, 31)
-    target_keep: tuple[float, ...] = (0.5, 0.3, 0.15)
+    target_keep: tuple[float, ...] | None = None
+    budget: int | None = None
     pruner_hidden: int = 512
     pruner_heads: int = 4
     gumbel: str = "straight_through"
@@ -106,6 +122,7 @@ class GanTrainConfig:
     binarisation_weight: tuple[float, float] = (0.0, 1.0)
     noise_scale: tuple[float, float] = (0.05, 0.01)
     pool_weight: tuple[float, float] = (0.3, 1.0)
+    budget_lr: float = 1.0
     save_every: int = 50
 
     def __post_init__(self):
@@ -122,10 +139,17 @@ class GanTrainConfig:
         for name in ("lr", "discriminator_lr", "max_grad_norm"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if len(self.target_keep) != len(self.pruning_layers):
-            raise ValueError(f"target_keep needs one value per pruning layer ({len(self.pruning_layers)}), got {self.target_keep}")
-        if not all(0 < t <= 1 for t in self.target_keep) or list(self.target_keep) != sorted(self.target_keep, reverse=True):
-            raise ValueError(f"target_keep must lie in (0, 1] and not increase, got {self.target_keep}")
+        if self.target_keep is not None and self.budget is not None:
+            raise ValueError("give target_keep or budget, not both")
+        if self.budget is not None and not 1 <= self.budget <= REFERENCE_VISUAL_TOKENS:
+            raise ValueError(f"budget must lie in [1, {REFERENCE_VISUAL_TOKENS}] (visual tokens of 576), got {self.budget}")
+        if self.target_keep is not None:
+            if len(self.target_keep) != len(self.pruning_layers):
+                raise ValueError(f"target_keep needs one value per pruning layer ({len(self.pruning_layers)}), got {self.target_keep}")
+            if not all(0 < t <= 1 for t in self.target_keep) or list(self.target_keep) != sorted(self.target_keep, reverse=True):
+                raise ValueError(f"target_keep must lie in (0, 1] and not increase, got {self.target_keep}")
+        if self.budget_lr < 0:
+            raise ValueError(f"budget_lr must be >= 0, got {self.budget_lr}")
         if not self.discriminator_layers:
             raise ValueError("discriminator_layers must name at least one layer")
         if self.gumbel not in GUMBEL_MODES:
@@ -136,6 +160,25 @@ class GanTrainConfig:
                 raise ValueError(f"{name} must be a (start, end) pair of non-negative numbers, got {pair}")
         if min(self.temperature) <= 0:
             raise ValueError(f"temperature must stay > 0, got {self.temperature}")
+
+
+def keep_targets(config: GanTrainConfig, stage_layers: tuple[int, ...], num_layers: int) -> tuple[float, ...]:
+    """Per stage, the cumulative keep ratio to train toward on a decoder of `num_layers` whose pruning layers are
+    `stage_layers` (scaled): `config.target_keep`, or solved for `config.budget`. An unreachable budget (below what
+    the layers before the first stage already spend) raises ValueError."""
+    if config.target_keep is not None:
+        return config.target_keep
+    if config.budget is None:
+        return SEED_TARGET_KEEP
+    fraction = config.budget / REFERENCE_VISUAL_TOKENS
+    if fraction <= stage_layers[0] / num_layers:
+        raise ValueError(
+            f"budget {config.budget} of {REFERENCE_VISUAL_TOKENS} is unreachable with pruning layers {stage_layers} of "
+            f"{num_layers}: the {stage_layers[0]} unpruned layers before the first stage alone average "
+            f"{REFERENCE_VISUAL_TOKENS * stage_layers[0] / num_layers:.0f}; prune earlier (--pruning-layers)"
+        )
+    ratio = ratio_for_budget(fraction, stage_layers, num_layers)
+    return tuple(ratio ** (s + 1) for s in range(len(stage_layers)))
 
 
 def scale_state_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
@@ -181,7 +224,7 @@ def loss_terms(
     fake_pooled: list[torch.Tensor],
     batch: dict,
     discriminator: Discriminator,
-    config: GanTrainConfig,
+    targets: tuple[float, ...],
 ) -> dict[str, torch.Tensor]:
     """The generator's loss terms, unweighted; the discriminator is read, not trained: its parameters get no
     gradient, and in eval mode its spectral norms' power iteration does not advance."""
@@ -194,7 +237,7 @@ def loss_terms(
         "task": language_loss(fake.logits, batch["labels"], batch["loss_weights"]),
         "adversarial": adversarial,
         "distillation": distillation_loss(fake.logits, real.logits, batch["labels"], batch["loss_weights"]),
-        "sparsity": sparsity_loss(fake.keep, config.target_keep),
+        "sparsity": sparsity_loss(fake.keep, targets),
         "token_count": token_count_loss(fake.keep),
         "binarisation": binarisation_loss(fake.samples),
     }
@@ -231,6 +274,8 @@ class GanTrainer:
     pruner_optimizer: torch.optim.Optimizer
     discriminator_optimizer: torch.optim.Optimizer
     accelerator: Accelerator
+    targets: tuple[float, ...]  # per stage, the cumulative keep ratio trained toward (`keep_targets`)
+    multipliers: torch.Tensor  # (S,) the budget multipliers, 0 at the start
 
     @classmethod
     def build(cls, config: GanTrainConfig, model_dir: str | Path, accelerator: Accelerator | None = None) -> "GanTrainer":
@@ -251,11 +296,13 @@ class GanTrainer:
         layers = scale_state_layers(config.discriminator_layers, text.num_hidden_layers)
         discriminator = Discriminator(text.hidden_size, len(layers), config.discriminator_width, config.spectral_norm)
         discriminator = discriminator.to(accelerator.device).train()
+        stage_layers = tuple(pruners.config.pruning_layers)
         return cls(
             config, model, processor, pruners, discriminator,
             torch.optim.AdamW(pruners.parameters(), lr=config.lr, betas=(0.5, 0.999)),
             torch.optim.AdamW(discriminator.parameters(), lr=config.discriminator_lr, betas=(0.5, 0.999)),
-            accelerator,
+            accelerator, keep_targets(config, stage_layers, text.num_hidden_layers),
+            torch.zeros(len(stage_layers), device=accelerator.device),
         )  # fmt: skip
 
     @property
@@ -279,13 +326,18 @@ class GanTrainer:
         return torch.Generator(device=self.accelerator.device).manual_seed(seed)
 
     def forwards(self, batch: dict, step: int, generator: torch.Generator):
-        """Real (unpruned, no gradient) and fake (pruned) forwards, their pooled text states, the temperature."""
+        """Real (unpruned, no gradient) and fake (pruned) forwards, their pooled text states, the temperature, and
+        per stage the evaluation's cumulative masks of the fake forward's logits (B, V) (logit > 0, no noise;
+        straight-through gradient)."""
         temperature = cosine_schedule(*self.config.temperature, step, self.config.steps)
         noise_scale = cosine_schedule(*self.config.gumbel_noise, step, self.config.steps)
         straight_through = self.pruners.config.gumbel == "straight_through"
+        evaluation_keep = []
 
         def stage_masks(stage, visual, question, question_valid, attention):
             logits = self.pruners(stage, visual, question, question_valid, attention)
+            mask = gumbel_keep_mask(logits, temperature, None)[0]
+            evaluation_keep.append(mask if not evaluation_keep else evaluation_keep[-1] * mask)
             return gumbel_keep_mask(logits, temperature, generator, straight_through, noise_scale)
 
         with torch.no_grad():
@@ -294,13 +346,20 @@ class GanTrainer:
                               self.pruners.merger, self.pruners.config.attention_residual)  # fmt: skip
         real_pooled = pooled_text_states(real, batch["text_mask"], self.state_layers, generator, self.config)
         fake_pooled = pooled_text_states(fake, batch["text_mask"], self.state_layers, generator, self.config)
-        return real, fake, real_pooled, fake_pooled, temperature
+        return real, fake, real_pooled, fake_pooled, temperature, evaluation_keep
 
-    def generator_step(self, batch, real, fake, fake_pooled, step: int) -> dict[str, torch.Tensor]:
-        """Update the pruners; the discriminator is unchanged. Returns the unweighted terms."""
-        terms = loss_terms(real, fake, fake_pooled, batch, self.discriminator, self.config)
+    def generator_step(self, batch, real, fake, fake_pooled, evaluation_keep, step: int) -> dict[str, torch.Tensor]:
+        """Update the pruners, then the budget multipliers; the discriminator is unchanged. Returns the unweighted
+        terms."""
+        terms = loss_terms(real, fake, fake_pooled, batch, self.discriminator, self.targets)
         weights = loss_weights(self.config, step)
-        optimizer_step(self.accelerator, self.pruner_optimizer, sum(weights[t] * terms[t] for t in LOSS_TERMS), self.config)
+        loss = sum(weights[t] * terms[t] for t in LOSS_TERMS)
+        if self.config.budget_lr > 0:
+            loss = loss + budget_loss(evaluation_keep, self.targets, self.multipliers)
+        optimizer_step(self.accelerator, self.pruner_optimizer, loss, self.config)
+        ratios = torch.stack([k.detach().mean() for k in evaluation_keep])
+        ratios = self.accelerator.reduce(ratios, reduction="mean")  # every process holds the same multipliers
+        self.multipliers = dual_ascent(self.multipliers, ratios, self.targets, self.config.budget_lr)
         return terms
 
     def discriminator_step(self, real_pooled, fake_pooled) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -316,8 +375,9 @@ class GanTrainer:
         """One training step; returns its curve row."""
         batch = self.batch(step)
         generator = self.generator(step)
-        real, fake, real_pooled, fake_pooled, temperature = self.forwards(batch, step, generator)
-        terms = self.generator_step(batch, real, fake, fake_pooled, step)
+        real, fake, real_pooled, fake_pooled, temperature, evaluation_keep = self.forwards(batch, step, generator)
+        multipliers = self.multipliers  # the ones this step's loss used
+        terms = self.generator_step(batch, real, fake, fake_pooled, evaluation_keep, step)
         d_loss, real_logits, fake_logits = self.discriminator_step(real_pooled, fake_pooled)
         samples = torch.cat([s.detach().flatten() for s in fake.samples])
         local = {
@@ -327,8 +387,10 @@ class GanTrainer:
             "discriminator_accuracy_fake": (fake_logits < 0).float().mean(),
             "undecided_share": ((samples > UNDECIDED[0]) & (samples < UNDECIDED[1])).float().mean(),
             **{f"keep_layer_{layer}": k.detach().mean() for layer, k in zip(self.stage_layers, fake.keep)},
+            **{f"eval_keep_layer_{layer}": k.detach().mean() for layer, k in zip(self.stage_layers, evaluation_keep)},
         }
         row = {"step": step + 1, "temperature": round(temperature, 6)}
+        row.update({f"multiplier_layer_{layer}": round(float(m), 6) for layer, m in zip(self.stage_layers, multipliers)})
         for name, value in local.items():
             row[name] = round(float(self.accelerator.reduce(value.reshape(1), reduction="mean")), 6)
         return row
@@ -338,6 +400,7 @@ class GanTrainer:
             "pruners": self.pruners.state_dict(), "discriminator": self.discriminator.state_dict(),
             "pruner_optimizer": self.pruner_optimizer.state_dict(),
             "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
+            "multipliers": self.multipliers,
         }  # fmt: skip
 
     def load_state(self, state: dict) -> None:
@@ -345,6 +408,7 @@ class GanTrainer:
         self.discriminator.load_state_dict(state["discriminator"])
         self.pruner_optimizer.load_state_dict(state["pruner_optimizer"])
         self.discriminator_optimizer.load_state_dict(state["discriminator_optimizer"])
+        self.multipliers = state["multipliers"].to(self.multipliers.device)
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
@@ -359,11 +423,13 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         "task loss": ["task_loss"],
         "adversarial losses": ["adversarial_loss", "discriminator_loss"],
         "discriminator accuracy": ["discriminator_accuracy_real", "discriminator_accuracy_fake"],
-        "keep ratio per layer": [key for key in rows[0] if key.startswith("keep_layer_")],
+        "keep ratio per layer (training masks)": [key for key in rows[0] if key.startswith("keep_layer_")],
+        "keep ratio per layer (evaluation masks)": [key for key in rows[0] if key.startswith("eval_keep_layer_")],
+        "budget multipliers": [key for key in rows[0] if key.startswith("multiplier_layer_")],
         "undecided masks in (0.1, 0.9)": ["undecided_share"],
         "temperature": ["temperature"],
     }
-    figure, axes = plt.subplots(2, 3, figsize=(13, 7))
+    figure, axes = plt.subplots(2, 4, figsize=(17, 7))
     for axis, (title, keys) in zip(axes.flat, panels.items()):
         for key in keys:
             axis.plot(steps, [row[key] for row in rows], label=key)
@@ -423,7 +489,7 @@ def train(
         trainer.pruners.eval().save_pretrained(output_dir)
         plot_curves(rows, output_dir / "curves.png")
         seconds = time.perf_counter() - began
-        summary = {"config": asdict(config), "pruning_layers": list(trainer.stage_layers),
+        summary = {"config": asdict(config), "pruning_layers": list(trainer.stage_layers), "targets": list(trainer.targets),
                    "discriminator_layers": list(trainer.state_layers), "train_seconds": round(seconds, 1),
                    "seconds_per_step": round(seconds / config.steps, 3), "processes": accelerator.num_processes,
                    "torch_threads": torch.get_num_threads(), "last": rows[-1]}  # fmt: skip
@@ -439,7 +505,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-dir", required=True, help="where the pruners, curves and resumable state go")
     for name, value in asdict(GanTrainConfig()).items():
         flag = f"--{name.replace('_', '-')}"
-        if isinstance(value, bool):
+        if name in OPTIONAL_TYPES:
+            nargs = "+" if name in VARIABLE_LENGTH else None
+            parser.add_argument(flag, type=OPTIONAL_TYPES[name], nargs=nargs, default=value)
+        elif isinstance(value, bool):
             parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value, metavar="BOOL")
         elif isinstance(value, tuple):
             nargs = "+" if name in VARIABLE_LENGTH else len(value)  # the others are (start, end) pairs
