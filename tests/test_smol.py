@@ -288,3 +288,36 @@ def test_build_smol_command_checks_the_gguf_file_against_smollm2(tiny_gguf, delt
     with pytest.raises(ValueError, match="is not the expected model: block_count 2 \\(expected 30\\)"):
         main(["shapesworld", "build-smol", "--gguf", str(tiny_gguf), "--delta", str(delta_folder),
               "--output-dir", str(tmp_path / "out")])  # fmt: skip
+
+
+# --- the shipped delta -------------------------------------------------------------------------------------------
+
+
+def test_the_shipped_delta_is_small_trained_for_smollm2_and_fits_its_layout():
+    """The delta in the wheel, applied to SmolLM2-135M's layout (30 layers, width 576, 9 / 3 heads, MLP 1536) with
+    the embedded ShapesWorld vision tower, on the meta device: every tensor finds its module and shape."""
+    from transformers import LlamaConfig, LlavaConfig
+
+    from rcpp_hf.default_model import SHAPESWORLD_CHECKPOINT
+    from rcpp_hf.smol.build import SHIPPED_DELTA
+
+    assert sum(p.stat().st_size for p in SHIPPED_DELTA.iterdir()) <= 25 * 2**20
+    tensors, recipe = load_delta(SHIPPED_DELTA)
+    assert recipe.base_sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # the Q4_1 file
+    assert recipe.training["config"]["steps"] == 300 and all(torch.isfinite(t).all() for t in tensors.values())
+    assert len([n for n in tensors if n.endswith("lora_A")]) == 30 * len(recipe.targets)
+
+    vision = LlavaConfig.from_pretrained(SHAPESWORLD_CHECKPOINT)
+    text = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=49153, tie_word_embeddings=True)  # fmt: skip
+    config = LlavaConfig(vision_config=vision.vision_config, text_config=text, image_token_index=49152,
+                         image_seq_length=vision.image_seq_length, tie_word_embeddings=True,
+                         vision_feature_select_strategy=vision.vision_feature_select_strategy,
+                         vision_feature_layer=vision.vision_feature_layer)  # fmt: skip
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    on_meta = {name: t.to("meta") for name, t in tensors.items()}
+    apply_delta(model, on_meta, recipe)  # raises on any unknown module or shape mismatch
+    on_meta["lora.layers.0.mlp.up_proj.lora_B"] = torch.zeros(1000, recipe.rank, device="meta")
+    with pytest.raises(RuntimeError):
+        apply_delta(model, on_meta, recipe)

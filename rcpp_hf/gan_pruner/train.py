@@ -328,7 +328,7 @@ class GanTrainer:
     def forwards(self, batch: dict, step: int, generator: torch.Generator):
         """Real (unpruned, no gradient) and fake (pruned) forwards, their pooled text states, the temperature, and
         per stage the evaluation's cumulative masks of the fake forward's logits (B, V) (logit > 0, no noise;
-        straight-through gradient)."""
+        straight-through gradient to that stage's logits)."""
         temperature = cosine_schedule(*self.config.temperature, step, self.config.steps)
         noise_scale = cosine_schedule(*self.config.gumbel_noise, step, self.config.steps)
         straight_through = self.pruners.config.gumbel == "straight_through"
@@ -337,7 +337,9 @@ class GanTrainer:
         def stage_masks(stage, visual, question, question_valid, attention):
             logits = self.pruners(stage, visual, question, question_valid, attention)
             mask = gumbel_keep_mask(logits, temperature, None)[0]
-            evaluation_keep.append(mask if not evaluation_keep else evaluation_keep[-1] * mask)
+            # Earlier stages detached: each multiplier moves its own stage's logits only (else a later stage that
+            # keeps too many pushes the earlier ones down against their own multipliers).
+            evaluation_keep.append(mask if not evaluation_keep else evaluation_keep[-1].detach() * mask)
             return gumbel_keep_mask(logits, temperature, generator, straight_through, noise_scale)
 
         with torch.no_grad():
