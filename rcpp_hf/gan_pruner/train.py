@@ -47,7 +47,7 @@ from rcpp_hf.gan_pruner.losses import (
     sparsity_loss,
     token_count_loss,
 )
-from rcpp_hf.gan_pruner.pruner import GanLayerPruners, gumbel_keep_mask
+from rcpp_hf.gan_pruner.pruner import GanLayerPruners, evaluation_keep_mask, gumbel_keep_mask
 from rcpp_hf.gan_pruner.schedules import cosine_schedule
 from rcpp_hf.methods.pdrop import ratio_for_budget
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
@@ -327,8 +327,8 @@ class GanTrainer:
 
     def forwards(self, batch: dict, step: int, generator: torch.Generator):
         """Real (unpruned, no gradient) and fake (pruned) forwards, their pooled text states, the temperature, and
-        per stage the evaluation's cumulative masks of the fake forward's logits (B, V) (logit > 0, no noise;
-        straight-through gradient to that stage's logits)."""
+        per stage the evaluation's cumulative masks of the fake forward's logits (B, V) (`evaluation_keep_mask`:
+        logit > 0, no noise, gradient to that stage's logits only)."""
         temperature = cosine_schedule(*self.config.temperature, step, self.config.steps)
         noise_scale = cosine_schedule(*self.config.gumbel_noise, step, self.config.steps)
         straight_through = self.pruners.config.gumbel == "straight_through"
@@ -336,7 +336,7 @@ class GanTrainer:
 
         def stage_masks(stage, visual, question, question_valid, attention):
             logits = self.pruners(stage, visual, question, question_valid, attention)
-            mask = gumbel_keep_mask(logits, temperature, None)[0]
+            mask = evaluation_keep_mask(logits)
             # Earlier stages detached: each multiplier moves its own stage's logits only (else a later stage that
             # keeps too many pushes the earlier ones down against their own multipliers).
             evaluation_keep.append(mask if not evaluation_keep else evaluation_keep[-1].detach() * mask)
