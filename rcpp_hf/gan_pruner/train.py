@@ -77,7 +77,7 @@ class GanTrainConfig:
     budget: the registry's budget instead (visual tokens per decoder layer on average, of 576, e.g. 128): the targets
         are PyramidDrop's lambda, lambda^2, lambda^3 with lambda solved for it at the scaled pruning layers
         (`methods/pdrop.ratio_for_budget`), so that the rows of the comparison are at one budget convention.
-    budget_lr: step size of the budget multipliers (one per stage, dual ascent; 0: off). The seed's squared sparsity
+    budget_lr: step size of the budget multipliers (one per stage, dual ascent on the relative error; 0: off). The seed's squared sparsity
         term acts on training's noisy masks and is outweighed by the task and adversarial terms near its target: the
         first runs ended 0.1-0.5 away from their targets, with evaluation counts unrelated to the budget. A multiplier
         grows while the evaluation's masks (logit > 0, no noise) keep more than the target and shrinks while they
@@ -122,7 +122,7 @@ class GanTrainConfig:
     binarisation_weight: tuple[float, float] = (0.0, 1.0)
     noise_scale: tuple[float, float] = (0.05, 0.01)
     pool_weight: tuple[float, float] = (0.3, 1.0)
-    budget_lr: float = 1.0
+    budget_lr: float = 0.2
     save_every: int = 50
 
     def __post_init__(self):
