@@ -311,8 +311,10 @@ def test_budget_term_and_dual_ascent_by_hand():
     keep = [torch.tensor([[1.0, 1.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]])]
     multipliers = torch.tensor([2.0, -1.0])
     assert budget_loss(keep, (0.25, 0.5), multipliers).item() == pytest.approx(2 * 0.25 - 1 * -0.25)
-    updated = dual_ascent(multipliers, torch.tensor([0.5, 0.25]), (0.25, 0.5), lr=0.4)
-    torch.testing.assert_close(updated, torch.tensor([2.4, -1.2]))  # too many kept: up; too few: down (relative)
+    updated = dual_ascent(multipliers, torch.tensor([0.3, 0.25]), (0.25, 0.5), lr=0.4, bound=10.0)
+    torch.testing.assert_close(updated, torch.tensor([2.08, -1.2]))  # too many kept: up; too few: down (relative)
+    updated = dual_ascent(multipliers, torch.tensor([1.0, 0.0]), (0.01, 0.5), lr=0.4, bound=2.2)
+    torch.testing.assert_close(updated, torch.tensor([2.2, -1.4]))  # relative error clipped to 1, multiplier to 2.2
 
 
 def test_a_positive_multiplier_pushes_the_evaluation_masks_toward_dropping():
@@ -340,7 +342,7 @@ def test_a_step_moves_the_multipliers_by_the_evaluation_masks_keep_ratio(small_p
     row = trainer.step(0)
     layers = trainer.stage_layers
     assert all(row[f"multiplier_layer_{layer}"] == 0.0 for layer in layers)  # the loss used the initial ones
-    expected = [0.5 * (row[f"eval_keep_layer_{layer}"] - t) / t for layer, t in zip(layers, trainer.targets)]
+    expected = [0.5 * min(max((row[f"eval_keep_layer_{layer}"] - t) / t, -1), 1) for layer, t in zip(layers, trainer.targets)]
     torch.testing.assert_close(trainer.multipliers, torch.tensor(expected), atol=1e-5, rtol=0)
 
 
@@ -394,6 +396,7 @@ def test_cli_trains_and_the_result_evaluates(tmp_path, small_path):
         (lambda: GanTrainConfig(target_keep=(0.5, 0.3, 0.1), budget=128), "target_keep or budget"),
         (lambda: GanTrainConfig(budget=0), "budget"),
         (lambda: GanTrainConfig(budget_lr=-1.0), "budget_lr"),
+        (lambda: GanTrainConfig(budget_bound=0.0), "budget_bound"),
         (lambda: GanTrainConfig(temperature=(0.99, 0.0)), "temperature"),
         (lambda: GanTrainConfig(steps=0), "steps"),
     ],

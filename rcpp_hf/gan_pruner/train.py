@@ -77,7 +77,8 @@ class GanTrainConfig:
     budget: the registry's budget instead (visual tokens per decoder layer on average, of 576, e.g. 128): the targets
         are PyramidDrop's lambda, lambda^2, lambda^3 with lambda solved for it at the scaled pruning layers
         (`methods/pdrop.ratio_for_budget`), so that the rows of the comparison are at one budget convention.
-    budget_lr: step size of the budget multipliers (one per stage, dual ascent on the relative error; 0: off). The seed's squared sparsity
+    budget_lr, budget_bound: step size and bound of the budget multipliers (one per stage, dual ascent on the relative
+        error clipped to [-1, 1], the multipliers to [-bound, bound]: `losses.dual_ascent`; budget_lr 0: off). The seed's squared sparsity
         term acts on training's noisy masks and is outweighed by the task and adversarial terms near its target: the
         first runs ended 0.1-0.5 away from their targets, with evaluation counts unrelated to the budget. A multiplier
         grows while the evaluation's masks (logit > 0, no noise) keep more than the target and shrinks while they
@@ -122,7 +123,8 @@ class GanTrainConfig:
     binarisation_weight: tuple[float, float] = (0.0, 1.0)
     noise_scale: tuple[float, float] = (0.05, 0.01)
     pool_weight: tuple[float, float] = (0.3, 1.0)
-    budget_lr: float = 0.2
+    budget_lr: float = 2.0
+    budget_bound: float = 10.0
     save_every: int = 50
 
     def __post_init__(self):
@@ -148,8 +150,8 @@ class GanTrainConfig:
                 raise ValueError(f"target_keep needs one value per pruning layer ({len(self.pruning_layers)}), got {self.target_keep}")
             if not all(0 < t <= 1 for t in self.target_keep) or list(self.target_keep) != sorted(self.target_keep, reverse=True):
                 raise ValueError(f"target_keep must lie in (0, 1] and not increase, got {self.target_keep}")
-        if self.budget_lr < 0:
-            raise ValueError(f"budget_lr must be >= 0, got {self.budget_lr}")
+        if self.budget_lr < 0 or self.budget_bound <= 0:
+            raise ValueError(f"budget_lr must be >= 0 and budget_bound > 0, got {self.budget_lr}, {self.budget_bound}")
         if not self.discriminator_layers:
             raise ValueError("discriminator_layers must name at least one layer")
         if self.gumbel not in GUMBEL_MODES:
@@ -361,7 +363,7 @@ class GanTrainer:
         optimizer_step(self.accelerator, self.pruner_optimizer, loss, self.config)
         ratios = torch.stack([k.detach().mean() for k in evaluation_keep])
         ratios = self.accelerator.reduce(ratios, reduction="mean")  # every process holds the same multipliers
-        self.multipliers = dual_ascent(self.multipliers, ratios, self.targets, self.config.budget_lr)
+        self.multipliers = dual_ascent(self.multipliers, ratios, self.targets, self.config.budget_lr, self.config.budget_bound)
         return terms
 
     def discriminator_step(self, real_pooled, fake_pooled) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
