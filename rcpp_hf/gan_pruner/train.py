@@ -123,7 +123,7 @@ class GanTrainConfig:
     binarisation_weight: tuple[float, float] = (0.0, 1.0)
     noise_scale: tuple[float, float] = (0.05, 0.01)
     pool_weight: tuple[float, float] = (0.3, 1.0)
-    budget_lr: float = 2.0
+    budget_lr: float = 0.2
     budget_bound: float = 10.0
     save_every: int = 50
 
