@@ -216,6 +216,27 @@ def test_hard_mode_drops_tokens_and_shortens_the_cache(small_path, pruner_path):
         assert max(record.details["mask_kept"]) == record.kept or record.kept == 1
 
 
+def test_top_k_mode_keeps_the_trained_share_by_logit(tmp_path, small_path, pruner_path):
+    """Every row keeps exactly round(target * 16) tokens per stage, the highest-logit ones; pruners without trained
+    targets are refused."""
+    with pytest.raises(ValueError, match="target_keep"):
+        GanPruner(pruner_path=str(pruner_path), mode="top_k")
+    pruners = GanLayerPruners.from_pretrained(pruner_path)
+    pruners.config.target_keep = [0.5, 0.25, 0.1]
+    pruners.save_pretrained(tmp_path)
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(small_path, dtype=torch.float32).eval()
+    processor = LlavaProcessor.from_pretrained(small_path)
+    prompts = [llava_prompt("Is there a red circle in the image?"), llava_prompt("Describe the image.")]
+    inputs = processor(images=[render_scene(sample_scene(0, i)) for i in range(2)], text=prompts, return_tensors="pt",
+                       padding=True)  # fmt: skip
+    config = RCPPGenerationConfig(rcpp=False, methods=[GanPruner(pruner_path=str(tmp_path), mode="top_k")],
+                                  max_new_tokens=1, do_sample=False, return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(**inputs, generation_config=config)
+    assert [(record.layer, record.kept) for record in out.pruning] == [(1, 8), (2, 4), (3, 2)]
+    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert lengths[0] - lengths[-1] == 16 - 2
+
+
 def test_wrong_width_or_depth_is_a_clear_error(tmp_path, small_path, rcpp_model, batch2):
     for name, settings, message in (("wide", dict(hidden_size=48, num_hidden_layers=4), "width 48"),
                                     ("deep", dict(hidden_size=64, num_hidden_layers=6), "6 layers")):  # fmt: skip
@@ -421,6 +442,15 @@ def test_matched_controls_take_the_pruners_measured_counts(tmp_path, small_path,
     assert methods[""].pruner_path == str(pruner_path.resolve())
     assert methods["_random"].layers == (1, 2, 3) and methods["_random"].keep == tuple(round(k) for k in kept)
     assert methods["_fastv"].layer == 1 and methods["_fastv"].budget == round(counts["visual_tokens_per_layer"])
+    # In top_k mode the counts are the trained shares exactly, and the files say so.
+    pruners = GanLayerPruners.from_pretrained(pruner_path)
+    pruners.config.target_keep = [0.5, 0.25, 0.1]
+    pruners.save_pretrained(tmp_path / "trained")
+    counts = write_presets(small_path, tmp_path / "trained", tmp_path / "top_k", seed=1, num_images=1, progress=False,
+                           mode="top_k")  # fmt: skip
+    assert counts["mean_kept"] == [8, 4, 2] and (tmp_path / "top_k" / "counts_top_k.json").is_file()
+    assert load_method(str(tmp_path / "top_k" / "trained_top_k.yaml")).mode == "top_k"
+    assert load_method(str(tmp_path / "top_k" / "trained_top_k_random.yaml")).keep == (8, 4, 2)
     # Rounding never lets a later stage keep more than an earlier one.
     assert matched_baselines({"layers": [1, 2], "mean_kept": [3.4, 3.6], "visual_tokens_per_layer": 5.0})[
         "random"].keep == (3, 3)

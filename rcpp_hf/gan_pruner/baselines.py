@@ -8,7 +8,9 @@ so the count is exactly the masks' count) and the kept tokens per stage are aver
     of `engine/pruning.py`): an attention ranking at the same compute.
 Each is written as a registry preset beside the GAN pruner's own, named after the pruners' folder (`gan_128.yaml`,
 `gan_128_random.yaml`, `gan_128_fastv.yaml` for pruners in `gan_128/`), for `rcpp-hf shapesworld compare --configs
-...`, which names its rows after the files.
+...`, which names its rows after the files. `--mode top_k` does the same for the pruners' "top_k" mode (exactly the
+trained share per stage; the files get `_top_k` after the folder's name): there the counts are known in advance, and
+a few prompts measure them.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ def matching_prompts(seed: int, num_images: int) -> list[tuple[object, str]]:
 
 
 @torch.inference_mode()
-def measure_counts(model_dir: str | Path, pruner_path: str | Path, seed: int, num_images: int, progress: bool = True) -> dict:
-    """Mean visual tokens kept per stage over `matching_prompts`, each prefilled alone; also the mean visual tokens
-    per decoder layer (the equivalent budget) and the share of the image that number is."""
+def measure_counts(model_dir: str | Path, pruner_path: str | Path, seed: int, num_images: int, progress: bool = True,
+                   mode: str = "hard") -> dict:  # fmt: skip
+    """Mean visual tokens kept per stage over `matching_prompts`, each prefilled alone, with the pruners in `mode`;
+    also the mean visual tokens per decoder layer (the equivalent budget)."""
     model = RCPPLlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
-    method = GanPruner(pruner_path=str(pruner_path))
+    method = GanPruner(pruner_path=str(pruner_path), mode=mode)
     config = RCPPGenerationConfig(rcpp=False, methods=[method], max_new_tokens=1, do_sample=False,
                                   return_dict_in_generate=True)  # fmt: skip
     num_layers = model.config.text_config.num_hidden_layers
@@ -77,15 +80,17 @@ def matched_baselines(counts: dict, seed: int = 0) -> dict[str, object]:
 
 
 def write_presets(model_dir, pruner_path, output_dir, seed: int = VALIDATION_SEED, num_images: int = 50,
-                  progress: bool = True) -> dict:  # fmt: skip
-    """Measure, then write `counts.json` and the three presets (`<label>.yaml`, `<label>_random.yaml`,
-    `<label>_fastv.yaml`, label = the pruners' folder name) into `output_dir`; returns the counts."""
+                  progress: bool = True, mode: str = "hard") -> dict:  # fmt: skip
+    """Measure, then write `counts.json` (`counts_top_k.json` in "top_k" mode) and the three presets
+    (`<label>.yaml`, `<label>_random.yaml`, `<label>_fastv.yaml`, label = the pruners' folder name, plus `_top_k` in
+    that mode) into `output_dir`; returns the counts."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    counts = measure_counts(model_dir, pruner_path, seed, num_images, progress)
-    (output_dir / COUNTS_FILE).write_text(json.dumps(counts, indent=1) + "\n")
-    label = Path(pruner_path).resolve().name
-    GanPruner(pruner_path=str(Path(pruner_path).resolve())).to_yaml(output_dir / f"{label}.yaml")
+    counts = measure_counts(model_dir, pruner_path, seed, num_images, progress, mode)
+    suffix = "" if mode == "hard" else f"_{mode}"
+    (output_dir / f"{Path(COUNTS_FILE).stem}{suffix}.json").write_text(json.dumps(counts, indent=1) + "\n")
+    label = Path(pruner_path).resolve().name + suffix
+    GanPruner(pruner_path=str(Path(pruner_path).resolve()), mode=mode).to_yaml(output_dir / f"{label}.yaml")
     for name, method in matched_baselines(counts).items():
         method.to_yaml(output_dir / f"{label}_{name}.yaml")
     return counts
@@ -99,11 +104,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-dir", required=True, help="where counts.json and the three presets go")
     parser.add_argument("--seed", type=int, default=VALIDATION_SEED, help="world seed of the prompts (validation: 1)")
     parser.add_argument("--num-images", type=int, default=50)
+    parser.add_argument("--mode", choices=("hard", "top_k"), default="hard", help="the pruners' evaluation mode")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    counts = write_presets(args.model, args.pruners, args.output_dir, args.seed, args.num_images)
+    counts = write_presets(args.model, args.pruners, args.output_dir, args.seed, args.num_images, mode=args.mode)
     print(f"kept per stage (layers {counts['layers']}): {[round(k, 1) for k in counts['mean_kept']]} of "
           f"{counts['num_visual']}; visual tokens per layer {counts['visual_tokens_per_layer']:.1f}; presets in {args.output_dir}")
     return 0

@@ -22,6 +22,8 @@ class GanPrunerConfig(PretrainedConfig):
             question's attention to the token at the pruning layer, relative to uniform (`attention_residual.py`).
         token_merger: M > 0: a token merger (the seed's V3, `merger.py`) replaces the image's visual tokens by M
             merged ones before the first decoder layer, and the pruners act on those; 0: off.
+        target_keep: per pruning layer, the cumulative keep ratio the pruners were trained toward (written by
+            training; the evaluation's "top_k" mode keeps exactly that share); None: unknown.
     """
 
     model_type = "rcpp_gan_pruner"
@@ -37,6 +39,7 @@ class GanPrunerConfig(PretrainedConfig):
         gumbel: str = "straight_through",
         attention_residual: bool = False,
         token_merger: int = 0,
+        target_keep: list[float] | tuple[float, ...] | None = None,
         **kwargs,
     ):
         pruning_layers = [int(layer) for layer in pruning_layers]
@@ -68,5 +71,12 @@ class GanPrunerConfig(PretrainedConfig):
         self.initial_keep_logit = float(initial_keep_logit)
         self.gumbel = gumbel
         self.attention_residual = attention_residual
+        if target_keep is not None:
+            target_keep = [float(t) for t in target_keep]
+            if len(target_keep) != len(pruning_layers) or not all(0 < t <= 1 for t in target_keep):
+                raise ValueError(
+                    f"GanPrunerConfig.target_keep = {target_keep!r}: must be None or one ratio in (0, 1] per pruning layer"
+                )
         self.token_merger = token_merger
+        self.target_keep = target_keep
         super().__init__(**kwargs)

@@ -15,7 +15,12 @@ takes the place and original position of visual token m * V // M), and the pruni
 attention residual, `score` recomputes the question's attention at the pruning layer from its hidden states, as the
 training forward does (`attention_residual.py`).
 
-Modes: "hard" (the above) and "origin" (no stage: the unpruned model, token-identical to vanilla decoding).
+Modes: "hard" (the above), "top_k" and "origin" (no stage: the unpruned model, token-identical to vanilla
+decoding). "top_k" keeps, at each pruning layer, exactly the share of the image the pruners were trained toward
+(`GanPrunerConfig.target_keep`, cumulative; round(share * V), at least 1) by keep logit: the pruners as a scorer at
+the training budget. It is ours, not the seed's: the learned threshold (logit > 0) does not hold the trained count on
+the 12-layer ShapesWorld model (see the README), so "hard" measures the pruners at whatever count they keep and
+"top_k" compares their ranking with FastV's and random pruning's at exactly the budget.
 `pruner_path` is a folder written by `GanLayerPruners.save_pretrained` (`rcpp-hf gan-pruner train`).
 """
 
@@ -36,7 +41,7 @@ from rcpp_hf.gan_pruner.merger import merge_columns
 from rcpp_hf.gan_pruner.pruner import GanLayerPruners
 from rcpp_hf.methods.registry import register_method
 
-GAN_PRUNER_MODES = ("hard", "origin")
+GAN_PRUNER_MODES = ("hard", "top_k", "origin")
 
 
 @lru_cache(maxsize=4)
@@ -50,7 +55,8 @@ def load_pruners(path: str, modified: float) -> GanLayerPruners:
 class GanPruner(PrefillPruner):
     """Args:
         pruner_path: folder of the trained pruners (config.json + model.safetensors); required in "hard" mode.
-        mode: "hard" (drop the tokens with mask <= 0.5 at each pruning layer) or "origin" (no pruning).
+        mode: "hard" (drop the tokens with mask <= 0.5 at each pruning layer), "top_k" (keep the trained share by
+            logit) or "origin" (no pruning).
     """
 
     name = "gan_pruner"
@@ -61,10 +67,12 @@ class GanPruner(PrefillPruner):
     def __post_init__(self):
         if self.mode not in GAN_PRUNER_MODES:
             self.fail("mode", f"must be one of {GAN_PRUNER_MODES}")
-        if self.mode == "hard" and self.pruner_path is None:
-            self.fail("pruner_path", "is required in mode 'hard' (a folder written by `rcpp-hf gan-pruner train`)")
+        if self.mode != "origin" and self.pruner_path is None:
+            self.fail("pruner_path", f"is required in mode {self.mode!r} (a folder written by `rcpp-hf gan-pruner train`)")
         if self.pruner_path is not None and not (Path(self.pruner_path) / "config.json").is_file():
             self.fail("pruner_path", "holds no config.json (a folder written by `rcpp-hf gan-pruner train`)")
+        if self.mode == "top_k" and self.pruners().config.target_keep is None:
+            self.fail("mode", "'top_k' needs the trained keep ratios (target_keep), which these pruners' config lacks")
 
     def pruners(self) -> GanLayerPruners:
         path = Path(self.pruner_path).resolve()
@@ -81,8 +89,11 @@ class GanPruner(PrefillPruner):
         merged = config.token_merger
         if merged > num_visual:
             self.fail("pruner_path", f"holds a token merger to {merged} tokens; this model's image has {num_visual}")
-        # keep is an upper bound (`selects_count`): how many stay is decided per batch by the masks.
-        stages = [PruneStage(layer=layer, keep=merged or num_visual) for layer in config.pruning_layers]
+        if self.mode == "top_k":
+            stages = [PruneStage(layer=layer, keep=max(1, round(share * (merged or num_visual))))
+                      for layer, share in zip(config.pruning_layers, config.target_keep)]  # fmt: skip
+        else:  # keep is an upper bound (`selects_count`): how many stay is decided per batch by the masks.
+            stages = [PruneStage(layer=layer, keep=merged or num_visual) for layer in config.pruning_layers]
         return [PruneStage(layer=0, keep=merged), *stages] if merged else stages
 
     def attention_layer(self, stage: PruneStage) -> int | None:
@@ -110,14 +121,15 @@ class GanPruner(PrefillPruner):
                            question_valid, attention)  # fmt: skip
 
     def select(self, ctx: PruneContext) -> torch.Tensor:
-        """Visual columns (B, k) with logit > 0, topped up per row with the next-best ones to the rows' maximum;
-        none at the merger's stage (layer 0), where `recycle` replaces every visual token."""
+        """Visual columns (B, k): in "hard" mode those with logit > 0, topped up per row with the next-best ones to
+        the rows' maximum; in "top_k" mode the stage's count by logit; none at the merger's stage (layer 0), where
+        `recycle` replaces every visual token."""
         if ctx.stage.layer == 0:
             return ctx.layout.visual_slots[:, :0]
         ctx.scores = self.score(ctx).float()
         kept = ctx.scores > 0
-        count = max(1, int(kept.sum(dim=1).max()))
         ctx.details["mask_kept"] = kept.sum(dim=1).tolist()  # per row, before the top-up
+        count = ctx.stage.keep if self.mode == "top_k" else max(1, int(kept.sum(dim=1).max()))
         return torch.topk(ctx.scores, count, dim=-1, sorted=False).indices
 
     def recycle(self, ctx: PruneContext, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -289,22 +289,21 @@ class GanTrainer:
         processor = LlavaProcessor.from_pretrained(model_dir)
         text = model.config.text_config
         torch.manual_seed(config.seed)
+        stage_layers = scale_layers(config.pruning_layers, text.num_hidden_layers)
+        targets = keep_targets(config, stage_layers, text.num_hidden_layers)
         pruners = GanLayerPruners(GanPrunerConfig(
-            hidden_size=text.hidden_size, num_hidden_layers=text.num_hidden_layers,
-            pruning_layers=scale_layers(config.pruning_layers, text.num_hidden_layers),
+            hidden_size=text.hidden_size, num_hidden_layers=text.num_hidden_layers, pruning_layers=stage_layers,
             pruner_hidden=config.pruner_hidden, pruner_heads=config.pruner_heads, gumbel=config.gumbel,
-            attention_residual=config.attention_residual, token_merger=config.token_merger,
+            attention_residual=config.attention_residual, token_merger=config.token_merger, target_keep=targets,
         )).to(accelerator.device).train()  # fmt: skip
         layers = scale_state_layers(config.discriminator_layers, text.num_hidden_layers)
         discriminator = Discriminator(text.hidden_size, len(layers), config.discriminator_width, config.spectral_norm)
         discriminator = discriminator.to(accelerator.device).train()
-        stage_layers = tuple(pruners.config.pruning_layers)
         return cls(
             config, model, processor, pruners, discriminator,
             torch.optim.AdamW(pruners.parameters(), lr=config.lr, betas=(0.5, 0.999)),
             torch.optim.AdamW(discriminator.parameters(), lr=config.discriminator_lr, betas=(0.5, 0.999)),
-            accelerator, keep_targets(config, stage_layers, text.num_hidden_layers),
-            torch.zeros(len(stage_layers), device=accelerator.device),
+            accelerator, targets, torch.zeros(len(stage_layers), device=accelerator.device),
         )  # fmt: skip
 
     @property
