@@ -77,13 +77,14 @@ class GanTrainConfig:
     budget: the registry's budget instead (visual tokens per decoder layer on average, of 576, e.g. 128): the targets
         are PyramidDrop's lambda, lambda^2, lambda^3 with lambda solved for it at the scaled pruning layers
         (`methods/pdrop.ratio_for_budget`), so that the rows of the comparison are at one budget convention.
-    budget_lr, budget_bound: step size and bound of the budget multipliers (one per stage, dual ascent on the relative
-        error clipped to [-1, 1], the multipliers to [-bound, bound]: `losses.dual_ascent`; budget_lr 0: off). The seed's squared sparsity
-        term acts on training's noisy masks and is outweighed by the task and adversarial terms near its target: the
-        first runs ended 0.1-0.5 away from their targets, with evaluation counts unrelated to the budget. A multiplier
-        grows while the evaluation's masks (logit > 0, no noise) keep more than the target and shrinks while they
-        keep less, and multiplies their straight-through keep ratio in the loss, so the hard count is held to the
-        target whatever the other terms weigh (a Lagrangian relaxation of "keep ratio = target").
+    budget_lr, budget_bound: step size and bound of the budget multipliers (one per stage, dual ascent on the
+        relative error clipped to [-1, 1], the multipliers kept in [-bound, bound]: `losses.dual_ascent`; budget_lr
+        0: off). The seed's squared sparsity term acts on training's noisy masks and is outweighed by the task and
+        adversarial terms near its target: the first runs ended 0.1-0.5 away from their targets, with evaluation
+        counts unrelated to the budget. A multiplier grows while the evaluation's masks (logit > 0, no noise) keep
+        more than the target and shrinks while they keep less, and multiplies their keep ratio in the loss (a
+        Lagrangian relaxation of "keep ratio = target"). On the 12-layer model it holds the counts while training's
+        masks are noisy, not after the noise has annealed (the README's GAN section).
     gumbel_noise: factor on the Gumbel (logistic) noise of the masks, (start, end). The seed anneals only the
         temperature, which leaves straight-through masks' forward unchanged (logit + noise > 0 at any temperature);
         with the noise constant, a run on the 12-layer ShapesWorld model (budget 128) learned logits near 0 for most
