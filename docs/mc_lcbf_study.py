@@ -173,7 +173,7 @@ def prefill(model, inputs, taps):
     layout = TokenLayout.prompt(positions, inputs["attention_mask"].bool(), inputs["input_ids"] == model.config.image_token_id)
     lm = model.model.language_model
     with torch.no_grad():
-        embeds = model._embed_prompt(inputs["input_ids"], {"pixel_values": inputs["pixel_values"]})
+        embeds = model.family.embed_prompt(inputs["input_ids"], {"pixel_values": inputs["pixel_values"]})
         hidden, _ = run_decoder(lm, embeds, layout, cache, [tap if not callable(tap) else tap(lm, cache) for tap in taps])
     return hidden[:, -1], cache, layout
 

@@ -1,40 +1,24 @@
-"""`RCPPGenerationConfig`: a `GenerationConfig` that also carries the settings of RCPP + DRCD."""
+"""`RCPPGenerationConfig`: a `GenerationConfig` that also carries the settings of RCPP + DRCD and the methods of the
+registry to run in `generate`."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from pathlib import Path
 
 import yaml
 from transformers import GenerationConfig
 
-from rcpp_hf.methods import check_compatible, load_method
+from rcpp_hf.methods import RCPP, MethodConfig, check_compatible, load_method
+from rcpp_hf.methods.rcpp import check_rcpp_settings
 from rcpp_hf.presets import read_yaml_mapping
 
-SCHEDULES = ("linear", "cosine", "step")
-TAU_MODES = ("absolute", "quantile", "std")
-# scoring_layers = None scores on the last min(4, L) decoder layers: the method note's "last 4 layers", and every
-# layer of a decoder shallower than that.
-DEFAULT_NUM_SCORING_LAYERS = 4
-
-# Field -> default. Kept in one table so __init__, validation, YAML and docs agree. tau and schedule come from the
-# issue-12 sweep on the ShapesWorld validation world (rule fixed before the run: the lowest CHAIR_I with recall within
-# 0.02 of greedy and POPE adversarial F1 not below greedy's; `rcpp_hf/shapesworld/sweep.py`); the rest are the method
-# note's values, which no other setting of the sweep beat under that rule.
+# Field -> default, in one table so that __init__, validation, YAML and docs agree: `rcpp`, the `rcpp` method's
+# settings (its defaults: `methods/rcpp.py`), and `methods`.
+RCPP_SETTINGS = tuple(f.name for f in dataclasses.fields(RCPP))
 RCPP_DEFAULTS: dict[str, object] = {
     "rcpp": True,
-    "gamma": 0.9,
-    "tau": -0.05,
-    "tau_mode": "absolute",
-    "lambda_start": 0.0,
-    "lambda_end": 0.5,
-    "keep_ratio_start": 1.0,
-    "keep_ratio_end": 0.5,
-    "schedule": "step",
-    "schedule_steps": 32,
-    "scoring_layers": None,
-    "plausibility_beta": None,
-    "first_token_action": False,
+    **{f.name: f.default for f in dataclasses.fields(RCPP)},
     "methods": (),
 }
 
@@ -70,7 +54,7 @@ class RCPPGenerationConfig(GenerationConfig):
             decode-sized forward, the first token comes from the fused logits with lambda = `lambda_end`, and the
             cache keeps the main row's entry for that token. Costs one extra single-token forward per `generate`
             call, none when N is empty or lambda_end is 0 (then tokens are vanilla's). It acts where a short answer
-            (POPE's yes / no) is decided; see `RCPPLlavaForConditionalGeneration._first_token_action`. lambda_end,
+            (POPE's yes / no) is decided; see `methods.rcpp.RCPPState.first_token_action`. lambda_end,
             not the schedule's start: the ramp eases the contrast in over a caption's first steps, while a short
             answer has this step alone (and at lambda_start's default 0 the action would do nothing). S is not
             updated by the extra forward.
@@ -81,61 +65,48 @@ class RCPPGenerationConfig(GenerationConfig):
 
     Neutral settings (`lambda_start = lambda_end = 0`, keep ratios 1, `tau = -1`, or `tau = 0` with "quantile")
     reproduce vanilla decoding token for token while still recording the scores.
+
+    The RCPP fields are the settings of the registry method "rcpp" (`methods.RCPP`): an `RCPP` config in `methods`
+    sets them (and turns `rcpp` on), so `RCPPGenerationConfig(methods=[load_method("rcpp", tau=0.1)])` is
+    `RCPPGenerationConfig(tau=0.1)`; giving RCPP's settings both ways raises. `active_methods()` lists what
+    `generate` runs.
     """
 
     def __init__(self, **kwargs):
-        for name, default in RCPP_DEFAULTS.items():
-            value = kwargs.pop(name, default)
-            if name == "methods":
-                value = tuple(load_method(spec) for spec in value)
+        methods = tuple(load_method(spec) for spec in kwargs.pop("methods", ()))
+        settings = {name: kwargs.pop(name) for name in RCPP_SETTINGS if name in kwargs}
+        rcpp = kwargs.pop("rcpp", RCPP_DEFAULTS["rcpp"])
+        listed = [method for method in methods if isinstance(method, RCPP)]
+        if listed:
+            if settings or len(listed) > 1:
+                raise ValueError(
+                    "RCPPGenerationConfig: RCPP + DRCD's settings are given more than once (as fields "
+                    f"{sorted(settings)} and as {len(listed)} 'rcpp' method(s)); give them once"
+                )
+            settings, rcpp = listed[0].settings(), True
+            methods = tuple(method for method in methods if not isinstance(method, RCPP))
+        self.rcpp = rcpp
+        for name in RCPP_SETTINGS:
+            value = settings.get(name, RCPP_DEFAULTS[name])
             setattr(self, name, tuple(value) if name == "scoring_layers" and value is not None else value)
+        self.methods = methods
         super().__init__(**kwargs)  # ends with self.validate()
+
+    def rcpp_method(self) -> RCPP | None:
+        """The `rcpp` method these fields describe, or None when `rcpp` is off."""
+        return RCPP(**{name: getattr(self, name) for name in RCPP_SETTINGS}) if self.rcpp else None
+
+    def active_methods(self) -> tuple[MethodConfig, ...]:
+        """What `generate` runs: `methods`, and RCPP + DRCD from the fields when `rcpp` is on."""
+        rcpp = self.rcpp_method()
+        return self.methods if rcpp is None else (*self.methods, rcpp)
 
     # -- validation --------------------------------------------------------------------------------------------
     def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
         super().validate(strict=strict, user_set_attributes=user_set_attributes)
-        self._validate_rcpp()
-
-    def _validate_rcpp(self) -> None:
-        def fail(field: str, why: str):
-            raise ValueError(f"RCPPGenerationConfig.{field} = {getattr(self, field)!r}: {why}")
-
         if not isinstance(self.rcpp, bool):
-            fail("rcpp", "must be True or False")
-        if not (isinstance(self.gamma, (int, float)) and 0.0 <= self.gamma < 1.0):
-            fail("gamma", "the EMA momentum must lie in [0, 1)")
-        if not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau)):
-            fail("tau", "must be a finite number")
-        if self.tau_mode not in TAU_MODES:
-            fail("tau_mode", f"must be one of {TAU_MODES}")
-        if self.tau_mode == "quantile" and not 0.0 <= self.tau <= 1.0:
-            fail("tau", "with tau_mode 'quantile' tau is a quantile of S and must lie in [0, 1]")
-        for field in ("lambda_start", "lambda_end"):
-            value = getattr(self, field)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                fail(field, "the contrast coefficient must be a finite number >= 0")
-        for field in ("keep_ratio_start", "keep_ratio_end"):
-            value = getattr(self, field)
-            if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
-                fail(field, "the kept fraction of visual tokens must lie in (0, 1]")
-        if self.keep_ratio_end > self.keep_ratio_start:
-            fail("keep_ratio_end", f"must not exceed keep_ratio_start = {self.keep_ratio_start} (evicted tokens "
-                                   "cannot come back)")
-        if self.schedule not in SCHEDULES:
-            fail("schedule", f"must be one of {SCHEDULES}")
-        if not (isinstance(self.schedule_steps, int) and self.schedule_steps >= 1):
-            fail("schedule_steps", "must be an integer >= 1")
-        layers = self.scoring_layers
-        if layers is not None and not (
-            len(layers) >= 1 and all(isinstance(i, int) for i in layers) and len(set(layers)) == len(layers)
-        ):
-            fail("scoring_layers", "must be None (the last min(4, L) layers) or a non-empty sequence of distinct "
-                                   "integers")
-        beta = self.plausibility_beta
-        if beta is not None and not (isinstance(beta, (int, float)) and 0.0 < beta <= 1.0):
-            fail("plausibility_beta", "must be None (off) or lie in (0, 1]")
-        if not isinstance(self.first_token_action, bool):
-            fail("first_token_action", "must be True or False")
+            raise ValueError(f"RCPPGenerationConfig.rcpp = {self.rcpp!r}: must be True or False")
+        check_rcpp_settings(self, "RCPPGenerationConfig")
         check_compatible(self.methods)
 
     # -- (de)serialisation -------------------------------------------------------------------------------------

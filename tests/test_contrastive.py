@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig
 
 from rcpp_hf import RCPPGenerationConfig
-from rcpp_hf.engine.contrastive import contrastive_fuse
+from rcpp_hf.methods.contrastive_decoder import contrastive_fuse
 from rcpp_hf.methods import SID, VCD, FastV, PlausibilityCutoff, load_method
 from rcpp_hf.methods.sid import LeastAttended
 from rcpp_hf.methods.vcd import diffusion_noise, forward_diffusion, vcd_noise_schedule

@@ -182,7 +182,7 @@ def test_binary_masks_in_training_equal_the_hard_dropped_forward(small_path, pru
         tap = PrefillPruningTap(GanPruner(pruner_path=str(pruner_path)), model.model.language_model, 16)
         layout = TokenLayout.prompt(batch["position_ids"], torch.ones_like(batch["input_ids"], dtype=torch.bool),
                                     batch["input_ids"] == model.config.image_token_id)  # fmt: skip
-        embeds = model._embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
+        embeds = model.family.embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
         hidden, _ = run_decoder(model.model.language_model, embeds, layout, VisualKVCache(config=model.config), [tap])
         hard = model.lm_head(hidden[:, -1]).float()
     kept = [record.kept for record in tap.records]

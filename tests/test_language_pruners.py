@@ -116,7 +116,7 @@ def test_sparsevlm_scores_equal_eager_attention(varied_tiny_path, batch2):
     eager = LlavaForConditionalGeneration.from_pretrained(varied_tiny_path, attn_implementation="eager").eval()
     with torch.no_grad():
         reference = eager(**batch2, output_attentions=True)
-        embeds = model._embed_prompt(batch2["input_ids"], {"pixel_values": batch2["pixel_values"]})
+        embeds = model.family.embed_prompt(batch2["input_ids"], {"pixel_values": batch2["pixel_values"]})
     layout = prompt_layout(model, batch2)
     rows, real = text_after_image(layout)
     dim = embeds.shape[-1]

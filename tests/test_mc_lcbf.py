@@ -124,7 +124,7 @@ def test_correction_is_in_the_layers_cached_keys_and_values(rcpp_model, batch2):
     tap = MCLCBF(layers=(2,), **STEER_ALL).tap(language_model, cache)
     layout = prompt_layout(rcpp_model, batch2)
     with torch.no_grad():
-        embeds = rcpp_model._embed_prompt(batch2["input_ids"], {"pixel_values": batch2["pixel_values"]})
+        embeds = rcpp_model.family.embed_prompt(batch2["input_ids"], {"pixel_values": batch2["pixel_values"]})
         run_decoder(language_model, embeds, layout, cache, [before, tap, after])
     layer = language_model.layers[2]
 
@@ -157,7 +157,7 @@ def steered_prefill(model, batch, method):
     cache = VisualKVCache(config=model.config)
     tap = method.tap(language_model, cache)
     with torch.no_grad():
-        embeds = model._embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
+        embeds = model.family.embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
         run_decoder(language_model, embeds, prompt_layout(model, batch), cache, [tap])
     return tap
 

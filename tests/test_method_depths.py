@@ -3,7 +3,7 @@ collapse onto each other on the first model's 4 layers and land on distinct laye
 
 from rcpp_hf.engine.pruning import scale_layers, scale_tokens
 from rcpp_hf.methods.registry import load_method
-from rcpp_hf.modeling import resolve_scoring_layers
+from rcpp_hf.methods.rcpp import resolve_scoring_layers
 
 NUM_VISUAL = 100  # the ShapesWorld image
 

@@ -31,7 +31,7 @@ def prompt_layout(model, batch):
 def prefill(model, batch, taps=()):
     cache = VisualKVCache(config=model.config)
     with torch.no_grad():
-        embeds = model._embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
+        embeds = model.family.embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
         hidden, layout = run_decoder(model.model.language_model, embeds, prompt_layout(model, batch), cache, list(taps))
     return hidden, layout, cache
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
-from rcpp_hf.modeling import resolve_scoring_layers
+from rcpp_hf.methods.rcpp import resolve_scoring_layers
 from rcpp_hf.tiny import save_tiny_llava
 from tests.conftest import GQA_SPEC, PROMPTS, active_config, make_images
 

@@ -173,7 +173,7 @@ def prefill_with_rcpp_tap(model, batch, layers):
     )
     tap = RCPPTap(sorted(layers))
     with torch.no_grad():
-        embeds = model._embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
+        embeds = model.family.embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
         hidden, _ = run_decoder(model.model.language_model, embeds, layout, VisualKVCache(config=model.config), [tap])
     return tap, hidden
 

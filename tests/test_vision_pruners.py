@@ -104,7 +104,7 @@ def test_recorded_cls_attention_equals_eager(varied_tiny_path, varied_model, bat
     assert layer == 0 and feature_attention_layer(-2, 24) == 22
     with torch.no_grad():
         reference = eager.model.vision_tower(batch2["pixel_values"], output_attentions=True).attentions[layer]
-        _, record = varied_model._record_vision(VisPruner(), batch2["input_ids"], pixels)
+        _, record = varied_model.family.encode_images_recorded(batch2["input_ids"], pixels, VisPruner())
     assert varied_model.model.vision_tower.config._attn_implementation == "sdpa"
     torch.testing.assert_close(record.cls_attention(), reference[:, :, 0, 1:], atol=1e-6, rtol=0)
     assert record.features.shape == (2, NUM_VISUAL, 32) and record.visual_keys().shape == (2, NUM_VISUAL, 8)
@@ -138,8 +138,8 @@ def test_visionzip_hands_projected_merged_features_at_the_targets(varied_model, 
     method = VisionZip(budget=6, contextual=2)
     with torch.no_grad():
         pixels = {"pixel_values": batch1["pixel_values"]}
-        encoded, vision = varied_model._record_vision(method, batch1["input_ids"], pixels)
-        embeds = varied_model._embed_prompt(batch1["input_ids"], {}, encoded)
+        encoded, vision = varied_model.family.encode_images_recorded(batch1["input_ids"], pixels, method)
+        embeds = varied_model.family.embed_prompt(batch1["input_ids"], {}, encoded)
 
     tap, seen = PrefillPruningTap(method, varied_model.model.language_model, NUM_VISUAL, vision), LayerZeroInput()
     with torch.no_grad():

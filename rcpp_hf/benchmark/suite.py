@@ -3,7 +3,7 @@ each also as a ratio to vanilla measured in the same run.
 
 Methods are the benchmark's own (`METHODS`), a registry method by name (alone: RCPP off, greedy), or
 "<registry name>+rcpp" (composed with the "rcpp" setting). The default adds VCD, the two-pass contrastive reference
-(two forwards and two caches per token, `engine/contrastive.py`), to show what DRCD's one forward saves. A registry
+(two forwards and two caches per token, `methods/contrastive_decoder.py`), to show what DRCD's one forward saves. A registry
 pruner's budget is `BenchmarkSettings.budget` of 576 visual tokens, scaled to the model's image, unless its preset
 (`method_presets`) sets one.
 """
@@ -24,9 +24,10 @@ from rcpp_hf.benchmark.measure import PeakMemory, StepTimer
 from rcpp_hf.benchmark.shapes import load_benchmark_model
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
-from rcpp_hf.engine.contrastive import ContrastiveDecoder
+from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder
 from rcpp_hf.benchmark.flops import prefill_flops_ratio
-from rcpp_hf.engine.pruning import PrefillPruner, scale_tokens
+from rcpp_hf.engine.pruning import scale_tokens
+from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.method_cli import with_method
 from rcpp_hf.methods import METHODS as REGISTRY
 from rcpp_hf.methods import MethodConfig, load_method

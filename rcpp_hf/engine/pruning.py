@@ -1,9 +1,9 @@
 """Prefill pruning: visual tokens physically dropped between decoder layers, the one mechanism every language-model
 pruner uses (FastV, FastV + FinePruner, SparseVLM, PDrop, ...).
 
-A pruner is a `PrefillPruner` config: it names its stages (`resolve_stages`: before which layer, how many visual
-tokens stay) and writes only `score` (kvpress's ScorerPress pattern); `PrefillPruningTap` runs the stages inside
-`run_decoder`: it keeps the top-scoring visual tokens and every text token, in order. From the stage's layer on the
+A pruner (`methods.prefill_pruner.PrefillPruner`) names its stages (`resolve_stages`: before which layer, how many
+visual tokens stay) and writes only `score` (kvpress's ScorerPress pattern); `PrefillPruningTap` runs the stages
+inside `run_decoder`: it keeps the top-scoring visual tokens and every text token, in order. From the stage's layer on the
 hidden states hold only the kept entries (compute really saved), they keep their original positions, and the layer
 caches only them; decoding then attends, per layer, to what that layer cached.
 
@@ -15,14 +15,13 @@ resolved and kept.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import torch
 
 from rcpp_hf.engine.attention import LayerAttention
 from rcpp_hf.engine.decoder import DecoderTap, take_entries
 from rcpp_hf.engine.layout import TokenLayout, first_true_columns
-from rcpp_hf.methods.base import MethodConfig
 
 if TYPE_CHECKING:
     from rcpp_hf.engine.vision import VisionRecord
@@ -141,40 +140,6 @@ class PruneContext:
         return per_entry.gather(-1, index.expand(*per_entry.shape[:-1], slots.shape[1]))
 
 
-class PrefillPruner(MethodConfig):
-    """A method that drops visual tokens between decoder layers during prefill. Subclasses are dataclasses that
-    implement `resolve_stages` and `score`; `select` (top-k of the score) may be overridden."""
-
-    kind = "prefill_pruner"
-    reads_vision: ClassVar[bool] = False  # True: `generate` records the vision tower for it (`engine/vision.py`)
-    # True: `stage.keep` is an upper bound and `select` decides how many stay (the same count in every row), so a
-    # stage runs even when it may keep every token (e.g. the GAN pruner's learned masks).
-    selects_count: ClassVar[bool] = False
-
-    def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
-        """The stages on a decoder of `num_layers` layers for an image of `num_visual` tokens, layers increasing and
-        keep counts not increasing. Raises ValueError naming the setting that does not fit."""
-        raise NotImplementedError
-
-    def attention_layer(self, stage: PruneStage) -> int | None:
-        """The layer whose attention `score` reads at `stage` (None: it reads none)."""
-        return stage.layer - 1
-
-    def score(self, ctx: PruneContext) -> torch.Tensor:
-        """Importance of each visual entry of `ctx.layout` -> (B, Vl), higher is kept."""
-        raise NotImplementedError
-
-    def select(self, ctx: PruneContext) -> torch.Tensor:
-        """Visual columns (B, keep) to keep: the top `keep` by `score` (ties to the lower index)."""
-        ctx.scores = self.score(ctx).float()
-        return torch.topk(ctx.scores, ctx.stage.keep, dim=-1, sorted=False).indices
-
-    def recycle(self, ctx: PruneContext, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Optionally keep some dropped tokens with new hidden states (e.g. SparseVLM's merged tokens): visual
-        columns (B, c) not in `kept` and their states (B, c, D); None keeps only `kept`."""
-        return None
-
-
 def check_stages(
     stages: list[PruneStage], num_layers: int, num_visual: int, method: str, read_layers: dict | None = None
 ) -> None:
@@ -205,11 +170,15 @@ def check_stages(
 
 
 class PrefillPruningTap(DecoderTap):
-    """Runs a `PrefillPruner`'s stages inside the prefill forward; `records` holds one `PruneRecord` per stage."""
+    """Runs a prefill pruner's stages inside the prefill forward; `records` holds one `PruneRecord` per stage.
+
+    `pruner` is a `methods.prefill_pruner.PrefillPruner`: the tap calls its `resolve_stages`, `attention_layer`,
+    `select` and `recycle` and reads `name` and `selects_count`.
+    """
 
     def __init__(
         self,
-        pruner: PrefillPruner,
+        pruner,
         language_model: torch.nn.Module,
         num_visual: int,
         vision: VisionRecord | None = None,

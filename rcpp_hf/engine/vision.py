@@ -5,23 +5,17 @@ They need, for the one vision layer they read, the CLS query's attention over th
 `output_attentions=True` would make every vision layer materialise (N, H, T, T) (and is refused under SDPA), so
 `record_vision_attention` keeps only that layer's q / k projections with forward hooks while the tower runs (as
 `engine/attention.py` does for the language model); the tower keeps its attention implementation, and the rows
-needed are recomputed afterwards (`VisionRecord.cls_attention`).
-
-A `VisionPruner` is a `PrefillPruner` with one stage at layer 0: it drops visual entries of the language model's
-input embeddings before any decoder layer runs, so prefill and the KV cache shrink from the first layer on. Kept
-entries keep their original positions (see `PrefillPruningTap`): the language model was trained with the image's
-tokens at those positions, and the text after the image keeps the positions it would have had.
+needed are recomputed afterwards (`VisionRecord.cls_attention`). The pruners themselves are
+`methods.prefill_pruner.VisionPruner`s; the model family records the tower for them (`families/`).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from rcpp_hf.engine.pruning import PrefillPruner, PruneStage
 
 
 def vision_encoder_layers(vision_tower: torch.nn.Module) -> torch.nn.ModuleList:
@@ -116,42 +110,3 @@ def record_vision_attention(vision_tower: torch.nn.Module, layer_idx: int):
     finally:
         for handle in handles:
             handle.remove()
-
-
-@dataclass
-class VisionPruner(PrefillPruner):
-    """A prefill pruner that reads the vision tower and keeps `budget` visual tokens before layer 0.
-
-    Args:
-        budget: T, visual tokens kept (of the model's image), merged ones included.
-        vision_layer: the vision encoder layer whose attention is read (0-based; negative counts from the end);
-            None: the layer that produces LLaVA's `vision_feature_layer` (the official repositories' choice).
-    """
-
-    reads_vision: ClassVar[bool] = True
-    budget: int = 64
-    vision_layer: int | None = None
-
-    def __post_init__(self):
-        if not (isinstance(self.budget, int) and self.budget >= 1):
-            self.fail("budget", "must be an integer >= 1 (visual tokens)")
-        if self.vision_layer is not None and not isinstance(self.vision_layer, int):
-            self.fail("vision_layer", "must be None or an integer (a vision encoder layer)")
-
-    def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
-        if self.budget > num_visual:
-            self.fail("budget", f"is larger than the image's {num_visual} visual tokens")
-        return [PruneStage(layer=0, keep=self.budget)]
-
-    def attention_layer(self, stage: PruneStage) -> int | None:
-        return None  # it reads the vision tower, recorded in `PruneContext.vision`
-
-    def resolve_vision_layer(self, num_layers: int, feature_layer: int) -> int:
-        """The encoder layer read, in [0, num_layers), on a tower of `num_layers` layers whose features LLaVA takes
-        from `hidden_states[feature_layer]`."""
-        if self.vision_layer is None:
-            return feature_attention_layer(feature_layer, num_layers)
-        if not -num_layers <= self.vision_layer < num_layers:
-            self.fail("vision_layer", f"is out of range for a vision tower of {num_layers} layers "
-                                      f"(valid: {-num_layers}..{num_layers - 1})")  # fmt: skip
-        return self.vision_layer % num_layers

@@ -82,7 +82,7 @@ def pruned_forward(
     question_slots = first_true_columns(batch["question_mask"], int(batch["question_mask"].sum(1).max()))
     question_valid = batch["question_mask"].gather(1, question_slots)
 
-    hidden = model._embed_prompt(input_ids, {"pixel_values": batch["pixel_values"]})
+    hidden = model.family.embed_prompt(input_ids, {"pixel_values": batch["pixel_values"]})
     position_embeddings = language_model.rotary_emb(hidden, position_ids=position_ids)
     out, policy = PrunedForward(logits=torch.empty(0)), None
     # The policy outside the stages' masks: 1 for text and, without a merger, for every visual entry.

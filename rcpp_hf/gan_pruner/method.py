@@ -34,7 +34,8 @@ from typing import ClassVar
 import torch
 
 from rcpp_hf.engine.layout import text_after_image
-from rcpp_hf.engine.pruning import PrefillPruner, PruneContext, PruneStage
+from rcpp_hf.engine.pruning import PruneContext, PruneStage
+from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.gan_pruner.attention_residual import question_attention_feature
 from rcpp_hf.gan_pruner.forward import gather_rows
 from rcpp_hf.gan_pruner.merger import merge_columns

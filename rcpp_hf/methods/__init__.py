@@ -1,4 +1,5 @@
-"""The inference-time methods, side by side, one file each, registered by name (see `registry.py`)."""
+"""The inference-time methods, side by side, one file each, registered by name (see `registry.py`); the kinds they
+belong to and what each does in `generate` are in `protocol.py`."""
 
 from rcpp_hf.methods.base import MethodConfig
 from rcpp_hf.methods.registry import (
@@ -20,6 +21,7 @@ from rcpp_hf.methods.mc_lcbf import MCLCBF  # noqa: E402
 from rcpp_hf.methods.pdrop import PDrop  # noqa: E402
 from rcpp_hf.methods.plausibility import PlausibilityCutoff  # noqa: E402
 from rcpp_hf.methods.random_pruning import RandomPruning  # noqa: E402
+from rcpp_hf.methods.rcpp import RCPP  # noqa: E402
 from rcpp_hf.methods.sid import SID  # noqa: E402
 from rcpp_hf.methods.sparsevlm import SparseVLM  # noqa: E402
 from rcpp_hf.methods.vcd import VCD  # noqa: E402
@@ -36,6 +38,7 @@ __all__ = [
     "MCLCBF",
     "PDrop",
     "PlausibilityCutoff",
+    "RCPP",
     "RandomPruning",
     "SID",
     "SparseVLM",

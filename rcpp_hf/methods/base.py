@@ -1,4 +1,5 @@
-"""`MethodConfig`: the settings of one inference-time method, a small validated dataclass saved as YAML."""
+"""`MethodConfig`: the settings of one inference-time method, a small validated dataclass saved as YAML, and the
+entry point of its work in `generate` (`start`, see `protocol.py`)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,26 @@ import yaml
 @dataclasses.dataclass
 class MethodConfig:
     """Base of every method's settings. A subclass is a dataclass with a registry `name` that validates its fields in
-    `__post_init__` (ValueError naming the field) and adds the hooks of its kind (e.g. `PrefillPruner`)."""
+    `__post_init__` (ValueError naming the field); it derives from the base of its kind (`PrefillPruner`,
+    `SteeringMethod`, `ContrastiveDecoder`, or `DecodingMethod`), which implements `start`.
+
+    Attributes:
+        kind: one of `protocol.KINDS`; one generate call runs at most one method of each kind.
+        reads_vision: `generate` records the vision tower while it encodes the images, for this method.
+        distorts_image: the method reads the pixel values itself (e.g. VCD's noised image).
+    """
 
     name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    reads_vision: ClassVar[bool] = False
+    distorts_image: ClassVar[bool] = False
     # Other names a method's settings are known by (e.g. its repository's config keys): alias -> field, or None for
     # a setting accepted and ignored. `registry.method_config` renames them before validation.
     SETTING_ALIASES: ClassVar[dict[str, str | None]] = {}
+
+    def start(self, ctx):
+        """This method's `protocol.MethodState` for one `generate` call (`ctx`: its `protocol.GenerateContext`)."""
+        raise NotImplementedError
 
     def fail(self, field: str, why: str):
         raise ValueError(f"{type(self).__name__}.{field} = {getattr(self, field)!r}: {why}")

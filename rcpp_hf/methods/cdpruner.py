@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from rcpp_hf.engine.pruning import PruneContext
-from rcpp_hf.engine.vision import VisionPruner, VisionRecord, gather_tokens
+from rcpp_hf.engine.vision import VisionRecord, gather_tokens
+from rcpp_hf.methods.prefill_pruner import VisionPruner
 from rcpp_hf.methods.registry import register_method
 from rcpp_hf.engine.layout import text_after_image
 

@@ -14,13 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rcpp_hf.engine.pruning import (
-    PrefillPruner,
-    PruneContext,
-    PruneStage,
-    equivalent_keep,
-    scale_layer,
-)
+from rcpp_hf.engine.pruning import PruneContext, PruneStage, equivalent_keep, scale_layer
+from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods.registry import register_method
 
 FASTV_LAYER = 2  # K of the paper, for a 32-layer decoder

@@ -27,7 +27,8 @@ import torch
 from rcpp_hf.engine.attention import normed_states, project_heads
 from rcpp_hf.engine.condensation import CONDENSATION_STRATEGIES, FPS_STARTS, condense
 from rcpp_hf.engine.layout import text_after_image
-from rcpp_hf.engine.pruning import PrefillPruner, PruneContext, PruneStage, scale_layer, scale_layers, scale_tokens
+from rcpp_hf.engine.pruning import PruneContext, PruneStage, scale_layer, scale_layers, scale_tokens
+from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods.registry import register_method
 
 HIMAP_LAYERS = (2, 8)  # K1 (text layer), K2 (image layer) of 32: `hmap_v_attn_txt_layer` / `_img_layer`

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from rcpp_hf.engine.attention import attention_probs, probe_query, prompt_keys
-from rcpp_hf.engine.pruning import PrefillPruner, PruneContext, PruneStage, scale_layers
+from rcpp_hf.engine.pruning import PruneContext, PruneStage, scale_layers
+from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods.registry import register_method
 
 # Layer l ranks and is the first layer to see the reduced set: `rank_layer = layer_idx + 1` in `pdrop_forward`,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rcpp_hf.engine.contrastive import ContrastiveDecoder
+from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder
 from rcpp_hf.methods.registry import register_method
 
 

@@ -76,7 +76,7 @@ def check_compatible(methods: tuple[MethodConfig, ...]) -> None:
     """Methods combine when each acts in a different place: at most one of each kind (e.g. one prefill pruner)."""
     by_kind: dict[str, MethodConfig] = {}
     for method in methods:
-        kind = getattr(method, "kind", method.name)
+        kind = method.kind
         if kind in by_kind:
             raise ValueError(
                 f"methods {by_kind[kind].name!r} and {method.name!r} cannot be combined: both are {kind}s, and one "

@@ -5,7 +5,7 @@ The contrast branch keeps only the LEAST-attended visual tokens after an early l
 Text-aware Token Selection): before layer K (2 of LLaVA-1.5's 32), the head-averaged attention of the last token at
 layer K - 1 ranks the image tokens and the `keep` lowest (100 of 576) stay; from layer K on that branch computes and
 caches only them. It amplifies the vision-and-text association hallucination that the fusion then subtracts:
-(1 + alpha) * l - alpha * l_SID under the adaptive plausibility cutoff (`engine.contrastive`).
+(1 + alpha) * l - alpha * l_SID under the adaptive plausibility cutoff (`methods.contrastive_decoder`).
 
 Settings from the official code (`pope_eval.py`, `vcd_sample.py`): K = `fast_v_agg_layer` = 2, 100 tokens kept
 (`fast_v_attention_rank`, `topk(largest=False)`), alpha = 0.5 (`cd_alpha` is not passed, so its default holds),
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rcpp_hf.engine.contrastive import ContrastiveDecoder
+from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder
 from rcpp_hf.engine.pruning import PrefillPruningTap, PruneContext, scale_layer, scale_tokens
 from rcpp_hf.methods.fastv import FastV
 from rcpp_hf.methods.registry import register_method

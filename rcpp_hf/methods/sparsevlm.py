@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from rcpp_hf.engine.layout import text_after_image
-from rcpp_hf.engine.pruning import PrefillPruner, PruneContext, PruneStage, scale_layers, scale_tokens
+from rcpp_hf.engine.pruning import PruneContext, PruneStage, scale_layers, scale_tokens
+from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods.registry import register_method
 
 # Pruning happens on the output of these layers (0-based), i.e. layers 3-6 see the first keep count.

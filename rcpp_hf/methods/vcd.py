@@ -5,7 +5,7 @@ The contrast branch sees the same prompt with a distorted image v': the pixel va
 noised as a diffusion model's q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) at step `noise_step` of
 1000 (`vcd_utils/vcd_add_noise.py`). Its schedule: beta_t = sigmoid(linspace(-6, 6, 1000)) * (5e-3 - 1e-5) + 1e-5,
 alpha_bar_t = prod_{s <= t} (1 - beta_s) (a sigmoid-shaped schedule in the official code, not a linear one).
-Decoding: (1 + alpha) * l(v) - alpha * l(v') under the adaptive plausibility cutoff (`engine.contrastive`).
+Decoding: (1 + alpha) * l(v) - alpha * l(v') under the adaptive plausibility cutoff (`methods.contrastive_decoder`).
 Defaults are the official POPE script's: alpha = 1, noise_step = 500; beta = 0.1 (the evaluation script's default;
 the bash script passes 0.2). The noise is drawn from a generator seeded with `seed`, the same for every image of a
 batch, so a batch decodes as its rows would alone.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rcpp_hf.engine.contrastive import ContrastiveDecoder
+from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder
 from rcpp_hf.methods.registry import register_method
 
 DIFFUSION_STEPS = 1000  # `num_steps` of vcd_add_noise.py
@@ -70,10 +70,10 @@ class VCD(ContrastiveDecoder):
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0):
             self.fail("seed", "must be an integer >= 0")
 
-    def contrast_embeds(self, model, input_ids, model_kwargs, embeds):
+    def contrast_embeds(self, family, input_ids, model_kwargs, embeds):
         pixel_values = model_kwargs.get("pixel_values")
         if pixel_values is None:
             raise ValueError("vcd distorts the image: generate needs pixel_values")
         noisy = {key: value for key, value in model_kwargs.items() if key != "mm_encoder_outputs"}
         noisy["pixel_values"] = diffusion_noise(pixel_values, self.noise_step, self.seed)
-        return model._embed_prompt(input_ids, noisy)
+        return family.embed_prompt(input_ids, noisy)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from rcpp_hf.engine.layout import first_true_columns
 from rcpp_hf.engine.pruning import PruneContext
-from rcpp_hf.engine.vision import VisionPruner, gather_tokens
+from rcpp_hf.engine.vision import gather_tokens
+from rcpp_hf.methods.prefill_pruner import VisionPruner
 from rcpp_hf.methods.registry import register_method
 
 DOMINANT_SHARE = 27 / 32  # 54 / 64 = 108 / 128 = 162 / 192

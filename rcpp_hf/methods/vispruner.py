@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from rcpp_hf.engine.pruning import PruneContext, scale_tokens
-from rcpp_hf.engine.vision import VisionPruner, gather_tokens
+from rcpp_hf.engine.vision import gather_tokens
+from rcpp_hf.methods.prefill_pruner import VisionPruner
 from rcpp_hf.methods.registry import register_method
 
 DEDUPLICATION_STEP = 8  # tokens removed per matching round (`r = min(8, R - T_div)` in `encode_images`)

@@ -67,7 +67,7 @@ class RCPPTrace:
 class RCPPGenerateOutput(GenerateDecoderOnlyOutput):
     """`GenerateDecoderOnlyOutput` plus what rcpp_hf's methods did: `rcpp`, RCPP's per-step trace (None when RCPP is
     off), `pruning`, one `engine.pruning.PruneRecord` per prefill-pruning stage, and `contrast_past_key_values`, the
-    contrast branch's cache of a contrastive decoder (`engine.contrastive`; None otherwise)."""
+    contrast branch's cache of a contrastive decoder (`methods.contrastive_decoder`; None otherwise)."""
 
     rcpp: RCPPTrace | None = None
     pruning: list | None = None

@@ -25,8 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
-from rcpp_hf.engine.contrastive import ContrastiveDecoder  # noqa: E402
-from rcpp_hf.engine.pruning import PrefillPruner, check_stages, scale_tokens  # noqa: E402
+from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder  # noqa: E402
+from rcpp_hf.engine.pruning import check_stages, scale_tokens  # noqa: E402
+from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods import METHODS, load_method  # noqa: E402
 from rcpp_hf.presets import read_yaml_mapping  # noqa: E402
 from rcpp_hf.shapesworld.evaluate import SPLITS, EvalSettings, evaluate  # noqa: E402

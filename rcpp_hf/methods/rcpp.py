@@ -1,0 +1,273 @@
+"""RCPP + DRCD, the registry method "rcpp": Reasoning-Coupled Progressive visual token Pruning with Directed Residual
+Contrastive Decoding. The stages are pure functions in `rcpp_hf/rcpp/stages.py`; this file holds the method's
+settings and its per-`generate` state, which calls them per decoding step t:
+  7. schedule lambda_t and the visual-token budget; evict the lowest-scoring visual tokens beyond it,
+  5. group the cached visual tokens into C (S >= tau, or a threshold relative to S) and N,
+  6. one forward with two query rows for the same token (main row -> C, contrast row -> N), then
+     final = logits_C - lambda_t * logits_N, optional plausibility constraint,
+  1-4. from the main row of that same forward: h_t, alpha, recon_i, s_i_t, and the EMA update of S.
+Step 0's token comes from the prefill's logits, or with `first_token_action` from one extra two-row forward of the
+last prompt token (`RCPPState.first_token_action`).
+
+`RCPPGenerationConfig`'s RCPP fields are this method's settings: `RCPPGenerationConfig(tau=0.1)` and
+`RCPPGenerationConfig(methods=[load_method("rcpp", tau=0.1)])` run the same generate.
+
+Shapes: B = batch, V = visual tokens of the image, Vc = visual tokens still cached, Ls = scoring layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rcpp_hf.engine.decoder import decode_token
+from rcpp_hf.methods.decoding_method import DecodingMethod
+from rcpp_hf.methods.protocol import GenerateContext, MethodState
+from rcpp_hf.methods.registry import register_method
+from rcpp_hf.rcpp.schedule import scheduled_value, visual_token_budget
+from rcpp_hf.rcpp.stages import (
+    accumulate_consistency,
+    adaptive_plausibility,
+    drcd_fuse,
+    group_visual_tokens,
+    instant_consistency,
+    reasoning_state,
+    reconstruct_visual_tokens,
+    select_evictions,
+)
+from rcpp_hf.rcpp.tap import RCPPTap
+from rcpp_hf.rcpp.trace import RCPPStep, RCPPTrace
+from rcpp_hf.rcpp.visual_states import VisualStates
+
+SCHEDULES = ("linear", "cosine", "step")
+TAU_MODES = ("absolute", "quantile", "std")
+# scoring_layers = None scores on the last min(4, L) decoder layers: the method's "last 4 layers", and every layer
+# of a decoder shallower than that.
+DEFAULT_NUM_SCORING_LAYERS = 4
+
+
+def check_rcpp_settings(values, owner: str) -> None:
+    """Validate RCPP's settings, read as attributes of `values`; a ValueError names `owner.field` (owner: "RCPP",
+    or "RCPPGenerationConfig" for its fields)."""
+
+    def fail(field: str, why: str):
+        raise ValueError(f"{owner}.{field} = {getattr(values, field)!r}: {why}")
+
+    v = values
+    if not (isinstance(v.gamma, (int, float)) and 0.0 <= v.gamma < 1.0):
+        fail("gamma", "the EMA momentum must lie in [0, 1)")
+    if not (isinstance(v.tau, (int, float)) and math.isfinite(v.tau)):
+        fail("tau", "must be a finite number")
+    if v.tau_mode not in TAU_MODES:
+        fail("tau_mode", f"must be one of {TAU_MODES}")
+    if v.tau_mode == "quantile" and not 0.0 <= v.tau <= 1.0:
+        fail("tau", "with tau_mode 'quantile' tau is a quantile of S and must lie in [0, 1]")
+    for field in ("lambda_start", "lambda_end"):
+        value = getattr(v, field)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            fail(field, "the contrast coefficient must be a finite number >= 0")
+    for field in ("keep_ratio_start", "keep_ratio_end"):
+        value = getattr(v, field)
+        if not (isinstance(value, (int, float)) and 0.0 < value <= 1.0):
+            fail(field, "the kept fraction of visual tokens must lie in (0, 1]")
+    if v.keep_ratio_end > v.keep_ratio_start:
+        fail("keep_ratio_end", f"must not exceed keep_ratio_start = {v.keep_ratio_start} (evicted tokens cannot come "
+                               "back)")
+    if v.schedule not in SCHEDULES:
+        fail("schedule", f"must be one of {SCHEDULES}")
+    if not (isinstance(v.schedule_steps, int) and v.schedule_steps >= 1):
+        fail("schedule_steps", "must be an integer >= 1")
+    layers = v.scoring_layers
+    if layers is not None and not (
+        len(layers) >= 1 and all(isinstance(i, int) for i in layers) and len(set(layers)) == len(layers)
+    ):
+        fail("scoring_layers", "must be None (the last min(4, L) layers) or a non-empty sequence of distinct integers")
+    beta = v.plausibility_beta
+    if beta is not None and not (isinstance(beta, (int, float)) and 0.0 < beta <= 1.0):
+        fail("plausibility_beta", "must be None (off) or lie in (0, 1]")
+    if not isinstance(v.first_token_action, bool):
+        fail("first_token_action", "must be True or False")
+
+
+def resolve_scoring_layers(scoring_layers: tuple[int, ...] | None, num_layers: int) -> list[int]:
+    """Absolute, sorted layer indices; negative ones count from the end.  Raises on an index out of range.
+
+    `None` is the default: the last min(DEFAULT_NUM_SCORING_LAYERS, num_layers) layers, so that it fits any decoder.
+    """
+    if scoring_layers is None:
+        return list(range(max(num_layers - DEFAULT_NUM_SCORING_LAYERS, 0), num_layers))
+    resolved = []
+    for index in scoring_layers:
+        if not -num_layers <= index < num_layers:
+            raise ValueError(
+                f"RCPP.scoring_layers: layer {index} is out of range for a decoder with {num_layers} layers "
+                f"(valid: {-num_layers}..{num_layers - 1})"
+            )
+        resolved.append(index % num_layers)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"RCPP.scoring_layers {scoring_layers} name the same layer twice")
+    return sorted(resolved)
+
+
+@register_method
+@dataclass
+class RCPP(DecodingMethod):
+    """Args: the fields of `RCPPGenerationConfig` of the same names, documented there (stage by stage).
+    tau and schedule are the library defaults chosen by the ShapesWorld validation sweep; the others are the
+    method's published values."""
+
+    name = "rcpp"
+    gamma: float = 0.9
+    tau: float = -0.05
+    tau_mode: str = "absolute"
+    lambda_start: float = 0.0
+    lambda_end: float = 0.5
+    keep_ratio_start: float = 1.0
+    keep_ratio_end: float = 0.5
+    schedule: str = "step"
+    schedule_steps: int = 32
+    scoring_layers: tuple[int, ...] | None = None
+    plausibility_beta: float | None = None
+    first_token_action: bool = False
+
+    def __post_init__(self):
+        if self.scoring_layers is not None:
+            self.scoring_layers = tuple(self.scoring_layers)
+        check_rcpp_settings(self, "RCPP")
+
+    def settings(self) -> dict:
+        """{field: value}, as `RCPPGenerationConfig` takes them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def start(self, ctx: GenerateContext) -> "RCPPState":
+        return RCPPState(self, ctx)
+
+
+class RCPPState(MethodState):
+    """RCPP + DRCD during one `generate` call: S of the cached visual tokens, C / N, the schedule's values, and the
+    trace. The tap (`rcpp/tap.py`) records alpha and captures v_i[l] inside each forward and masks DRCD's rows."""
+
+    def __init__(self, method: RCPP, ctx: GenerateContext):
+        self.method, self.ctx = method, ctx
+        self.tap = RCPPTap(resolve_scoring_layers(method.scoring_layers, ctx.language_model.config.num_hidden_layers))
+        self.prefill_taps = self.decode_taps = [self.tap]
+        self.trace = RCPPTrace(num_visual_tokens=ctx.num_visual) if ctx.generation_config.return_dict_in_generate else None
+        batch = ctx.input_ids.shape[0]
+        self.scores: torch.Tensor | None = None  # S, (B, Vc), aligned with cache.visual_token_ids
+        self.visual: VisualStates | None = None
+        self.core: torch.Tensor | None = None  # (B, Vc) membership of C
+        self.num_rows, self.lambda_t, self.keep_ratio = 1, 0.0, 1.0
+        self.evicted = ctx.input_ids.new_zeros(batch, 0)  # (B, k) visual ids evicted at this step
+
+    def after_prefill(self, ctx: GenerateContext) -> None:
+        """Stage 2's input: v_i[l] of the visual tokens the deepest layer holds (a pruner may have dropped some)."""
+        cache = ctx.cache
+        self.tap.locate(cache.layouts, cache.visual_token_ids)
+        self.visual = VisualStates.from_layers(self.tap.captured_states(cache.visual_token_ids))
+        self.core = torch.full((ctx.input_ids.shape[0], cache.num_visual_tokens), True, device=ctx.input_ids.device)
+
+    # -- per step --------------------------------------------------------------------------------------------------
+    def next_token_logits(self, step, logits, hidden, chosen):
+        self.observe(hidden)
+        if step == 0 and self.method.first_token_action:
+            self.lambda_t = self.method.lambda_end
+            self.group()
+            if self.num_rows == 2:
+                logits = self.first_token_action()
+        return self.fuse(logits, chosen)
+
+    def observe(self, hidden: torch.Tensor) -> None:
+        """Stages 1-4 from the main row (row 0) of the forward just made: h_t, recon_i, s_i_t, S."""
+        h_t = reasoning_state(hidden, row=0)
+        projection, recon_norm = reconstruct_visual_tokens(self.tap.visual_alpha(), self.visual.states,
+                                                           self.visual.gram, h_t)  # fmt: skip
+        self.scores = accumulate_consistency(self.scores, instant_consistency(projection, recon_norm, h_t),
+                                             self.method.gamma)  # fmt: skip
+
+    def fuse(self, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Stage 6: logits_C - lambda_t * logits_N from the two rows (rows whose N is empty get lambda 0), then the
+        optional plausibility constraint against the main row."""
+        if self.num_rows == 2:
+            has_noise = (~self.core).any(dim=1)
+            lambda_rows = torch.where(has_noise, self.lambda_t, 0.0).to(chosen.dtype)
+            chosen = drcd_fuse(logits[:, 0], logits[:, 1], lambda_rows)
+        if self.method.plausibility_beta is not None:
+            chosen = adaptive_plausibility(chosen, logits[:, 0], self.method.plausibility_beta)
+        return chosen
+
+    def before_decode(self, step: int) -> int:
+        self.schedule(step)
+        self.evict()
+        self.group()
+        return self.num_rows
+
+    def schedule(self, step: int) -> None:
+        """Stage 7: lambda_t and the kept fraction of visual tokens at `step`."""
+        m = self.method
+        self.lambda_t = scheduled_value(m.lambda_start, m.lambda_end, step, m.schedule_steps, m.schedule)
+        self.keep_ratio = scheduled_value(m.keep_ratio_start, m.keep_ratio_end, step, m.schedule_steps, m.schedule)
+
+    def evict(self) -> None:
+        """Stage 7: physically evict the lowest-scoring cached visual tokens beyond the budget, from every layer."""
+        cache = self.ctx.cache
+        num_evict = cache.num_visual_tokens - visual_token_budget(self.keep_ratio, self.ctx.num_visual)
+        self.evicted = self.ctx.input_ids.new_zeros(self.scores.shape[0], 0)
+        if num_evict <= 0:
+            return
+        columns = select_evictions(self.scores, num_evict)
+        self.evicted = cache.visual_token_ids.gather(1, columns)
+        kept = cache.evict_visual(columns)
+        self.scores, self.visual = self.scores.gather(1, kept), self.visual.keep(kept)
+        self.tap.locate(cache.layouts, cache.visual_token_ids)
+
+    def group(self) -> None:
+        """Stage 5: C / N from S, and the masks of the next forward's rows: 2 rows when some row has a non-empty N
+        and lambda_t > 0. One host sync covers both decisions."""
+        self.core = group_visual_tokens(self.scores, self.method.tau, self.method.tau_mode)
+        any_noise = bool((~self.core).any())
+        self.num_rows = 2 if (any_noise and self.lambda_t > 0) else 1
+        if any_noise:
+            ids = self.ctx.cache.visual_token_ids
+            by_id = torch.zeros(ids.shape[0], self.ctx.num_visual, dtype=torch.bool, device=ids.device)
+            self.tap.set_rows(self.num_rows, by_id.scatter(1, ids, self.core), by_id.scatter(1, ids, ~self.core))
+        else:
+            self.tap.set_rows(1, None, None)  # the causal masks vanilla uses, so neutral settings stay bit-identical
+
+    def first_token_action(self) -> torch.Tensor:
+        """The last prompt token again, as DRCD's two rows (main -> text + history + C, contrast -> text + history
+        + N, masks already set) in one decode-sized forward at that token's position, so that the first generated
+        token, which decides a short answer, is decoded from fused logits like every later one -> logits
+        (B, 2, vocab).
+
+        The prefill's cache entry of that token is dropped first and the main row's entry replaces it: later steps
+        attend to the token as the main branch saw it. S is not updated from this forward: it already holds the
+        prefill's measurement of this same token, made with every visual token in view, while the main row cannot
+        see N (its alpha on N is 0), which would drive N's scores down by construction.
+        """
+        ctx = self.ctx
+        last = ctx.input_ids[:, -1:]
+        if bool(ctx.family.image_token_mask(last).any()):
+            raise ValueError("RCPPGenerationConfig.first_token_action re-runs the last prompt token, which must be "
+                             "text; this prompt ends with an image token")
+        ctx.cache.forget_last_entries(1)
+        hidden = decode_token(ctx.language_model, last, ctx.layout.positions[:, -1:], ctx.cache, num_rows=2,
+                              taps=ctx.decode_taps)  # fmt: skip
+        return ctx.family.logits(hidden)
+
+    def record_step(self, step: int) -> None:
+        if self.trace is None:
+            return
+        cache, scores = self.ctx.cache, self.scores
+        full_scores = scores.new_full((scores.shape[0], self.ctx.num_visual), float("nan"))
+        full_scores.scatter_(1, cache.visual_token_ids, scores)
+        self.trace.steps.append(RCPPStep(
+            step=step, scores=full_scores, num_core=self.core.sum(dim=1), num_noise=(~self.core).sum(dim=1),
+            evicted=self.evicted, lambda_t=self.lambda_t, keep_ratio=self.keep_ratio, cache_bytes=cache.nbytes(),
+            visual_cache_bytes=cache.visual_nbytes(), contrast=self.num_rows == 2,
+        ))  # fmt: skip
+
+    def outputs(self) -> dict:
+        return {"rcpp": self.trace}
