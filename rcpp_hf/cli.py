@@ -9,7 +9,7 @@ from rcpp_hf import generate_cli
 from rcpp_hf.benchmark import cli as bench_cli
 from rcpp_hf.eval import cli as eval_cli
 from rcpp_hf.eval import report
-from rcpp_hf.gan_pruner import cli as gan_pruner_cli
+from rcpp_hf.gan_training import cli as gan_pruner_cli
 from rcpp_hf.shapesworld import cli as shapesworld_cli
 from rcpp_hf.shapesworld import demo
 

@@ -15,12 +15,11 @@ from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.engine.decoder import run_decoder
 from rcpp_hf.engine.layout import TokenLayout
 from rcpp_hf.engine.pruning import PrefillPruningTap
-from rcpp_hf.gan_pruner import train as train_module
-from rcpp_hf.gan_pruner.config import GanPrunerConfig
-from rcpp_hf.gan_pruner.attention import EXPONENT_CAP, policy_attention_forward
-from rcpp_hf.gan_pruner.discriminator import pool_states, ramp
-from rcpp_hf.gan_pruner.forward import pruned_forward
-from rcpp_hf.gan_pruner.losses import (
+from rcpp_hf.gan_training import train as train_module
+from rcpp_hf.gan_training.attention import EXPONENT_CAP, policy_attention_forward
+from rcpp_hf.gan_training.discriminator import pool_states, ramp
+from rcpp_hf.gan_training.forward import pruned_forward
+from rcpp_hf.gan_training.losses import (
     binarisation_loss,
     budget_loss,
     distillation_loss,
@@ -28,10 +27,8 @@ from rcpp_hf.gan_pruner.losses import (
     sparsity_loss,
     token_count_loss,
 )
-from rcpp_hf.gan_pruner.method import GanPruner
-from rcpp_hf.gan_pruner.pruner import GanLayerPruners, evaluation_keep_mask, gumbel_keep_mask
-from rcpp_hf.gan_pruner.schedules import cosine_schedule
-from rcpp_hf.gan_pruner.train import (
+from rcpp_hf.gan_training.schedules import cosine_schedule
+from rcpp_hf.gan_training.train import (
     LOSS_TERMS,
     SEED_TARGET_KEEP,
     GanTrainConfig,
@@ -41,6 +38,9 @@ from rcpp_hf.gan_pruner.train import (
     train,
 )
 from rcpp_hf.methods import load_method
+from rcpp_hf.methods.gan_pruner.config import GanPrunerConfig
+from rcpp_hf.methods.gan_pruner.method import GanPruner
+from rcpp_hf.methods.gan_pruner.pruner import GanLayerPruners, evaluation_keep_mask, gumbel_keep_mask
 from rcpp_hf.methods.pdrop import average_keep_fraction
 from rcpp_hf.shapesworld.conversations import llava_prompt
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
@@ -429,7 +429,7 @@ def test_bad_settings_name_the_field(make, message):
 
 # -- matched controls -----------------------------------------------------------------------------------------------
 def test_matched_controls_take_the_pruners_measured_counts(tmp_path, small_path, pruner_path):
-    from rcpp_hf.gan_pruner.baselines import matched_baselines, write_presets
+    from rcpp_hf.gan_training.baselines import matched_baselines, write_presets
 
     counts = write_presets(small_path, pruner_path, tmp_path, seed=1, num_images=2, progress=False)
     assert counts["layers"] == [1, 2, 3] and counts["prompts"] == 2 * 6 + 2

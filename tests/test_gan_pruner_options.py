@@ -17,15 +17,15 @@ from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.engine.decoder import run_decoder
 from rcpp_hf.engine.layout import TokenLayout
 from rcpp_hf.engine.pruning import PrefillPruningTap
-from rcpp_hf.gan_pruner import method as method_module
-from rcpp_hf.gan_pruner import train as train_module
-from rcpp_hf.gan_pruner.attention_residual import question_attention_feature
-from rcpp_hf.gan_pruner.config import GanPrunerConfig
-from rcpp_hf.gan_pruner.forward import pruned_forward
-from rcpp_hf.gan_pruner.merger import TokenMerger, merge_columns
-from rcpp_hf.gan_pruner.method import GanPruner
-from rcpp_hf.gan_pruner.pruner import GanLayerPruners, gumbel_keep_mask
-from rcpp_hf.gan_pruner.train import LOSS_TERMS, GanTrainConfig, GanTrainer
+from rcpp_hf.gan_training import train as train_module
+from rcpp_hf.gan_training.forward import pruned_forward
+from rcpp_hf.gan_training.train import LOSS_TERMS, GanTrainConfig, GanTrainer
+from rcpp_hf.methods.gan_pruner import method as method_module
+from rcpp_hf.methods.gan_pruner.attention_residual import question_attention_feature
+from rcpp_hf.methods.gan_pruner.config import GanPrunerConfig
+from rcpp_hf.methods.gan_pruner.merger import TokenMerger, merge_columns
+from rcpp_hf.methods.gan_pruner.method import GanPruner
+from rcpp_hf.methods.gan_pruner.pruner import GanLayerPruners, gumbel_keep_mask
 from rcpp_hf.shapesworld.conversations import llava_prompt
 from rcpp_hf.shapesworld.render import render_scene
 from rcpp_hf.shapesworld.world import sample_scene

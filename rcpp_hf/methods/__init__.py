@@ -2,7 +2,7 @@
 belong to and what each does in `generate` are in `protocol.py`."""
 
 from rcpp_hf.methods.base import MethodConfig
-from rcpp_hf.methods.registry import (
+from rcpp_hf.methods.registry import (  # isort: skip
     METHODS,
     check_compatible,
     load_method,
@@ -11,11 +11,12 @@ from rcpp_hf.methods.registry import (
     method_from_dict,
     register_method,
 )
-# Each method registers itself on import.
+
+# Each method registers itself on import, in this order (the order `METHODS` lists them in).
 from rcpp_hf.methods.cdpruner import CDPruner  # noqa: E402
 from rcpp_hf.methods.fastv import FastV  # noqa: E402
 from rcpp_hf.methods.fastv_finepruner import FastVFinePruner  # noqa: E402
-from rcpp_hf.gan_pruner.method import GanPruner  # noqa: E402
+from rcpp_hf.methods.gan_pruner.method import GanPruner  # noqa: E402
 from rcpp_hf.methods.himap import HiMAP  # noqa: E402
 from rcpp_hf.methods.mc_lcbf import MCLCBF  # noqa: E402
 from rcpp_hf.methods.pdrop import PDrop  # noqa: E402

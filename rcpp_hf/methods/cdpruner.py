@@ -24,11 +24,11 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from rcpp_hf.engine.layout import text_after_image
 from rcpp_hf.engine.pruning import PruneContext
 from rcpp_hf.engine.vision import VisionRecord, gather_tokens
 from rcpp_hf.methods.prefill_pruner import VisionPruner
 from rcpp_hf.methods.registry import register_method
-from rcpp_hf.engine.layout import text_after_image
 
 
 def instruction_relevance(image: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,8 @@ from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.engine.decoder import DecoderTap
 from rcpp_hf.engine.layout import TokenLayout
 from rcpp_hf.engine.pruning import scale_layer
-from rcpp_hf.methods.steering import SteeringMethod
 from rcpp_hf.methods.registry import register_method
+from rcpp_hf.methods.steering import SteeringMethod
 
 STEER_LAYERS = (10, 27)  # first and last steered layer of a 32-layer decoder: the note's range(10, 28)
 BARRIERS = ("softmax", "energy")

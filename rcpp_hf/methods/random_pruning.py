@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from rcpp_hf.engine.pruning import PruneContext, PruneStage
-
-from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods.fastv import FastV
+from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods.registry import register_method
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder
 from rcpp_hf.engine.pruning import PrefillPruningTap, PruneContext, scale_layer, scale_tokens
+from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder
 from rcpp_hf.methods.fastv import FastV
 from rcpp_hf.methods.registry import register_method
 

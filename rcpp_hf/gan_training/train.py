@@ -34,21 +34,22 @@ from transformers import LlavaProcessor
 
 from rcpp_hf.engine.layout import first_true_columns
 from rcpp_hf.engine.pruning import REFERENCE_LAYERS, REFERENCE_VISUAL_TOKENS, scale_layers
-from rcpp_hf.gan_pruner.config import GUMBEL_MODES, GanPrunerConfig
-from rcpp_hf.gan_pruner.discriminator import Discriminator, pool_states
-from rcpp_hf.gan_pruner.forward import PrunedForward, gather_rows, pruned_forward
-from rcpp_hf.gan_pruner.losses import (
+from rcpp_hf.engine.vision import gather_tokens
+from rcpp_hf.gan_training.discriminator import Discriminator, pool_states
+from rcpp_hf.gan_training.forward import PrunedForward, pruned_forward
+from rcpp_hf.gan_training.losses import (
     adversarial_loss,
     binarisation_loss,
     budget_loss,
-    dual_ascent,
     discriminator_loss,
     distillation_loss,
+    dual_ascent,
     sparsity_loss,
     token_count_loss,
 )
-from rcpp_hf.gan_pruner.pruner import GanLayerPruners, evaluation_keep_mask, gumbel_keep_mask
-from rcpp_hf.gan_pruner.schedules import cosine_schedule
+from rcpp_hf.gan_training.schedules import cosine_schedule
+from rcpp_hf.methods.gan_pruner.config import GUMBEL_MODES, GanPrunerConfig
+from rcpp_hf.methods.gan_pruner.pruner import GanLayerPruners, evaluation_keep_mask, gumbel_keep_mask
 from rcpp_hf.methods.pdrop import ratio_for_budget
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 from rcpp_hf.shapesworld.conversations import training_turns
@@ -212,7 +213,7 @@ def pooled_text_states(
     slots = first_true_columns(text_mask, int(text_mask.sum(1).max()))
     valid = text_mask.gather(1, slots)
     return [
-        pool_states(gather_rows(forward.layer_states[layer], slots), valid, generator, config.noise_scale, config.pool_weight)
+        pool_states(gather_tokens(forward.layer_states[layer], slots), valid, generator, config.noise_scale, config.pool_weight)
         for layer in layers
     ]
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from rcpp_hf.gan_pruner.config import GanPrunerConfig
-from rcpp_hf.gan_pruner.merger import TokenMerger
+from rcpp_hf.methods.gan_pruner.config import GanPrunerConfig
+from rcpp_hf.methods.gan_pruner.merger import TokenMerger
 
 
 class LayerPruner(nn.Module):

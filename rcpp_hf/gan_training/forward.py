@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from rcpp_hf.engine.layout import first_true_columns
-from rcpp_hf.gan_pruner.attention import policy_attention
-from rcpp_hf.gan_pruner.attention_residual import question_attention_feature
-from rcpp_hf.gan_pruner.merger import merge_columns
+from rcpp_hf.engine.vision import gather_tokens
+from rcpp_hf.gan_training.attention import policy_attention
+from rcpp_hf.methods.gan_pruner.attention_residual import question_attention_feature
+from rcpp_hf.methods.gan_pruner.merger import merge_columns
 
 # (stage index, visual (B, V, D), question (B, T, D), question_valid (B, T), attention feature (B, V) or None)
 # -> (mask, soft), each (B, V)
@@ -46,11 +47,6 @@ class PrunedForward:
     layer_states: dict[int, torch.Tensor] = field(default_factory=dict)
     keep: list[torch.Tensor] = field(default_factory=list)
     samples: list[torch.Tensor] = field(default_factory=list)
-
-
-def gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """hidden (B, L, D), index (B, k) -> (B, k, D)."""
-    return hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
 def pruned_forward(
@@ -88,7 +84,7 @@ def pruned_forward(
     # The policy outside the stages' masks: 1 for text and, without a merger, for every visual entry.
     present = torch.ones(image.shape, dtype=torch.float32, device=hidden.device)
     if merge is not None:
-        merged = merge(gather_rows(hidden, visual_slots), gather_rows(hidden, question_slots), question_valid)
+        merged = merge(gather_tokens(hidden, visual_slots), gather_tokens(hidden, question_slots), question_valid)
         visual_slots = visual_slots[:, merge_columns(visual_slots.shape[1], merged.shape[1], hidden.device)]
         hidden = hidden.scatter(1, visual_slots[:, :, None].expand_as(merged), merged.to(hidden.dtype))
         policy = present = present.masked_fill(image, 0.0).scatter(1, visual_slots, 1.0)
@@ -97,7 +93,7 @@ def pruned_forward(
     with policy_attention(language_model):
         for layer_idx, layer in enumerate(layers):
             if stage_masks is not None and layer_idx in stage_layers:
-                visual, question = gather_rows(hidden, visual_slots), gather_rows(hidden, question_slots)
+                visual, question = gather_tokens(hidden, visual_slots), gather_tokens(hidden, question_slots)
                 attention = None
                 if attention_residual:
                     attention = question_attention_feature(layer, hidden, position_embeddings, question_slots,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from rcpp_hf.gan_pruner import baselines, train
+from rcpp_hf.gan_training import baselines, train
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

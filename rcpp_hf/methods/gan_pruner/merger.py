@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rcpp_hf.gan_pruner.config import GanPrunerConfig
+from rcpp_hf.methods.gan_pruner.config import GanPrunerConfig
 
 
 def merge_columns(num_visual: int, count: int, device: torch.device | None = None) -> torch.Tensor:

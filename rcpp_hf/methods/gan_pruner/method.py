@@ -35,11 +35,11 @@ import torch
 
 from rcpp_hf.engine.layout import text_after_image
 from rcpp_hf.engine.pruning import PruneContext, PruneStage
+from rcpp_hf.engine.vision import gather_tokens
+from rcpp_hf.methods.gan_pruner.attention_residual import question_attention_feature
+from rcpp_hf.methods.gan_pruner.merger import merge_columns
+from rcpp_hf.methods.gan_pruner.pruner import GanLayerPruners
 from rcpp_hf.methods.prefill_pruner import PrefillPruner
-from rcpp_hf.gan_pruner.attention_residual import question_attention_feature
-from rcpp_hf.gan_pruner.forward import gather_rows
-from rcpp_hf.gan_pruner.merger import merge_columns
-from rcpp_hf.gan_pruner.pruner import GanLayerPruners
 from rcpp_hf.methods.registry import register_method
 
 GAN_PRUNER_MODES = ("hard", "top_k", "origin")
@@ -118,7 +118,7 @@ class GanPruner(PrefillPruner):
                 question_valid, ctx.causal_key_mask(question), ctx.layout.visual_slots,
             )  # fmt: skip
         with torch.no_grad():
-            return pruners(stage, gather_rows(ctx.hidden, ctx.layout.visual_slots), gather_rows(ctx.hidden, question),
+            return pruners(stage, gather_tokens(ctx.hidden, ctx.layout.visual_slots), gather_tokens(ctx.hidden, question),
                            question_valid, attention)  # fmt: skip
 
     def select(self, ctx: PruneContext) -> torch.Tensor:
@@ -141,7 +141,7 @@ class GanPruner(PrefillPruner):
         pruners = self.checked_pruners(ctx)
         question, question_valid = text_after_image(ctx.layout)
         with torch.no_grad():
-            merged = pruners.merger(gather_rows(ctx.hidden, ctx.layout.visual_slots), gather_rows(ctx.hidden, question),
+            merged = pruners.merger(gather_tokens(ctx.hidden, ctx.layout.visual_slots), gather_tokens(ctx.hidden, question),
                                     question_valid)  # fmt: skip
         columns = merge_columns(ctx.layout.num_visual, merged.shape[1], ctx.hidden.device)
         ctx.details["merged"] = merged.shape[1]

@@ -25,8 +25,8 @@ from transformers import AutoProcessor
 
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.pruning import visual_tokens_per_layer
-from rcpp_hf.gan_pruner.method import GanPruner
 from rcpp_hf.methods import FastV, RandomPruning
+from rcpp_hf.methods.gan_pruner.method import GanPruner
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 from rcpp_hf.shapesworld.caption_sets import caption_scenes
 from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt, pope_prompt
