@@ -47,11 +47,18 @@ def decode(model, cache, tokens, positions, taps=()):
 
 
 class MaskFrom(DecoderTap):
-    """Reference for the physical drop: every entry is computed and cached, but from `layer` on no query attends to
-    the visual tokens in `dropped` (B, V) (by visual id); a dropped entry still attends to itself (no empty rows)."""
+    """Reference for the physical drop: every entry is computed and cached, but from each stage's layer on no query
+    attends to the visual tokens that stage dropped (by visual id); a dropped entry still attends to itself (no empty
+    rows). `stages`: (layer, dropped (B, V) bool) pairs, layers increasing."""
 
-    def __init__(self, layer, dropped):
-        self.layer, self.dropped = layer, dropped
+    def __init__(self, stages):
+        self.stages = list(stages)
+
+    @classmethod
+    def records(cls, records, num_visual):
+        """The stages of a pruner's `PruneRecord`s: each drops what it did not keep."""
+        return cls((record.layer, torch.ones(record.kept_visual_ids.shape[0], num_visual, dtype=torch.bool).scatter(
+            1, record.kept_visual_ids, False)) for record in records)  # fmt: skip
 
     def layer_mask(self, layer_idx, past, queries):
         full = queries if past is None else TokenLayout(
@@ -60,7 +67,10 @@ class MaskFrom(DecoderTap):
             torch.cat([past.visual_ids, queries.visual_ids], 1),
         )
         ids = full.visual_ids
-        hidden_key = (ids >= 0) & self.dropped.gather(1, ids.clamp_min(0)) & (layer_idx >= self.layer)
+        hidden_key = torch.zeros_like(ids, dtype=torch.bool)
+        for layer, dropped in self.stages:  # the last stage at or before this layer holds
+            if layer_idx >= layer:
+                hidden_key = (ids >= 0) & dropped.gather(1, ids.clamp_min(0))
         num_keys, num_queries = full.seq_len, queries.seq_len
         causal = torch.ones(num_queries, num_keys, dtype=torch.bool).tril(num_keys - num_queries)
         mask = causal[None] & full.valid[:, None, :] & ~hidden_key[:, None, :]
@@ -136,8 +146,8 @@ def test_physical_drop_equals_masking(varied_model, batch2, query):
     for row in range(2):
         assert torch.equal(cache.layouts[3].positions[row], prompt.positions[row][kept_entries[row]])
 
-    dropped = torch.ones(2, NUM_VISUAL, dtype=torch.bool).scatter(1, record.kept_visual_ids, False)
-    masked_hidden, _, masked_cache = prefill(varied_model, batch2, [MaskFrom(2, dropped)])
+    mask = MaskFrom.records(tap.records, NUM_VISUAL)
+    masked_hidden, _, masked_cache = prefill(varied_model, batch2, [mask])
     torch.testing.assert_close(hidden[:, -1], masked_hidden[:, -1], atol=ATOL, rtol=0)
     assert not torch.allclose(hidden[:, -1], prefill(varied_model, batch2)[0][:, -1], atol=1e-3), "pruning must matter"
 
@@ -145,7 +155,7 @@ def test_physical_drop_equals_masking(varied_model, batch2, query):
     token, position = torch.tensor([[7], [9]]), prompt.positions[:, -1:] + 1
     for _ in range(3):
         pruned_logits = decode(varied_model, cache, token, position)
-        masked_logits = decode(varied_model, masked_cache, token, position, [MaskFrom(2, dropped)])
+        masked_logits = decode(varied_model, masked_cache, token, position, [mask])
         torch.testing.assert_close(pruned_logits, masked_logits, atol=ATOL, rtol=0)
         token, position = pruned_logits.argmax(-1, keepdim=True), position + 1
 

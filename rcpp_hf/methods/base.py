@@ -34,6 +34,34 @@ class MethodConfig:
         """This method's `protocol.MethodState` for one `generate` call (`ctx`: its `protocol.GenerateContext`)."""
         raise NotImplementedError
 
+    # -- the method contract (tests/test_method_contract.py) --------------------------------------------------------
+    # Every registered method is checked on the test suite's tiny LLaVA (4 decoder layers, 16 visual tokens, 4 query
+    # heads sharing 2 kv heads, hidden size 64), with settings it declares in its own class body: a parent's
+    # declarations are not inherited, since a subclass's settings differ; a missing one fails the contract, naming
+    # it. Settings are {field: value} over the defaults.
+    #   CONTRACT_NEUTRAL (required): settings with which `generate` equals vanilla's (tokens and logits), e.g. keeping
+    #     every token; None when the method has none, and then CONTRACT_NOT_NEUTRAL (required) says why.
+    #   CONTRACT_ACTING (optional; {} when not declared): settings with which the method changes the logits on the
+    #     tiny model and decodes each row of a batch as alone; needed where the defaults do not fit it (layers,
+    #     budgets above 16 visual tokens, heads) or do not act.
+    #   CONTRACT_INVALID (required, not empty): {field: value}, each of which alone raises ValueError reading
+    #     "field = value" (as `fail` writes it).
+    #   CONTRACT_MASKABLE (required of prefill pruners): True when, with the acting settings, dropping its tokens
+    #     equals masking them from the same layers on; else why not (e.g. kept entries that get new hidden states).
+    #   `contract_files` (optional): settings naming files the method needs (e.g. trained weights), written for the
+    #     tiny model; every other contract setting is applied over them.
+    CONTRACT_NEUTRAL: ClassVar[dict | None]
+    CONTRACT_NOT_NEUTRAL: ClassVar[str]
+    CONTRACT_ACTING: ClassVar[dict]
+    CONTRACT_INVALID: ClassVar[dict]
+    CONTRACT_MASKABLE: ClassVar[bool | str]
+
+    @classmethod
+    def contract_files(cls, folder: Path, model_config) -> dict:
+        """Settings naming files written under `folder` for a model of `model_config` (a LlavaConfig) that the
+        method needs to run there; {} when it needs none."""
+        return {}
+
     def fail(self, field: str, why: str):
         raise ValueError(f"{type(self).__name__}.{field} = {getattr(self, field)!r}: {why}")
 

@@ -130,6 +130,11 @@ class CDPruner(VisionPruner):
     name = "cdpruner"
     clip_model: str | None = None
 
+    CONTRACT_NEUTRAL = {"budget": 16}
+    CONTRACT_ACTING = {"budget": 5}  # the default 64 is more than the tiny image's 16 tokens
+    CONTRACT_INVALID = {"budget": 0, "clip_model": ""}
+    CONTRACT_MASKABLE = True
+
     def __post_init__(self):
         super().__post_init__()
         if self.clip_model is not None and not (isinstance(self.clip_model, str) and self.clip_model):

@@ -39,6 +39,11 @@ class FastV(PrefillPruner):
     layer: int | None = None
     query: str = "last"
 
+    CONTRACT_NEUTRAL = {"keep": 16}  # every visual token of the tiny model's image
+    CONTRACT_ACTING = {"budget": 6}  # the default 128 is more than the tiny image's 16 tokens
+    CONTRACT_INVALID = {"budget": 0, "query": "first"}
+    CONTRACT_MASKABLE = True
+
     def __post_init__(self):
         if not (isinstance(self.budget, int) and self.budget >= 1):
             self.fail("budget", "must be an integer >= 1 (visual tokens)")

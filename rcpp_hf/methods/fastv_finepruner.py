@@ -40,6 +40,11 @@ class FastVFinePruner(FastV):
     head_strategy: str = "sum"
     num_heads: int = 8
 
+    CONTRACT_NEUTRAL = {"keep": 16}
+    CONTRACT_ACTING = {"budget": 6, "num_heads": 2}  # the tiny model has 4 heads, fewer than the default 8
+    CONTRACT_INVALID = {"head_strategy": "loudest", "num_heads": 0}
+    CONTRACT_MASKABLE = True
+
     def __post_init__(self):
         super().__post_init__()
         if self.head_strategy not in (*HEAD_STRATEGIES, DYNAMIC):

@@ -85,6 +85,10 @@ class HiMAP(PrefillPruner):
     fps_start: str = "isolated"
     fps_seed: int = 0
 
+    CONTRACT_NEUTRAL = {"txt_rank": 16, "img_rank": 16}
+    CONTRACT_INVALID = {"txt_layer": 0, "condensation_strategy": "kmeans"}
+    CONTRACT_MASKABLE = True  # without token condensation (the default), which gives the centroids new states
+
     def __post_init__(self):
         for field in ("txt_layer", "img_layer", "txt_rank", "img_rank", "condensation_num_heads"):
             value = getattr(self, field)

@@ -93,6 +93,9 @@ class MCLCBF(SteeringMethod):
     max_scale: float = 0.5
     eps: float = 1e-6
 
+    CONTRACT_NEUTRAL = {"prefill": False, "decode": False}
+    CONTRACT_INVALID = {"prefill_tau": 1.5, "decode_barrier": "dot"}
+
     def __post_init__(self):
         if self.layers is not None:
             self.layers = tuple(self.layers)

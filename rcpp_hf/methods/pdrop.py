@@ -152,6 +152,10 @@ class PDrop(PrefillPruner):
     ratios: tuple[float, ...] = PDROP_RATIOS
     layers: tuple[int, ...] | None = None
 
+    CONTRACT_NEUTRAL = {"ratios": (1.0, 1.0, 1.0)}
+    CONTRACT_INVALID = {"budget": 0, "ratios": (0.25, 0.5, 0.125)}
+    CONTRACT_MASKABLE = True
+
     def __post_init__(self):
         self.ratios = tuple(self.ratios)
         if isinstance(self.layers, list):

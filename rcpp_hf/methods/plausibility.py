@@ -26,5 +26,8 @@ class PlausibilityCutoff(ContrastiveDecoder):
     plausibility_beta: float = 0.1
     alpha = 0.0  # no contrast branch (a class attribute, not a setting)
 
+    CONTRACT_NEUTRAL = {"plausibility_beta": 0.0}
+    CONTRACT_INVALID = {"plausibility_beta": 1.5}
+
     def __post_init__(self):
         self.check_weights()

@@ -35,6 +35,11 @@ class RandomPruning(PrefillPruner):
     keep: tuple[int, ...] | None = None
     seed: int = 0
 
+    CONTRACT_NEUTRAL = {"layers": (1, 2), "keep": (16, 16)}
+    CONTRACT_ACTING = {"budget": 6}
+    CONTRACT_INVALID = {"budget": 0, "seed": 1.5}
+    CONTRACT_MASKABLE = True
+
     def __post_init__(self):
         self.layers = None if self.layers is None else tuple(self.layers)
         self.keep = None if self.keep is None else tuple(self.keep)

@@ -120,6 +120,15 @@ class RCPP(DecodingMethod):
     method's published values."""
 
     name = "rcpp"
+    # tau = -1 puts every token in C (otherwise the main row would see C alone): with no contrast and no eviction
+    # the scores are recorded and nothing changes.
+    CONTRACT_NEUTRAL = {"lambda_start": 0.0, "lambda_end": 0.0, "keep_ratio_start": 1.0, "keep_ratio_end": 1.0,
+                        "tau": -1.0}  # fmt: skip
+    # Contrast and eviction within a few tokens (the defaults' step schedule acts from step 32).
+    CONTRACT_ACTING = {"tau": 0.5, "tau_mode": "quantile", "lambda_start": 0.2, "lambda_end": 0.8,
+                       "keep_ratio_end": 0.25, "schedule": "linear", "schedule_steps": 4}  # fmt: skip
+    CONTRACT_INVALID = {"gamma": 1.0, "schedule": "cubic", "keep_ratio_start": 0.0}
+
     gamma: float = 0.9
     tau: float = -0.05
     tau_mode: str = "absolute"

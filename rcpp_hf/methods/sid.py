@@ -53,6 +53,9 @@ class SID(ContrastiveDecoder):
     layer: int | None = None
     keep: int | None = None
 
+    CONTRACT_NEUTRAL = {"alpha": 0.0, "plausibility_beta": 0.0}
+    CONTRACT_INVALID = {"layer": 0, "keep": 0}
+
     def __post_init__(self):
         self.check_weights()
         if self.layer is not None and not (isinstance(self.layer, int) and not isinstance(self.layer, bool)

@@ -254,6 +254,13 @@ class SparseVLM(PrefillPruner):
     token_recycling: bool = False
     recycle_ratio: float = 0.3
 
+    CONTRACT_NEUTRAL = None
+    CONTRACT_NOT_NEUTRAL = ("its keep counts are the published lists scaled to the image, and every list drops "
+                            "tokens; its stages must lie inside the decoder")
+    CONTRACT_ACTING = {"budget": 4}  # 128 of 576, scaled to the tiny image's 16 tokens
+    CONTRACT_INVALID = {"recycle_ratio": 0.0, "layers": (6, 2, 15)}
+    CONTRACT_MASKABLE = True  # without token recycling (the default), which gives merged tokens new states
+
     def __post_init__(self):
         if isinstance(self.layers, list):
             self.layers = tuple(self.layers)

@@ -62,6 +62,9 @@ class VCD(ContrastiveDecoder):
     noise_step: int = 500
     seed: int = 0
 
+    CONTRACT_NEUTRAL = {"alpha": 0.0, "plausibility_beta": 0.0}
+    CONTRACT_INVALID = {"alpha": -1.0, "noise_step": 1000}
+
     def __post_init__(self):
         self.check_weights()
         if not (isinstance(self.noise_step, int) and not isinstance(self.noise_step, bool)

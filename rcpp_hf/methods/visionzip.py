@@ -75,6 +75,11 @@ class VisionZip(VisionPruner):
     name = "visionzip"
     contextual: int | None = None
 
+    CONTRACT_NEUTRAL = {"budget": 16}
+    CONTRACT_ACTING = {"budget": 7}  # the default 64 is more than the tiny image's 16 tokens
+    CONTRACT_INVALID = {"budget": 0, "contextual": 64}
+    CONTRACT_MASKABLE = "its contextual tokens enter with the merged features of the tokens it drops"
+
     def __post_init__(self):
         super().__post_init__()
         contextual = self.contextual

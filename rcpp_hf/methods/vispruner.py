@@ -68,6 +68,11 @@ class VisPruner(VisionPruner):
     name = "vispruner"
     important_ratio: float | None = None
 
+    CONTRACT_NEUTRAL = {"budget": 16}
+    CONTRACT_ACTING = {"budget": 5}  # the default 64 is more than the tiny image's 16 tokens
+    CONTRACT_INVALID = {"budget": 0, "important_ratio": 1.5}
+    CONTRACT_MASKABLE = True
+
     def __post_init__(self):
         super().__post_init__()
         if self.important_ratio is not None and not 0.0 <= self.important_ratio <= 1.0:

@@ -37,6 +37,7 @@ from rcpp_hf.engine.layout import text_after_image
 from rcpp_hf.engine.pruning import PruneContext, PruneStage
 from rcpp_hf.engine.vision import gather_tokens
 from rcpp_hf.methods.gan_pruner.attention_residual import question_attention_feature
+from rcpp_hf.methods.gan_pruner.config import GanPrunerConfig
 from rcpp_hf.methods.gan_pruner.merger import merge_columns
 from rcpp_hf.methods.gan_pruner.pruner import GanLayerPruners
 from rcpp_hf.methods.prefill_pruner import PrefillPruner
@@ -64,6 +65,30 @@ class GanPruner(PrefillPruner):
     selects_count: ClassVar[bool] = True
     pruner_path: str | None = None
     mode: str = "hard"
+
+    CONTRACT_NEUTRAL = {"mode": "origin"}
+    # "top_k": each row keeps the trained share; in "hard" mode a batched row keeps the batch's maximum count.
+    CONTRACT_ACTING = {"mode": "top_k"}
+    CONTRACT_INVALID = {"mode": "soft", "pruner_path": "no-such-folder"}
+    CONTRACT_MASKABLE = True  # without a token merger, which `contract_files` does not configure
+
+    @classmethod
+    def contract_files(cls, folder: Path, model_config) -> dict:
+        """Untrained pruners for the decoder of `model_config`, before every layer but the first, trained toward
+        keeping 3/4, 1/2, 1/4 ... of the image; their last layer redrawn (seeded) so that keep logits differ."""
+        text = model_config.text_config
+        layers = list(range(1, text.num_hidden_layers))
+        config = GanPrunerConfig(hidden_size=text.hidden_size, num_hidden_layers=text.num_hidden_layers,
+                                 pruning_layers=layers, pruner_hidden=16, pruner_heads=2,
+                                 target_keep=[1 - layer / text.num_hidden_layers for layer in layers])  # fmt: skip
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            pruners = GanLayerPruners(config)
+            with torch.no_grad():
+                for pruner in pruners.pruners:
+                    pruner.mlp[-1].weight.normal_(std=10.0)
+        pruners.save_pretrained(folder)
+        return {"pruner_path": str(folder)}
 
     def __post_init__(self):
         if self.mode not in GAN_PRUNER_MODES:
