@@ -1,20 +1,6 @@
-"""YAML presets (`configs/*.yaml`): every reader of a preset file goes through `read_yaml_mapping`, so a missing
-file or a file that is not a mapping fails the same way wherever it is read."""
+"""Kept only while `rcpp_hf/config.py` and `rcpp_hf/methods/registry.py` import `read_yaml_mapping` from here; its
+home is `rcpp_hf.yaml_mapping`."""
 
-from __future__ import annotations
+from rcpp_hf.yaml_mapping import read_yaml_mapping
 
-from pathlib import Path
-
-import yaml
-
-
-def read_yaml_mapping(path: str | Path, what: str, holds: str) -> dict:
-    """The mapping in the YAML file `path` (an empty file is {}). Raises FileNotFoundError "`what` file not found"
-    and ValueError "expected a mapping `holds`" (e.g. what="RCPP config", holds="of config fields")."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping {holds}, got {type(values).__name__}")
-    return values
+__all__ = ["read_yaml_mapping"]

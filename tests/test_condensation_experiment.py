@@ -5,7 +5,7 @@ import json
 from rcpp_hf.benchmark.suite import known_methods
 from rcpp_hf.cli import build_parser
 from rcpp_hf.shapesworld.compare import VANILLA, comparison_settings
-from rcpp_hf.shapesworld.condensation import cell_records, default_layers, experiment_settings
+from rcpp_hf.studies.condensation_experiment import cell_records, default_layers, experiment_settings
 from tests.test_shapesworld_evaluate import small_model  # noqa: F401 (fixture)
 
 

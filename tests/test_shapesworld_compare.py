@@ -72,7 +72,7 @@ def test_compare_across_methods_and_budgets(shapesworld_small, tmp_path, capsys)
 
 
 def test_head_ablation_rows_table_and_heat_map(shapesworld_small, tmp_path, capsys):
-    from rcpp_hf.shapesworld.head_ablation import ablation_settings, scale_heads
+    from rcpp_hf.studies.head_ablation import ablation_settings, scale_heads
 
     assert [scale_heads(h, 8) for h in (8, 16, 24, 32)] == [2, 4, 6, 8]
     settings = ablation_settings(["sum", "gini", "consensus_diversity"], (8, 32), (64, 192), 16, 4)

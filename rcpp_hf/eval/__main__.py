@@ -1,5 +1,5 @@
 import sys
 
-from rcpp_hf.eval.cli import main
+from rcpp_hf.cli.eval import main
 
 sys.exit(main())

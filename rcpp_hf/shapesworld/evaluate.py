@@ -1,4 +1,4 @@
-"""`rcpp-hf eval shapesworld`: POPE splits, the MME-style set and partner-absent captions on held-out ShapesWorld scenes.
+"""ShapesWorld evaluation (`rcpp-hf eval shapesworld`): POPE splits, the MME-style set and partner-absent captions on held-out ShapesWorld scenes.
 
 A run writes into its output folder:
 
@@ -20,7 +20,7 @@ A run writes into its output folder:
   included, over its rows) and `decode_ms` per generated token of one answer (the batch's mean
   step over its rows). Times are taken on whatever else the machine runs: compare settings of one run.
 
-Without --config the model decodes greedily with a plain GenerationConfig (vanilla LLaVA); with
+Without --config the model decodes greedily with RCPP off (vanilla LLaVA); with
 --config the YAML preset is loaded as an RCPPGenerationConfig; --method adds a registry method to
 either (alone: RCPP off, greedy). Either way max_new_tokens is the split's (8 for POPE and MME answers,
 64 for captions) unless --max-new-tokens says otherwise.
@@ -28,7 +28,6 @@ either (alone: RCPP off, greedy). Either way max_new_tokens is the split's (8 fo
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 from dataclasses import asdict, dataclass
@@ -46,9 +45,9 @@ from rcpp_hf.engine.pruning import PruneRecord, visual_tokens_per_layer
 from rcpp_hf.eval.mme import HALLUCINATION, mme_scores, parse_mme_answer, read_mme
 from rcpp_hf.eval.pope import parse_yes_no, pope_metrics
 from rcpp_hf.eval.results import ResultsFile
-from rcpp_hf.method_cli import add_method_arguments, method_from_args, with_method
 from rcpp_hf.methods import load_method
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
+from rcpp_hf.run_config import build_generation_config
 from rcpp_hf.shapesworld.caption_sets import caption_rows, caption_scenes, write_caption_split
 from rcpp_hf.shapesworld.chair import chair_metrics, score_caption
 from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt, pope_prompt
@@ -157,20 +156,13 @@ def prefill_visual_tokens(records: list[PruneRecord], num_layers: int, num_visua
     return sum(per_layer) / num_layers
 
 
-def generation_config_for(settings: EvalSettings, tokenizer) -> GenerationConfig:
-    """The run's generation config: the YAML preset (RCPP) or plain greedy, with the split's token budget."""
-    if settings.config is not None:
-        config = RCPPGenerationConfig.from_yaml(settings.config)
-    elif settings.method is not None:
-        config = RCPPGenerationConfig(rcpp=False, do_sample=False)
-    else:
-        config = GenerationConfig(do_sample=False)
-    config = with_method(config, None if settings.method is None else load_method(settings.method))
-    config.max_new_tokens = settings.new_tokens
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    config.return_dict_in_generate = True
-    return config
+def generation_config_for(settings: EvalSettings, tokenizer) -> RCPPGenerationConfig:
+    """The run's generation config: the YAML preset (RCPP) or plain greedy, the method added, with the split's token
+    budget and the tokenizer's pad and eos tokens."""
+    method = None if settings.method is None else load_method(settings.method)
+    return build_generation_config(settings.config, method, max_new_tokens=settings.new_tokens,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   return_dict_in_generate=True)  # fmt: skip
 
 
 def generate_answers(
@@ -259,41 +251,3 @@ def _check_same_run(path: Path, run: dict) -> None:
         return
     versions = {"transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version()}
     path.write_text(json.dumps({**run, "versions": versions}, indent=1) + "\n")
-
-
-def add_eval_parser(eval_subparsers: argparse._SubParsersAction) -> None:
-    """Add `shapesworld` to the `rcpp-hf eval` sub-commands."""
-    parser = eval_subparsers.add_parser("shapesworld", help="POPE / MME / CHAIR on held-out ShapesWorld scenes", description=__doc__)
-    parser.add_argument("--split", required=True, choices=SPLITS)
-    parser.add_argument("--model", default=None, help="checkpoint folder or hub id or shapesworld-smol (default: the embedded ShapesWorld model)")
-    parser.add_argument("--config", default=None, help="RCPP YAML preset (default: vanilla greedy decoding)")
-    add_method_arguments(parser)
-    parser.add_argument("--seed", type=int, default=TEST_SEED, help=f"world seed of the held-out scenes (test: {TEST_SEED})")
-    parser.add_argument("--num-images", type=int, default=100)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--output-dir", default=None, help="default: runs/shapesworld_<split>_s<seed>")
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from rcpp_hf.default_model import model_folder
-
-    method = method_from_args(args.method, args.method_config)
-    settings = EvalSettings(
-        model=model_folder(args.model),
-        split=args.split,
-        config=args.config,
-        method=None if method is None else method.to_dict(),
-        seed=args.seed,
-        num_images=args.num_images,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-    )
-    output_dir = args.output_dir or f"runs/shapesworld_{args.split}_s{args.seed}"
-    metrics = evaluate(settings, output_dir)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "run"}, indent=1))
-    print(f"results in {output_dir}")
-    return 0

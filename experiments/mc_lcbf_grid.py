@@ -2,7 +2,7 @@
 
 POPE (three splits) for prefill-phase settings, captions for decode-phase settings, each beside vanilla; answers
 flipped against vanilla (and how many flips were corrections). Resumable: every run is an `evaluate` folder.
-    PYTHONPATH=. python docs/mc_lcbf_grid.py OUTPUT_DIR
+    PYTHONPATH=. python experiments/mc_lcbf_grid.py OUTPUT_DIR
 """
 
 import json
