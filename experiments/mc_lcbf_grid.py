@@ -27,7 +27,7 @@ SPLITS = {"adversarial": POPE, "captions": CAPTIONS, "random": POPE, "popular": 
 
 
 def records(folder: Path) -> dict:
-    return {r["id"]: r for r in map(json.loads, (folder / "results.jsonl").read_text().splitlines())}
+    return {r["id"]: r for r in map(json.loads, (folder / "answers.jsonl").read_text().splitlines())}
 
 
 def main(output: Path, num_images: int = 50) -> None:

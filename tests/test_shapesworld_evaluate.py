@@ -26,7 +26,7 @@ def small_model(tmp_path_factory):
 
 
 def read_records(folder):
-    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (folder / "answers.part-0.jsonl").read_text().splitlines()]
 
 
 def test_pope_run_resumes_after_a_crash_without_redoing_work(small_model, tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ import functools
 import io
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,15 +90,24 @@ class CaptionScore:
     length: int  # tokens
 
 
-def score_caption(caption: str, ground_truth: set[str]) -> CaptionScore:
-    words = caption_words(caption)
-    mentions = caption_mentions(words)
+def coco_mentions(caption: str) -> list[tuple[str, str]]:
+    """(word, COCO class) for every mention of a COCO object in the caption, as CHAIR reads it."""
+    return caption_mentions(caption_words(caption))
+
+
+def score_caption(
+    caption: str, ground_truth: set[str], mentions: Callable[[str], list[tuple[str, str]]] = coco_mentions
+) -> CaptionScore:
+    """CHAIR's score of one caption against the image's classes. `mentions` is the vocabulary: the caption's
+    (word, class) mentions in order (default COCO's synonym list; ShapesWorld passes its grammar's nouns). The
+    length is CHAIR's token count whatever the vocabulary."""
+    found = mentions(caption)
     return CaptionScore(
-        mentions=mentions,
-        hallucinated=[(word, name) for word, name in mentions if name not in ground_truth],
-        recalled=sorted({name for _, name in mentions if name in ground_truth}),
+        mentions=found,
+        hallucinated=[(word, name) for word, name in found if name not in ground_truth],
+        recalled=sorted({name for _, name in found if name in ground_truth}),
         ground_truth=sorted(ground_truth),
-        length=len(words),
+        length=len(caption_words(caption)),
     )
 
 

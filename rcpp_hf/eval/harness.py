@@ -169,7 +169,7 @@ def run_quality_eval(
     state.wait_for_everyone()
 
     if state.is_main_process:
-        records = [{**record, **score(record)} for record in _merge_parts(run_dir, items)]
+        records = [{**record, **score(record)} for record in run_dir.answers_in_order([item.id for item in items])]
         run_dir.write_answers(records)
         metrics = {"benchmark": benchmark, "n": len(records), **summarize(records), "latency": _latency(records)}
         run_dir.write_metrics(metrics)
@@ -198,17 +198,6 @@ def _answer(answerer: Answerer, batches: list[list[EvalItem]], part, seed: int, 
         )
         progress.update(len(batch))
     progress.close()
-
-
-def _merge_parts(run_dir: RunDirectory, items: list[EvalItem]) -> list[dict]:
-    by_id = {}
-    for part in run_dir.parts():
-        for record in part.read():
-            by_id.setdefault(record["id"], record)
-    missing = [item.id for item in items if item.id not in by_id]
-    if missing:
-        raise RuntimeError(f"{run_dir.path}: {len(missing)} items have no answer after the run, e.g. {missing[:3]}")
-    return [by_id[item.id] for item in items]
 
 
 def _latency(records: list[dict]) -> dict:

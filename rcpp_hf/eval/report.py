@@ -34,8 +34,10 @@ def collect_runs(root: str | Path) -> list[RunSummary]:
         config_path = metrics_path.with_name("config.json")
         if not config_path.is_file():
             continue
-        identity = json.loads(config_path.read_text())["identity"]
         metrics = json.loads(metrics_path.read_text())
+        if "headline" not in metrics:  # a ShapesWorld run (`shapesworld.evaluate`): no headline to tabulate
+            continue
+        identity = json.loads(config_path.read_text())["identity"]
         config_file = identity["decoding_config_file"]
         sampled = identity["generation_config"].get("do_sample", False)
         runs.append(

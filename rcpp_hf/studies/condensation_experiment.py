@@ -7,7 +7,7 @@ beside them; on the MME-style ShapesWorld set (existence, count, position, color
 The stage is HiMAP's first (`HiMAP(txt_layer=L, txt_rank=T, image_stage=False)`): the seed sweeps one condensation
 layer, and a second stage would make the layers of different rows incomparable.
 
-Every cell is a row of `compare` (its own resumable folder, answers appended to `results.jsonl` as they come, so an
+Every cell is a row of `compare` (its own resumable folder, answers appended as they come, so an
 interrupted run resumes where it stopped); the experiment writes `condensation.json` (one record per cell, with the
 gain over hard pruning), `condensation.md` and `condensation.png` (MME total and POPE F1 against L, the four
 subtasks, the gain over hard pruning) next to `compare`'s table.
