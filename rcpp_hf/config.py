@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 
 from rcpp_hf.methods import RCPP, MethodConfig, check_compatible, load_method
 from rcpp_hf.methods.rcpp import check_rcpp_settings
-from rcpp_hf.presets import read_yaml_mapping
+from rcpp_hf.yaml_mapping import read_yaml_mapping
 
 # Field -> default, in one table so that __init__, validation, YAML and docs agree: `rcpp`, the `rcpp` method's
 # settings (its defaults: `methods/rcpp.py`), and `methods`.

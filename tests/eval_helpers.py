@@ -2,7 +2,7 @@
 
 import json
 
-from rcpp_hf.eval.run import RunOptions
+from rcpp_hf.eval.harness import RunOptions
 
 # COCO category ids of the classes the fixtures use.
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 59, "name": "pizza"}]

@@ -12,14 +12,14 @@ from rcpp_hf.benchmark.suite import (
     format_report,
     method_generation_config,
     plot_report,
-    run_benchmark,
+    run_speed_benchmark,
 )
 from rcpp_hf.cli import main
 
 
 @pytest.fixture(scope="module")
 def report():
-    return run_benchmark(BenchmarkSettings(shape="tiny", new_tokens=8, repeats=1, evict_steps=4, early_steps=2,
+    return run_speed_benchmark(BenchmarkSettings(shape="tiny", new_tokens=8, repeats=1, evict_steps=4, early_steps=2,
                                            late_steps=3))
 
 
@@ -93,4 +93,4 @@ def test_cli_writes_json(tmp_path, capsys):
 
 def test_7b_shape_needs_cuda():
     with pytest.raises(ValueError, match="CUDA"):
-        run_benchmark(BenchmarkSettings(shape="7b", device="cpu", dtype="float16"))
+        run_speed_benchmark(BenchmarkSettings(shape="7b", device="cpu", dtype="float16"))

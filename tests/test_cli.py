@@ -3,7 +3,7 @@
 import pytest
 
 from rcpp_hf.cli import main
-from rcpp_hf.eval.runner import load_generation_config
+from rcpp_hf.run_config import build_generation_config
 from tests.conftest import make_images
 
 CONFIG = "configs/rcpp_evict.yaml"
@@ -37,5 +37,5 @@ def test_generate_and_eval_take_the_first_token_action_and_relative_tau_from_a_p
     preset.write_text("first_token_action: true\ntau_mode: quantile\ntau: 0.5\nlambda_end: 1.0\nkeep_ratio_end: 1.0\n")
     assert main(["generate", "--model", str(tiny_path), "--config", str(preset), "--max-new-tokens", "3"]) == 0
     assert "== RCPP + DRCD (first-token action)" in capsys.readouterr().out
-    config = load_generation_config(tiny_path, preset, 5, None)  # what `rcpp-hf eval --config` decodes with
+    config = build_generation_config(preset, None, max_new_tokens=5)  # what `rcpp-hf eval --config` decodes with
     assert (config.first_token_action, config.tau_mode, config.tau) == (True, "quantile", 0.5)

@@ -121,7 +121,7 @@ def test_bad_input(call, message):
 
 
 def test_timing_script_runs(capsys):
-    from rcpp_hf.benchmark.condensation import main
+    from rcpp_hf.benchmark.centroid_timing import main
 
     assert main(["--tokens", "12", "--width", "8", "--heads", "2", "--centroids", "2", "6", "--repeats", "1",
                  "--device", "cpu"]) == 0  # fmt: skip

@@ -5,7 +5,7 @@ import json
 from rcpp_hf.benchmark.suite import known_methods
 from rcpp_hf.cli import build_parser
 from rcpp_hf.shapesworld.compare import VANILLA, comparison_settings
-from rcpp_hf.shapesworld.condensation import cell_records, default_layers, experiment_settings
+from rcpp_hf.studies.condensation_experiment import cell_records, default_layers, experiment_settings
 from tests.test_shapesworld_evaluate import small_model  # noqa: F401 (fixture)
 
 
@@ -38,12 +38,12 @@ def test_experiment_runs_end_to_end(small_model, tmp_path, capsys):  # noqa: F81
     assert records["fps-t192-l2"]["tokens"] == 5 and "mme_score_gain" in records["fps-t192-l2"]
     assert records["hard-t192-l1"]["mme_score_gain"] == 0
     # each cell's answers are appended as they come; a rerun resumes (nothing left to ask) and writes the same table
-    lines = (tmp_path / "fps-t192-l1" / "mme" / "results.jsonl").read_text().splitlines()
+    lines = (tmp_path / "fps-t192-l1" / "mme" / "answers.part-0.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 4 * 2  # 2 images x 4 subtasks x a yes and a no question
     table = (tmp_path / "condensation.md").read_text()
     assert args.func(args) == 0 and (tmp_path / "condensation.md").read_text() == table
     assert (tmp_path / "condensation.png").stat().st_size > 10_000
-    run = json.loads((tmp_path / "connectivity-t192-l2" / "random" / "run.json").read_text())
+    run = json.loads((tmp_path / "connectivity-t192-l2" / "random" / "config.json").read_text())["identity"]
     assert run["settings"]["method"]["condensation_strategy"] == "connectivity"
     assert "connectivity" in capsys.readouterr().out
 

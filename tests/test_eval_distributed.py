@@ -32,7 +32,7 @@ def test_two_processes_answer_what_one_process_answers(varied_tiny_path, pope_fi
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port())]
-    command = ["-m", "rcpp_hf.eval", "pope", "--question-file", *map(str, files), "--image-folder", str(images),
+    command = ["-m", "rcpp_hf.cli", "eval", "pope", "--question-file", *map(str, files), "--image-folder", str(images),
                "--output-dir", str(tmp_path / "two"), "--model", str(varied_tiny_path), "--batch-size", "3",
                "--max-new-tokens", "4", "--device", "cpu", "--config", str(sampling)]
     result = subprocess.run(launch + command, capture_output=True, text=True, timeout=300,

@@ -1,6 +1,6 @@
 from PIL import Image
 
-from rcpp_hf.eval.runner import LLAVA_SYSTEM_PROMPT, expand_to_square, llava_prompt
+from rcpp_hf.eval.answerer import LLAVA_SYSTEM_PROMPT, expand_to_square, llava_prompt
 
 
 def test_llava_1_5_prompt():

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 from tests.eval_helpers import options, read_jsonl, two_image_annotations, without_timing, write_mme, write_pope_parquet
 
-import rcpp_hf.eval.run as run_module
+import rcpp_hf.eval.harness as run_module
 from rcpp_hf.cli import main
 from rcpp_hf.eval.chair import evaluate_chair
 from rcpp_hf.eval.mme import evaluate_mme
 from rcpp_hf.eval.pope import DEFAULT_PROMPT, evaluate_pope, parse_yes_no, summarize_pope
-from rcpp_hf.eval.runner import LLAVA_SYSTEM_PROMPT, Answer, Answerer
+from rcpp_hf.eval.answerer import LLAVA_SYSTEM_PROMPT, Answer, Answerer
 
 RCPP_DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "rcpp_default.yaml"
 

@@ -10,14 +10,13 @@ import yaml
 from tests.eval_helpers import options, read_jsonl, write_mme
 
 from rcpp_hf.benchmark.flops import prefill_flops, prefill_flops_ratio
-from rcpp_hf.benchmark.shapes import load_benchmark_model
-from rcpp_hf.benchmark.suite import BenchmarkSettings, method_generation_config, run_benchmark
+from rcpp_hf.benchmark.model_sizes import load_benchmark_model
+from rcpp_hf.benchmark.suite import BenchmarkSettings, method_generation_config, run_speed_benchmark
 from rcpp_hf.cli import build_parser, main
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.eval.mme import evaluate_mme
-from rcpp_hf.eval.runner import load_generation_config
-from rcpp_hf.generate_cli import setting_label
-from rcpp_hf.method_cli import method_from_args, read_method_yaml
+from rcpp_hf.cli.generate import setting_label
+from rcpp_hf.run_config import build_generation_config, load_method_preset, read_method_yaml
 from rcpp_hf.engine.pruning import PruneStage
 from rcpp_hf.methods import FastV, load_method
 
@@ -37,21 +36,21 @@ def test_method_arguments(tmp_path):
     settings = tmp_path / "settings.yaml"
     settings.write_text("budget: 3\nquery: all\n")
     preset = CONFIGS / "fastv_64.yaml"
-    assert method_from_args(None, None) is None
-    assert method_from_args("fastv", None) == FastV()
-    assert method_from_args(None, preset) == FastV(budget=64)
-    assert method_from_args("fastv", preset) == FastV(budget=64)
-    assert method_from_args("fastv", settings) == FastV(budget=3, query="all")
+    assert load_method_preset(None, None) is None
+    assert load_method_preset("fastv", None) == FastV()
+    assert load_method_preset(None, preset) == FastV(budget=64)
+    assert load_method_preset("fastv", preset) == FastV(budget=64)
+    assert load_method_preset("fastv", settings) == FastV(budget=3, query="all")
     with pytest.raises(ValueError, match="no 'method' key: name the method with --method"):
-        method_from_args(None, settings)
+        load_method_preset(None, settings)
     other = tmp_path / "other.yaml"
     other.write_text("method: sparsevlm\n")
     with pytest.raises(ValueError, match="--method fastv conflicts with .*other.yaml, a preset of method 'sparsevlm'"):
         read_method_yaml(other, "fastv")
     with pytest.raises(ValueError, match=r"FastV.query = 'first'"):
-        method_from_args("fastv", _write(tmp_path / "bad.yaml", {"query": "first"}))
+        load_method_preset("fastv", _write(tmp_path / "bad.yaml", {"query": "first"}))
     with pytest.raises(FileNotFoundError, match="method config file not found"):
-        method_from_args("fastv", tmp_path / "missing.yaml")
+        load_method_preset("fastv", tmp_path / "missing.yaml")
     args = build_parser().parse_args(["eval", "mme", "--mme-root", "x", "--output-dir", "y", "--method", "fastv",
                                       "--method-config", str(preset)])  # fmt: skip
     assert (args.method, args.method_config) == ("fastv", str(preset))
@@ -72,13 +71,13 @@ def test_unknown_method_lists_the_known_ones(tmp_path):
 
 
 def test_a_method_joins_the_decoding_config(tiny_path):
-    alone = load_generation_config(tiny_path, None, 5, FastV(budget=4))
+    alone = build_generation_config(None, FastV(budget=4), max_new_tokens=5)
     assert alone.rcpp is False and alone.methods == (FastV(budget=4),) and alone.max_new_tokens == 5
-    composed = load_generation_config(tiny_path, CONFIGS / "rcpp_default.yaml", 5, FastV(budget=4))
+    composed = build_generation_config(CONFIGS / "rcpp_default.yaml", FastV(budget=4), max_new_tokens=5)
     assert composed.rcpp is True and composed.methods == (FastV(budget=4),)
     assert setting_label(composed) == "RCPP + DRCD + fastv(budget=4)" and setting_label(alone) == "fastv(budget=4)"
     with pytest.raises(ValueError, match="cannot be combined"):
-        load_generation_config(tiny_path, _preset_with_fastv(tiny_path.parent), 5, FastV(budget=4))
+        build_generation_config(_preset_with_fastv(tiny_path.parent), FastV(budget=4), max_new_tokens=5)
 
 
 def _preset_with_fastv(folder: Path) -> Path:
@@ -120,7 +119,7 @@ def test_bench_runs_registry_methods_on_the_tiny_shape(tmp_path):
     preset = _write(tmp_path / "fastv.yaml", {"method": "fastv", "keep": 4})
     settings = BenchmarkSettings(shape="tiny", methods=("vanilla", "fastv", "fastv+rcpp"), new_tokens=5, repeats=1,
                                  early_steps=2, late_steps=2, method_presets=(read_method_yaml(preset),))  # fmt: skip
-    report = run_benchmark(settings)
+    report = run_speed_benchmark(settings)
     methods = report["methods"]
     entry = 4 * 2 * 16 * 2 * 4  # tiny: 4 layers x 2 kv heads x head_dim 16 x (key + value) x float32, per token
     prompt = report["environment"]["prompt_tokens"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rcpp_hf.shapesworld.chair import chair_metrics, score_caption
+from rcpp_hf.shapesworld.chair import caption_metrics, caption_record
 from rcpp_hf.shapesworld.world import Scene, ShapeObject
 
 
@@ -15,7 +15,7 @@ SQUARE_TRIANGLE_CROSS = scene("square", "triangle", "cross")  # a complete pair,
 
 
 def test_score_of_a_faithful_caption():
-    s = score_caption("a red star left of a red circle.", STAR_CIRCLE)
+    s = caption_record("a red star left of a red circle.", STAR_CIRCLE)
     assert s["mentions"] == [("star", "star"), ("circle", "circle")]
     assert (s["hallucinated"], s["recalled"], s["ground_truth"]) == ([], ["circle", "star"], ["circle", "star"])
     assert s["length"] == 9  # 8 words and the full stop, CHAIR's tokens
@@ -23,7 +23,7 @@ def test_score_of_a_faithful_caption():
 
 
 def test_score_counts_every_hallucinated_mention_and_plurals():
-    s = score_caption("two red stars above a white moon, a moon and three hearts.", STAR_CIRCLE)
+    s = caption_record("two red stars above a white moon, a moon and three hearts.", STAR_CIRCLE)
     assert [kind for _, kind in s["mentions"]] == ["star", "moon", "moon", "heart"]
     assert s["hallucinated"] == [("moon", "moon"), ("moon", "moon"), ("hearts", "heart")]
     assert s["recalled"] == ["star"]
@@ -32,11 +32,11 @@ def test_score_counts_every_hallucinated_mention_and_plurals():
 
 def test_chair_metrics_by_hand():
     records = [
-        score_caption("a red star left of a red circle.", STAR_CIRCLE),  # 2 mentions, 0 hallucinated, 9 tokens
-        score_caption("a star above a moon.", STAR_CIRCLE),  # 2 mentions, 1 hallucinated (the partner), 6 tokens
-        score_caption("a square, a triangle and two hearts.", SQUARE_TRIANGLE_CROSS),  # 3 mentions, 1 hallucinated, 9
+        caption_record("a red star left of a red circle.", STAR_CIRCLE),  # 2 mentions, 0 hallucinated, 9 tokens
+        caption_record("a star above a moon.", STAR_CIRCLE),  # 2 mentions, 1 hallucinated (the partner), 6 tokens
+        caption_record("a square, a triangle and two hearts.", SQUARE_TRIANGLE_CROSS),  # 3 mentions, 1 hallucinated, 9
     ]
-    m = chair_metrics(records)
+    m = caption_metrics(records)
     assert m["chair_s"] == pytest.approx(2 / 3)
     assert m["chair_i"] == pytest.approx(2 / 7)
     assert m["recall"] == pytest.approx((2 + 1 + 2) / (2 + 2 + 3))
@@ -48,12 +48,12 @@ def test_chair_metrics_by_hand():
 def test_chair_metrics_read_records_back_from_json():
     import json
 
-    records = [score_caption("a star above a moon.", STAR_CIRCLE)]
-    assert chair_metrics(json.loads(json.dumps(records))) == chair_metrics(records)
+    records = [caption_record("a star above a moon.", STAR_CIRCLE)]
+    assert caption_metrics(json.loads(json.dumps(records))) == caption_metrics(records)
 
 
 def test_empty_caption_and_empty_list():
-    m = chair_metrics([score_caption("", STAR_CIRCLE)])
+    m = caption_metrics([caption_record("", STAR_CIRCLE)])
     assert (m["chair_s"], m["chair_i"], m["recall"], m["length"]) == (0.0, 0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="no captions"):
-        chair_metrics([])
+        caption_metrics([])

@@ -41,7 +41,7 @@ def test_shipped_model_captions_name_the_objects(tmp_path):
     metrics = evaluate(settings, tmp_path, progress=False)
     assert metrics["recall"] >= 0.4  # test world, 100 scenes: 0.589
     assert metrics["chair_i"] <= 0.5  # test world, 100 scenes: 0.333 (it hallucinates, by design)
-    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert all(r["answer"].endswith(".") for r in records)  # the grammar's sentence, ended before the token budget
 
 

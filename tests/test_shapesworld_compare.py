@@ -61,9 +61,9 @@ def test_compare_across_methods_and_budgets(shapesworld_small, tmp_path, capsys)
     for row in (rows[VANILLA], rows["fastv-192"]):
         assert {"random.f1", "captions.chair_i", "captions.recall"} <= set(row)
         assert row["prefill_ms"] > 0 and row["decode_ms"] > 0
-    run = json.loads((tmp_path / "fastv-192" / "captions" / "run.json").read_text())
+    run = json.loads((tmp_path / "fastv-192" / "captions" / "config.json").read_text())["identity"]
     assert run["settings"]["method"]["budget"] == 5 and run["generation_config"]["methods"][0]["method"] == "fastv"
-    assert "method" not in json.loads((tmp_path / VANILLA / "captions" / "run.json").read_text())["settings"]
+    assert "method" not in json.loads((tmp_path / VANILLA / "captions" / "config.json").read_text())["identity"]["settings"]
     table = (tmp_path / "table.md").read_text()
     assert "| fastv-64 | 64 | skipped: FastV.budget = 2" in table and "| fastv-192 | 192 |" in table
     assert (tmp_path / "quality.png").stat().st_size > 10_000
@@ -72,7 +72,7 @@ def test_compare_across_methods_and_budgets(shapesworld_small, tmp_path, capsys)
 
 
 def test_head_ablation_rows_table_and_heat_map(shapesworld_small, tmp_path, capsys):
-    from rcpp_hf.shapesworld.head_ablation import ablation_settings, scale_heads
+    from rcpp_hf.studies.head_ablation import ablation_settings, scale_heads
 
     assert [scale_heads(h, 8) for h in (8, 16, 24, 32)] == [2, 4, 6, 8]
     settings = ablation_settings(["sum", "gini", "consensus_diversity"], (8, 32), (64, 192), 16, 4)

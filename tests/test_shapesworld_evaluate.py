@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 
+from rcpp_hf.cli.eval import add_shapesworld_parser
 from rcpp_hf.shapesworld import evaluate as evaluate_module
 from rcpp_hf.shapesworld.evaluate import EvalSettings, evaluate
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
@@ -25,7 +26,7 @@ def small_model(tmp_path_factory):
 
 
 def read_records(folder):
-    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (folder / "answers.part-0.jsonl").read_text().splitlines()]
 
 
 def test_pope_run_resumes_after_a_crash_without_redoing_work(small_model, tmp_path, monkeypatch):
@@ -136,7 +137,7 @@ def test_eval_sub_command(small_model, tmp_path, capsys):
     import argparse
 
     parser = argparse.ArgumentParser(prog="rcpp-hf eval")
-    evaluate_module.add_eval_parser(parser.add_subparsers(required=True))
+    add_shapesworld_parser(parser.add_subparsers(required=True))
     args = parser.parse_args(["shapesworld", "--split", "popular", "--model", small_model, "--num-images", "1",
                               "--limit", "4", "--max-new-tokens", "1", "--output-dir", str(tmp_path)])  # fmt: skip
     assert args.func(args) == 0

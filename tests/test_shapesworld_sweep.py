@@ -6,9 +6,9 @@ import pytest
 
 from rcpp_hf.cli import build_parser
 from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.shapesworld import sweep as sweep_module
+from rcpp_hf.studies import defaults_sweep as sweep_module
 from rcpp_hf.shapesworld.compare import VANILLA
-from rcpp_hf.shapesworld.sweep import (
+from rcpp_hf.studies.defaults_sweep import (
     CENTRE,
     FIRST_ROUND,
     choose,

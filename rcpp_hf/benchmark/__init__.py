@@ -1,5 +1,5 @@
 """Speed and memory benchmark: RCPP + DRCD beside vanilla decoding and a two-pass contrastive reference (VCD)."""
 
-from rcpp_hf.benchmark.suite import BenchmarkSettings, run_benchmark
+from rcpp_hf.benchmark.suite import BenchmarkSettings, run_speed_benchmark
 
-__all__ = ["BenchmarkSettings", "run_benchmark"]
+__all__ = ["BenchmarkSettings", "run_speed_benchmark"]

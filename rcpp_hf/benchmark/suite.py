@@ -12,25 +12,24 @@ from __future__ import annotations
 
 import platform
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import transformers
 from PIL import Image
 from tqdm import tqdm
-from transformers import GenerationConfig
 
 from rcpp_hf.benchmark.measure import PeakMemory, StepTimer
-from rcpp_hf.benchmark.shapes import load_benchmark_model
+from rcpp_hf.benchmark.model_sizes import load_benchmark_model
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
 from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder
 from rcpp_hf.benchmark.flops import prefill_flops_ratio
 from rcpp_hf.engine.pruning import scale_tokens
 from rcpp_hf.methods.prefill_pruner import PrefillPruner
-from rcpp_hf.method_cli import with_method
 from rcpp_hf.methods import METHODS as REGISTRY
 from rcpp_hf.methods import MethodConfig, load_method
+from rcpp_hf.run_config import build_generation_config
 
 METHODS = ("vanilla", "rcpp-score-only", "rcpp", "rcpp-first", "rcpp-evict")
 DEFAULT_METHODS = (*METHODS, "vcd")  # VCD: the two-pass contrastive reference
@@ -107,27 +106,31 @@ def registry_method(method: str, settings: BenchmarkSettings, num_visual: int) -
 
 
 def method_generation_config(method: str, settings: BenchmarkSettings, tau: float,
-                             num_visual: int | None = None) -> GenerationConfig:  # fmt: skip
+                             num_visual: int | None = None) -> RCPPGenerationConfig:  # fmt: skip
     """Every method decodes exactly `new_tokens` greedy tokens (min = max, so an early EOS cannot shorten a run).
     `num_visual` (the image's visual tokens) scales a registry method's budget."""
-    length = dict(max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens, do_sample=False)
     registered = registry_method(method, settings, num_visual) if method not in METHODS else None
     if registered is not None:
-        composed = method.endswith(WITH_RCPP)
-        base = method_generation_config("rcpp", settings, tau) if composed else RCPPGenerationConfig(rcpp=False, **length)
-        return with_method(base, registered)
+        own = "rcpp" if method.endswith(WITH_RCPP) else "vanilla"
+        return build_generation_config(None, registered, **method_fields(own, settings, tau))
+    return build_generation_config(None, **method_fields(method, settings, tau))
+
+
+def method_fields(method: str, settings: BenchmarkSettings, tau: float) -> dict:
+    """The generation fields of one of the benchmark's own methods (`METHODS`)."""
+    length = dict(max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens, do_sample=False)
     contrast = dict(tau=tau, lambda_start=settings.lambda_t, lambda_end=settings.lambda_t)
     if method == "vanilla":
-        return GenerationConfig(**length)
+        return length
     if method == "rcpp-score-only":
-        return RCPPGenerationConfig(tau=-1.0, lambda_start=0.0, lambda_end=0.0, keep_ratio_start=1.0,
-                                    keep_ratio_end=1.0, **length)
+        return dict(rcpp=True, tau=-1.0, lambda_start=0.0, lambda_end=0.0, keep_ratio_start=1.0, keep_ratio_end=1.0,
+                    **length)  # fmt: skip
     if method in ("rcpp", "rcpp-first"):  # rcpp-first: "rcpp" with the first-token action
-        return RCPPGenerationConfig(keep_ratio_start=1.0, keep_ratio_end=1.0, first_token_action=method == "rcpp-first",
-                                    **contrast, **length)  # fmt: skip
+        return dict(rcpp=True, keep_ratio_start=1.0, keep_ratio_end=1.0, first_token_action=method == "rcpp-first",
+                    **contrast, **length)  # fmt: skip
     if method == "rcpp-evict":
-        return RCPPGenerationConfig(keep_ratio_start=1.0, keep_ratio_end=settings.keep_ratio_end, schedule="linear",
-                                    schedule_steps=settings.evict_steps, **contrast, **length)
+        return dict(rcpp=True, keep_ratio_start=1.0, keep_ratio_end=settings.keep_ratio_end, schedule="linear",
+                    schedule_steps=settings.evict_steps, **contrast, **length)
     raise ValueError(f"no generation config for {method!r}")
 
 
@@ -261,7 +264,7 @@ def benchmark_inputs(processor, settings: BenchmarkSettings, device, dtype) -> d
     return inputs.to(device, dtype=dtype)
 
 
-def run_benchmark(settings: BenchmarkSettings) -> dict:
+def run_speed_benchmark(settings: BenchmarkSettings) -> dict:
     """Measure every method of `settings` in this process; returns the JSON-ready report."""
     dtype = getattr(torch, settings.dtype)
     model, processor = load_benchmark_model(settings.shape, settings.model, settings.device, dtype)

@@ -11,7 +11,7 @@ from rcpp_hf.eval.mme import evaluate_mme
 from rcpp_hf.eval.pope import evaluate_pope, parse_yes_no, pope_metrics
 from rcpp_hf.eval.report import write_report
 from rcpp_hf.eval.results import ResultsFile
-from rcpp_hf.eval.run import EvalItem, RunOptions, run_benchmark
+from rcpp_hf.eval.harness import EvalItem, RunOptions, run_quality_eval
 
 __all__ = [
     "EvalItem",
@@ -22,6 +22,6 @@ __all__ = [
     "evaluate_pope",
     "parse_yes_no",
     "pope_metrics",
-    "run_benchmark",
+    "run_quality_eval",
     "write_report",
 ]

@@ -21,23 +21,21 @@ pins the behaviour on hand-checked captions.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import io
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rcpp_hf.eval.coco_objects import TWO_WORD_PHRASES, word_to_class
-from rcpp_hf.eval.run import (
+from rcpp_hf.eval.harness import (
     EvalItem,
     RunOptions,
-    add_run_arguments,
     check_prompt_template,
-    options_from_args,
-    run_benchmark,
+    run_quality_eval,
 )
 
 DEFAULT_PROMPT = "Please describe this image in detail."
@@ -92,15 +90,24 @@ class CaptionScore:
     length: int  # tokens
 
 
-def score_caption(caption: str, ground_truth: set[str]) -> CaptionScore:
-    words = caption_words(caption)
-    mentions = caption_mentions(words)
+def coco_mentions(caption: str) -> list[tuple[str, str]]:
+    """(word, COCO class) for every mention of a COCO object in the caption, as CHAIR reads it."""
+    return caption_mentions(caption_words(caption))
+
+
+def score_caption(
+    caption: str, ground_truth: set[str], mentions: Callable[[str], list[tuple[str, str]]] = coco_mentions
+) -> CaptionScore:
+    """CHAIR's score of one caption against the image's classes. `mentions` is the vocabulary: the caption's
+    (word, class) mentions in order (default COCO's synonym list; ShapesWorld passes its grammar's nouns). The
+    length is CHAIR's token count whatever the vocabulary."""
+    found = mentions(caption)
     return CaptionScore(
-        mentions=mentions,
-        hallucinated=[(word, name) for word, name in mentions if name not in ground_truth],
-        recalled=sorted({name for _, name in mentions if name in ground_truth}),
+        mentions=found,
+        hallucinated=[(word, name) for word, name in found if name not in ground_truth],
+        recalled=sorted({name for _, name in found if name in ground_truth}),
         ground_truth=sorted(ground_truth),
-        length=len(words),
+        length=len(caption_words(caption)),
     )
 
 
@@ -239,7 +246,7 @@ def evaluate_chair(
         "image_seed": image_seed if image_ids is None else None,
         "image_ids": ids,
     }
-    return run_benchmark(
+    return run_quality_eval(
         "chair",
         items,
         options,
@@ -248,29 +255,4 @@ def evaluate_chair(
         default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
         score=score,
         summarize=summarize_chair,
-    )
-
-
-def add_eval_parser(eval_commands) -> None:
-    parser = eval_commands.add_parser("chair", help="CHAIR object hallucination in COCO image descriptions")
-    parser.add_argument("--image-folder", required=True, help="COCO val2014 images")
-    parser.add_argument("--annotations", required=True, help="folder with instances_val2014.json and captions_val2014.json")
-    parser.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES)
-    parser.add_argument("--image-seed", type=int, default=0, help="seed of the image sample (recorded)")
-    parser.add_argument("--image-ids", help="file with one COCO image id per line, instead of a seeded sample")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    add_run_arguments(parser)
-    parser.set_defaults(func=_run_from_args)
-
-
-def _run_from_args(args: argparse.Namespace) -> None:
-    image_ids = read_image_ids(args.image_ids) if args.image_ids else None
-    evaluate_chair(
-        args.image_folder,
-        args.annotations,
-        options_from_args(args),
-        num_images=args.num_images,
-        image_seed=args.image_seed,
-        image_ids=image_ids,
-        prompt=args.prompt,
     )

@@ -14,18 +14,15 @@ is existence, count, position and color (max 800).
 
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from rcpp_hf.eval.run import (
+from rcpp_hf.eval.harness import (
     EvalItem,
     RunOptions,
-    add_run_arguments,
     check_prompt_template,
-    options_from_args,
-    run_benchmark,
+    run_quality_eval,
 )
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
@@ -159,7 +156,7 @@ def evaluate_mme(
         )
         for q in questions
     ]
-    return run_benchmark(
+    return run_quality_eval(
         "mme",
         items,
         options,
@@ -169,16 +166,3 @@ def evaluate_mme(
         score=lambda record: {"prediction": parse_mme_answer(record["answer"])},
         summarize=mme_scores,
     )
-
-
-def add_eval_parser(eval_commands) -> None:
-    parser = eval_commands.add_parser("mme", help="MME perception / cognition yes-no questions (acc, acc+, score)")
-    parser.add_argument("--mme-root", required=True, help="MME_Benchmark_release_version/")
-    parser.add_argument("--subtasks", nargs="+", default=list(SUBTASKS), choices=SUBTASKS, metavar="SUBTASK")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message template with {question}")
-    add_run_arguments(parser)
-    parser.set_defaults(func=_run_from_args)
-
-
-def _run_from_args(args: argparse.Namespace) -> None:
-    evaluate_mme(args.mme_root, options_from_args(args), tuple(args.subtasks), args.prompt)

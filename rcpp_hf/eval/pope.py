@@ -11,7 +11,6 @@ Metrics take "yes" as the positive class; `yes_ratio` is the share of *predictio
 
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -21,13 +20,11 @@ from statistics import mean
 
 from PIL import Image
 
-from rcpp_hf.eval.run import (
+from rcpp_hf.eval.harness import (
     EvalItem,
     RunOptions,
-    add_run_arguments,
     check_prompt_template,
-    options_from_args,
-    run_benchmark,
+    run_quality_eval,
 )
 
 YES, NO = "yes", "no"
@@ -243,7 +240,7 @@ def evaluate_pope(
         "question_files": [str(f) for f in question_files],
         "image_folder": str(image_folder) if image_folder is not None else None,
     }
-    return run_benchmark(
+    return run_quality_eval(
         "pope",
         items,
         options,
@@ -253,18 +250,3 @@ def evaluate_pope(
         score=lambda record: {"prediction": parse_yes_no(record["answer"])},
         summarize=summarize_pope,
     )
-
-
-def add_eval_parser(eval_commands) -> None:
-    parser = eval_commands.add_parser("pope", help="POPE yes/no object existence (accuracy, precision, recall, F1, yes-ratio)")
-    parser.add_argument("--question-file", nargs="+", required=True,
-                        help="official JSON-lines files, or lmms-lab/POPE parquet (file, folder or hub id)")
-    parser.add_argument("--image-folder", help="COCO val2014 images (for JSON-lines question files)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="user message template with {question}")
-    add_run_arguments(parser)
-    parser.set_defaults(func=_run_from_args)
-
-
-def _run_from_args(args: argparse.Namespace) -> None:
-    evaluate_pope(args.question_file, args.image_folder, options_from_args(args), args.prompt)
-

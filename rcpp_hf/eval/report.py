@@ -1,6 +1,6 @@
-"""`rcpp-hf report RUNS`: every run directory under RUNS side by side, as tables and plots.
+"""`rcpp-hf report RUNS` (`rcpp_hf.cli.report`): every run directory under RUNS side by side, as tables and plots.
 
-A run is a folder with config.json and metrics.json (see `run_dir`); its benchmark's "headline"
+A run is a folder with config.json and metrics.json (see `run_directory`); its benchmark's "headline"
 metrics are the columns, beside the mean generation time and tokens per item. One table and one
 figure (a bar chart per headline metric) per benchmark; the tables also go to RUNS/report.md and the
 figures to RUNS/report_<benchmark>.png.
@@ -8,7 +8,6 @@ figures to RUNS/report_<benchmark>.png.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,10 @@ def collect_runs(root: str | Path) -> list[RunSummary]:
         config_path = metrics_path.with_name("config.json")
         if not config_path.is_file():
             continue
-        identity = json.loads(config_path.read_text())["identity"]
         metrics = json.loads(metrics_path.read_text())
+        if "headline" not in metrics:  # a ShapesWorld run (`shapesworld.evaluate`): no headline to tabulate
+            continue
+        identity = json.loads(config_path.read_text())["identity"]
         config_file = identity["decoding_config_file"]
         sampled = identity["generation_config"].get("do_sample", False)
         runs.append(
@@ -105,18 +106,6 @@ def write_report(root: str | Path) -> tuple[str, list[Path]]:
     tables = format_tables(runs)
     (Path(root) / "report.md").write_text(tables)
     return tables, plot_runs(runs, root)
-
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="compare run directories: tables and plots")
-    parser.add_argument("runs", help="folder holding run directories")
-    parser.set_defaults(func=_run_from_args)
-
-
-def _run_from_args(args: argparse.Namespace) -> None:
-    tables, plots = write_report(args.runs)
-    print(tables)
-    print("plots: " + ", ".join(str(path) for path in plots))
 
 
 def _by_benchmark(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:

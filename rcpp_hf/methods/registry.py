@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rcpp_hf.methods.base import MethodConfig
-from rcpp_hf.presets import read_yaml_mapping
+from rcpp_hf.yaml_mapping import read_yaml_mapping
 
 METHODS: dict[str, type[MethodConfig]] = {}
 

@@ -1,42 +1,32 @@
-"""CHAIR on ShapesWorld captions: the harness's CHAIR scores and metrics, with the world's vocabulary.
+"""CHAIR on ShapesWorld captions: `rcpp_hf.eval.chair`'s scorer and metrics with the world's vocabulary, plus the
+measure the world's priors were built for.
 
-A caption's mentions are the grammar's nouns, singular or plural (`captions.caption_mentions`), every
-occurrence counted; its ground truth is the scene's kinds; its length is CHAIR's token count
-(`rcpp_hf.eval.chair.caption_words`). CHAIR_S, CHAIR_I, recall and length are then computed by
-`rcpp_hf.eval.chair`, exactly as for COCO.
-
-ShapesWorld adds the measure its priors were built for: on scenes where a kind's co-occurrence
-partner is absent ("lone" kinds), how often the caption names the absent partner.
+A caption's mentions are the grammar's nouns, singular or plural (`captions.caption_mentions`), every occurrence
+counted; its ground truth is the scene's kinds; its length is CHAIR's token count. CHAIR_S, CHAIR_I, recall and length
+are then computed exactly as for COCO. The added measure: on scenes where a kind's co-occurrence partner is absent
+("lone" kinds), how often the caption names the absent partner.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
-from rcpp_hf.eval.chair import CaptionScore, caption_words, summarize_chair
+from rcpp_hf.eval.chair import score_caption, summarize_chair
 from rcpp_hf.shapesworld.captions import caption_mentions
 from rcpp_hf.shapesworld.world import PARTNER, Scene
 
 
-def score_caption(text: str, scene: Scene) -> dict:
-    """One caption's record fields: `rcpp_hf.eval.chair.CaptionScore`'s, plus `lone_kinds` (true kinds
-    whose partner is absent, sorted) and `partners_named` (those absent partners the caption names, sorted)."""
-    mentions = caption_mentions(text)
-    truth = scene.kinds
+def caption_record(text: str, scene: Scene) -> dict:
+    """One caption's record fields: `rcpp_hf.eval.chair.CaptionScore`'s, plus `lone_kinds` (true kinds whose partner
+    is absent, sorted) and `partners_named` (those absent partners the caption names, sorted)."""
+    score = score_caption(text, scene.kinds, mentions=caption_mentions)
     lone = sorted(scene.lone_kinds())
-    score = CaptionScore(
-        mentions=mentions,
-        hallucinated=[(word, kind) for word, kind in mentions if kind not in truth],
-        recalled=sorted({kind for _, kind in mentions if kind in truth}),
-        ground_truth=sorted(truth),
-        length=len(caption_words(text)),
-    )
-    named = {kind for _, kind in mentions}
+    named = {kind for _, kind in score.mentions}
     return {**asdict(score), "lone_kinds": lone, "partners_named": sorted({PARTNER[k] for k in lone} & named)}
 
 
-def chair_metrics(records: list[dict]) -> dict:
-    """CHAIR metrics of `score_caption` records (e.g. read back from JSON lines), plus
+def caption_metrics(records: list[dict]) -> dict:
+    """CHAIR metrics of `caption_record` records (e.g. read back from JSON lines), plus
 
     `partner_hallucination`: partners named / lone kinds, over the captions of scenes with a lone kind
     (0.0 when there is none), and `lone_scenes`, the number of those captions.

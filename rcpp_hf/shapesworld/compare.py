@@ -9,12 +9,11 @@ layers, i.e. the budget) and against prefill / decode time (the streamer-timed g
 from the registry, so a method added there gets its rows without touching this command. A budget a method cannot
 meet on this model (e.g. FastV's first layers alone exceed it on a 4-layer decoder) gives a row marked as skipped.
 
-`sweep` (`sweep.py`) runs its rows through `compare`.
+The studies `sweep`, `head-ablation` and `condensation` (`rcpp_hf.studies`) run their rows through `compare`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,8 @@ from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder  # noqa: E402
 from rcpp_hf.engine.pruning import check_stages, scale_tokens  # noqa: E402
 from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods import METHODS, load_method  # noqa: E402
-from rcpp_hf.presets import read_yaml_mapping  # noqa: E402
-from rcpp_hf.shapesworld.evaluate import SPLITS, EvalSettings, evaluate  # noqa: E402
-from rcpp_hf.shapesworld.world import VALIDATION_SEED  # noqa: E402
+from rcpp_hf.yaml_mapping import read_yaml_mapping  # noqa: E402
+from rcpp_hf.shapesworld.evaluate import EvalSettings, evaluate  # noqa: E402
 
 VANILLA = "vanilla"
 RCPP = "rcpp"
@@ -268,51 +266,3 @@ def plot_frontier(rows: list[dict], path: Path, bounds: dict[str, float] | None 
     figure.tight_layout()
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
-
-
-def add_parser(subcommands: argparse._SubParsersAction) -> None:
-    parser = subcommands.add_parser("compare", help="compare decoding settings on ShapesWorld", description=__doc__,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    defaults = [name for name in METHODS if runs_with_defaults(name)]
-    parser.add_argument("--methods", default=",".join([VANILLA, RCPP, *defaults]),
-                        help=f"comma-separated rows: {VANILLA}, {RCPP} (RCPP + DRCD, library defaults) or registry "
-                             f"methods ({', '.join(METHODS)}); default: all that run with their default "
-                             "settings")  # fmt: skip
-    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS),
-                        help="visual-token budgets of the pruners, of 576 (scaled to the model's image)")
-    parser.add_argument("--with-rcpp", action="store_true", help="also each registry method composed with RCPP + DRCD "
-                        "('<method>+rcpp' rows)")
-    parser.add_argument("--configs", nargs="+", default=[], help="extra rows: RCPP YAML presets, or registry method "
-                        "presets (a 'method' key), e.g. a gan_pruner with its pruner_path")
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-    add_run_arguments(parser)
-    parser.set_defaults(func=_run_compare)
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """What every ShapesWorld comparison command (compare, sweep, head-ablation, condensation) takes: the model,
-    the world and the run folder."""
-    parser.add_argument("--model", default=None, help="checkpoint folder or shapesworld-smol (default: the embedded ShapesWorld model)")
-    parser.add_argument("--seed", type=int, default=VALIDATION_SEED, help=f"world seed (validation: {VALIDATION_SEED})")
-    parser.add_argument("--num-images", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--output-dir", required=True)
-
-
-def model_path(args: argparse.Namespace) -> str:
-    """`--model` (a folder or "shapesworld-smol"), or the embedded ShapesWorld checkpoint."""
-    from rcpp_hf.default_model import model_folder
-
-    return model_folder(args.model or None)
-
-
-def _run_compare(args: argparse.Namespace) -> int:
-    model = model_path(args)
-    names = [name.strip() for name in args.methods.split(",") if name.strip()]
-    settings = comparison_settings(names, tuple(args.budgets), model_shape(model)[1], args.with_rcpp)
-    settings += [config_setting(config) for config in args.configs]
-    settings = list({setting.name: setting for setting in settings}.values())  # "vanilla" named twice runs once
-    compare(model, settings, args.splits, args.seed, args.num_images, args.output_dir, args.batch_size)
-    print((Path(args.output_dir) / "table.md").read_text())
-    return 0
-

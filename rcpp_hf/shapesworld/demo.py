@@ -1,4 +1,4 @@
-"""`rcpp-hf demo`: the embedded ShapesWorld model on a bundled scene, original vs RCPP + DRCD.
+"""The demo (`rcpp-hf demo`, `rcpp_hf.cli.demo`): the embedded ShapesWorld model on a bundled scene, original vs RCPP + DRCD.
 
 Prints the scene's true objects, the original (vanilla greedy) caption and the RCPP + DRCD caption,
 each with the kinds it names that are not in the image, and writes a PNG that shows, at a few
@@ -12,18 +12,14 @@ language prior pulls a caption towards "moon".
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
 from matplotlib.figure import Figure  # not pyplot: no backend to choose, in a terminal or a notebook
-from transformers import AutoProcessor
 
 from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
-from rcpp_hf.shapesworld.captions import mentioned_kinds, reference_caption
+from rcpp_hf.shapesworld.captions import mentioned_kinds
 from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt
-from rcpp_hf.shapesworld.render import render_scene
 from rcpp_hf.shapesworld.world import TEST_SEED, Scene, sample_scene
 from rcpp_hf.rcpp.stages import group_visual_tokens
 from rcpp_hf.rcpp.trace import RCPPStep, RCPPTrace
@@ -86,42 +82,7 @@ def caption_both_ways(model, processor, image, generation_config: RCPPGeneration
     return captions[0], captions[1], out.rcpp
 
 
-def _marked(caption: str, scene: Scene) -> str:
+def with_absent_kinds(caption: str, scene: Scene) -> str:
+    """The caption and, below it, the kinds it names that are not in the scene."""
     wrong = sorted({k for k in mentioned_kinds(caption) if k not in scene.kinds})
     return f"{caption}\n    names absent: {', '.join(wrong) if wrong else 'nothing'}"
-
-
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("demo", help="original vs RCPP + DRCD caption on a bundled ShapesWorld scene",
-                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", default=None, help="checkpoint folder or shapesworld-smol (default: the embedded ShapesWorld model)")
-    parser.add_argument("--config", default=None, help="RCPP YAML preset (default: RCPPGenerationConfig's defaults)")
-    parser.add_argument("--output", default="rcpp_demo.png", help="where the patch-map PNG goes")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from rcpp_hf.default_model import model_folder
-
-    model_path = model_folder(args.model)
-    overrides = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "return_dict_in_generate": True}
-    config = RCPPGenerationConfig(**overrides) if args.config is None else RCPPGenerationConfig.from_yaml(args.config, **overrides)
-    model = RCPPLlavaForConditionalGeneration.from_pretrained(model_path).eval()
-    processor = AutoProcessor.from_pretrained(model_path)
-    scene = demo_scene()
-    image = render_scene(scene)
-    original, rcpp, trace = caption_both_ways(model, processor, image, config)
-
-    print(f"model: {model_path}\nscene: {scene.name} (test world)")
-    print(f"true objects:   {reference_caption(scene)}\n    kinds: {', '.join(sorted(scene.kinds))}")
-    print(f"original LLaVA: {_marked(original, scene)}")
-    print(f"RCPP + DRCD:    {_marked(rcpp, scene)}")
-    last = trace.steps[-1]
-    kept = int((~last.scores[0].isnan()).sum())
-    print(f"    visual tokens kept at the last step: {kept}/{trace.num_visual_tokens}, "
-          f"visual KV {last.visual_cache_bytes / 1024:.1f} KiB")  # fmt: skip
-    figure = patch_state_figure(image, trace, config.tau, demo_steps(trace), config.tau_mode)
-    figure.savefig(args.output, dpi=110)
-    print(f"patch map: {args.output}")
-    return 0

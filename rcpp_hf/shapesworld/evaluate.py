@@ -1,14 +1,15 @@
-"""`rcpp-hf eval shapesworld`: POPE splits, the MME-style set and partner-absent captions on held-out ShapesWorld scenes.
+"""ShapesWorld evaluation (`rcpp-hf eval shapesworld`): POPE splits, the MME-style set and partner-absent captions on held-out ShapesWorld scenes.
 
-A run writes into its output folder:
+A run is a run directory (`rcpp_hf.eval.run_directory`, as every evaluation keeps one) with the split's data:
 
 - `data/`: the split as files (POPE JSON lines, the MME-style folders or caption scenes, and the
   rendered images);
-- `run.json`: what the run is (model, split, seed, sizes, prompt, the full generation config,
-  versions); a rerun into the same folder must match it, so results of different settings never mix.
-  `--limit` is not part of it: a run extended from 12 to 24 items keeps the 12 answers and asks the 12 new ones;
-- `results.jsonl`: one record per question or caption, appended as soon as its batch is generated;
-  a rerun skips the ids already there, so an interrupted run loses nothing;
+- `config.json`: what the run is (model, split, seed, sizes, prompt, the full generation config) and each session's
+  provenance (versions, command); a rerun into the same folder must match it, so results of different settings never
+  mix. `--limit` is not part of it: a run extended from 12 to 24 items keeps the 12 answers and asks the 12 new ones;
+- `answers.part-0.jsonl`: one record per question or caption, appended as soon as its batch is generated;
+  a rerun skips the ids already there, so an interrupted run loses nothing; `answers.jsonl`: the records of the
+  selection in split order, written when the run completes;
 - `metrics.json`: POPE metrics (accuracy, precision, recall, F1, yes-ratio), MME's scores (acc, acc+
   and score per subtask, as `rcpp_hf.eval.mme` computes them) or CHAIR metrics (CHAIR_S, CHAIR_I,
   recall, length, partner hallucination), over the records of the selection,
@@ -20,7 +21,7 @@ A run writes into its output folder:
   included, over its rows) and `decode_ms` per generated token of one answer (the batch's mean
   step over its rows). Times are taken on whatever else the machine runs: compare settings of one run.
 
-Without --config the model decodes greedily with a plain GenerationConfig (vanilla LLaVA); with
+Without --config the model decodes greedily with RCPP off (vanilla LLaVA); with
 --config the YAML preset is loaded as an RCPPGenerationConfig; --method adds a registry method to
 either (alone: RCPP off, greedy). Either way max_new_tokens is the split's (8 for POPE and MME answers,
 64 for captions) unless --max-new-tokens says otherwise.
@@ -28,14 +29,11 @@ either (alone: RCPP off, greedy). Either way max_new_tokens is the split's (8 fo
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoProcessor, GenerationConfig
@@ -45,12 +43,12 @@ from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.pruning import PruneRecord, visual_tokens_per_layer
 from rcpp_hf.eval.mme import HALLUCINATION, mme_scores, parse_mme_answer, read_mme
 from rcpp_hf.eval.pope import parse_yes_no, pope_metrics
-from rcpp_hf.eval.results import ResultsFile
-from rcpp_hf.method_cli import add_method_arguments, method_from_args, with_method
+from rcpp_hf.eval.run_directory import RunDirectory, session_provenance
 from rcpp_hf.methods import load_method
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
+from rcpp_hf.run_config import build_generation_config
 from rcpp_hf.shapesworld.caption_sets import caption_rows, caption_scenes, write_caption_split
-from rcpp_hf.shapesworld.chair import chair_metrics, score_caption
+from rcpp_hf.shapesworld.chair import caption_metrics, caption_record
 from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt, pope_prompt
 from rcpp_hf.shapesworld.mme_sets import mme_scenes, write_mme_set
 from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS, pope_scenes, write_pope_split
@@ -62,7 +60,7 @@ SPLITS = (*POPE_SPLITS, "mme", "captions")
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What a ShapesWorld evaluation run is; stored as run.json and checked on resume."""
+    """What a ShapesWorld evaluation run is; stored in config.json and checked on resume."""
 
     model: str
     split: str
@@ -70,7 +68,7 @@ class EvalSettings:
     method: dict | None = None  # a registry method (`MethodConfig.to_dict()`) added to the decoding
     seed: int = TEST_SEED
     num_images: int = 100
-    limit: int | None = None  # evaluate only the first `limit` items of the split; not part of run.json
+    limit: int | None = None  # evaluate only the first `limit` items of the split; not part of the identity
     batch_size: int = 16
     max_new_tokens: int | None = None  # None: 8 for POPE and MME answers, 64 for captions
 
@@ -123,7 +121,7 @@ def item_record(item: dict, answer: str, visual_kept: float | None, measured: di
         record["visual_kept"] = visual_kept
     if "scene" in record:
         scene = Scene.from_dict(record.pop("scene"))
-        record.update(score_caption(answer, scene))
+        record.update(caption_record(answer, scene))
     elif "subtask" in record:
         record["prediction"] = parse_mme_answer(answer)
     else:
@@ -133,7 +131,7 @@ def item_record(item: dict, answer: str, visual_kept: float | None, measured: di
 
 def split_metrics(split: str, records: list[dict]) -> dict:
     if split == "captions":
-        metrics = chair_metrics(records)
+        metrics = caption_metrics(records)
     elif split == "mme":
         metrics = mme_scores(records)
         # Flat copies for tables: each subtask's accuracy and the hallucination total (max 800).
@@ -157,20 +155,13 @@ def prefill_visual_tokens(records: list[PruneRecord], num_layers: int, num_visua
     return sum(per_layer) / num_layers
 
 
-def generation_config_for(settings: EvalSettings, tokenizer) -> GenerationConfig:
-    """The run's generation config: the YAML preset (RCPP) or plain greedy, with the split's token budget."""
-    if settings.config is not None:
-        config = RCPPGenerationConfig.from_yaml(settings.config)
-    elif settings.method is not None:
-        config = RCPPGenerationConfig(rcpp=False, do_sample=False)
-    else:
-        config = GenerationConfig(do_sample=False)
-    config = with_method(config, None if settings.method is None else load_method(settings.method))
-    config.max_new_tokens = settings.new_tokens
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    config.return_dict_in_generate = True
-    return config
+def generation_config_for(settings: EvalSettings, tokenizer) -> RCPPGenerationConfig:
+    """The run's generation config: the YAML preset (RCPP) or plain greedy, the method added, with the split's token
+    budget and the tokenizer's pad and eos tokens."""
+    method = None if settings.method is None else load_method(settings.method)
+    return build_generation_config(settings.config, method, max_new_tokens=settings.new_tokens,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   return_dict_in_generate=True)  # fmt: skip
 
 
 def generate_answers(
@@ -209,8 +200,7 @@ def generate_answers(
 
 def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = True) -> dict:
     """Run (or resume) one evaluation; returns the metrics, also written to `output_dir/metrics.json`."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDirectory(output_dir)
     processor = AutoProcessor.from_pretrained(settings.model)
     generation_config = generation_config_for(settings, processor.tokenizer)
     # The limit chooses how many items are asked, not how: it stays out of the run's identity.
@@ -218,82 +208,32 @@ def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = Tr
     if settings.method is None:  # runs recorded before methods existed stay resumable
         del identity["method"]
     run = {"settings": identity, "prompt": _prompt_of(settings.split), "generation_config": generation_config.to_dict()}
-    _check_same_run(output_dir / "run.json", run)
-    data_dir = output_dir / "data"
+    run_dir.check_identity(run)
+    run_dir.record_session(run, session_provenance(limit=settings.limit))
+    data_dir = run_dir.path / "data"
     items = split_items(settings, data_dir)
-    results = ResultsFile(output_dir / "results.jsonl")
-    done = results.done_ids()
+    done = run_dir.done_ids()
     todo = [item for item in items if item["id"] not in done]
 
     if todo:
         model = RCPPLlavaForConditionalGeneration.from_pretrained(settings.model).eval()
+        part = run_dir.part(0)
         bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"shapesworld {settings.split}", disable=not progress)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
             images = [Image.open(data_dir / IMAGE_FOLDER / item["image"]).convert("RGB") for item in batch]
             answers, kept, measured = generate_answers(model, processor, images, [item["prompt"] for item in batch],
                                                        generation_config)  # fmt: skip
-            results.extend(item_record(item, answer, k, measured) for item, answer, k in zip(batch, answers, kept))
+            part.extend(item_record(item, answer, k, measured) for item, answer, k in zip(batch, answers, kept))
             bar.update(len(batch))
         bar.close()
 
-    wanted = {item["id"] for item in items}
-    records = [r for r in results.read() if r["id"] in wanted]
+    records = run_dir.answers_in_order([item["id"] for item in items])
+    run_dir.write_answers(records)
     metrics = {"split": settings.split, **split_metrics(settings.split, records), "limit": settings.limit, "run": run}
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    run_dir.write_metrics(metrics)
     return metrics
 
 
 def _prompt_of(split: str) -> str:
     return CAPTION_PROMPT if split == "captions" else pope_prompt("{question}")
-
-
-def _check_same_run(path: Path, run: dict) -> None:
-    """Record the run in `path`, or, when it exists, refuse a run that differs from it."""
-    run = json.loads(json.dumps(run))  # compare in JSON's terms (tuples are lists there)
-    if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        differing = [key for key in run if saved.get(key) != run[key]]
-        if differing:
-            raise ValueError(f"{path.parent} holds a run with other {' and '.join(differing)}; use another --output-dir")
-        return
-    versions = {"transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version()}
-    path.write_text(json.dumps({**run, "versions": versions}, indent=1) + "\n")
-
-
-def add_eval_parser(eval_subparsers: argparse._SubParsersAction) -> None:
-    """Add `shapesworld` to the `rcpp-hf eval` sub-commands."""
-    parser = eval_subparsers.add_parser("shapesworld", help="POPE / MME / CHAIR on held-out ShapesWorld scenes", description=__doc__)
-    parser.add_argument("--split", required=True, choices=SPLITS)
-    parser.add_argument("--model", default=None, help="checkpoint folder or hub id or shapesworld-smol (default: the embedded ShapesWorld model)")
-    parser.add_argument("--config", default=None, help="RCPP YAML preset (default: vanilla greedy decoding)")
-    add_method_arguments(parser)
-    parser.add_argument("--seed", type=int, default=TEST_SEED, help=f"world seed of the held-out scenes (test: {TEST_SEED})")
-    parser.add_argument("--num-images", type=int, default=100)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
-    parser.add_argument("--output-dir", default=None, help="default: runs/shapesworld_<split>_s<seed>")
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from rcpp_hf.default_model import model_folder
-
-    method = method_from_args(args.method, args.method_config)
-    settings = EvalSettings(
-        model=model_folder(args.model),
-        split=args.split,
-        config=args.config,
-        method=None if method is None else method.to_dict(),
-        seed=args.seed,
-        num_images=args.num_images,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-    )
-    output_dir = args.output_dir or f"runs/shapesworld_{args.split}_s{args.seed}"
-    metrics = evaluate(settings, output_dir)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "run"}, indent=1))
-    print(f"results in {output_dir}")
-    return 0

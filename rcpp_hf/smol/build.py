@@ -21,6 +21,7 @@ from rcpp_hf.default_model import SHAPESWORLD_CHECKPOINT
 from rcpp_hf.smol.delta import IMAGE_ROW, LORA_PREFIX, PROJECTOR_PREFIX, DeltaRecipe, delta_hash, load_delta
 from rcpp_hf.smol.gguf_source import SMOLLM2_SPEC, GGUFSpec, file_sha256, find_gguf, package_license
 from rcpp_hf.smol.lora import merge_lora
+from rcpp_hf.smol.model import assemble_smol_llava
 
 MODEL_NAME = "shapesworld-smol"  # accepted wherever a --model is, built on first use
 SHIPPED_DELTA = Path(__file__).parent / "delta"
@@ -86,8 +87,6 @@ def build_smol_llava(
             f"{gguf_path} (sha256 {gguf_sha256}) is not the GGUF file the delta was trained on ({recipe.base_sha256})"
         )
     license_text = package_license() if license_text is None else license_text
-
-    from rcpp_hf.smol.model import assemble_smol_llava
 
     model, processor = assemble_smol_llava(gguf_path, vision_checkpoint)
     apply_delta(model, tensors, recipe)

@@ -28,7 +28,7 @@ from rcpp_hf.default_model import SHAPESWORLD_CHECKPOINT
 from rcpp_hf.shapesworld.conversations import training_turns
 from rcpp_hf.shapesworld.train import batch_scenes, training_batch, weighted_cross_entropy
 from rcpp_hf.shapesworld.world import TEST_SEED, TRAIN_SEED, VALIDATION_SEED
-from rcpp_hf.smol.delta import IMAGE_ROW, LORA_PREFIX, PROJECTOR_PREFIX, DeltaRecipe, save_delta
+from rcpp_hf.smol.delta import IMAGE_ROW, LORA_PREFIX, PROJECTOR_PREFIX, DeltaRecipe, load_delta, save_delta
 from rcpp_hf.smol.gguf_source import SMOLLM2_SPEC, GGUFSpec, file_sha256, find_gguf
 from rcpp_hf.smol.lora import LoRALinear, add_lora
 from rcpp_hf.smol.model import assemble_smol_llava
@@ -148,6 +148,20 @@ def _plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def resume(state_path: Path, config: SmolTrainConfig, gguf_sha256: str, trainable: Trainable,
+           optimizer: torch.optim.Optimizer) -> tuple[int, float, list[dict]]:  # fmt: skip
+    """Load a saved state into `trainable` and `optimizer`; returns (steps done, seconds spent, step records), or a
+    fresh start without a state. A state saved with another config or GGUF file is refused."""
+    if not state_path.exists():
+        return 0, 0.0, []
+    state = torch.load(state_path, weights_only=False)
+    if state["config"] != asdict(config) or state["gguf_sha256"] != gguf_sha256:
+        raise ValueError(f"{state_path} was saved by a run with another config or GGUF file: {state['config']}")
+    trainable.load(state["delta"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["elapsed_s"], state["records"]
+
+
 def train_smol(
     config: SmolTrainConfig,
     output_dir: str | Path,
@@ -167,15 +181,8 @@ def train_smol(
     trainable = Trainable(model, add_lora(model.model.language_model, config.rank, config.alpha, config.seed))
     optimizer = torch.optim.AdamW(trainable.parameter_groups(config), betas=(0.9, 0.999), weight_decay=0.0)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    start, elapsed, records = 0, 0.0, []
     state_path, curves_path = output_dir / STATE_FILE, output_dir / CURVES_FILE
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state["config"] != asdict(config) or state["gguf_sha256"] != gguf_sha256:
-            raise ValueError(f"{state_path} was saved by a run with another config or GGUF file: {state['config']}")
-        trainable.load(state["delta"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, elapsed, records = state["step"], state["elapsed_s"], state["records"]
+    start, elapsed, records = resume(state_path, config, gguf_sha256, trainable, optimizer)
     curves_path.write_text("".join(json.dumps(r) + "\n" for r in records))  # drops steps after the last save
 
     model.train()
@@ -236,8 +243,6 @@ def export_delta(run_dir: str | Path, output_dir: str | Path) -> Path:
     the one of its last saved state (its recipe then records the step reached)."""
     run_dir = Path(run_dir)
     if (run_dir / DELTA_DIR / "recipe.json").is_file():
-        from rcpp_hf.smol.delta import load_delta
-
         tensors, recipe = load_delta(run_dir / DELTA_DIR)
         return save_delta(output_dir, tensors, recipe)
     if not (run_dir / STATE_FILE).is_file():

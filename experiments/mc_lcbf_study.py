@@ -5,7 +5,7 @@
 (b) the note's three questions, with rcpp_hf's `MCLCBF` at prefill: gradient with / without the RMSNorm, probe keys
     against cached keys, ||delta|| / ||x|| at the steered layers, what is left at the last layer and in the
     yes-minus-no logit gap.
-    PYTHONPATH=. python docs/mc_lcbf_study.py [NUM_QUESTIONS]     (prints JSON)
+    PYTHONPATH=. python experiments/mc_lcbf_study.py [NUM_QUESTIONS]     (prints JSON)
 """
 
 import json

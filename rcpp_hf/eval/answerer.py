@@ -1,4 +1,4 @@
-"""The one place where evaluation touches the model: loading, the decoding configuration, batched answers.
+"""The one place where evaluation touches the model: loading, the checkpoint's token ids, batched answers.
 
 Prompts follow LLaVA-1.5's own evaluation (`conv_mode vicuna_v1`): the system prompt, then
 "USER: <image>\\n{user message} ASSISTANT:". Images are padded to a square with the processor's mean
@@ -16,8 +16,6 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
 from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.method_cli import with_method
-from rcpp_hf.methods import MethodConfig
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 
 LLAVA_SYSTEM_PROMPT = (
@@ -44,20 +42,11 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device
     return model, processor
 
 
-def load_generation_config(
-    model_path: str | Path, config_path: str | Path | None, max_new_tokens: int, method: MethodConfig | None = None
-) -> RCPPGenerationConfig:
-    """The decoding configuration: the YAML preset (`RCPPGenerationConfig.from_yaml`), or without one plain
-    greedy LLaVA decoding (`rcpp=False`); `method` (a registry method) added to it; `max_new_tokens` always;
-    special token ids from the checkpoint where the preset leaves them unset.
+def with_checkpoint_token_ids(config: RCPPGenerationConfig, model_path: str | Path) -> RCPPGenerationConfig:
+    """`config` with the checkpoint's special token ids (bos, eos, pad) where it leaves them unset.
 
-    Reads only small YAML/JSON files, so a bad configuration fails before any weights are loaded.
+    Reads only the checkpoint's small JSON files, so a bad configuration fails before any weights are loaded.
     """
-    if config_path is None:
-        config = RCPPGenerationConfig(rcpp=False, do_sample=False, max_new_tokens=max_new_tokens)
-    else:
-        config = RCPPGenerationConfig.from_yaml(config_path, max_new_tokens=max_new_tokens)
-    config = with_method(config, method)
     try:
         checkpoint = GenerationConfig.from_pretrained(model_path)
     except OSError:  # a checkpoint without generation_config.json: generate() derives one from its config

@@ -11,13 +11,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from rcpp_hf.cli.options import add_method_arguments, model_folder
 from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.default_model import model_folder
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
-from rcpp_hf.eval.runner import load_model
-from rcpp_hf.method_cli import add_method_arguments, method_from_args, with_method
+from rcpp_hf.eval.answerer import load_model
+from rcpp_hf.run_config import build_generation_config, load_method_preset
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "rcpp_default.yaml"
 LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 
@@ -46,18 +45,6 @@ def drawn_scene() -> Image.Image:
     return image
 
 
-def load_generation_config(path: Path | None, max_new_tokens: int | None, method=None) -> RCPPGenerationConfig:
-    """The preset at `path` (default: RCPP's defaults, or, with a `method`, that method alone with RCPP off, greedy)
-    with `method` added."""
-    overrides = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
-    if path is None:
-        alone = {} if method is None else {"rcpp": False}
-        config = RCPPGenerationConfig(**{"max_new_tokens": 64, "do_sample": False, **alone, **overrides})
-    else:
-        config = RCPPGenerationConfig.from_yaml(path, **overrides)
-    return with_method(config, method)
-
-
 def setting_label(config: RCPPGenerationConfig) -> str:
     """E.g. "RCPP + DRCD", "RCPP + DRCD (first-token action)", "fastv(budget=64)", "RCPP + DRCD + fastv(budget=64)"."""
     rcpp = "RCPP + DRCD" + (" (first-token action)" if config.first_token_action else "")
@@ -74,8 +61,11 @@ def timed_generate(model, inputs, generation_config) -> tuple[object, float]:
 def run(args: argparse.Namespace) -> int:
     if args.image is not None and not args.image.is_file():
         raise SystemExit(f"rcpp-hf generate: image file not found: {args.image}")
-    method = method_from_args(args.method, args.method_config)
-    generation_config = load_generation_config(args.config, args.max_new_tokens, method)
+    method = load_method_preset(args.method, args.method_config)
+    overrides = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+    if args.config is None:  # RCPP's defaults, or the method alone with RCPP off; greedy, 64 new tokens
+        overrides = {"rcpp": method is None, "max_new_tokens": 64, **overrides}
+    generation_config = build_generation_config(args.config, method, **overrides)
     generation_config.return_dict_in_generate = True
     model_path = model_folder(args.model)
     model, processor = load_model(model_path, args.dtype, args.device)

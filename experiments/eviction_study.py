@@ -4,7 +4,7 @@ cost recall? RCPP + DRCD with the library defaults on the embedded model, test-w
 For each object of each scene: its patches (the 16 px patches its pixels cover at least 1/8 of, from the renderer's
 object map, as the training probe defines them), the first decoding step at which one of them was evicted, and the
 step at which its kind is first named (the tokenizer spends one token per word). Prints the shares and the recall of
-objects by whether eviction came first. Run: `PYTHONPATH=. python docs/eviction_study.py [NUM_SCENES]`.
+objects by whether eviction came first. Run: `PYTHONPATH=. python experiments/eviction_study.py [NUM_SCENES]`.
 """
 
 import json

@@ -1,7 +1,7 @@
 """Timing of token condensation's centroid selections: FPS (M - 1 sequential max-min steps) against connectivity (one
 degree sum and a sort) at N visual tokens, for several M, with the aggregation's cost beside them.
 
-    python -m rcpp_hf.benchmark.condensation [--tokens 576] [--width 4096] [--centroids 36 72 144 288] [--device cuda]
+    python -m rcpp_hf.benchmark.centroid_timing [--tokens 576] [--width 4096] [--centroids 36 72 144 288] [--device cuda]
 
 Random features stand in for a layer's keys (the cost does not depend on their values); width 4096 is
 LLaVA-1.5-7B's 32 kv heads x 128. Prints the median time of each selection on a precomputed similarity matrix (the

@@ -2,7 +2,7 @@
 
 POPE (three splits) for prefill-phase settings, captions for decode-phase settings, each beside vanilla; answers
 flipped against vanilla (and how many flips were corrections). Resumable: every run is an `evaluate` folder.
-    PYTHONPATH=. python docs/mc_lcbf_grid.py OUTPUT_DIR
+    PYTHONPATH=. python experiments/mc_lcbf_grid.py OUTPUT_DIR
 """
 
 import json
@@ -27,7 +27,7 @@ SPLITS = {"adversarial": POPE, "captions": CAPTIONS, "random": POPE, "popular": 
 
 
 def records(folder: Path) -> dict:
-    return {r["id"]: r for r in map(json.loads, (folder / "results.jsonl").read_text().splitlines())}
+    return {r["id"]: r for r in map(json.loads, (folder / "answers.jsonl").read_text().splitlines())}
 
 
 def main(output: Path, num_images: int = 50) -> None:

@@ -18,7 +18,6 @@ never recomputed):
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from pathlib import Path
@@ -26,14 +25,7 @@ from pathlib import Path
 import yaml
 
 from rcpp_hf.config import RCPP_DEFAULTS, RCPPGenerationConfig
-from rcpp_hf.shapesworld.compare import (
-    VANILLA,
-    add_run_arguments,
-    compare,
-    config_setting,
-    model_path,
-    plot_frontier,
-)
+from rcpp_hf.shapesworld.compare import VANILLA, compare, config_setting, plot_frontier
 
 SPLITS = ["adversarial", "captions"]
 DEFAULT = "default"
@@ -133,7 +125,7 @@ def rule_text(model: str, seed: int, num_images: int, variations: list[dict]) ->
     return (
         "# The RCPP + DRCD defaults sweep: rule fixed before the run\n\n"
         f"Model `{model}`, world seed {seed}, {num_images} images; splits {', '.join(SPLITS)}.\n\n"
-        "**Rule** (`rcpp_hf.shapesworld.sweep.choose`): among the RCPP settings, the lowest captions CHAIR_I whose "
+        "**Rule** (`rcpp_hf.studies.defaults_sweep.choose`): among the RCPP settings, the lowest captions CHAIR_I whose "
         f"recall >= greedy's - {RECALL_SLACK} and whose POPE adversarial F1 >= greedy's F1; ties broken by the higher "
         "recall (then the earlier row); greedy if none qualifies.\n\n"
         f"**Round 1**: greedy, the centre of the grid ({defaults}), "
@@ -201,19 +193,3 @@ def sweep(model: str, seed: int, num_images: int, output_dir: str | Path, batch_
               "second_round": [variation_name(changes) for changes in second]}  # fmt: skip
     (output_dir / "choice.json").write_text(json.dumps(choice, indent=1) + "\n")
     return chosen
-
-
-def add_parser(subcommands: argparse._SubParsersAction) -> None:
-    parser = subcommands.add_parser("sweep", help="choose RCPP + DRCD's defaults by a rule fixed before the run",
-                                    description=__doc__,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_run_arguments(parser)
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    chosen = sweep(model_path(args), args.seed, args.num_images, args.output_dir, args.batch_size, FIRST_ROUND)
-    print((Path(args.output_dir) / "ranking.md").read_text())
-    changes = json.loads((Path(args.output_dir) / "choice.json").read_text())["changes"]
-    print(f"chosen: {chosen['setting']}" + ("" if changes is None else f" (changes to the centre: {changes})"))
-    return 0

@@ -7,7 +7,7 @@ beside them; on the MME-style ShapesWorld set (existence, count, position, color
 The stage is HiMAP's first (`HiMAP(txt_layer=L, txt_rank=T, image_stage=False)`): the seed sweeps one condensation
 layer, and a second stage would make the layers of different rows incomparable.
 
-Every cell is a row of `compare` (its own resumable folder, answers appended to `results.jsonl` as they come, so an
+Every cell is a row of `compare` (its own resumable folder, answers appended as they come, so an
 interrupted run resumes where it stopped); the experiment writes `condensation.json` (one record per cell, with the
 gain over hard pruning), `condensation.md` and `condensation.png` (MME total and POPE F1 against L, the four
 subtasks, the gain over hard pruning) next to `compare`'s table.
@@ -15,7 +15,6 @@ subtasks, the gain over hard pruning) next to `compare`'s table.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from rcpp_hf.engine.pruning import scale_layer, scale_tokens  # noqa: E402
 from rcpp_hf.methods import HiMAP  # noqa: E402
-from rcpp_hf.shapesworld.compare import VANILLA, Setting, add_run_arguments, compare, model_path, model_shape  # noqa: E402
+from rcpp_hf.shapesworld.compare import VANILLA, Setting  # noqa: E402
 
 VARIANTS = ("hard", "fps", "connectivity")
 TARGET_TOKENS = (64, 128)  # of 576
@@ -130,29 +129,3 @@ def plot_experiment(records: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-
-
-def add_parser(subcommands: argparse._SubParsersAction) -> None:
-    parser = subcommands.add_parser("condensation", help="hard pruning vs FPS / connectivity condensation over target "
-                                    "tokens x layers (MME-style set and POPE)", description=__doc__,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--target-tokens", type=int, nargs="+", default=list(TARGET_TOKENS),
-                        help="visual tokens kept, of 576 (scaled to the model's image)")
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="condensation layers of this model "
-                        "(default: 5 / 10 / 15 of 32, scaled by depth)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--pope-split", default="adversarial", choices=["random", "popular", "adversarial"])
-    add_run_arguments(parser)
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    model = model_path(args)
-    num_layers, num_visual = model_shape(model)
-    layers = tuple(args.layers) if args.layers else default_layers(num_layers)
-    settings = experiment_settings(tuple(args.target_tokens), layers, num_visual, tuple(args.variants))
-    rows = compare(model, settings, ["mme", args.pope_split], args.seed, args.num_images, args.output_dir,
-                   args.batch_size)  # fmt: skip
-    write_report(cell_records(rows, args.pope_split), Path(args.output_dir))
-    print((Path(args.output_dir) / "condensation.md").read_text())
-    return 0

@@ -1,6 +1,6 @@
 """Running a benchmark: questions in, answers appended as they come, metrics out; resumable and shardable.
 
-Every benchmark turns its inputs into `EvalItem`s and calls `run_benchmark`. The pending items
+Every benchmark turns its inputs into `EvalItem`s and calls `run_quality_eval`. The pending items
 (those no earlier session answered) are cut into batches in benchmark order and batch `b` goes to
 process `b % num_processes`, so under `accelerate launch` every batch is the very batch a single
 process would have run, and the merged answers equal a single-process run's.
@@ -8,7 +8,6 @@ process would have run, and the merged answers equal a single-process run's.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 import zlib
@@ -20,16 +19,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rcpp_hf.eval.run_dir import RunDirectory, session_provenance
-from rcpp_hf.eval.runner import (
+from rcpp_hf.default_model import default_model_path
+from rcpp_hf.eval.answerer import (
     DTYPES,
     IMAGE_ASPECTS,
     LLAVA_SYSTEM_PROMPT,
     Answerer,
-    load_generation_config,
     load_model,
+    with_checkpoint_token_ids,
 )
-from rcpp_hf.method_cli import add_method_arguments, method_from_args
+from rcpp_hf.eval.run_directory import RunDirectory, session_provenance
+from rcpp_hf.run_config import build_generation_config, load_method_preset
 
 
 @dataclass
@@ -37,10 +37,10 @@ class RunOptions:
     """How to run a benchmark, shared by all benchmarks (their own inputs are separate arguments)."""
 
     output_dir: str | Path
-    model: str | Path | None = None  # None: rcpp_hf.default_model.default_model_path()
+    model: str | Path | None = None  # a folder or hub id; None: rcpp_hf.default_model.default_model_path()
     config: str | Path | None = None  # RCPPGenerationConfig YAML preset; None: plain greedy LLaVA decoding
     method: str | None = None  # a registry method added to the decoding (alone, greedy, when `config` is None)
-    method_config: str | Path | None = None  # its YAML preset or settings (`rcpp_hf.method_cli`)
+    method_config: str | Path | None = None  # its YAML preset or settings (`rcpp_hf.run_config`)
     batch_size: int = 1
     max_new_tokens: int | None = None  # None: the benchmark's default
     seed: int = 0
@@ -61,42 +61,6 @@ class RunOptions:
             raise ValueError(f"image_aspect must be one of {IMAGE_ASPECTS}, got {self.image_aspect!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command-line twins of `RunOptions`, for every `eval` sub-command."""
-    group = parser.add_argument_group("run")
-    group.add_argument("--output-dir", required=True, help="run directory (resumed when it exists)")
-    group.add_argument("--model", help="checkpoint folder or hub id or shapesworld-smol (default: the embedded default model)")
-    group.add_argument("--config", help="RCPPGenerationConfig YAML preset, e.g. configs/rcpp_default.yaml "
-                       "(default: plain greedy LLaVA decoding)")
-    add_method_arguments(group)
-    group.add_argument("--batch-size", type=int, default=1)
-    group.add_argument("--max-new-tokens", type=int, help="default: the benchmark's")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--dtype", default="auto", choices=list(DTYPES))
-    group.add_argument("--device", help="e.g. cpu, cuda:0 (default: the device accelerate assigns)")
-    group.add_argument("--system-prompt", default=LLAVA_SYSTEM_PROMPT)
-    group.add_argument("--image-aspect", default="pad", choices=IMAGE_ASPECTS, help="pad to square (LLaVA-1.5) or centre-crop")
-    group.add_argument("--limit", type=int, help="only the first N items")
-
-
-def options_from_args(args: argparse.Namespace) -> RunOptions:
-    return RunOptions(
-        output_dir=args.output_dir,
-        model=args.model,
-        config=args.config,
-        method=args.method,
-        method_config=args.method_config,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
-        dtype=args.dtype,
-        device=args.device,
-        system_prompt=args.system_prompt,
-        image_aspect=args.image_aspect,
-        limit=args.limit,
-    )
 
 
 @dataclass(frozen=True)
@@ -139,7 +103,7 @@ def check_prompt_template(template: str, fields: tuple[str, ...]) -> None:
         raise ValueError(f"prompt template {template!r} must contain {', '.join('{' + m + '}' for m in missing)}")
 
 
-def run_benchmark(
+def run_quality_eval(
     benchmark: str,
     items: list[EvalItem],
     options: RunOptions,
@@ -158,18 +122,17 @@ def run_benchmark(
     metrics, with a "headline" dict of the numbers `rcpp-hf report` tabulates.
     Returns the metrics, as written to metrics.json.
     """
-    from rcpp_hf.default_model import model_folder
-
     # The limit chooses how many items are asked, not how they are asked: it stays out of the identity, so a
     # run extended from 12 to 24 items keeps the 12 answers and asks only the 12 new items.
     if options.limit is not None:
         items = items[: options.limit]
     _check_unique_ids(items)
     check_files_exist((item.image for item in items if not callable(item.image)), "image files")
-    model_path = model_folder(options.model)
+    model_path = str(options.model if options.model is not None else default_model_path())
     max_new_tokens = options.max_new_tokens or default_max_new_tokens
-    method = method_from_args(options.method, options.method_config)
-    generation_config = load_generation_config(model_path, options.config, max_new_tokens, method)
+    method = load_method_preset(options.method, options.method_config)
+    generation_config = build_generation_config(options.config, method, max_new_tokens=max_new_tokens)
+    generation_config = with_checkpoint_token_ids(generation_config, model_path)
     identity = {
         "benchmark": benchmark,
         "inputs": inputs,
@@ -206,7 +169,7 @@ def run_benchmark(
     state.wait_for_everyone()
 
     if state.is_main_process:
-        records = [{**record, **score(record)} for record in _merge_parts(run_dir, items)]
+        records = [{**record, **score(record)} for record in run_dir.answers_in_order([item.id for item in items])]
         run_dir.write_answers(records)
         metrics = {"benchmark": benchmark, "n": len(records), **summarize(records), "latency": _latency(records)}
         run_dir.write_metrics(metrics)
@@ -235,17 +198,6 @@ def _answer(answerer: Answerer, batches: list[list[EvalItem]], part, seed: int, 
         )
         progress.update(len(batch))
     progress.close()
-
-
-def _merge_parts(run_dir: RunDirectory, items: list[EvalItem]) -> list[dict]:
-    by_id = {}
-    for part in run_dir.parts():
-        for record in part.read():
-            by_id.setdefault(record["id"], record)
-    missing = [item.id for item in items if item.id not in by_id]
-    if missing:
-        raise RuntimeError(f"{run_dir.path}: {len(missing)} items have no answer after the run, e.g. {missing[:3]}")
-    return [by_id[item.id] for item in items]
 
 
 def _latency(records: list[dict]) -> dict:

@@ -1,4 +1,5 @@
-"""A run directory: what was run (config.json), its answers (JSON lines) and its metrics (metrics.json).
+"""A run directory: what was run (config.json), its answers (JSON lines) and its metrics (metrics.json); the one
+way every evaluation (`eval.harness`, `shapesworld.evaluate`) keeps a resumable run folder.
 
     <output-dir>/
         config.json           benchmark, inputs, model, decoding config, prompt, seed (the run's identity)
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import rcpp_hf
 from rcpp_hf.eval.results import ResultsFile
 
 
@@ -41,6 +43,17 @@ class RunDirectory:
     def done_ids(self) -> set:
         return set().union(*(part.done_ids() for part in self.parts()))
 
+    def answers_in_order(self, ids: list[str]) -> list[dict]:
+        """The part files' answers to `ids`, in that order (the first answer of an id when a part holds two)."""
+        by_id = {}
+        for part in self.parts():
+            for record in part.read():
+                by_id.setdefault(record["id"], record)
+        missing = [item_id for item_id in ids if item_id not in by_id]
+        if missing:
+            raise RuntimeError(f"{self.path}: {len(missing)} items have no answer after the run, e.g. {missing[:3]}")
+        return [by_id[item_id] for item_id in ids]
+
     def check_identity(self, identity: dict) -> None:
         """Refuse to resume a run whose recorded identity differs from `identity`."""
         if not self.config_path.exists():
@@ -51,7 +64,7 @@ class RunDirectory:
             keys = sorted(key for key in recorded.keys() | current.keys() if recorded.get(key) != current.get(key))
             raise ValueError(
                 f"{self.config_path}: this run directory holds a run with a different {', '.join(keys)}; "
-                "choose another --output-dir, or delete it to start over"
+                f"to run with other {', '.join(keys)}, choose another --output-dir, or delete it to start over"
             )
 
     def record_session(self, identity: dict, session: dict) -> None:
@@ -80,8 +93,6 @@ def session_provenance(**extra) -> dict:
     import accelerate
     import torch
     import transformers
-
-    import rcpp_hf
 
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -15,10 +15,10 @@ from rcpp_hf.benchmark.suite import (
     format_report,
     known_methods,
     plot_report,
-    run_benchmark,
+    run_speed_benchmark,
 )
-from rcpp_hf.method_cli import read_method_yaml
 from rcpp_hf.methods import METHODS as REGISTRY
+from rcpp_hf.run_config import read_method_yaml
 
 
 def add_parser(commands) -> None:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype or ("float16" if args.shape == "7b" and not args.model else "float32"),
     )
-    report = run_benchmark(settings)
+    report = run_speed_benchmark(settings)
     print(format_report(report))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""YAML presets (`configs/*.yaml`): every reader of a preset file goes through `read_yaml_mapping`, so a missing
-file or a file that is not a mapping fails the same way wherever it is read."""
+"""Reading a YAML preset file (`configs/*.yaml`) as a mapping: every reader of a preset goes through
+`read_yaml_mapping`, so a missing file or a file that is not a mapping fails the same way wherever it is read."""
 
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ F1 per budget: strategies x H) next to `compare`'s table.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -17,13 +16,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from transformers import AutoConfig  # noqa: E402
 
 from rcpp_hf.engine.pruning import scale_tokens  # noqa: E402
 from rcpp_hf.methods import FastV, FastVFinePruner  # noqa: E402
 from rcpp_hf.methods.fastv_finepruner import DYNAMIC  # noqa: E402
 from rcpp_hf.methods.head_selection import HEAD_STRATEGIES  # noqa: E402
-from rcpp_hf.shapesworld.compare import BUDGETS, Setting, add_run_arguments, compare, model_path, model_shape  # noqa: E402
+from rcpp_hf.shapesworld.compare import Setting  # noqa: E402
 
 STUDY_HEADS = (8, 16, 24, 32)  # of LLaVA-1.5-7B's 32 heads, the seed's H
 REFERENCE_HEADS = 32
@@ -98,26 +96,3 @@ def ablation_table(rows: list[dict], split: str, output_dir: Path) -> None:
     figure.tight_layout()
     figure.savefig(output_dir / "ablation.png", dpi=110)
     plt.close(figure)
-
-
-def add_parser(subcommands: argparse._SubParsersAction) -> None:
-    parser = subcommands.add_parser("head-ablation", help="FastV + FinePruner head strategies x heads x budgets",
-                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--strategies", nargs="+", default=[*HEAD_STRATEGIES, DYNAMIC],
-                        choices=[*HEAD_STRATEGIES, DYNAMIC])  # fmt: skip
-    parser.add_argument("--heads", type=int, nargs="+", default=list(STUDY_HEADS), help="H, of 32 heads (scaled)")
-    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="of 576 visual tokens (scaled)")
-    parser.add_argument("--split", default="adversarial", choices=["random", "popular", "adversarial"])
-    add_run_arguments(parser)
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    model = model_path(args)
-    num_heads = AutoConfig.from_pretrained(model).text_config.num_attention_heads
-    settings = ablation_settings(args.strategies, tuple(args.heads), tuple(args.budgets), model_shape(model)[1],
-                                 num_heads)  # fmt: skip
-    rows = compare(model, settings, [args.split], args.seed, args.num_images, args.output_dir, args.batch_size)
-    ablation_table(rows, args.split, Path(args.output_dir))
-    print((Path(args.output_dir) / "ablation.md").read_text())
-    return 0

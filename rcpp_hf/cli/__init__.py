@@ -1,0 +1,28 @@
+"""`rcpp-hf` command line: one module per sub-command (generate, bench, eval, report, shapesworld, gan-pruner, demo).
+
+The command line sits on top of the library: it may import every part of it, and no part imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from rcpp_hf.cli import bench, demo, eval, gan_pruner, generate, report, shapesworld
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rcpp-hf", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate.add_parser(commands)
+    bench.add_parser(commands)
+    eval.add_parser(commands)
+    report.add_parser(commands)
+    shapesworld.add_parser(commands)
+    gan_pruner.add_parser(commands)
+    demo.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
