@@ -107,6 +107,11 @@ class RCPPGenerationConfig(GenerationConfig):
         if not isinstance(self.rcpp, bool):
             raise ValueError(f"RCPPGenerationConfig.rcpp = {self.rcpp!r}: must be True or False")
         check_rcpp_settings(self, "RCPPGenerationConfig")
+        if any(isinstance(method, RCPP) for method in self.methods):
+            raise ValueError(
+                "RCPPGenerationConfig.methods holds an 'rcpp' method: RCPP + DRCD's settings are the config's fields; "
+                "pass it to RCPPGenerationConfig(methods=[...]), which sets them, or set the fields"
+            )
         check_compatible(self.methods)
 
     # -- (de)serialisation -------------------------------------------------------------------------------------

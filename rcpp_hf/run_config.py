@@ -50,12 +50,9 @@ def build_generation_config(
 
     Reads only YAML, so a bad configuration fails before any weights are loaded.
     """
-    if preset is None:
-        config = RCPPGenerationConfig(**{"rcpp": False, "do_sample": False, **overrides})
-    else:
-        config = RCPPGenerationConfig.from_yaml(preset, **overrides)
+    values = {"rcpp": False, "do_sample": False} if preset is None else read_yaml_mapping(preset, "RCPP config",
+                                                                                            "of config fields")
+    values = {**values, **overrides}
     added = (methods,) if isinstance(methods, MethodConfig) else tuple(methods or ())
-    if added:
-        config.methods = (*config.methods, *added)
-        config.validate()
-    return config
+    values["methods"] = [*values.get("methods", ()), *added]
+    return RCPPGenerationConfig(**values)  # the constructor: an added `rcpp` method sets RCPP's fields

@@ -6,6 +6,9 @@ import pytest
 
 from rcpp_hf.cli import build_parser
 from rcpp_hf.engine.pruning import PruneRecord
+from rcpp_hf.methods import RCPP as RCPPMethod
+from rcpp_hf.methods import load_method
+from rcpp_hf.run_config import build_generation_config
 from rcpp_hf.shapesworld.compare import (
     RCPP,
     RCPP_PRESET,
@@ -33,9 +36,12 @@ def test_rows_come_from_the_registry_at_each_budget():
     settings = comparison_settings([VANILLA, RCPP, "fastv"], (64, 192), num_visual=100, with_rcpp=True)
     assert [s.name for s in settings] == [VANILLA, RCPP, "fastv-64", "fastv-192", "fastv+rcpp-64", "fastv+rcpp-192"]
     assert [s.method["budget"] for s in settings[2:]] == [11, 33, 11, 33]  # 64 / 576 and 192 / 576 of 100 tokens
-    assert settings[1].config == settings[4].config and settings[1].config.endswith("rcpp_default.yaml")
+    # The rcpp row is the registry method at its defaults: the RCPP + DRCD that the "+rcpp" rows' preset composes.
+    assert settings[1].config is None and settings[4].config.endswith("rcpp_default.yaml")
+    assert load_method(settings[1].method) == build_generation_config(settings[4].config).rcpp_method() == RCPPMethod()
     assert settings[2].config is None and settings[4].family == "fastv+rcpp"
-    with pytest.raises(ValueError, match="unknown setting 'beam'; known: vanilla, rcpp, .*fastv"):
+    assert [s.name for s in comparison_settings([RCPP], (64,), num_visual=100, with_rcpp=True)] == [RCPP]
+    with pytest.raises(ValueError, match="unknown setting 'beam'; known: vanilla, .*fastv.*rcpp"):
         comparison_settings(["beam"], (64,), num_visual=100)
 
 

@@ -1,11 +1,12 @@
 """Run the methods side by side in one process, interleaved, and report per-method speed, cache size and memory,
 each also as a ratio to vanilla measured in the same run.
 
-Methods are the benchmark's own (`METHODS`), a registry method by name (alone: RCPP off, greedy), or
-"<registry name>+rcpp" (composed with the "rcpp" setting). The default adds VCD, the two-pass contrastive reference
-(two forwards and two caches per token, `methods/contrastive_decoder.py`), to show what DRCD's one forward saves. A registry
-pruner's budget is `BenchmarkSettings.budget` of 576 visual tokens, scaled to the model's image, unless its preset
-(`method_presets`) sets one.
+Rows (`METHODS`): vanilla and four settings of the registry method "rcpp" (`rcpp_row`: scores only, contrast,
+contrast with the first-token action, contrast and eviction), any other registry method by name (alone: RCPP off,
+greedy), or "<registry name>+rcpp" (composed with the "rcpp" row). The default adds VCD, the two-pass contrastive
+reference (two forwards and two caches per token, `methods/contrastive_decoder.py`), to show what DRCD's one
+forward saves. A registry pruner's budget is `BenchmarkSettings.budget` of 576 visual tokens, scaled to the model's
+image, unless its preset (`method_presets`) sets one.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from rcpp_hf.methods import METHODS as REGISTRY
 from rcpp_hf.methods import MethodConfig, load_method
 from rcpp_hf.run_config import build_generation_config
 
-METHODS = ("vanilla", "rcpp-score-only", "rcpp", "rcpp-first", "rcpp-evict")
+METHODS = ("vanilla", "rcpp-score-only", "rcpp", "rcpp-first", "rcpp-evict")  # vanilla and the "rcpp" rows
 DEFAULT_METHODS = (*METHODS, "vcd")  # VCD: the two-pass contrastive reference
 WITH_RCPP = "+rcpp"  # "fastv+rcpp": a registry method composed with the "rcpp" setting
 PROMPT = "USER: <image>\nDescribe the image in detail. ASSISTANT:"
@@ -90,8 +91,9 @@ class BenchmarkSettings:
 
 
 def known_methods() -> list[str]:
-    """The benchmark's own methods, then every registry method alone and composed with RCPP."""
-    return [*METHODS, *REGISTRY, *(name + WITH_RCPP for name in REGISTRY)]
+    """The benchmark's own rows, then every other registry method alone and composed with RCPP."""
+    others = [name for name in REGISTRY if name != "rcpp"]
+    return [*METHODS, *others, *(name + WITH_RCPP for name in others)]
 
 
 def registry_method(method: str, settings: BenchmarkSettings, num_visual: int) -> MethodConfig | None:
@@ -105,33 +107,38 @@ def registry_method(method: str, settings: BenchmarkSettings, num_visual: int) -
     return load_method(preset)
 
 
+def rcpp_row(method: str, settings: BenchmarkSettings, tau: float) -> MethodConfig:
+    """The registry method "rcpp" at the settings of one of the benchmark's RCPP rows: scores alone; contrast at
+    `lambda_t` (with the first-token action for "rcpp-first"); contrast and eviction to `keep_ratio_end`."""
+    contrast = dict(tau=tau, lambda_start=settings.lambda_t, lambda_end=settings.lambda_t)
+    every_token = dict(keep_ratio_start=1.0, keep_ratio_end=1.0)
+    rows = {
+        "rcpp-score-only": dict(tau=-1.0, lambda_start=0.0, lambda_end=0.0, **every_token),
+        "rcpp": dict(**contrast, **every_token),
+        "rcpp-first": dict(**contrast, **every_token, first_token_action=True),
+        "rcpp-evict": dict(**contrast, keep_ratio_start=1.0, keep_ratio_end=settings.keep_ratio_end, schedule="linear",
+                           schedule_steps=settings.evict_steps),  # fmt: skip
+    }
+    return load_method("rcpp", **rows[method])
+
+
 def method_generation_config(method: str, settings: BenchmarkSettings, tau: float,
                              num_visual: int | None = None) -> RCPPGenerationConfig:  # fmt: skip
-    """Every method decodes exactly `new_tokens` greedy tokens (min = max, so an early EOS cannot shorten a run).
-    `num_visual` (the image's visual tokens) scales a registry method's budget."""
-    registered = registry_method(method, settings, num_visual) if method not in METHODS else None
-    if registered is not None:
-        own = "rcpp" if method.endswith(WITH_RCPP) else "vanilla"
-        return build_generation_config(None, registered, **method_fields(own, settings, tau))
-    return build_generation_config(None, **method_fields(method, settings, tau))
-
-
-def method_fields(method: str, settings: BenchmarkSettings, tau: float) -> dict:
-    """The generation fields of one of the benchmark's own methods (`METHODS`)."""
+    """Every row decodes exactly `new_tokens` greedy tokens (min = max, so an early EOS cannot shorten a run) with
+    its registry methods: none (vanilla), "rcpp" at the row's settings, or a registry method alone or with the
+    "rcpp" row. `num_visual` (the image's visual tokens) scales a registry method's budget."""
     length = dict(max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens, do_sample=False)
-    contrast = dict(tau=tau, lambda_start=settings.lambda_t, lambda_end=settings.lambda_t)
     if method == "vanilla":
-        return length
-    if method == "rcpp-score-only":
-        return dict(rcpp=True, tau=-1.0, lambda_start=0.0, lambda_end=0.0, keep_ratio_start=1.0, keep_ratio_end=1.0,
-                    **length)  # fmt: skip
-    if method in ("rcpp", "rcpp-first"):  # rcpp-first: "rcpp" with the first-token action
-        return dict(rcpp=True, keep_ratio_start=1.0, keep_ratio_end=1.0, first_token_action=method == "rcpp-first",
-                    **contrast, **length)  # fmt: skip
-    if method == "rcpp-evict":
-        return dict(rcpp=True, keep_ratio_start=1.0, keep_ratio_end=settings.keep_ratio_end, schedule="linear",
-                    schedule_steps=settings.evict_steps, **contrast, **length)
-    raise ValueError(f"no generation config for {method!r}")
+        return build_generation_config(None, **length)
+    if method in METHODS:
+        return build_generation_config(None, rcpp_row(method, settings, tau), **length)
+    registered = registry_method(method, settings, num_visual)
+    if registered is None:
+        raise ValueError(f"no generation config for {method!r}; known: {', '.join(known_methods())}")
+    methods = [registered]
+    if method.endswith(WITH_RCPP):
+        methods.append(rcpp_row("rcpp", settings, tau))
+    return build_generation_config(None, methods, **length)
 
 
 def run_method(model, inputs, method: str, settings: BenchmarkSettings, tau: float, streamer=None, trace=False,

@@ -79,7 +79,7 @@ def _study_parser(subcommands, name: str, summary: str, module) -> argparse.Argu
 
 def add_compare_parser(subcommands: argparse._SubParsersAction) -> None:
     parser = _study_parser(subcommands, "compare", "compare decoding settings on ShapesWorld", compare)
-    defaults = [name for name in METHODS if compare.runs_with_defaults(name)]
+    defaults = [name for name in METHODS if name != RCPP and compare.runs_with_defaults(name)]
     parser.add_argument("--methods", default=",".join([VANILLA, RCPP, *defaults]),
                         help=f"comma-separated rows: {VANILLA}, {RCPP} (RCPP + DRCD, library defaults) or registry "
                              f"methods ({', '.join(METHODS)}); default: all that run with their default "

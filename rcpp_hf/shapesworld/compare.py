@@ -107,18 +107,17 @@ def method_settings(name: str, budgets: tuple[int, ...], num_visual: int, with_r
 
 def comparison_settings(methods: list[str], budgets: tuple[int, ...], num_visual: int,
                         with_rcpp: bool = False) -> list[Setting]:  # fmt: skip
-    """The rows for `methods`: `VANILLA`, `RCPP` (RCPP + DRCD with the library defaults), or registry names."""
+    """The rows for `methods`: `VANILLA` or registry names (`RCPP`, "rcpp": RCPP + DRCD with the library defaults);
+    with `with_rcpp`, each registry method but RCPP itself again composed with RCPP + DRCD."""
     settings = []
     for name in methods:
         if name == VANILLA:
             settings.append(Setting(VANILLA, VANILLA))
-        elif name == RCPP:
-            settings.append(Setting(RCPP, RCPP, config=str(RCPP_PRESET)))
         elif name in METHODS:
             settings += method_settings(name, budgets, num_visual)
-            settings += method_settings(name, budgets, num_visual, with_rcpp=True) if with_rcpp else []
+            settings += method_settings(name, budgets, num_visual, with_rcpp=True) if with_rcpp and name != RCPP else []
         else:
-            raise ValueError(f"unknown setting {name!r}; known: {', '.join([VANILLA, RCPP, *METHODS])}")
+            raise ValueError(f"unknown setting {name!r}; known: {', '.join([VANILLA, *METHODS])}")
     return settings
 
 
