@@ -74,3 +74,10 @@ def test_no_function_is_longer_than_80_lines():
 def test_the_decoding_loop_is_short():
     lines, _ = inspect.getsourcelines(MethodsGenerationMixin._sample)
     assert len(lines) <= MAX_SAMPLE_LINES
+
+
+def test_each_model_class_is_its_familys_stock_class_with_the_loop():
+    classes = MethodsGenerationMixin.__subclasses__()
+    assert classes, "no model class uses the methods' loop"
+    for cls in classes:
+        assert issubclass(cls, cls.family_class.stock_class) and cls.__mro__[1] is MethodsGenerationMixin
