@@ -1,10 +1,11 @@
-"""Issue 12's question about the demo: are an object's patches evicted before the caption names it, and does that
-cost recall? RCPP + DRCD with the library defaults on the embedded model, test-world caption scenes, batch 1.
+"""The question the demo raises: are an object's patches evicted before the caption names it, and does that cost
+recall? RCPP + DRCD with the method's original values (below) on the embedded model, test-world caption scenes,
+batch 1.
 
 For each object of each scene: its patches (the 16 px patches its pixels cover at least 1/8 of, from the renderer's
 object map, as the training probe defines them), the first decoding step at which one of them was evicted, and the
 step at which its kind is first named (the tokenizer spends one token per word). Prints the shares and the recall of
-objects by whether eviction came first. Run: `PYTHONPATH=. python experiments/eviction_study.py [NUM_SCENES]`.
+objects by whether eviction came first. Run: `python experiments/eviction_study.py [NUM_SCENES]`.
 """
 
 import json
@@ -37,7 +38,8 @@ def main(num_scenes: int = 40) -> dict:
     folder = default_model_path()
     model = RCPPLlavaForConditionalGeneration.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
-    # The method note's values (the defaults before the issue-12 sweep): eviction ramps in from step 1.
+    # The method's original values (the defaults before experiments/defaults_sweep.py chose tau -0.05 and the step
+    # schedule): eviction ramps in from step 1.
     config = RCPPGenerationConfig(tau=0.0, schedule="linear", max_new_tokens=64, return_dict_in_generate=True)
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     kinds_index = {kind: 1 + i for i, kind in enumerate(KINDS)}

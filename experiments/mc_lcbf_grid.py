@@ -2,7 +2,8 @@
 
 POPE (three splits) for prefill-phase settings, captions for decode-phase settings, each beside vanilla; answers
 flipped against vanilla (and how many flips were corrections). Resumable: every run is an `evaluate` folder.
-    PYTHONPATH=. python experiments/mc_lcbf_grid.py OUTPUT_DIR
+"note" in a row's name: the settings MC-LCBF's author gave with the original code.
+    python experiments/mc_lcbf_grid.py OUTPUT_DIR
 """
 
 import json
@@ -15,7 +16,7 @@ from rcpp_hf.shapesworld.evaluate import EvalSettings, evaluate
 from rcpp_hf.shapesworld.world import TEST_SEED
 
 POPE = {  # prefill phase only (the decode phase cannot change a yes/no answer)
-    "note-strong": MCLCBF(decode=False, prefill_tau=0.5, prefill_alpha=4.0),  # the note's "alpha 4, tau 0.5"
+    "note-strong": MCLCBF(decode=False, prefill_tau=0.5, prefill_alpha=4.0),  # the author's "alpha 4, tau 0.5"
     "tau0.5-a4-unclamped": MCLCBF(decode=False, prefill_tau=0.5, prefill_alpha=4.0, max_scale=1e4),
     "tau0.9-a1-unclamped": MCLCBF(decode=False, prefill_tau=0.9, prefill_alpha=1.0, max_scale=1e4),
 }

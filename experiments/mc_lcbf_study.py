@@ -1,11 +1,12 @@
 """The measured answers of the README section "MC-LCBF", on the shipped ShapesWorld model (test world, seed 2).
 
-(a) the note's wrapper (`dual_phase_decoder_wrapper`, mc-lcbf-steering seed), run on transformers 5.23 with one line
-    ported (its decode-phase key lookup, which raises there), counting which of its steps act;
-(b) the note's three questions, with rcpp_hf's `MCLCBF` at prefill: gradient with / without the RMSNorm, probe keys
+(a) the original wrapper (`dual_phase_decoder_wrapper`, the code MC-LCBF's author shared with the report that the
+    method left POPE unchanged; "the note" in the output's keys), run on transformers 5.23 with one line ported (its
+    decode-phase key lookup, which raises there), counting which of its steps act;
+(b) the author's three questions, with rcpp_hf's `MCLCBF` at prefill: gradient with / without the RMSNorm, probe keys
     against cached keys, ||delta|| / ||x|| at the steered layers, what is left at the last layer and in the
     yes-minus-no logit gap.
-    PYTHONPATH=. python experiments/mc_lcbf_study.py [NUM_QUESTIONS]     (prints JSON)
+    python experiments/mc_lcbf_study.py [NUM_QUESTIONS]     (prints JSON)
 """
 
 import json
@@ -36,6 +37,7 @@ from rcpp_hf.shapesworld.render import IMAGE_FOLDER
 from rcpp_hf.shapesworld.world import TEST_SEED
 
 PATH = default_model_path()
+# The original code's global settings, at its defaults ("note" below: the original code).
 NOTE = {"is_active": True, "prefill_tau": 0.2, "prefill_alpha": 1.0, "decode_tau": 0.2, "decode_alpha": 0.5,
         "steer_layers": list(range(10, 28)), "img_start": 1, "img_end": 577}
 COUNT = Counter()
@@ -43,9 +45,9 @@ REL_DELTA = []
 
 
 def note_wrapper(original_forward, layer_idx):
-    """The note's `dual_phase_decoder_wrapper`, its logic verbatim except: counters (COUNT, REL_DELTA), and the decode key
-    lookup `past_key_values[layer_idx][0]` -> `past_key_values.layers[layer_idx].keys` (5.23's Cache is not
-    subscriptable; the original raises TypeError there)."""
+    """The original `dual_phase_decoder_wrapper`, its logic verbatim except: counters (COUNT, REL_DELTA), and the
+    decode key lookup `past_key_values[layer_idx][0]` -> `past_key_values.layers[layer_idx].keys` (5.23's Cache is
+    not subscriptable; the original raises TypeError there)."""
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None, output_attentions=False,
                 use_cache=False, cache_position=None, position_embeddings=None, **kwargs):
@@ -123,11 +125,11 @@ def questions(num: int):
 
 
 def part_a(items, dtype) -> dict:
-    """The note's generator on one row at a time, steering off then on (its main loop), 5 new tokens."""
+    """The original generator on one row at a time, steering off then on (its main loop), 5 new tokens."""
     COUNT.clear(), REL_DELTA.clear()
     processor = AutoProcessor.from_pretrained(PATH)
     model = LlavaForConditionalGeneration.from_pretrained(PATH, dtype=dtype).eval()
-    # PORTED: the note's `model.language_model.layers if hasattr(model, "language_model") else model.model.layers`
+    # PORTED: the original's `model.language_model.layers if hasattr(model, "language_model") else model.model.layers`
     # raises AttributeError on 5.23 (no `language_model` attribute; LlavaModel has no `layers`).
     layers = model.model.language_model.layers
     NOTE["steer_layers"] = list(range(1, 4))  # 10-27 of 32 on this 4-layer decoder

@@ -1,11 +1,11 @@
-"""The token-condensation experiment end to end on a small ShapesWorld model, and HiMAP's rows in compare and bench."""
+"""The token-condensation experiment (`experiments/condensation.py`) end to end on a small ShapesWorld model, and
+HiMAP's rows in compare and bench."""
 
 import json
 
+from experiments.condensation import cell_records, default_layers, experiment_settings, main
 from rcpp_hf.benchmark.suite import known_methods
-from rcpp_hf.cli import build_parser
 from rcpp_hf.shapesworld.compare import VANILLA, comparison_settings
-from rcpp_hf.studies.condensation_experiment import cell_records, default_layers, experiment_settings
 from tests.test_shapesworld_evaluate import small_model  # noqa: F401 (fixture)
 
 
@@ -25,12 +25,9 @@ def test_cells_and_gains():
 
 
 def test_experiment_runs_end_to_end(small_model, tmp_path, capsys):  # noqa: F811
-    args = build_parser().parse_args(
-        ["shapesworld", "condensation", "--model", small_model, "--target-tokens", "192", "--layers", "1", "2",
-         "--pope-split", "random", "--seed", "1", "--num-images", "2", "--batch-size", "4",
-         "--output-dir", str(tmp_path)]
-    )  # fmt: skip
-    assert args.func(args) == 0
+    args = ["--model", small_model, "--target-tokens", "192", "--layers", "1", "2", "--pope-split", "random",
+            "--seed", "1", "--num-images", "2", "--batch-size", "4", "--output-dir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
     records = {r["setting"]: r for r in json.loads((tmp_path / "condensation.json").read_text())}
     assert list(records) == [VANILLA] + [f"{v}-t192-l{l}" for l in (1, 2) for v in ("hard", "fps", "connectivity")]
     for record in records.values():
@@ -41,7 +38,7 @@ def test_experiment_runs_end_to_end(small_model, tmp_path, capsys):  # noqa: F81
     lines = (tmp_path / "fps-t192-l1" / "mme" / "answers.part-0.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 4 * 2  # 2 images x 4 subtasks x a yes and a no question
     table = (tmp_path / "condensation.md").read_text()
-    assert args.func(args) == 0 and (tmp_path / "condensation.md").read_text() == table
+    assert main(args) == 0 and (tmp_path / "condensation.md").read_text() == table
     assert (tmp_path / "condensation.png").stat().st_size > 10_000
     run = json.loads((tmp_path / "connectivity-t192-l2" / "random" / "config.json").read_text())["identity"]
     assert run["settings"]["method"]["condensation_strategy"] == "connectivity"

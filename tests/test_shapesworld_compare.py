@@ -78,7 +78,7 @@ def test_compare_across_methods_and_budgets(shapesworld_small, tmp_path, capsys)
 
 
 def test_head_ablation_rows_table_and_heat_map(shapesworld_small, tmp_path, capsys):
-    from rcpp_hf.studies.head_ablation import ablation_settings, scale_heads
+    from experiments.head_ablation import ablation_settings, main, scale_heads
 
     assert [scale_heads(h, 8) for h in (8, 16, 24, 32)] == [2, 4, 6, 8]
     settings = ablation_settings(["sum", "gini", "consensus_diversity"], (8, 32), (64, 192), 16, 4)
@@ -86,11 +86,8 @@ def test_head_ablation_rows_table_and_heat_map(shapesworld_small, tmp_path, caps
     assert names[:5] == ["fastv-64", "fp-sum-h1-64", "fp-sum-h4-64", "fp-gini-h1-64", "fp-gini-h4-64"]
     assert names[5] == "fp-consensus_diversity-64" and len(names) == 12
 
-    args = build_parser().parse_args(
-        ["shapesworld", "head-ablation", "--model", shapesworld_small, "--strategies", "sum", "consensus_diversity",
-         "--heads", "8", "32", "--budgets", "192", "--num-images", "1", "--output-dir", str(tmp_path)]
-    )  # fmt: skip
-    assert args.func(args) == 0
+    assert main(["--model", shapesworld_small, "--strategies", "sum", "consensus_diversity", "--heads", "8", "32",
+                 "--budgets", "192", "--num-images", "1", "--output-dir", str(tmp_path)]) == 0  # fmt: skip
     table = (tmp_path / "ablation.md").read_text()
     assert "budget 192 of 576" in table and "| sum |" in table and "fastv (all heads)" in table
     cells = json.loads((tmp_path / "ablation.json").read_text())

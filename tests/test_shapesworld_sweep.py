@@ -1,14 +1,12 @@
-"""The defaults sweep: the choice rule on hand-made rows, the grid, round 2's construction, and a run end to end."""
+"""The defaults sweep (`experiments/defaults_sweep.py`): the choice rule on hand-made rows, the grid, round 2's
+construction, and a run end to end."""
 
 import json
 
 import pytest
 
-from rcpp_hf.cli import build_parser
-from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.studies import defaults_sweep as sweep_module
-from rcpp_hf.shapesworld.compare import VANILLA
-from rcpp_hf.studies.defaults_sweep import (
+from experiments import defaults_sweep as sweep_module
+from experiments.defaults_sweep import (
     CENTRE,
     FIRST_ROUND,
     choose,
@@ -18,6 +16,8 @@ from rcpp_hf.studies.defaults_sweep import (
     variation_name,
     write_presets,
 )
+from rcpp_hf.config import RCPPGenerationConfig
+from rcpp_hf.shapesworld.compare import VANILLA
 
 
 def row(name, chair_i, recall, f1=0.90):
@@ -50,7 +50,7 @@ def test_rule_breaks_a_chair_i_tie_by_recall_then_by_order():
     assert choose(rows)["setting"] == "high recall"
 
 
-def test_first_round_names_every_knob_of_the_issue_and_every_setting_validates(tmp_path):
+def test_first_round_moves_every_knob_and_every_setting_validates(tmp_path):
     changed = [(key, value) for changes in FIRST_ROUND for key, value in changes.items()]
     assert {value for key, value in changed if key == "tau_mode"} | {"absolute"} == {"absolute", "quantile", "std"}
     assert sum(1 for changes in FIRST_ROUND if set(changes) == {"tau"}) >= 2  # absolute tau, several values
@@ -96,9 +96,8 @@ def test_sweep_writes_its_rule_before_any_row_and_resumes(shapesworld_small, tmp
         return compare(model, settings, *args, **kwargs)
 
     monkeypatch.setattr(sweep_module, "compare", compare_after_the_rule)
-    args = ["shapesworld", "sweep", "--model", shapesworld_small, "--seed", "1", "--num-images", "1",
-            "--batch-size", "8", "--output-dir", str(tmp_path)]  # fmt: skip
-    parsed = build_parser().parse_args(args)
+    args = ["--model", shapesworld_small, "--seed", "1", "--num-images", "1", "--batch-size", "8",
+            "--output-dir", str(tmp_path)]  # fmt: skip
     assert sweep(shapesworld_small, 1, 1, tmp_path, batch_size=8, variations=variations, progress=False)
     assert calls[0] == [VANILLA, "default", *map(variation_name, variations)]
     choice = json.loads((tmp_path / "choice.json").read_text())
@@ -114,7 +113,7 @@ def test_sweep_writes_its_rule_before_any_row_and_resumes(shapesworld_small, tmp
         raise AssertionError("a finished row was recomputed")
 
     monkeypatch.setattr("rcpp_hf.shapesworld.evaluate.RCPPLlavaForConditionalGeneration.from_pretrained", no_model)
-    assert parsed.func(parsed) == 0  # the CLI, same grid: every row resumes
+    assert sweep_module.main(args) == 0  # the script, same grid: every row resumes
     assert f"chosen: {choice['setting']}" in capsys.readouterr().out
     with pytest.raises(ValueError, match="states another rule or grid"):
         sweep(shapesworld_small, 1, 2, tmp_path, variations=variations, progress=False)

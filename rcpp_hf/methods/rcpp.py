@@ -117,10 +117,10 @@ def resolve_scoring_layers(scoring_layers: tuple[int, ...] | None, num_layers: i
 class RCPP(DecodingMethod):
     """Args: the fields of `RCPPGenerationConfig` of the same names, documented there (stage by stage).
 
-    tau and schedule are the defaults the ShapesWorld validation sweep chose (the defaults sweep in
-    `rcpp_hf/studies/`; its rule, fixed before the run: the lowest CHAIR_I with recall within 0.02 of greedy and POPE
-    adversarial F1 not below greedy's); the others are the method's published values, which no other setting of
-    the sweep beat under that rule.
+    tau and schedule are the defaults the ShapesWorld validation sweep chose (the repository's
+    `experiments/defaults_sweep.py`; its rule, fixed before the run: the lowest CHAIR_I with recall within 0.02 of
+    greedy and POPE adversarial F1 not below greedy's); the others are the method's published values, which no other
+    setting of the sweep beat under that rule.
     """
 
     name = "rcpp"

@@ -9,7 +9,8 @@ layers, i.e. the budget) and against prefill / decode time (the streamer-timed g
 from the registry, so a method added there gets its rows without touching this command. A budget a method cannot
 meet on this model (e.g. FastV's first layers alone exceed it on a 4-layer decoder) gives a row marked as skipped.
 
-The studies `sweep`, `head-ablation` and `condensation` (`rcpp_hf.studies`) run their rows through `compare`.
+The studies in the repository's `experiments/` (`defaults_sweep.py`, `head_ablation.py`, `condensation.py`) run
+their rows through `compare`.
 """
 
 from __future__ import annotations

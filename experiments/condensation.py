@@ -1,21 +1,27 @@
-"""`rcpp-hf shapesworld condensation`: the token-condensation seed's experiment on ShapesWorld.
+"""Hard pruning against token condensation on ShapesWorld: the MME experiment of YangXu-03/Himap-based's token
+condensation (hard pruning, FPS and connectivity at a target token count, condensation layers 5 to 15 of 32), with a
+POPE split beside it.
+
+    python experiments/condensation.py --target-tokens 64 128 --output-dir runs/condensation [--model FOLDER]
 
 Hard pruning (HiMAP's text-stage cut), condensation with FPS centroids and condensation with connectivity centroids,
 each at one stage before layer L keeping T visual tokens, over target tokens T (of 576, scaled to the model's image,
 `scale_tokens`) x layers L (the model's own indices; default 5 / 10 / 15 of 32, scaled by depth), with vanilla
 beside them; on the MME-style ShapesWorld set (existence, count, position, color and their total) and one POPE split.
-The stage is HiMAP's first (`HiMAP(txt_layer=L, txt_rank=T, image_stage=False)`): the seed sweeps one condensation
-layer, and a second stage would make the layers of different rows incomparable.
+The stage is HiMAP's first (`HiMAP(txt_layer=L, txt_rank=T, image_stage=False)`): that experiment sweeps one
+condensation layer, and a second stage would make the layers of different rows incomparable.
 
 Every cell is a row of `compare` (its own resumable folder, answers appended as they come, so an
-interrupted run resumes where it stopped); the experiment writes `condensation.json` (one record per cell, with the
+interrupted run resumes where it stopped); this script writes `condensation.json` (one record per cell, with the
 gain over hard pruning), `condensation.md` and `condensation.png` (MME total and POPE F1 against L, the four
 subtasks, the gain over hard pruning) next to `compare`'s table.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -23,13 +29,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from rcpp_hf.cli.options import model_folder  # noqa: E402
+from rcpp_hf.cli.shapesworld import add_comparison_arguments  # noqa: E402
 from rcpp_hf.engine.pruning import scale_layer, scale_tokens  # noqa: E402
 from rcpp_hf.methods import HiMAP  # noqa: E402
-from rcpp_hf.shapesworld.compare import VANILLA, Setting  # noqa: E402
+from rcpp_hf.shapesworld.compare import VANILLA, Setting, compare, model_shape  # noqa: E402
+from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS  # noqa: E402
 
 VARIANTS = ("hard", "fps", "connectivity")
 TARGET_TOKENS = (64, 128)  # of 576
-REFERENCE_CONDENSATION_LAYERS = (5, 10, 15)  # of 32, within the seed's --start-layer 5 --end-layer 15
+REFERENCE_CONDENSATION_LAYERS = (5, 10, 15)  # of 32, within that experiment's layers 5 to 15
 SUBTASKS = ("existence", "count", "position", "color")
 
 
@@ -129,3 +138,35 @@ def plot_experiment(records: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python experiments/condensation.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--target-tokens", type=int, nargs="+", default=list(TARGET_TOKENS),
+                        help="visual tokens kept, of 576 (scaled to the model's image)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="condensation layers of this model "
+                        "(default: 5 / 10 / 15 of 32, scaled by depth)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--pope-split", default="adversarial", choices=POPE_SPLITS)
+    add_comparison_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) every cell through `compare` on the MME-style set and the POPE split; write and print the
+    report."""
+    args = build_parser().parse_args(argv)
+    model = model_folder(args.model)
+    num_layers, num_visual = model_shape(model)
+    layers = tuple(args.layers) if args.layers else default_layers(num_layers)
+    settings = experiment_settings(tuple(args.target_tokens), layers, num_visual, tuple(args.variants))
+    rows = compare(model, settings, ["mme", args.pope_split], args.seed, args.num_images, args.output_dir,
+                   args.batch_size)  # fmt: skip
+    write_report(cell_records(rows, args.pope_split), Path(args.output_dir))
+    print((Path(args.output_dir) / "condensation.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,6 @@
-"""`rcpp-hf shapesworld head-ablation`: the finepruner seed's head-strategy ablation on ShapesWorld.
+"""The head-strategy ablation of FastV + FinePruner (EasonAI-5589/LLaVA-FinePruner-Head) on ShapesWorld.
+
+    python experiments/head_ablation.py --seed 2 --budgets 192 --output-dir runs/heads [--model FOLDER]
 
 FastV + FinePruner for every head strategy (the nine fixed ones and the dynamic consensus-diversity selection) x
 number of heads H (8 / 16 / 24 / 32 of LLaVA-1.5's 32, scaled to the model's heads) x budget (64 / 128 / 192 of 576,
@@ -9,7 +11,9 @@ F1 per budget: strategies x H) next to `compare`'s table.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -17,13 +21,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from transformers import AutoConfig  # noqa: E402
+
+from rcpp_hf.cli.options import model_folder  # noqa: E402
+from rcpp_hf.cli.shapesworld import add_comparison_arguments  # noqa: E402
 from rcpp_hf.engine.pruning import scale_tokens  # noqa: E402
 from rcpp_hf.methods import FastV, FastVFinePruner  # noqa: E402
 from rcpp_hf.methods.fastv_finepruner import DYNAMIC  # noqa: E402
 from rcpp_hf.methods.head_selection import HEAD_STRATEGIES  # noqa: E402
-from rcpp_hf.shapesworld.compare import Setting  # noqa: E402
+from rcpp_hf.shapesworld.compare import BUDGETS, Setting, compare, model_shape  # noqa: E402
+from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS  # noqa: E402
 
-STUDY_HEADS = (8, 16, 24, 32)  # of LLaVA-1.5-7B's 32 heads, the seed's H
+STUDY_HEADS = (8, 16, 24, 32)  # of LLaVA-1.5-7B's 32 heads, the H of LLaVA-FinePruner-Head's ablation
 REFERENCE_HEADS = 32
 
 
@@ -96,3 +105,32 @@ def ablation_table(rows: list[dict], split: str, output_dir: Path) -> None:
     figure.tight_layout()
     figure.savefig(output_dir / "ablation.png", dpi=110)
     plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python experiments/head_ablation.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--strategies", nargs="+", default=[*HEAD_STRATEGIES, DYNAMIC],
+                        choices=[*HEAD_STRATEGIES, DYNAMIC])  # fmt: skip
+    parser.add_argument("--heads", type=int, nargs="+", default=list(STUDY_HEADS), help="H, of 32 heads (scaled)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="of 576 visual tokens (scaled)")
+    parser.add_argument("--split", default="adversarial", choices=POPE_SPLITS)
+    add_comparison_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) every cell through `compare`; write and print the ablation table."""
+    args = build_parser().parse_args(argv)
+    model = model_folder(args.model)
+    num_heads = AutoConfig.from_pretrained(model).text_config.num_attention_heads
+    settings = ablation_settings(args.strategies, tuple(args.heads), tuple(args.budgets), model_shape(model)[1],
+                                 num_heads)  # fmt: skip
+    rows = compare(model, settings, [args.split], args.seed, args.num_images, args.output_dir, args.batch_size)
+    ablation_table(rows, args.split, Path(args.output_dir))
+    print((Path(args.output_dir) / "ablation.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
