@@ -1,9 +1,8 @@
 """`rcpp-hf generate` end to end on a local checkpoint and on the embedded default model."""
 
-import pytest
-
 from rcpp_hf.cli import main
 from rcpp_hf.run_config import build_generation_config
+from tests.cli_helpers import user_error
 from tests.conftest import make_images
 
 CONFIG = "configs/rcpp_evict.yaml"
@@ -27,9 +26,9 @@ def test_generate_on_the_default_model(capsys):
     assert "== RCPP + DRCD" in out and "shapesworld/checkpoint" in out
 
 
-def test_missing_image_file_is_named(tmp_path):
-    with pytest.raises(SystemExit, match="image file not found: .*nope.png"):
-        main(["generate", "--image", str(tmp_path / "nope.png")])
+def test_missing_image_file_is_named(tmp_path, capsys):
+    user_error(capsys, ["generate", "--image", str(tmp_path / "nope.png")],
+               "^rcpp-hf generate: error: image file not found: .*nope.png")
 
 
 def test_generate_and_eval_take_the_first_token_action_and_relative_tau_from_a_preset(tiny_path, tmp_path, capsys):

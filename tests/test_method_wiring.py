@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tests.cli_helpers import user_error
 from tests.eval_helpers import options, read_jsonl, write_mme
 
 from rcpp_hf.benchmark.flops import prefill_flops, prefill_flops_ratio
@@ -61,11 +62,11 @@ def _write(path, values):
     return path
 
 
-def test_unknown_method_lists_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="unknown method 'fastw'; known methods: .*fastv"):
-        main(["generate", "--method", "fastw"])
-    with pytest.raises(ValueError, match="unknown method 'fastw'; known methods: .*fastv"):
-        main(["eval", "shapesworld", "--split", "random", "--output-dir", str(tmp_path), "--method", "fastw"])
+def test_unknown_method_lists_the_known_ones(tmp_path, capsys):
+    user_error(capsys, ["generate", "--method", "fastw"],
+               "^rcpp-hf generate: error: unknown method 'fastw'; known methods: .*fastv")
+    user_error(capsys, ["eval", "shapesworld", "--split", "random", "--output-dir", str(tmp_path), "--method", "fastw"],
+               "^rcpp-hf eval shapesworld: error: unknown method 'fastw'; known methods: .*fastv")
     with pytest.raises(ValueError, match=r"unknown \['fastw'\]; known: vanilla, .*rcpp-evict, .*fastv, .*vcd, .*fastv\+rcpp"):
         BenchmarkSettings(methods=("vanilla", "fastw"))
 

@@ -282,12 +282,12 @@ def test_training_is_resumable_and_trains_only_the_delta(tiny_gguf, tmp_path, mo
     assert changed.nonzero().flatten().tolist() == [model.config.image_token_index]  # only the <image> row moved
 
 
-def test_build_smol_command_checks_the_gguf_file_against_smollm2(tiny_gguf, delta_folder, tmp_path):
-    from rcpp_hf.cli import main
+def test_build_smol_command_checks_the_gguf_file_against_smollm2(tiny_gguf, delta_folder, tmp_path, capsys):
+    from tests.cli_helpers import user_error
 
-    with pytest.raises(ValueError, match="is not the expected model: block_count 2 \\(expected 30\\)"):
-        main(["shapesworld", "build-smol", "--gguf", str(tiny_gguf), "--delta", str(delta_folder),
-              "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    user_error(capsys, ["shapesworld", "build-smol", "--gguf", str(tiny_gguf), "--delta", str(delta_folder),
+                        "--output-dir", str(tmp_path / "out")],
+               "^rcpp-hf shapesworld build-smol: error: .* is not the expected model: block_count 2 \\(expected 30\\)")
 
 
 # --- the shipped delta -------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from rcpp_hf.benchmark.model_sizes import SHAPES
 from rcpp_hf.benchmark.suite import (
     DEFAULT_METHODS,
     WITH_RCPP,
@@ -17,6 +18,8 @@ from rcpp_hf.benchmark.suite import (
     plot_report,
     run_speed_benchmark,
 )
+from rcpp_hf.cli.errors import UsageError
+from rcpp_hf.cli.options import check_device, model_folder
 from rcpp_hf.methods import METHODS as REGISTRY
 from rcpp_hf.run_config import read_method_yaml
 
@@ -24,11 +27,12 @@ from rcpp_hf.run_config import read_method_yaml
 def add_parser(commands) -> None:
     parser = commands.add_parser("bench", help="speed and memory of RCPP + DRCD beside vanilla and a two-pass "
                                                "contrastive reference (VCD)")
-    parser.add_argument("--shape", default="small", help="tiny | small | 7b (random weights), ignored with --model")
+    parser.add_argument("--shape", default="small", help=f"{' | '.join(SHAPES)} (random weights), ignored with --model")
     parser.add_argument("--model", help="checkpoint folder or hub id instead of a shape")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, of {','.join(known_methods())} (registry methods run alone, greedy; "
-                        "'<name>+rcpp' composes one with the 'rcpp' setting)")
+                        "'<name>+rcpp' composes one with the 'rcpp' setting; a contrastive "
+                        "decoder runs only alone)")
     parser.add_argument("--method-config", action="append", default=[], help="YAML preset of a registry method in "
                         "--methods ('method' key; without it: settings of the only one); repeat for several")
     parser.add_argument("--budget", type=int, default=128, help="registry pruners' budget in visual tokens of 576, "
@@ -46,6 +50,11 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The checks that need no model run first; BenchmarkSettings checks the rest (methods, counts, dtype).
+    if args.model is None and args.shape not in SHAPES:
+        raise UsageError(f"--shape {args.shape}: unknown; choose one of {', '.join(SHAPES)}, or give --model")
+    check_device(args.device)
+    model = None if args.model is None else model_folder(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -53,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     only = next(iter(registered)) if len(registered) == 1 else None
     settings = BenchmarkSettings(
         shape=args.shape,
-        model=args.model,
+        model=model,
         methods=methods,
         budget=args.budget,
         method_presets=tuple(read_method_yaml(path, only) for path in args.method_config),

@@ -7,7 +7,7 @@ import argparse
 
 from transformers import AutoProcessor
 
-from rcpp_hf.cli.options import model_folder
+from rcpp_hf.cli.options import check_at_least, model_folder
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 from rcpp_hf.run_config import build_generation_config
 from rcpp_hf.shapesworld import demo
@@ -26,6 +26,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_at_least(args.max_new_tokens, 1, "--max-new-tokens")
     model_path = model_folder(args.model)
     overrides = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "return_dict_in_generate": True}
     if args.config is None:  # RCPPGenerationConfig's defaults

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from rcpp_hf.cli.options import add_method_arguments, model_folder
+from rcpp_hf.cli.errors import UsageError, run_command
+from rcpp_hf.cli.options import add_method_arguments, check_at_least, check_device, model_folder
 from rcpp_hf.eval.answerer import DTYPES, IMAGE_ASPECTS, LLAVA_SYSTEM_PROMPT
 from rcpp_hf.eval.chair import DEFAULT_NUM_IMAGES, evaluate_chair, read_image_ids
 from rcpp_hf.eval.chair import DEFAULT_PROMPT as CHAIR_PROMPT
@@ -18,7 +20,7 @@ from rcpp_hf.eval.harness import RunOptions
 from rcpp_hf.eval.mme import DEFAULT_PROMPT as MME_PROMPT
 from rcpp_hf.eval.mme import SUBTASKS, evaluate_mme
 from rcpp_hf.eval.pope import DEFAULT_PROMPT as POPE_PROMPT
-from rcpp_hf.eval.pope import evaluate_pope
+from rcpp_hf.eval.pope import evaluate_pope, question_format
 from rcpp_hf.run_config import load_method_preset
 from rcpp_hf.shapesworld import evaluate as shapesworld_evaluate
 from rcpp_hf.shapesworld.evaluate import SPLITS, EvalSettings, evaluate
@@ -44,6 +46,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> RunOptions:
+    """The run options, after the checks that name the flag (RunOptions would name only its field)."""
+    for flag in ("max_new_tokens", "batch_size", "limit"):
+        check_at_least(getattr(args, flag), 1, "--" + flag.replace("_", "-"))
+    check_device(args.device)
     return RunOptions(
         output_dir=args.output_dir,
         model=model_folder(args.model),
@@ -71,7 +77,21 @@ def add_pope_parser(benchmarks) -> None:
     parser.set_defaults(func=run_pope)
 
 
+def check_folder(path: str | None, flag: str) -> None:
+    """Refuse a data folder that is not there, naming the flag (the benchmark would name only the files missing in
+    it)."""
+    if path is not None and not Path(path).is_dir():
+        raise UsageError(f"{flag} {path}: folder not found; pass the folder that holds the benchmark's files")
+
+
 def run_pope(args: argparse.Namespace) -> None:
+    for source in args.question_file:
+        try:
+            question_format(source)
+        except FileNotFoundError:
+            raise UsageError(f"--question-file {source}: no such file or folder; pass POPE's JSON-lines files, "
+                             "lmms-lab/POPE parquet (a file or folder) or a hub dataset id (owner/name)") from None
+    check_folder(args.image_folder, "--image-folder")
     evaluate_pope(args.question_file, args.image_folder, options_from_args(args), args.prompt)
 
 
@@ -88,6 +108,10 @@ def add_chair_parser(benchmarks) -> None:
 
 
 def run_chair(args: argparse.Namespace) -> None:
+    check_folder(args.image_folder, "--image-folder")
+    check_folder(args.annotations, "--annotations")
+    if args.image_ids and not Path(args.image_ids).is_file():
+        raise UsageError(f"--image-ids {args.image_ids}: file not found; pass a file with one COCO image id per line")
     image_ids = read_image_ids(args.image_ids) if args.image_ids else None
     evaluate_chair(
         args.image_folder,
@@ -110,6 +134,7 @@ def add_mme_parser(benchmarks) -> None:
 
 
 def run_mme(args: argparse.Namespace) -> None:
+    check_folder(args.mme_root, "--mme-root")
     evaluate_mme(args.mme_root, options_from_args(args), tuple(args.subtasks), args.prompt)
 
 
@@ -130,6 +155,7 @@ def add_shapesworld_parser(benchmarks) -> None:
 
 
 def run_shapesworld(args: argparse.Namespace) -> int:
+    check_at_least(args.max_new_tokens, 1, "--max-new-tokens")
     method = load_method_preset(args.method, args.method_config)
     settings = EvalSettings(
         model=model_folder(args.model),
@@ -168,4 +194,4 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rcpp_hf.eval", description=__doc__)
     add_benchmark_parsers(parser)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(args.func, args, prog=parser.prog)

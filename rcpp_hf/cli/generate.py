@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from rcpp_hf.cli.options import add_method_arguments, model_folder
+from rcpp_hf.cli.errors import UsageError
+from rcpp_hf.cli.options import add_method_arguments, check_at_least, check_device, model_folder
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
 from rcpp_hf.eval.answerer import load_model
@@ -45,6 +46,17 @@ def drawn_scene() -> Image.Image:
     return image
 
 
+def read_image(path: Path) -> Image.Image:
+    """The --image file as RGB, read before the model loads so that a wrong file fails at once."""
+    if not path.is_file():
+        raise UsageError(f"image file not found: {path}; pass --image an existing image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise UsageError(f"--image {path}: not an image file PIL can read; pass a PNG, JPEG, ... file") from None
+
+
 def setting_label(config: RCPPGenerationConfig) -> str:
     """E.g. "RCPP + DRCD", "RCPP + DRCD (first-token action)", "fastv(budget=64)", "RCPP + DRCD + fastv(budget=64)"."""
     rcpp = "RCPP + DRCD" + (" (first-token action)" if config.first_token_action else "")
@@ -59,8 +71,10 @@ def timed_generate(model, inputs, generation_config) -> tuple[object, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.image is not None and not args.image.is_file():
-        raise SystemExit(f"rcpp-hf generate: image file not found: {args.image}")
+    # Every check runs before the model loads: a mistake costs no loading time.
+    check_at_least(args.max_new_tokens, 1, "--max-new-tokens")
+    check_device(args.device)
+    image = read_image(args.image) if args.image else drawn_scene()
     method = load_method_preset(args.method, args.method_config)
     overrides = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     if args.config is None:  # RCPP's defaults, or the method alone with RCPP off; greedy, 64 new tokens
@@ -69,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
     generation_config.return_dict_in_generate = True
     model_path = model_folder(args.model)
     model, processor = load_model(model_path, args.dtype, args.device)
-    image = Image.open(args.image).convert("RGB") if args.image else drawn_scene()
     text = args.prompt if "<image>" in args.prompt else LLAVA_TEMPLATE.format(prompt=args.prompt)
     inputs = processor(images=image, text=text, return_tensors="pt").to(args.device, dtype=model.dtype)
     prompt_length = inputs["input_ids"].shape[1]

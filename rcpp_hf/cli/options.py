@@ -1,22 +1,77 @@
-"""Options several commands share: `--model` (a folder, a hub id or a built model's name) and `--method NAME
-[--method-config YAML]` (`rcpp_hf.run_config` reads the YAML)."""
+"""Options several commands share: `--model` (a folder, a hub id or a built model's name), `--method NAME
+[--method-config YAML]` (`rcpp_hf.run_config` reads the YAML), and the checks of `--model`, `--device` and counts
+such as `--max-new-tokens` that each command runs before it loads a model."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from pathlib import Path
 
+import torch
+
+from rcpp_hf.cli.errors import UsageError
 from rcpp_hf.default_model import default_model_path
 from rcpp_hf.methods import METHODS
 from rcpp_hf.smol.build import MODEL_NAME, build_smol_llava
 
+# What the hub accepts as a repo id ("llava-hf/llava-1.5-7b-hf"; a legacy id has no namespace, e.g. "gpt2").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+MODEL_FORMS = f"a checkpoint folder, a hub id (org/name) or {MODEL_NAME}"
+
 
 def model_folder(model: str | Path | None) -> str:
     """A --model value as a checkpoint folder: None is the default model; "shapesworld-smol" (the ShapesWorld LLaVA
-    on SmolLM2-135M-Instruct) is built from its GGUF file and the shipped delta on first use, then cached."""
+    on SmolLM2-135M-Instruct) is built from its GGUF file and the shipped delta on first use, then cached.
+
+    A value that is neither an existing folder nor shaped like a hub id is refused here, before anything loads:
+    transformers would otherwise try it as a hub id and say only that the id is malformed."""
     if model is None:
         return str(default_model_path())
-    return str(build_smol_llava()) if str(model) == MODEL_NAME else str(model)
+    if str(model) == MODEL_NAME:
+        return str(build_smol_llava())
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {model}: not a checkpoint folder (no config.json in it); pass {MODEL_FORMS}")
+        return str(model)
+    if path.exists():
+        raise UsageError(f"--model {model}: is a file, not a checkpoint folder; pass {MODEL_FORMS}")
+    if str(model).startswith((".", "~", os.sep, "/")) or not HUB_ID.fullmatch(str(model)):
+        raise UsageError(f"--model {model}: folder does not exist; pass {MODEL_FORMS}")
+    return str(model)  # a hub id: only the hub can say whether it exists
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{index}" for index in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(device: str | None) -> str | None:
+    """`device` when this machine has it (None: the command chooses), else a UsageError naming those it has: torch
+    would only fail later, after the model has loaded, with a message about its build."""
+    if device is None:
+        return None
+    available = available_devices()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device name; available here: {', '.join(available)}") from None
+    name = parsed.type if parsed.index is None or parsed.type == "cpu" else f"{parsed.type}:{parsed.index}"
+    if name not in available:
+        raise UsageError(f"--device {device}: not available on this machine; available here: {', '.join(available)}")
+    return device
+
+
+def check_at_least(value: int | None, minimum: int, flag: str) -> None:
+    """Refuse a count below `minimum` (None: the command's default), naming the flag."""
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag} {value}: must be at least {minimum}")
 
 
 def add_method_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -6,6 +6,7 @@ changes at run time.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from rcpp_hf.methods.base import MethodConfig
@@ -44,7 +45,7 @@ def method_config(name: str, **settings) -> MethodConfig:
     """The config of method `name` with `settings` (validated; an unknown setting raises naming it)."""
     cls = method_class(name)
     settings = resolve_aliases(cls, settings)
-    known = {f for f in cls.__dataclass_fields__}
+    known = {field.name for field in dataclasses.fields(cls)}  # not __dataclass_fields__: it lists the ClassVars too
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"method {name!r} has no setting(s) {unknown}; its settings: {sorted(known)}")

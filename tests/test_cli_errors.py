@@ -1,0 +1,210 @@
+"""Every user mistake on the command line ends in one line on stderr (`rcpp-hf <command>: error: ...`) and exit status
+2, with no traceback; `--debug` or RCPP_HF_DEBUG=1 shows the traceback instead, and a bug always does.
+
+The mistakes are caught before any model loads, so these tests load none.
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcpp_hf.benchmark.suite import BenchmarkSettings, known_methods
+from rcpp_hf.cli import main
+from rcpp_hf.cli.errors import UsageError
+from rcpp_hf.methods import METHODS, method_config
+from tests.cli_helpers import user_error
+
+REPO = Path(__file__).resolve().parents[1]
+CONTRASTIVE_WITH_RCPP = ("vcd+rcpp", "sid+rcpp", "plausibility_cutoff+rcpp")
+
+
+# --- --model ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["/no/such/checkpoint", "./no-such-checkpoint", "runs/no/such/checkpoint"])
+def test_a_model_path_that_does_not_exist_is_named(capsys, model):
+    user_error(capsys, ["generate", "--model", model], f"^rcpp-hf generate: error: --model {model}: folder does not "
+               "exist; pass a checkpoint folder, a hub id \\(org/name\\) or shapesworld-smol")  # fmt: skip
+
+
+def test_a_model_folder_without_a_checkpoint_and_a_model_file_are_refused(capsys, tmp_path):
+    user_error(capsys, ["generate", "--model", str(tmp_path)], "--model .*: not a checkpoint folder \\(no config.json")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path), "--output-dir", str(tmp_path / "run"),
+                        "--model", str(tmp_path / "weights.bin")],
+               "^rcpp-hf eval mme: error: --model .*weights.bin: is a file, not a checkpoint folder")  # fmt: skip
+
+
+# --- --device --------------------------------------------------------------------------------------------------
+
+
+def test_a_device_this_machine_lacks_is_refused_naming_those_it_has(capsys, tmp_path):
+    devices = "cpu" + (", cuda" if torch.cuda.is_available() else "")
+    user_error(capsys, ["generate", "--device", "cuda:99"],
+               f"^rcpp-hf generate: error: --device cuda:99: not available on this machine; available here: {devices}")
+    user_error(capsys, ["bench", "--shape", "tiny", "--device", "cuda:99"], "^rcpp-hf bench: error: --device cuda:99")
+    user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path), "--output-dir", str(tmp_path / "run"),
+                        "--device", "cuda:99"], "^rcpp-hf eval mme: error: --device cuda:99: not available")
+    user_error(capsys, ["generate", "--device", "gpu"], "--device gpu: not a device name; available here: cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused(capsys):
+    user_error(capsys, ["generate", "--device", "cuda"], "--device cuda: not available on this machine; "
+               "available here: cpu$")  # fmt: skip
+
+
+# --- --image ---------------------------------------------------------------------------------------------------
+
+
+def test_an_image_that_is_not_an_image_or_not_there_is_named(capsys, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    user_error(capsys, ["generate", "--image", str(text)],
+               "^rcpp-hf generate: error: --image .*notes.png: not an image file PIL can read")
+    user_error(capsys, ["generate", "--image", str(tmp_path / "nope.png")], "image file not found: .*nope.png")
+
+
+# --- counts ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_max_new_tokens_below_one_is_refused(capsys, tmp_path, value):
+    expected = f"error: --max-new-tokens {value}: must be at least 1$"
+    user_error(capsys, ["generate", "--max-new-tokens", value], "^rcpp-hf generate: " + expected)
+    user_error(capsys, ["demo", "--max-new-tokens", value], "^rcpp-hf demo: " + expected)
+    user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path), "--output-dir", str(tmp_path / "run"),
+                        "--max-new-tokens", value], "^rcpp-hf eval mme: " + expected)  # fmt: skip
+    user_error(capsys, ["eval", "shapesworld", "--split", "random", "--output-dir", str(tmp_path / "run"),
+                        "--max-new-tokens", value], "^rcpp-hf eval shapesworld: " + expected)  # fmt: skip
+
+
+# --- methods and configs ---------------------------------------------------------------------------------------
+
+
+def test_an_unknown_method_and_invalid_settings_are_one_line(capsys, tmp_path):
+    user_error(capsys, ["generate", "--method", "fastw"], "^rcpp-hf generate: error: unknown method 'fastw'; known "
+               "methods: .*fastv")  # fmt: skip
+    bad_method = tmp_path / "bad_method.yaml"
+    bad_method.write_text("query: first\n")
+    user_error(capsys, ["generate", "--method", "fastv", "--method-config", str(bad_method)],
+               "^rcpp-hf generate: error: FastV.query = 'first': must be one of")
+    bad_config = tmp_path / "bad_config.yaml"
+    bad_config.write_text("tau_mode: bogus\n")
+    user_error(capsys, ["generate", "--config", str(bad_config)],
+               "^rcpp-hf generate: error: RCPPGenerationConfig.tau_mode = 'bogus': must be one of")
+    user_error(capsys, ["generate", "--config", str(tmp_path / "missing.yaml")], "RCPP config file not found")
+
+
+def test_an_unknown_setting_lists_only_the_methods_fields(capsys, tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("bogus: 1\n")
+    line = user_error(capsys, ["generate", "--method", "fastv", "--method-config", str(settings)],
+                      r"method 'fastv' has no setting\(s\) \['bogus'\]; its settings: \['budget', 'keep', 'layer', "
+                      r"'query'\]$")  # fmt: skip
+    assert "SETTING_ALIASES" not in line and "'name'" not in line
+    for name, cls in METHODS.items():  # the ClassVars (name, kind, SETTING_ALIASES, ...) are not settings
+        with pytest.raises(ValueError) as refused:
+            method_config(name, bogus=1)
+        fields = sorted(field.name for field in dataclasses.fields(cls))
+        assert str(refused.value).endswith(f"its settings: {fields}")
+
+
+# --- eval's data -----------------------------------------------------------------------------------------------
+
+
+def test_missing_benchmark_data_is_named(capsys, tmp_path):
+    run = ["--output-dir", str(tmp_path / "run")]
+    user_error(capsys, ["eval", "pope", "--question-file", str(tmp_path / "coco_pope_random.json"), *run],
+               "^rcpp-hf eval pope: error: --question-file .*coco_pope_random.json: no such file or folder")
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("")
+    user_error(capsys, ["eval", "pope", "--question-file", str(questions), "--image-folder", str(tmp_path / "val2014"),
+                        *run], "^rcpp-hf eval pope: error: --image-folder .*val2014: folder not found")  # fmt: skip
+    user_error(capsys, ["eval", "chair", "--image-folder", str(tmp_path), "--annotations", str(tmp_path / "ann"),
+                        *run], "^rcpp-hf eval chair: error: --annotations .*ann: folder not found")  # fmt: skip
+    user_error(capsys, ["eval", "chair", "--image-folder", str(tmp_path), "--annotations", str(tmp_path),
+                        "--image-ids", str(tmp_path / "ids.txt"), *run], "--image-ids .*ids.txt: file not found")
+    user_error(capsys, ["eval", "chair", "--image-folder", str(tmp_path), "--annotations", str(tmp_path), *run],
+               "^rcpp-hf eval chair: error: not a COCO 2014 annotations folder")  # the library's own check
+    user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path / "MME"), *run],
+               "^rcpp-hf eval mme: error: --mme-root .*MME: folder not found")
+    user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path), "--subtasks", "existence", *run],
+               "^rcpp-hf eval mme: error: .*existence: MME subtask folder not found")
+
+
+# --- bench -----------------------------------------------------------------------------------------------------
+
+
+def test_a_bad_bench_shape_is_named(capsys):
+    user_error(capsys, ["bench", "--shape", "huge"], "^rcpp-hf bench: error: --shape huge: unknown; choose one of "
+               "tiny, small, 7b, or give --model$")  # fmt: skip
+
+
+def test_bench_offers_only_combinations_that_run(capsys):
+    # A contrastive decoder runs alone (protocol.check_combination): "<decoder>+rcpp" could never run.
+    assert not set(CONTRASTIVE_WITH_RCPP) & set(known_methods())
+    assert {"vcd", "sid", "plausibility_cutoff", "fastv+rcpp"} <= set(known_methods())
+    with pytest.raises(ValueError, match=r"unknown \['vcd\+rcpp'\]"):
+        BenchmarkSettings(methods=("vcd+rcpp",))
+    user_error(capsys, ["bench", "--shape", "tiny", "--methods", "vanilla,sid+rcpp"],
+               r"^rcpp-hf bench: error: BenchmarkSettings.methods: unknown \['sid\+rcpp'\]")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps the list of methods
+    assert "fastv+rcpp" in help_text.replace(" ", "")
+    assert not any(name in help_text.replace(" ", "") for name in CONTRASTIVE_WITH_RCPP)
+
+
+# --- how errors are reported -----------------------------------------------------------------------------------
+
+
+def test_debug_and_the_environment_variable_raise_instead(monkeypatch):
+    with pytest.raises(UsageError, match="--max-new-tokens 0: must be at least 1"):
+        main(["--debug", "generate", "--max-new-tokens", "0"])
+    monkeypatch.setenv("RCPP_HF_DEBUG", "1")
+    with pytest.raises(UsageError):
+        main(["generate", "--max-new-tokens", "0"])
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    def broken(runs):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr("rcpp_hf.cli.report.write_report", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["report", str(tmp_path)])
+
+
+def test_argparse_errors_still_exit_2():
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--max-new-tokens", "many"])
+    assert exited.value.code == 2
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    # This checkout first on the path: the environment's editable install may be another checkout.
+    environment = {key: value for key, value in os.environ.items() if key != "RCPP_HF_DEBUG"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return subprocess.run(command, check=False, capture_output=True, text=True, env=environment, cwd=REPO, timeout=300)
+
+
+def test_the_console_script_prints_one_line_and_exits_2():
+    script = Path(sys.executable).with_name("rcpp-hf")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "rcpp_hf.cli"]
+    done = _run([*command, "generate", "--max-new-tokens", "0"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["rcpp-hf generate: error: --max-new-tokens 0: must be at least 1"]
+
+
+def test_python_m_with_debug_shows_the_traceback():
+    done = _run([sys.executable, "-m", "rcpp_hf.cli", "--debug", "bench", "--shape", "huge"])
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and done.stderr.strip().endswith("--shape huge: unknown; choose one of tiny, "
+                                                                        "small, 7b, or give --model")  # fmt: skip
