@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rcpp_hf.cli.errors import UsageError, run_command
+from rcpp_hf.cli.errors import UsageError
 from rcpp_hf.cli.options import add_method_arguments, check_at_least, check_device, model_folder
 from rcpp_hf.eval.answerer import DTYPES, IMAGE_ASPECTS, LLAVA_SYSTEM_PROMPT
 from rcpp_hf.eval.chair import DEFAULT_NUM_IMAGES, evaluate_chair, read_image_ids
@@ -187,11 +187,3 @@ def add_benchmark_parsers(parser: argparse.ArgumentParser) -> None:
 def add_parser(commands) -> None:
     parser = commands.add_parser("eval", help="run a benchmark (POPE, CHAIR, MME) into a resumable run directory")
     add_benchmark_parsers(parser)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m rcpp_hf.eval ...`, the entry point `accelerate launch -m rcpp_hf.eval` runs in every process."""
-    parser = argparse.ArgumentParser(prog="python -m rcpp_hf.eval", description=__doc__)
-    add_benchmark_parsers(parser)
-    args = parser.parse_args(argv)
-    return run_command(args.func, args, prog=parser.prog)
