@@ -9,7 +9,7 @@ from transformers import GenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.methods import load_method
 from rcpp_hf.rcpp.masks import drcd_attention_mask
-from tests.conftest import PROMPTS, active_config, make_images, neutral_config
+from tests.conftest import active_config, make_images, neutral_config
 from tests.test_exactness import SAMPLING, run
 from tests.test_generation import count_forwards
 

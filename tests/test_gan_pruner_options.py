@@ -23,7 +23,7 @@ from rcpp_hf.gan_training.train import LOSS_TERMS, GanTrainConfig, GanTrainer
 from rcpp_hf.methods.gan_pruner import method as method_module
 from rcpp_hf.methods.gan_pruner.attention_residual import question_attention_feature
 from rcpp_hf.methods.gan_pruner.config import GanPrunerConfig
-from rcpp_hf.methods.gan_pruner.merger import TokenMerger, merge_columns
+from rcpp_hf.methods.gan_pruner.merger import merge_columns
 from rcpp_hf.methods.gan_pruner.method import GanPruner
 from rcpp_hf.methods.gan_pruner.pruner import GanLayerPruners, gumbel_keep_mask
 from rcpp_hf.shapesworld.conversations import llava_prompt

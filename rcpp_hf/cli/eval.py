@@ -1,5 +1,5 @@
-"""`rcpp-hf eval <benchmark>` and `python -m rcpp_hf.eval <benchmark>`: one sub-command per benchmark (POPE, CHAIR,
-MME on their own data; ShapesWorld's splits), each into a resumable run directory.
+"""`rcpp-hf eval <benchmark>` (also `python -m rcpp_hf.cli eval <benchmark>`): one sub-command per benchmark
+(POPE, CHAIR, MME on their own data; ShapesWorld's splits), each into a resumable run directory.
 
 BENCHMARKS below is the one list of them; the POPE, CHAIR and MME sub-commands share the run options
 (`add_run_arguments`, the command-line twins of `rcpp_hf.eval.RunOptions`).

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rcpp_hf.engine.attention import attention_probs, normed_states, probe_query, project_heads, prompt_keys
+from rcpp_hf.engine.attention import attention_probs, probe_query, prompt_keys
 from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.engine.decoder import DecoderTap
 from rcpp_hf.engine.layout import TokenLayout
