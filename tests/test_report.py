@@ -5,8 +5,6 @@ recorded, with its headline metrics."""
 import json
 
 import pytest
-from tests.eval_helpers import options, two_image_annotations, write_mme
-from tests.test_shapesworld_evaluate import SMALL
 
 from rcpp_hf.cli import main
 from rcpp_hf.eval.chair import evaluate_chair
@@ -16,7 +14,9 @@ from rcpp_hf.eval.report import collect_runs, decoding_label
 from rcpp_hf.methods import load_method
 from rcpp_hf.shapesworld.evaluate import EvalSettings, evaluate
 from rcpp_hf.shapesworld.model import build_shapesworld_llava
+from tests.eval_helpers import options, two_image_annotations, write_mme
 from tests.test_eval_runs import RCPP_DEFAULT
+from tests.test_shapesworld_evaluate import SMALL
 
 REPO_CONFIGS = RCPP_DEFAULT.parent
 

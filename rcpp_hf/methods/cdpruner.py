@@ -12,7 +12,9 @@ argmax picks already chosen tokens again (its index mask then keeps fewer than T
 Chen et al.'s code does (a gain below `EXHAUSTED_GAIN`), and the remaining slots go to the most relevant
 tokens not chosen, so exactly T distinct tokens are kept. Measured on 20 ShapesWorld test scenes (the shipped 4-layer
 model, the caption prompt, one scene at a time), budgets 22 / 33 / 64 of 100 kept 21.8 / 31.0 / 42.0 distinct tokens
-on average with the repository's loop; 22 / 33 / 64 with this one.
+on average with the repository's loop; 22 / 33 / 64 with this one. On the 100-image test-world comparison at 33
+tokens (README, Methods) POPE adversarial F1 went from 0.852 to 0.879 and the MME-style score from 207.5 to 334.0;
+at 11 tokens nothing changed.
 
 Relevance, as the repository: minus the mean cosine between each token's image embedding and the instruction's text
 embeddings, min-max normalised (per row here; the repository normalises over its batch of one sample's images).
