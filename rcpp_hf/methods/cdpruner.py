@@ -66,7 +66,9 @@ def conditional_kernel(features: torch.Tensor, relevance: torch.Tensor) -> torch
 
 
 # Chen et al.'s stopping threshold on d_j^2 (the epsilon of their code, laming-chen/fast-map-dpp); L's diagonal is
-# r^2 here, at most about 1, so it is also relative to the largest gain. Gains below it are float32 rounding.
+# r^2 here, at most about 1, so it is also relative to the largest gain. A gain below it is rounding, not diversity;
+# the float32 kernel's rounding reaches about 1e-7, so picks just above it may be rounding too (as in the repository,
+# which takes them alike).
 EXHAUSTED_GAIN = 1e-10
 
 
