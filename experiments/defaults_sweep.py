@@ -32,6 +32,7 @@ from rcpp_hf.cli.options import model_folder
 from rcpp_hf.cli.shapesworld import add_comparison_arguments
 from rcpp_hf.config import RCPP_DEFAULTS, RCPPGenerationConfig
 from rcpp_hf.shapesworld.compare import VANILLA, compare, config_setting, plot_frontier
+from rcpp_hf.shapesworld.world import VALIDATION_SEED
 
 SPLITS = ["adversarial", "captions"]
 DEFAULT = "default"
@@ -205,7 +206,7 @@ def sweep(model: str, seed: int, num_images: int, output_dir: str | Path, batch_
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python experiments/defaults_sweep.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_comparison_arguments(parser)
+    add_comparison_arguments(parser, seed=VALIDATION_SEED)  # it chooses settings: never on the test world by default
     return parser
 
 

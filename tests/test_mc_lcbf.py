@@ -9,19 +9,18 @@ from transformers import GenerationConfig, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
-from rcpp_hf.engine.attention import attention_probs
-from rcpp_hf.engine.cache import VisualKVCache
-from rcpp_hf.engine.decoder import DecoderTap, run_decoder
-from rcpp_hf.engine.layout import TokenLayout
-from rcpp_hf.methods import MCLCBF, FastV, check_compatible, load_method
-from rcpp_hf.methods.mc_lcbf import (
-    barrier_step,
-    image_attention_mass,
+from rcpp_hf.engine.attention import (
+    attention_probs,
     normed_states,
     probe_query,
     project_heads,
     prompt_keys,
 )
+from rcpp_hf.engine.cache import VisualKVCache
+from rcpp_hf.engine.decoder import DecoderTap, run_decoder
+from rcpp_hf.engine.layout import TokenLayout
+from rcpp_hf.methods import MCLCBF, FastV, check_compatible, load_method
+from rcpp_hf.methods.mc_lcbf import barrier_step, image_attention_mass
 from tests.conftest import row_alone
 from tests.test_prefill_pruning import decode, prefill, prompt_layout
 

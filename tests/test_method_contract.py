@@ -1,7 +1,7 @@
 """The contract every registered method keeps, one test per method and check, from the declarations in its own class
 (`CONTRACT_*` on `MethodConfig`, rcpp_hf/methods/base.py): its settings round trip through a dict and YAML, neutral
-settings decode as vanilla, a left-padded batch decodes as its rows alone, a prefill pruner's physical drop equals
-masking the same tokens, and a bad setting raises naming the field. Registering a method is all it takes to get
+settings decode as vanilla, a left-padded batch decodes as its rows alone, a prefill pruner keeps the tokens it reports and its physical drop
+equals masking the same tokens, and a bad setting raises naming the field. Registering a method is all it takes to get
 these checks; a method without the declarations fails them."""
 
 import dataclasses
@@ -142,6 +142,25 @@ def test_batch_equals_each_row_alone(name, make, varied_model, batch2, vanilla):
         alone = row_alone(batch2, row)
         generated = generate(varied_model, alone, method)[0, alone["input_ids"].shape[1]:]  # it may stop early at eos
         assert out.sequences[row, prompt : prompt + len(generated)].tolist() == generated.tolist(), f"row {row}"
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_reported_counts_are_the_kept_tokens(name, make, varied_model, batch2):
+    """With its acting settings, each stage's `kept` is the number of distinct visual tokens every row kept (merged
+    tokens included: a merge keeps its target's id), and the last stage's is what the cache's deepest layer holds."""
+    method, out = generate_acting(make, name, varied_model, batch2)
+    assert out.pruning, f"{method.describe()} reports no pruning stage"
+    for record in out.pruning:
+        ids = record.kept_visual_ids
+        assert ids.shape == (2, record.kept), f"stage before layer {record.layer}: ids {tuple(ids.shape)}"
+        distinct = [len(set(row.tolist())) for row in ids]
+        assert distinct == [record.kept] * 2, (
+            f"{method.describe()}, stage before layer {record.layer}: reports {record.kept} kept, the rows keep "
+            f"{distinct} distinct visual tokens")
+        assert 0 <= int(ids.min()) and int(ids.max()) < NUM_VISUAL
+    assert out.past_key_values.num_visual_tokens == out.pruning[-1].kept, (
+        f"{method.describe()}: the last stage reports {out.pruning[-1].kept} kept, the cache holds "
+        f"{out.past_key_values.num_visual_tokens}")
 
 
 @pytest.mark.parametrize("name", PRUNERS)

@@ -1,17 +1,24 @@
-"""The world: determinism from a seed, the documented priors, occlusion-free layouts, rendering."""
+"""The world: determinism from a seed, the documented priors, occlusion-free layouts, rendering, and the world seed
+every command defaults to."""
+
+import argparse
 
 import pytest
 
+from rcpp_hf.shapesworld.evaluate import EvalSettings
 from rcpp_hf.shapesworld.render import render_scene
 from rcpp_hf.shapesworld.world import (
     BACKGROUND,
     CO_OCCURRING_PAIRS,
+    DEFAULT_WORLD_SEED,
     KIND_WEIGHTS,
     KINDS,
     MENTION_ORDER,
     PARTNER,
     Scene,
     ShapeObject,
+    TEST_SEED,
+    VALIDATION_SEED,
     WorldConfig,
     co_occurrence_rate,
     sample_scene,
@@ -110,3 +117,42 @@ def test_every_kind_renders_distinct_pixels():
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         WorldConfig(**{field: value})
+
+
+def shapesworld_seed_flags() -> dict[str, argparse.Action]:
+    """The `--seed` flag of every command that draws held-out ShapesWorld scenes: `rcpp-hf shapesworld <command>`,
+    `rcpp-hf eval shapesworld` and the studies in `experiments/`. The training commands (train, train-smol) are left
+    out: their `--seed` seeds the initial weights, and their world is `--world-seed`, the training world."""
+    from experiments import condensation, defaults_sweep, head_ablation
+    from rcpp_hf.cli import build_parser
+
+    def subcommands(parser):
+        (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return action.choices
+
+    root = subcommands(build_parser())
+    commands = {f"shapesworld {name}": parser for name, parser in subcommands(root["shapesworld"]).items()}
+    commands["eval shapesworld"] = subcommands(root["eval"])["shapesworld"]
+    for study in (condensation, defaults_sweep, head_ablation):
+        commands[f"experiments/{study.__name__.split('.')[-1]}.py"] = study.build_parser()
+    flags = {}
+    for name, parser in commands.items():
+        options = {option: action for action in parser._actions for option in action.option_strings}
+        if "--seed" in options and "--world-seed" not in options:
+            flags[name] = options["--seed"]
+    return flags
+
+
+def test_every_shapesworld_command_defaults_to_one_world():
+    flags = shapesworld_seed_flags()
+    evaluating = {"eval shapesworld", "shapesworld export", "shapesworld compare", "experiments/head_ablation.py",
+                  "experiments/condensation.py"}  # fmt: skip
+    sweep = "experiments/defaults_sweep.py"
+    assert set(flags) == evaluating | {sweep}
+    assert DEFAULT_WORLD_SEED == TEST_SEED and EvalSettings(model="m", split="random").seed == DEFAULT_WORLD_SEED
+    for name in evaluating:
+        assert flags[name].default == DEFAULT_WORLD_SEED, name
+        assert f"default: {DEFAULT_WORLD_SEED}, the test world" in flags[name].help, name
+    # The sweep chooses settings, so by default it never sees the test world.
+    assert flags[sweep].default == VALIDATION_SEED
+    assert f"default: {VALIDATION_SEED}, the validation world" in flags[sweep].help

@@ -13,7 +13,7 @@ from rcpp_hf.engine.decoder import DecoderTap, run_decoder
 from rcpp_hf.engine.pruning import PrefillPruningTap, PruneStage, check_stages
 from rcpp_hf.engine.vision import feature_attention_layer
 from rcpp_hf.methods import CDPruner, VisionZip, VisPruner, load_method
-from rcpp_hf.methods.cdpruner import conditional_kernel, dpp_greedy_map, instruction_relevance
+from rcpp_hf.methods.cdpruner import conditional_kernel, dpp_greedy_map, fill_by_relevance, instruction_relevance
 from rcpp_hf.methods.visionzip import merge_contextual, visionzip_split
 from rcpp_hf.methods.vispruner import important_tokens, remove_duplicates
 from rcpp_hf.tiny import build_tokenizer
@@ -74,6 +74,48 @@ def test_dpp_greedy_map_matches_brute_force_on_a_6_token_kernel():
     # On this kernel greedy also finds the exact MAP subset of 3 (the best of all 20).
     best = max(itertools.combinations(range(6), 3), key=lambda s: torch.logdet(kernel[0][list(s)][:, list(s)]))
     assert sorted(dpp_greedy_map(kernel, 3)[0].tolist()) == sorted(best)
+
+
+def test_a_kernel_of_lower_rank_than_the_budget_keeps_exactly_the_budget():
+    """Rank 2 (tokens 0, 1, 3 share one direction, 2, 4, 5 the other), 4 or 5 kept. Dyadic relevances keep every
+    gain exact: greedy takes 1 (r = 1) and 4 (r = 0.875), then every gain is 0 and it stops; the free slots go to
+    the unchosen tokens in decreasing relevance, 3 (0.75), 5 (0.625), 0 (0.5). A second, full-rank row runs all its
+    steps as greedy does, and the batch keeps one count."""
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    relevance = torch.tensor([[0.5, 1.0, 0.25, 0.75, 0.875, 0.625]])
+    generator = torch.Generator().manual_seed(3)
+    full_rank = torch.randn(1, 6, 6, generator=generator)
+    features = torch.stack([torch.nn.functional.pad(features, (0, 4)), full_rank[0]])
+    relevance = torch.cat([relevance, torch.rand(1, 6, generator=generator) + 0.1])
+    kernel = conditional_kernel(features, relevance)
+    for keep, expected in ((4, [1, 4, 3, 5]), (5, [1, 4, 3, 5, 0])):
+        greedy = dpp_greedy_map(kernel, keep)
+        assert greedy[0].tolist() == [1, 4] + [-1] * (keep - 2)
+        assert greedy[1].tolist() == brute_force_greedy(kernel[1].double(), keep)
+        kept = fill_by_relevance(greedy, relevance)
+        assert kept[0].tolist() == expected and kept[1].tolist() == greedy[1].tolist()
+        assert all(len(set(row.tolist())) == keep for row in kept)
+    # Every token of one feature: the first pick spends the rank; the rest are the most relevant others.
+    flat = conditional_kernel(torch.ones(1, 6, 1), relevance[:1])
+    assert fill_by_relevance(dpp_greedy_map(flat, 3), relevance[:1]).tolist() == [[1, 4, 3]]
+
+
+def test_cdpruner_keeps_its_budget_when_the_image_features_have_low_rank(varied_model, batch2):
+    """The projected features of every visual token replaced by one of two vectors (a flat image's case): each row
+    keeps `budget` distinct tokens, as `kept` reports and the cache holds, 3 of them chosen by relevance."""
+
+    def two_features(module, inputs, output):
+        return output[:, torch.arange(output.shape[1]) % 2]
+
+    hook = varied_model.model.multi_modal_projector.register_forward_hook(two_features)
+    try:
+        out = generate(varied_model, batch2, CDPruner(budget=5))
+    finally:
+        hook.remove()
+    (record,) = out.pruning
+    assert record.kept == 5 and out.past_key_values.num_visual_tokens == 5
+    assert [len(set(row.tolist())) for row in record.kept_visual_ids] == [5, 5]
+    assert record.details["relevance_filled"] == [3, 3]
 
 
 def test_conditional_kernel_and_relevance_by_hand():

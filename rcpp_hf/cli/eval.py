@@ -12,7 +12,13 @@ import json
 from pathlib import Path
 
 from rcpp_hf.cli.errors import UsageError
-from rcpp_hf.cli.options import add_method_arguments, check_at_least, check_device, model_folder
+from rcpp_hf.cli.options import (
+    add_method_arguments,
+    add_world_seed_argument,
+    check_at_least,
+    check_device,
+    model_folder,
+)
 from rcpp_hf.eval.answerer import DTYPES, IMAGE_ASPECTS, LLAVA_SYSTEM_PROMPT
 from rcpp_hf.eval.chair import DEFAULT_NUM_IMAGES, evaluate_chair, read_image_ids
 from rcpp_hf.eval.chair import DEFAULT_PROMPT as CHAIR_PROMPT
@@ -24,7 +30,6 @@ from rcpp_hf.eval.pope import evaluate_pope, question_format
 from rcpp_hf.run_config import load_method_preset
 from rcpp_hf.shapesworld import evaluate as shapesworld_evaluate
 from rcpp_hf.shapesworld.evaluate import SPLITS, EvalSettings, evaluate
-from rcpp_hf.shapesworld.world import TEST_SEED
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,7 +150,7 @@ def add_shapesworld_parser(benchmarks) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id or shapesworld-smol (default: the embedded ShapesWorld model)")
     parser.add_argument("--config", default=None, help="RCPP YAML preset (default: vanilla greedy decoding)")
     add_method_arguments(parser)
-    parser.add_argument("--seed", type=int, default=TEST_SEED, help=f"world seed of the held-out scenes (test: {TEST_SEED})")
+    add_world_seed_argument(parser)
     parser.add_argument("--num-images", type=int, default=100)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     parser.add_argument("--batch-size", type=int, default=16)

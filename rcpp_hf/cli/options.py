@@ -1,6 +1,6 @@
 """Options several commands share: `--model` (a folder, a hub id or a built model's name), `--method NAME
 [--method-config YAML]` (`rcpp_hf.run_config` reads the YAML), and the checks of `--model`, `--device` and counts
-such as `--max-new-tokens` that each command runs before it loads a model."""
+such as `--max-new-tokens` that each command runs before it loads a model, and the ShapesWorld commands' `--seed`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from rcpp_hf.cli.errors import UsageError
 from rcpp_hf.default_model import default_model_path
 from rcpp_hf.methods import METHODS
+from rcpp_hf.shapesworld.world import DEFAULT_WORLD_SEED, TEST_SEED, TRAIN_SEED, VALIDATION_SEED
 from rcpp_hf.smol.build import MODEL_NAME, build_smol_llava
 
 # What the hub accepts as a repo id ("llava-hf/llava-1.5-7b-hf"; a legacy id has no namespace, e.g. "gpt2").
@@ -72,6 +73,15 @@ def check_at_least(value: int | None, minimum: int, flag: str) -> None:
     """Refuse a count below `minimum` (None: the command's default), naming the flag."""
     if value is not None and value < minimum:
         raise UsageError(f"{flag} {value}: must be at least {minimum}")
+
+
+def add_world_seed_argument(parser: argparse.ArgumentParser, default: int = DEFAULT_WORLD_SEED) -> None:
+    """`--seed`, the ShapesWorld world the scenes are drawn from; every command defaults to `DEFAULT_WORLD_SEED`
+    but the sweep (the validation world)."""
+    worlds = {TRAIN_SEED: "training", VALIDATION_SEED: "validation", TEST_SEED: "test"}
+    parser.add_argument("--seed", type=int, default=default,
+                        help=f"world seed of the scenes (default: {default}, the {worlds[default]} world; the "
+                             f"worlds: " + ", ".join(f"{seed} {name}" for seed, name in worlds.items()) + ")")  # fmt: skip
 
 
 def add_method_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -10,15 +10,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rcpp_hf.cli.options import model_folder
+from rcpp_hf.cli.options import add_world_seed_argument, model_folder
 from rcpp_hf.methods import METHODS
 from rcpp_hf.shapesworld import compare, train
 from rcpp_hf.shapesworld.caption_sets import caption_scenes, write_caption_split
-from rcpp_hf.shapesworld.compare import BUDGETS, RCPP, VANILLA, comparison_settings, config_setting, model_shape
+from rcpp_hf.shapesworld.compare import (
+    BUDGETS,
+    RCPP,
+    VANILLA,
+    comparison_settings,
+    config_setting,
+    model_shape,
+)
 from rcpp_hf.shapesworld.evaluate import SPLITS
 from rcpp_hf.shapesworld.mme_sets import mme_scenes, write_mme_set
 from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS, pope_scenes, write_pope_split
-from rcpp_hf.shapesworld.world import TEST_SEED, VALIDATION_SEED
+from rcpp_hf.shapesworld.world import DEFAULT_WORLD_SEED
 from rcpp_hf.smol import build as smol_build
 from rcpp_hf.smol import train as smol_train
 
@@ -37,7 +44,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "`rcpp-hf eval mme --mme-root <output-dir>/shapesworld_mme --subtasks existence count position color`.",
     )
     export.add_argument("--output-dir", required=True)
-    export.add_argument("--seed", type=int, default=TEST_SEED, help=f"world seed (test: {TEST_SEED})")
+    add_world_seed_argument(export)
     export.add_argument("--num-images", type=int, default=100)
     export.set_defaults(func=run_export)
 
@@ -51,11 +58,11 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+def add_comparison_arguments(parser: argparse.ArgumentParser, seed: int = DEFAULT_WORLD_SEED) -> None:
     """What every ShapesWorld comparison takes (compare, and the studies in the repository's `experiments/`): the
-    model, the world and the run folder."""
+    model, the world (`seed`: its default) and the run folder."""
     parser.add_argument("--model", default=None, help="checkpoint folder or shapesworld-smol (default: the embedded ShapesWorld model)")
-    parser.add_argument("--seed", type=int, default=VALIDATION_SEED, help=f"world seed (validation: {VALIDATION_SEED})")
+    add_world_seed_argument(parser, seed)
     parser.add_argument("--num-images", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output-dir", required=True)

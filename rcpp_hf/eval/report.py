@@ -1,27 +1,71 @@
 """`rcpp-hf report RUNS` (`rcpp_hf.cli.report`): every run directory under RUNS side by side, as tables and plots.
 
-A run is a folder with config.json and metrics.json (see `run_directory`); its benchmark's "headline"
-metrics are the columns, beside the mean generation time and tokens per item. One table and one
-figure (a bar chart per headline metric) per benchmark; the tables also go to RUNS/report.md and the
+A run is a folder with config.json and metrics.json (see `run_directory`), as the evaluation harness writes it
+(`rcpp-hf eval pope / chair / mme`) or as the ShapesWorld evaluation does (`rcpp-hf eval shapesworld`, one table per
+split). Its benchmark's headline metrics are the columns, beside its costs: the mean generation time and tokens per
+item for the harness's runs, the visual tokens and the prefill and decode times for ShapesWorld's. Each run is
+labelled by the decoding its config.json recorded (`decoding_label`), so that runs of different methods are told
+apart. One table and one figure (a bar chart per column) per benchmark; the tables also go to RUNS/report.md and the
 figures to RUNS/report_<benchmark>.png.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+from rcpp_hf.methods import RCPP, load_method
+
+# The columns of a ShapesWorld run, per kind of split (its metrics.json holds no "headline"); what
+# `shapesworld.compare`'s table shows.
+SHAPESWORLD_HEADLINE = {
+    "pope": ("accuracy", "f1", "yes_ratio"),
+    "mme": ("score", "existence_acc", "count_acc", "position_acc", "color_acc"),
+    "captions": ("chair_s", "chair_i", "recall", "length", "partner_hallucination"),
+}
+SHAPESWORLD_COSTS = {"visual_tokens": "visual tokens", "prefill_ms": "prefill ms", "decode_ms": "decode ms/token"}
+HARNESS_COSTS = {"seconds_per_item": "s/item", "tokens_per_item": "tokens/item"}
+RCPP_LABEL = "RCPP + DRCD"
 
 
 @dataclass(frozen=True)
 class RunSummary:
     name: str  # the run folder, relative to the report's root
-    benchmark: str
+    benchmark: str  # the harness's benchmark, or "shapesworld_<split>"
     model: str
-    decoding: str  # the decoding config file's stem, or "greedy" / "sampling"
+    decoding: str  # `decoding_label` of the recorded generation config
     n: int
     headline: dict[str, float]
-    latency: dict[str, float]
+    costs: dict[str, float]  # column header -> value
+
+
+def method_label(spec: dict) -> str:
+    """A recorded method (`MethodConfig.to_dict()`) as `name(field=value, ...)` with the fields off its defaults
+    (`describe`), or its bare name at its defaults; a method this version cannot load shows every recorded field."""
+    try:
+        described = load_method(spec).describe()
+    except (KeyError, TypeError, ValueError):
+        settings = ", ".join(f"{key}={value!r}" for key, value in spec.items() if key != "method")
+        return f"{spec.get('method', '?')}({settings})"
+    return described.removesuffix("()")
+
+
+def decoding_label(generation_config: dict) -> str:
+    """What a run decoded with, from its recorded generation config (`RCPPGenerationConfig.to_dict()` or its diff):
+    "RCPP + DRCD" (with its settings off the library defaults in parentheses) when RCPP is on, then each registry
+    method (`method_label`), joined by " + "; "greedy" or "sampling" when neither; ", sampling" after a sampled one.
+    Runs recorded before the methods existed (no "methods", no "rcpp") read as vanilla."""
+    parts = []
+    if generation_config.get("rcpp"):
+        names = {f.name for f in fields(RCPP)}
+        rcpp = {key: value for key, value in generation_config.items() if key in names}
+        parts.append(RCPP_LABEL + method_label({"method": RCPP.name, **rcpp}).removeprefix(RCPP.name))
+    parts += [method_label(spec) for spec in generation_config.get("methods", ())]
+    sampled = generation_config.get("do_sample", False)
+    if not parts:
+        return "sampling" if sampled else "greedy"
+    return " + ".join(parts) + (", sampling" if sampled else "")
 
 
 def collect_runs(root: str | Path) -> list[RunSummary]:
@@ -35,23 +79,44 @@ def collect_runs(root: str | Path) -> list[RunSummary]:
         if not config_path.is_file():
             continue
         metrics = json.loads(metrics_path.read_text())
-        if "headline" not in metrics:  # a ShapesWorld run (`shapesworld.evaluate`): no headline to tabulate
-            continue
         identity = json.loads(config_path.read_text())["identity"]
-        config_file = identity["decoding_config_file"]
-        sampled = identity["generation_config"].get("do_sample", False)
-        runs.append(
-            RunSummary(
-                name=str(metrics_path.parent.relative_to(root)) if metrics_path.parent != root else root.name,
-                benchmark=metrics["benchmark"],
-                model=Path(identity["model"]).name,
-                decoding=Path(config_file).stem if config_file else ("sampling" if sampled else "greedy"),
-                n=metrics["n"],
-                headline=metrics["headline"],
-                latency=metrics["latency"],
-            )
-        )
+        name = str(metrics_path.parent.relative_to(root)) if metrics_path.parent != root else root.name
+        if "benchmark" in metrics:
+            runs.append(_harness_run(name, identity, metrics))
+        elif "split" in metrics:
+            runs.append(_shapesworld_run(name, metrics_path.parent, identity, metrics))
     return runs
+
+
+def _harness_run(name: str, identity: dict, metrics: dict) -> RunSummary:
+    """A run of `eval.harness` (POPE, CHAIR, MME): its identity records the model and the generation config."""
+    return RunSummary(
+        name=name,
+        benchmark=metrics["benchmark"],
+        model=Path(identity["model"]).name,
+        decoding=decoding_label(identity["generation_config"]),
+        n=metrics["n"],
+        headline=metrics["headline"],
+        costs={header: metrics["latency"][key] for key, header in HARNESS_COSTS.items()},
+    )
+
+
+def _shapesworld_run(name: str, folder: Path, identity: dict, metrics: dict) -> RunSummary:
+    """A run of `shapesworld.evaluate`: its identity holds the settings (model, split, ...) and the generation
+    config; its metrics are flat, one split's, over the answers in answers.jsonl."""
+    split = metrics["split"]
+    kind = split if split in SHAPESWORLD_HEADLINE else "pope"
+    with open(folder / "answers.jsonl", encoding="utf-8") as answers:  # MME's scores carry no count
+        n = sum(1 for line in answers if line.strip())
+    return RunSummary(
+        name=name,
+        benchmark=f"shapesworld_{split}",
+        model=Path(identity["settings"]["model"]).name,
+        decoding=decoding_label(identity["generation_config"]),
+        n=n,
+        headline={key: metrics[key] for key in SHAPESWORLD_HEADLINE[kind] if key in metrics},
+        costs={header: metrics[key] for key, header in SHAPESWORLD_COSTS.items() if key in metrics},
+    )
 
 
 def format_tables(runs: list[RunSummary]) -> str:
@@ -59,11 +124,12 @@ def format_tables(runs: list[RunSummary]) -> str:
     sections = []
     for benchmark, group in _by_benchmark(runs).items():
         metric_names = list(dict.fromkeys(name for run in group for name in run.headline))
-        header = ["run", "model", "decoding", "n", *metric_names, "s/item", "tokens/item"]
+        cost_names = list(dict.fromkeys(name for run in group for name in run.costs))
+        header = ["run", "model", "decoding", "n", *metric_names, *cost_names]
         rows = [
             [run.name, run.model, run.decoding, str(run.n)]
             + [_number(run.headline.get(name)) for name in metric_names]
-            + [_number(run.latency["seconds_per_item"]), _number(run.latency["tokens_per_item"])]
+            + [_number(run.costs.get(name)) for name in cost_names]
             for run in group
         ]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -73,7 +139,7 @@ def format_tables(runs: list[RunSummary]) -> str:
 
 
 def plot_runs(runs: list[RunSummary], folder: str | Path) -> list[Path]:
-    """One figure per benchmark, a bar chart per headline metric and for seconds per item."""
+    """One figure per benchmark, a bar chart per headline metric and per cost."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,8 +147,10 @@ def plot_runs(runs: list[RunSummary], folder: str | Path) -> list[Path]:
 
     paths = []
     for benchmark, group in _by_benchmark(runs).items():
-        panels = [(name, [run.headline.get(name, float("nan")) for run in group]) for name in group[0].headline]
-        panels.append(("seconds per item", [run.latency["seconds_per_item"] for run in group]))
+        panels = [(name, [run.headline.get(name, float("nan")) for run in group])
+                  for name in dict.fromkeys(name for run in group for name in run.headline)]
+        panels += [(name, [run.costs.get(name, float("nan")) for run in group])
+                   for name in dict.fromkeys(name for run in group for name in run.costs)]  # fmt: skip
         figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2 + 0.15 * len(group)), squeeze=False)
         labels = [run.name for run in group]
         for axis, (name, values) in zip(axes[0], panels):

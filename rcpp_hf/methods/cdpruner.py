@@ -6,6 +6,16 @@ Before the language model, keep the T visual tokens that a conditional determina
 diverse given the instruction: kernel L = diag(r) S diag(r), S the cosine similarity of the projected visual features,
 r the instruction relevance of each token; T steps of the fast greedy MAP inference of Chen et al. (NeurIPS 2018).
 
+A deviation, for a kernel whose rank is below T (flat backgrounds: many tokens share one feature): the repository runs
+all T steps, so once every marginal gain is spent its square roots of non-positive gains turn the gains into NaN and
+argmax picks already chosen tokens again (its index mask then keeps fewer than T). Here the greedy stops there, as
+Chen et al.'s code does (a gain below `EXHAUSTED_GAIN`), and the remaining slots go to the most relevant
+tokens not chosen, so exactly T distinct tokens are kept. Measured on 20 ShapesWorld test scenes (the shipped 4-layer
+model, the caption prompt, one scene at a time), budgets 22 / 33 / 64 of 100 kept 21.8 / 31.0 / 42.0 distinct tokens
+on average with the repository's loop; 22 / 33 / 64 with this one. On the 100-image test-world comparison at 33
+tokens (README, Methods) POPE adversarial F1 went from 0.852 to 0.879 and the MME-style score from 207.5 to 334.0;
+at 11 tokens nothing changed.
+
 Relevance, as the repository: minus the mean cosine between each token's image embedding and the instruction's text
 embeddings, min-max normalised (per row here; the repository normalises over its batch of one sample's images).
   - with `clip_model` (a CLIPModel checkpoint, as the repository's `load_text_tower`): image embeddings are CLIP's
@@ -55,15 +65,23 @@ def conditional_kernel(features: torch.Tensor, relevance: torch.Tensor) -> torch
     return relevance[:, :, None] * (normed @ normed.transpose(1, 2)) * relevance[:, None, :]
 
 
+# Chen et al.'s stopping threshold on d_j^2 (the epsilon of their code, laming-chen/fast-map-dpp); L's diagonal is
+# r^2 here, at most about 1, so it is also relative to the largest gain. A gain below it is rounding, not diversity;
+# the float32 kernel's rounding reaches about 1e-7, so picks just above it may be rounding too (as in the repository,
+# which takes them alike).
+EXHAUSTED_GAIN = 1e-10
+
+
 def dpp_greedy_map(kernel: torch.Tensor, count: int) -> torch.Tensor:
     """Fast greedy MAP inference of a DPP (Chen et al. 2018, Algorithm 1), batched: each step adds the item that
-    most increases log det L_S, using incremental Cholesky rows instead of determinants.
+    most increases log det L_S, using incremental Cholesky rows instead of determinants. A row stops once its best
+    marginal gain falls below `EXHAUSTED_GAIN` (L's rank is spent: any further item adds nothing to det L_S).
 
     Args:
         kernel: (batch, N, N) positive semi-definite.
         count: items to select, in [1, N].
     Returns:
-        (batch, count) item indices in the order chosen.
+        (batch, count) distinct item indices in the order chosen, -1 in the slots after a row stopped.
     """
     batch, num_items, _ = kernel.shape
     if not 1 <= count <= num_items:
@@ -74,14 +92,38 @@ def dpp_greedy_map(kernel: torch.Tensor, count: int) -> torch.Tensor:
     chosen = torch.empty(count, batch, dtype=torch.long, device=kernel.device)
     for step in range(count):
         best = gains.argmax(dim=-1)
-        chosen[step] = best
+        gain = gains[rows, best]
+        # A stopped row's gains stay as they are (its update is zero), so it stays stopped.
+        active = gain >= EXHAUSTED_GAIN  # (batch,); a NaN gain stops too
+        chosen[step] = torch.where(active, best, -1)
         done = cholesky[:step, rows, best]  # (step, batch)
         residual = kernel[rows, best] - torch.einsum("sb,sbn->bn", done, cholesky[:step])  # (batch, N)
-        row = residual / gains[rows, best].sqrt()[:, None]
+        row = torch.where(active[:, None], residual / torch.where(active, gain, 1.0).sqrt()[:, None], 0.0)
         cholesky[step] = row
         gains = gains - row**2
-        gains[rows, best] = -float("inf")
+        gains[rows[active], best[active]] = -float("inf")
     return chosen.t()
+
+
+def fill_by_relevance(chosen: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """Fill the slots `dpp_greedy_map` left at -1 with the most relevant items not chosen, in decreasing relevance
+    (ties to the lower index).
+
+    Args:
+        chosen: (batch, count) distinct item indices, -1 in a suffix of the slots.
+        relevance: (batch, N).
+    Returns:
+        (batch, count) distinct item indices.
+    """
+    batch, count = chosen.shape
+    picked = torch.zeros(batch, relevance.shape[1] + 1, dtype=torch.bool, device=chosen.device)
+    picked = picked.scatter(1, chosen + 1, True)[:, 1:]  # -1 lands in the dropped column 0
+    ranked = torch.sort(relevance.float().masked_fill(picked, -float("inf")), dim=1, descending=True,
+                        stable=True).indices  # unpicked first  # fmt: skip
+    missing = (chosen < 0).sum(dim=1, keepdim=True)  # (batch, 1)
+    slot = torch.arange(count, device=chosen.device)[None, :]
+    fill = ranked.gather(1, (slot - (count - missing)).clamp_min(0))  # the j-th missing slot takes the j-th ranked
+    return torch.where(chosen < 0, fill, chosen)
 
 
 @lru_cache(maxsize=2)
@@ -156,4 +198,6 @@ class CDPruner(VisionPruner):
         visual = gather_tokens(ctx.hidden, ctx.layout.visual_slots)  # (B, V, D) the projected features
         relevance = self.relevance(ctx, visual)
         ctx.scores = relevance
-        return dpp_greedy_map(conditional_kernel(visual, relevance), self.budget)
+        chosen = dpp_greedy_map(conditional_kernel(visual, relevance), self.budget)
+        ctx.details["relevance_filled"] = (chosen < 0).sum(dim=1).tolist()  # per row: slots past the kernel's rank
+        return fill_by_relevance(chosen, relevance)

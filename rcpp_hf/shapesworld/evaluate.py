@@ -53,7 +53,7 @@ from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt, pope_
 from rcpp_hf.shapesworld.mme_sets import mme_scenes, write_mme_set
 from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS, pope_scenes, write_pope_split
 from rcpp_hf.shapesworld.render import IMAGE_FOLDER, write_images
-from rcpp_hf.shapesworld.world import TEST_SEED, Scene
+from rcpp_hf.shapesworld.world import DEFAULT_WORLD_SEED, Scene
 
 SPLITS = (*POPE_SPLITS, "mme", "captions")
 
@@ -66,7 +66,7 @@ class EvalSettings:
     split: str
     config: str | None = None  # RCPP YAML preset; None: vanilla greedy decoding
     method: dict | None = None  # a registry method (`MethodConfig.to_dict()`) added to the decoding
-    seed: int = TEST_SEED
+    seed: int = DEFAULT_WORLD_SEED
     num_images: int = 100
     limit: int | None = None  # evaluate only the first `limit` items of the split; not part of the identity
     batch_size: int = 16
