@@ -1,4 +1,4 @@
-"""The subclass honours the attention implementation users ask for, exactly like the stock class (issue 8.6)."""
+"""The subclass honours the attention implementation users ask for, exactly like the stock class."""
 
 import pytest
 import torch

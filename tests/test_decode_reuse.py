@@ -1,4 +1,4 @@
-"""What a decode step reuses instead of recomputing (issue 11) equals what it would recompute."""
+"""What a decode step reuses instead of recomputing equals what it would recompute."""
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb

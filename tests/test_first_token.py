@@ -1,4 +1,4 @@
-"""The first-token action (issue #12): step 0 decoded from DRCD's two rows of the last prompt token."""
+"""The first-token action: step 0 decoded from DRCD's two rows of the last prompt token."""
 
 import copy
 

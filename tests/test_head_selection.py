@@ -85,7 +85,8 @@ def _reference_scores(strategy, rows=ROWS):
 
 
 def _reference_dynamic(rows, strategies=HEAD_STRATEGIES, base=1 / 3):
-    """The seed note's five steps with our documented choices, in plain Python: (chosen heads, weight per head)."""
+    """The design's five steps (LLaVA-FinePruner-Head's `.claude/CLAUDE.md`) with our documented choices, in plain
+    Python: (chosen heads, weight per head)."""
     heads = len(rows)
 
     def best(key, k):  # k best heads, ties to the lowest index

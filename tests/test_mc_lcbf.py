@@ -77,7 +77,7 @@ def test_barrier_and_step_equal_hand_computation():
     unclamped = (0.6 - expected_h) / (norm_sq + 1e-6)  # about 31.2
     theta = barrier_step(h.detach(), grad, tau=0.6, max_scale=100.0, eps=1e-6)
     assert theta[0, 0].tolist() == pytest.approx([unclamped * g for g in expected_grad], rel=1e-5)
-    clamped = barrier_step(h.detach(), grad, tau=0.6, max_scale=0.5, eps=1e-6)  # the note's clamp
+    clamped = barrier_step(h.detach(), grad, tau=0.6, max_scale=0.5, eps=1e-6)  # the reference code's clamp
     assert clamped[0, 0].tolist() == pytest.approx([0.5 * g for g in expected_grad], rel=1e-5)
     assert torch.equal(barrier_step(h.detach(), grad, tau=0.4, max_scale=0.5, eps=1e-6), torch.zeros_like(grad))
 

@@ -46,8 +46,8 @@ def test_shipped_model_captions_name_the_objects(tmp_path):
 
 
 def test_shipped_model_answers_held_out_mme_style_questions(tmp_path):
-    # 20 validation images, 40 questions per subtask; issue 10's targets on the full test set: existence >= 0.90,
-    # count / position / color >= 0.75. The first (4-layer) model was never asked anything but existence.
+    # 20 validation images, 40 questions per subtask; the ShapesWorld v2 targets on the full test set: existence
+    # >= 0.90, count / position / color >= 0.75. The first (4-layer) model was never asked anything but existence.
     if LlavaForConditionalGeneration.from_pretrained(default_model_path()).config.text_config.num_hidden_layers < 12:
         pytest.skip("the shipped checkpoint predates the count / colour / position questions (ShapesWorld v2)")
     settings = EvalSettings(model=str(default_model_path()), split="mme", seed=VALIDATION_SEED, num_images=20, batch_size=40)

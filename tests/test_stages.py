@@ -27,7 +27,7 @@ def test_reasoning_state_takes_the_requested_row():
 
 
 def literal_reconstruction(alpha, states):
-    """recon_i = sum_l alpha[t, i, l] * v_i[l], written out as in the method note.  -> (B, Vc, D)"""
+    """recon_i = sum_l alpha[t, i, l] * v_i[l], written out as the RCPP + DRCD method states it.  -> (B, Vc, D)"""
     batch, num_visual, num_layers, _ = states.shape
     return torch.stack([
         torch.stack([sum(alpha[b, l, i] * states[b, i, l] for l in range(num_layers)) for i in range(num_visual)])

@@ -37,7 +37,7 @@ DEFAULT_METHODS = (*METHODS, "vcd")  # VCD: the two-pass contrastive reference
 WITH_RCPP = "+rcpp"  # "fastv+rcpp": a registry method composed with the "rcpp" setting
 PROMPT = "USER: <image>\nDescribe the image in detail. ASSISTANT:"
 
-# (method, metric, "<=" or ">=", threshold): issue #5's targets, checked on every run and reported with it.
+# (method, metric, "<=" or ">=", threshold): the speed targets, checked on every run and reported with it.
 TARGETS = [
     ("rcpp-score-only", "prefill_ratio", "<=", 1.05),
     ("rcpp-score-only", "decode_median_ratio", "<=", 1.05),

@@ -1,5 +1,5 @@
 """Token condensation: M representative visual tokens ("centroids") absorb all N by cross-attention instead of the
-other N - M being cut (the token-condensation seed, YangXu-03/Himap-based `token_condensation.py`, on HiMAP's stages).
+other N - M being cut (YangXu-03/Himap-based `token_condensation.py`, on HiMAP's stages).
 
 Pipeline, every step a pure batched function:
   1. `cosine_similarity_matrix` of the tokens' features, (B, N, N);
@@ -8,7 +8,8 @@ Pipeline, every step a pure batched function:
      degree, the sum of a token's similarities: the densest regions; one pass, no loop over M);
   3. `cross_attention_aggregate`: centroids as queries, all N tokens as keys and values, several heads.
 
-Parameter-free form (inference only, nothing trained; the seed's random q/k/v/o projections would be noise):
+Parameter-free form (inference only, nothing trained; that repository's untrained random q/k/v/o projections would be
+noise):
   - features = the pruned layer's own keys before RoPE, `k_proj(input_layernorm(h))`, the kv heads concatenated.
     Keys are what the layer compares tokens by, so token similarity is measured the way the model measures it
     (ToMe, VisionZip and PruMerge merge on keys); RoPE is left out so that similarity is content, not distance in

@@ -1,4 +1,4 @@
-"""`rcpp-hf gan-pruner match`: the controls of the issue's table at the GAN pruner's own token counts.
+"""`rcpp-hf gan-pruner match`: the comparison's controls (random pruning, FastV) at the GAN pruner's own token counts.
 
 The trained pruners decide how many tokens stay per input, so their budget is measured, not set: each prompt of a
 held-out set (the validation world's adversarial POPE questions and caption requests) is prefilled alone (batch 1,

@@ -1,6 +1,6 @@
 """The discriminator: tells the unpruned model's text hidden states (real) from the pruned model's (fake).
 
-Source: the gan-layer-pruner seed and zjw131f1fc/domain-adaptation-token-pruning `method/models/discriminator.py`:
+Source: zjw131f1fc/domain-adaptation-token-pruning, `docs/model_summary.md` and `method/models/discriminator.py`:
 the text hidden states of several layers, each pooled over the sequence with weights rising 0.3 -> 1.0 after
 Gaussian noise whose std falls 0.05 -> 0.01 along it (later tokens have seen more context, so they weigh more and
 are trusted more); a small MLP per layer, the results concatenated, a fusion MLP, one logit (sigmoid = probability

@@ -1,5 +1,6 @@
-"""The loss terms of the GAN pruner's training (the gan-layer-pruner seed's table), each a pure function;
-the task term is ShapesWorld's weighted next-token cross-entropy on the answers (`shapesworld.train.language_loss`).
+"""The loss terms of the GAN pruner's training (the loss table of zjw131f1fc/domain-adaptation-token-pruning,
+`docs/model_summary.md`), each a pure function; the task term is ShapesWorld's weighted next-token cross-entropy on the
+answers (`shapesworld.train.language_loss`).
 
 Every term reaches the pruners' parameters: the masks are never detached (the reference code's defect 1, which made
 its sparsity, count and binarisation losses inert), and the task and adversarial terms reach them through the policy

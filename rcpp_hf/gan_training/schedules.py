@@ -1,5 +1,6 @@
-"""Cosine schedules of the loss weights and the Gumbel temperature (the gan-layer-pruner seed: "cosine loss-weight
-schedules, temperature annealing"), functions of the training progress only, so a resumed run sees the same values."""
+"""Cosine schedules of the loss weights and the Gumbel temperature (zjw131f1fc/domain-adaptation-token-pruning,
+`docs/model_summary.md`: cosine loss-weight schedules, temperature annealing), functions of the training progress
+only, so a resumed run sees the same values."""
 
 from __future__ import annotations
 

@@ -71,26 +71,27 @@ class GanTrainConfig:
     """A training run. Layers are stated for a 32-layer decoder and scaled to the backbone's depth; (start, end)
     pairs are cosine schedules over the run.
 
-    pruning_layers: before which layers the pruners act (the seed: 6 / 12 / 18 of 32).
+    pruning_layers: before which layers the pruners act (6 / 12 / 18 of 32, as in
+        zjw131f1fc/domain-adaptation-token-pruning's `docs/model_summary.md`).
     discriminator_layers: decoder layers whose output text states the discriminator reads.
     target_keep: per stage, the cumulative share of the image's visual tokens kept from its layer on; None: from
-        `budget`, or the seed's (0.5, 0.3, 0.15) without one.
+        `budget`, or (0.5, 0.3, 0.15) without one.
     budget: the registry's budget instead (visual tokens per decoder layer on average, of 576, e.g. 128): the targets
         are PyramidDrop's lambda, lambda^2, lambda^3 with lambda solved for it at the scaled pruning layers
         (`methods/pdrop.ratio_for_budget`), so that the rows of the comparison are at one budget convention.
-    budget_lr, budget_bound: step size and bound of the budget multipliers (one per stage, dual ascent on the
-        relative error clipped to [-1, 1], the multipliers kept in [-bound, bound]: `losses.dual_ascent`; budget_lr
-        0: off). The seed's squared sparsity term acts on training's noisy masks and is outweighed by the task and
-        adversarial terms near its target: the first runs ended 0.1-0.5 away from their targets, with evaluation
-        counts unrelated to the budget. A multiplier grows while the evaluation's masks (logit > 0, no noise) keep
-        more than the target and shrinks while they keep less, and multiplies their keep ratio in the loss (a
-        Lagrangian relaxation of "keep ratio = target"). On the 12-layer model it holds the counts while training's
-        masks are noisy, not after the noise has annealed (the README's GAN section).
-    gumbel_noise: factor on the Gumbel (logistic) noise of the masks, (start, end). The seed anneals only the
-        temperature, which leaves straight-through masks' forward unchanged (logit + noise > 0 at any temperature);
-        with the noise constant, a run on the 12-layer ShapesWorld model (budget 128) learned logits near 0 for most
-        tokens and let the noise drop them: 0.55 kept at its last stage in training, 0.86 at evaluation (logit > 0).
-        Annealed to 0, the end of training sees the evaluation's masks.
+    budget_lr, budget_bound: step size and bound of the budget multipliers (one per stage, dual ascent on the relative
+        error clipped to [-1, 1], the multipliers kept in [-bound, bound]: `losses.dual_ascent`; budget_lr 0: off). The
+        reference repository's squared sparsity term acts on training's noisy masks and is outweighed by the task and
+        adversarial terms near its target: the first runs ended 0.1-0.5 away from their targets, with evaluation counts
+        unrelated to the budget. A multiplier grows while the evaluation's masks (logit > 0, no noise) keep more than
+        the target and shrinks while they keep less, and multiplies their keep ratio in the loss (a Lagrangian
+        relaxation of "keep ratio = target"). On the 12-layer model it holds the counts while training's masks are
+        noisy, not after the noise has annealed (the README's GAN section).
+    gumbel_noise: factor on the Gumbel (logistic) noise of the masks, (start, end). The reference repository anneals
+        only the temperature, which leaves straight-through masks' forward unchanged (logit + noise > 0 at any
+        temperature); with the noise constant, a run on the 12-layer ShapesWorld model (budget 128) learned logits near
+        0 for most tokens and let the noise drop them: 0.55 kept at its last stage in training, 0.86 at evaluation
+        (logit > 0). Annealed to 0, the end of training sees the evaluation's masks.
     distillation_weight: KL of the unpruned model's next-token distribution to the pruned one's, off by default; the
         ablation "without the adversarial term" sets `adversarial_weight` to (0, 0) and this instead (the
         discriminator still trains and is still logged: it measures what the ablation leaves distinguishable).

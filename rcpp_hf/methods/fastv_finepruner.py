@@ -1,11 +1,11 @@
-"""FastV + FinePruner (the finepruner seed; EasonAI-5589/LLaVA-FinePruner-Head): FastV whose token ranking uses only
-selected attention heads.
+"""FastV + FinePruner (EasonAI-5589/LLaVA-FinePruner-Head): FastV whose token ranking uses only selected attention
+heads.
 
-At layer K-1, the last prompt token's attention over the image, per head (B, H, V), scores each head by one of the
-nine fixed strategies (top-H heads, weighted by softmax of their scores) or by the seed note's dynamic
-"consensus-diversity" selection; the selected heads' weighted attention ranks the image tokens; FastV keeps the
-top R from layer K on. The maths lives in `head_selection.py`; the number of heads chosen per row is reported in
-`PruneRecord.details["num_heads"]`.
+At layer K-1, the last prompt token's attention over the image, per head (B, H, V), scores each head by one of the nine
+fixed strategies (top-H heads, weighted by softmax of their scores) or by the repository's dynamic "Intelligent
+Consensus-Diversity Selection" (its `.claude/CLAUDE.md`); the selected heads' weighted attention ranks the image tokens;
+FastV keeps the top R from layer K on. The maths lives in `head_selection.py`; the number of heads chosen per row is
+reported in `PruneRecord.details["num_heads"]`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ DYNAMIC = "consensus_diversity"
 class FastVFinePruner(FastV):
     """FastV's settings, plus:
         head_strategy: one of the nine fixed strategies (`head_selection.HEAD_STRATEGIES`), or "consensus_diversity"
-            (the seed note's dynamic selection, which chooses the number of heads itself).
+            (the repository's dynamic selection, which chooses the number of heads itself).
         num_heads: H, the heads kept by a fixed strategy (8 / 16 / 24 / 32 in the study); ignored by the dynamic one.
     """
 

@@ -6,23 +6,23 @@ slice. Where the repository wants a distribution (the entropy and sparsity strat
 complexity step) it applies `softmax` to that slice, i.e. a softmax of probabilities, and so do we, as written.
 All maths is float32 whatever the input dtype; batch rows are independent; ties go to the lowest head index.
 
-Sources (the repository is EasonAI-5589/LLaVA-FinePruner-Head, "the repository" below; the seed note is
-`finepruner-head-selection.md`, section "核心算法：Intelligent Consensus-Diversity Selection", steps 1-5):
+Sources (the repository is EasonAI-5589/LLaVA-FinePruner-Head, "the repository" below; "the design" is its
+`.claude/CLAUDE.md`, section "核心算法：Intelligent Consensus-Diversity Selection", steps 1-5):
 
     score_sum ... score_gini        llava/model/language_model/modeling_llama_fastv_fine_head.py,
                                     `select_heads_by_strategy` (one branch each; "gini" is its "gini_coefficient")
     head_scores                     dispatch over the nine strategies above
     select_top_heads                same function: top-H by score, weights softmax(selected scores)
     aggregate_heads                 same function: weighted sum of the selected heads' rows
-    consensus_diversity_heads       seed note, steps 1-5, through the functions below
+    consensus_diversity_heads       the design, steps 1-5, through the functions below
       strategy_quality              step 1 (modeling_llama_fastv_ablation_dynamic.py `evaluate_strategy_quality`)
-      strategy_selection_count      step 1, the note's counts int(0.3 H) / H // 2 / int(0.65 H)
+      strategy_selection_count      step 1, the design's counts int(0.3 H) / H // 2 / int(0.65 H)
       strategy_consistency          step 2 (ablation_dynamic `compute_strategy_consistency`: mean pairwise Jaccard)
-      consensus_threshold           step 2, the note's rule with base 1/3 (ablation_dynamic at commit 42b76b7)
+      consensus_threshold           step 2, the design's rule with base 1/3 (ablation_dynamic at commit 42b76b7)
       weighted_votes                step 2, quality-weighted votes
       attention_complexity          step 3 (ablation_dynamic `compute_attention_complexity`)
       gap_based_count               step 3's `gap_based` (ablation_dynamic `complexity_aware_head_count`)
-      complexity_head_count         step 3, the note's complexity adjustment
+      complexity_head_count         step 3, the design's complexity adjustment
       consensus_heads               step 4's consensus set (ablation_dynamic `consensus_diversity_selection`)
       diversity_heads               step 4, two-level diversity (ablation_dynamic `multi_level_diversity_selection`)
       aggregation_weights           step 5 (ablation_dynamic `compute_intelligent_weights`)
@@ -228,13 +228,13 @@ def aggregate_heads(attention: Tensor, selection: HeadSelection) -> Tensor:
     return torch.einsum("bh,bhv->bv", selection.weights.to(attention), attention)
 
 
-# -- dynamic consensus-diversity selection (seed note, steps 1-5) ------------------------------------------------------
+# -- dynamic consensus-diversity selection (the design, steps 1-5) -----------------------------------------------------
 # Step 1 — strategy quality.
 def strategy_quality(scores: Tensor, attention: Tensor) -> Tensor:
-    """Seed note step 1: quality = 0.4 discriminability + 0.3 balance + 0.3 correlation of one strategy's scores.
+    """Design step 1: quality = 0.4 discriminability + 0.3 balance + 0.3 correlation of one strategy's scores.
 
     discriminability = unbiased std of the scores over heads; balance = 1 - clamp(range / mean, 0, 1); correlation =
-    |cos(scores, attention intensity)|, intensity = each head's attention sum (the note leaves it undefined; the
+    |cos(scores, attention intensity)|, intensity = each head's attention sum (the design leaves it undefined; the
     repository's `evaluate_strategy_quality` uses the sum, and adds 1e-8 to the mean).
     Args: scores (batch, strategies, heads); attention (batch, heads, visual). Returns (batch, strategies).
     """
@@ -247,8 +247,8 @@ def strategy_quality(scores: Tensor, attention: Tensor) -> Tensor:
 
 
 def strategy_selection_count(quality: Tensor, heads: int) -> Tensor:
-    """Seed note step 1: heads each strategy votes for: int(0.3 H) above quality 0.7, H // 2 above 0.4, else
-    int(0.65 H); at least 1 (the note's int(0.3 H) is 0 for H < 4). quality (...) -> (...) long."""
+    """Design step 1: heads each strategy votes for: int(0.3 H) above quality 0.7, H // 2 above 0.4, else
+    int(0.65 H); at least 1 (the design's int(0.3 H) is 0 for H < 4). quality (...) -> (...) long."""
     counts = [max(1, int(heads * 0.3)), max(1, heads // 2), max(1, int(heads * 0.65))]
     high, standard, broad = (torch.tensor(c, device=quality.device) for c in counts)
     return torch.where(quality > 0.7, high, torch.where(quality > 0.4, standard, broad))
@@ -256,7 +256,7 @@ def strategy_selection_count(quality: Tensor, heads: int) -> Tensor:
 
 # Step 2 — dynamic consensus threshold and quality-weighted votes.
 def strategy_consistency(votes: Tensor) -> Tensor:
-    """Seed note step 2's `compute_overlap_ratio_across_strategies`: the note does not define the overlap; we take the
+    """Design step 2's `compute_overlap_ratio_across_strategies`: the design does not define the overlap; we take the
     repository's (`compute_strategy_consistency`): the Jaccard index |A & B| / |A | B| of the head sets of every pair of
     strategies, averaged over pairs. votes (batch, strategies, heads) bool, every set non-empty -> (batch,)."""
     left, right = votes.unsqueeze(2), votes.unsqueeze(1)  # (batch, S, 1, heads), (batch, 1, S, heads)
@@ -267,9 +267,10 @@ def strategy_consistency(votes: Tensor) -> Tensor:
 
 
 def consensus_threshold(consistency: Tensor, base_threshold: float = 1 / 3) -> Tensor:
-    """Seed note step 2: min(0.5, base (1 + c)) above consistency 0.6, max(0.15, 2 base c) below 0.2, else base.
+    """Design step 2: min(0.5, base (1 + c)) above consistency 0.6, max(0.15, 2 base c) below 0.2, else base.
 
-    The note's base is the fixed 1/3 it replaces (also the repository's value at commit 42b76b7). (batch,) -> (batch,).
+    The design's base is the fixed 1/3 it replaces (also the repository's value at commit 42b76b7).
+    (batch,) -> (batch,).
     """
     high = (base_threshold * (1 + consistency)).clamp(max=0.5)
     low = (base_threshold * consistency * 2).clamp(min=0.15)
@@ -278,7 +279,7 @@ def consensus_threshold(consistency: Tensor, base_threshold: float = 1 / 3) -> T
 
 
 def weighted_votes(votes: Tensor, quality: Tensor) -> Tensor:
-    """Seed note step 2: each head collects the quality of every strategy that voted for it.
+    """Design step 2: each head collects the quality of every strategy that voted for it.
     votes (batch, strategies, heads) bool, quality (batch, strategies) -> (batch, heads)."""
     return (quality.unsqueeze(-1) * votes).sum(dim=1)
 
@@ -291,11 +292,11 @@ def _cosine_matrix(attention: Tensor) -> Tensor:
 
 
 def attention_complexity(attention: Tensor) -> Tensor:
-    """Seed note step 3: 0.4 head diversity + 0.3 normalised entropy + 0.3 normalised variance.
+    """Design step 3: 0.4 head diversity + 0.3 normalised entropy + 0.3 normalised variance.
 
     head diversity = 1 - mean cosine similarity over pairs of distinct heads; normalised entropy = mean over heads of
     the entropy of `_distribution` / log(visual); normalised variance = clamp(mean over heads of the unbiased variance
-    / mean attention, 0, 1). The note names the three terms; their formulas are the repository's
+    / mean attention, 0, 1). The design names the three terms; their formulas are the repository's
     (`compute_attention_complexity`). (batch, heads >= 2, visual) -> (batch,).
     """
     heads, visual = attention.shape[1:]
@@ -307,7 +308,7 @@ def attention_complexity(attention: Tensor) -> Tensor:
 
 
 def gap_based_count(head_votes: Tensor) -> Tensor:
-    """Seed note step 3's `gap_based`, which the note leaves undefined: the repository's natural break of the vote
+    """Design step 3's `gap_based`, which the design leaves undefined: the repository's natural break of the vote
     distribution (`complexity_aware_head_count`). Sort the votes in descending order; the count is the position of the
     first gap larger than mean + 0.5 std of all gaps (unbiased std), i.e. the heads before the first clear drop; with
     no such gap, or fewer than two gaps to measure, H // 4 (at least 1). (batch, heads) -> (batch,) long."""
@@ -323,7 +324,7 @@ def gap_based_count(head_votes: Tensor) -> Tensor:
 
 
 def complexity_head_count(gap_based: Tensor, complexity: Tensor, heads: int) -> Tensor:
-    """Seed note step 3: int(g (1.2 + 0.3 c)) above complexity 0.7, int(g (0.7 + 0.6 c)) below 0.3, else g; clamped to
+    """Design step 3: int(g (1.2 + 0.3 c)) above complexity 0.7, int(g (0.7 + 0.6 c)) below 0.3, else g; clamped to
     [1, heads] (the repository's clamp). (batch,) long, (batch,) -> (batch,) long."""
     g = gap_based.to(complexity.dtype)
     more = torch.floor(g * (1.2 + 0.3 * complexity))
@@ -334,8 +335,8 @@ def complexity_head_count(gap_based: Tensor, complexity: Tensor, heads: int) -> 
 
 # Step 4 — two-level diversity selection.
 def consensus_heads(head_votes: Tensor, threshold: Tensor, total_quality: Tensor, target: Tensor) -> Tensor:
-    """Seed note step 4's consensus set: heads whose votes reach `threshold` x the total quality of all strategies
-    (the note gives the threshold, the repository how it is applied), at most `target`, most voted first.
+    """Design step 4's consensus set: heads whose votes reach `threshold` x the total quality of all strategies
+    (the design gives the threshold, the repository how it is applied), at most `target`, most voted first.
 
     The repository orders candidates by votes + 0.1 x the quality-weighted sum of their raw scores; we order by votes
     alone (ties to the lowest index), since the raw scores of different strategies are on unrelated scales.
@@ -347,11 +348,11 @@ def consensus_heads(head_votes: Tensor, threshold: Tensor, total_quality: Tensor
 
 
 def diversity_heads(attention: Tensor, consensus: Tensor, count: Tensor) -> Tensor:
-    """Seed note step 4: `count` more heads, greedily, away from the consensus heads and from each other.
+    """Design step 4: `count` more heads, greedily, away from the consensus heads and from each other.
 
     Level 1: d_c = 1 - mean cosine similarity to the consensus heads; the first pick maximises d_c. Level 2: each
     later pick maximises 0.6 d_c + 0.4 d_s, d_s = 1 - mean cosine similarity to the heads already picked here.
-    A row with no consensus head (the note does not say): d_c = 0 and the first pick is the head with the largest
+    A row with no consensus head (the design does not say): d_c = 0 and the first pick is the head with the largest
     attention sum, as the repository's `clustering_based_selection` starts.
     attention (batch, heads, visual); consensus (batch, heads) bool; count (batch,) long -> (batch, heads) bool.
     """
@@ -376,8 +377,8 @@ def diversity_heads(attention: Tensor, consensus: Tensor, count: Tensor) -> Tens
 def aggregation_weights(
     attention: Tensor, consensus: Tensor, diversity: Tensor, votes: Tensor, quality: Tensor
 ) -> Tensor:
-    """Seed note step 5: a consensus head weighs 1 + 0.5 x the mean quality of the strategies that voted for it; a
-    diversity head 0.8 + 0.4 x its attention sum / the largest attention sum of the row (the note's
+    """Design step 5: a consensus head weighs 1 + 0.5 x the mean quality of the strategies that voted for it; a
+    diversity head 0.8 + 0.4 x its attention sum / the largest attention sum of the row (the design's
     "normalized_attention_sum"; the normalisation is the repository's); softmax over the chosen heads.
     attention (batch, heads, visual); consensus, diversity (batch, heads) bool; votes (batch, strategies, heads) bool;
     quality (batch, strategies) -> (batch, heads), 0 outside the chosen heads.
@@ -392,14 +393,14 @@ def aggregation_weights(
 def consensus_diversity_heads(
     attention: Tensor, strategies: Sequence[str] = HEAD_STRATEGIES, base_threshold: float = 1 / 3
 ) -> HeadSelection:
-    """The seed note's dynamic "Intelligent Consensus-Diversity" head selection, steps 1-5.
+    """The repository's dynamic "Intelligent Consensus-Diversity" head selection (the design, steps 1-5).
 
     Args:
         attention: (batch, heads >= 2, visual) attention probabilities of one query row over the image tokens.
-        strategies: the strategies that vote, at least two of `HEAD_STRATEGIES`. The note does not list them; its
+        strategies: the strategies that vote, at least two of `HEAD_STRATEGIES`. The design does not list them; the
             repository voted with eight at first (some outside the nine fixed ones) and three later; we default to
             the nine fixed strategies.
-        base_threshold: the consensus threshold before the step-2 adjustment, in (0, 1]; the note's 1/3.
+        base_threshold: the consensus threshold before the step-2 adjustment, in (0, 1]; the design's 1/3.
     Returns:
         `HeadSelection`; `num_selected` is the consensus heads plus the diversity heads, in [1, heads].
     """

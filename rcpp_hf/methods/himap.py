@@ -1,6 +1,6 @@
 """HiMAP (Zhang et al., "Unraveling the Shift of Visual Information Flow in MLLMs: From Phased Interaction to
 Efficient Inference"; ustc-hyin/HiMAP, `src/LLaVA/llava/model/language_model/himap.py`, `Himap_LlamaModel.forward`),
-with the token-condensation seed's option of condensing instead of cutting (`rcpp_hf.engine.condensation`).
+with the option of condensing instead of cutting (YangXu-03/Himap-based; `rcpp_hf.engine.condensation`).
 
 Two prefill stages (LLaVA-1.5-7B, 32 layers, 576 visual tokens; the repository's script):
   - before the text layer K1 = 2: the image tokens ranked by the attention the text after the image gives them at
@@ -59,7 +59,7 @@ class HiMAP(PrefillPruner):
         condensation_temperature: of the cosine logits (see `rcpp_hf.engine.condensation`).
         fps_start: "isolated" (deterministic) or "random" (seeded by `fps_seed` and the stage's layer).
 
-    The seed's names are accepted by `method_config` / YAML (`SETTING_ALIASES`): `hmap_v_attn_txt_layer` /
+    The repository's config names are accepted by `method_config` / YAML (`SETTING_ALIASES`): `hmap_v_attn_txt_layer` /
     `_txt_rank` / `_img_layer` / `_img_rank` map to the fields above; `hmap_v_sys_length` and `hmap_v_img_length`
     are accepted and ignored, since the image span always comes from `image_token_id`.
     """

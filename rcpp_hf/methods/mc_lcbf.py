@@ -1,21 +1,23 @@
-"""MC-LCBF: dual-phase attention-barrier steering of the residual stream (the mc-lcbf-steering seed note, its
-"Experiment 6" wrapper; the control law is the note's section 2).
+"""MC-LCBF (Memory-Consistent Linear Control Barrier Functions): dual-phase attention-barrier steering of the
+residual stream by a closed-form control-barrier-function step (the control law of its author's write-up, a
+first-order Taylor linearisation of the barrier; "the reference code" below is the author's decoder-layer wrapper).
 
 For each steered layer and each target row (prefill: the last prompt token, which decides a yes/no answer; decode:
 every generated token), with x the residual stream entering the layer at that row:
     q    = RoPE(q_proj(input_layernorm(x)))                       the layer's own query for x
     keys = the layer's keys: the prompt's (k_proj + RoPE of the same normed states) at prefill, its cache at decode
     h(x) = mean over heads of the softmax mass q puts on the row's image tokens    ("softmax" barrier)
-           (or, at decode, the note's "energy" barrier: mean over heads and image tokens of the scaled q.k)
+           (or, at decode, the reference code's "energy" barrier: mean over heads and image tokens of scaled q.k)
     if h < tau:  theta = min((tau - h) / (||grad_x h||^2 + eps), max_scale) * grad_x h,   x <- x + alpha * theta
 before the layer runs, so the layer computes and caches the corrected row. The keys are held fixed while
-differentiating (the note computes them under no_grad); h and its gradient are computed in float32 whatever the
-model's dtype, under `enable_grad` (and outside `inference_mode`), since `generate` runs without autograd.
+differentiating (the reference code computes them under no_grad); h and its gradient are computed in float32
+whatever the model's dtype, under `enable_grad` (and outside `inference_mode`), since `generate` runs without
+autograd.
 
-Deviations from the note's code, each a reason it changed nothing (README "MC-LCBF"): h, the step and the clamp are
-per row (the note averages h over the batch and takes one global step); the image tokens come from `image_token_id`
-per row (the note assumes [1, 577)); keys come from this generate call's cache, not from a `past_key_value` argument
-that transformers 5.23 no longer passes.
+Deviations from the reference code, each a reason it changed nothing (README "MC-LCBF"): h, the step and the clamp
+are per row (the reference code averages h over the batch and takes one global step); the image tokens come from
+`image_token_id` per row (the reference code assumes [1, 577)); keys come from this generate call's cache, not from
+a `past_key_value` argument that transformers 5.23 no longer passes.
 """
 
 from __future__ import annotations
@@ -32,21 +34,21 @@ from rcpp_hf.engine.pruning import scale_layer
 from rcpp_hf.methods.registry import register_method
 from rcpp_hf.methods.steering import SteeringMethod
 
-STEER_LAYERS = (10, 27)  # first and last steered layer of a 32-layer decoder: the note's range(10, 28)
+STEER_LAYERS = (10, 27)  # first and last steered layer of a 32-layer decoder: the reference code's range(10, 28)
 BARRIERS = ("softmax", "energy")
 PHASES = ("prefill", "decode")
 
 
-# -- the note's steps, as pure functions ---------------------------------------------------------------------------
+# -- the reference code's steps, as pure functions ---------------------------------------------------------------------
 def image_attention_mass(probs: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """Note step 5, the softmax barrier: h = mean over heads of the attention mass on image keys.
+    """The reference code's step 5, the softmax barrier: h = mean over heads of the attention mass on image keys.
     probs (B, H, q, K), image (B, K) bool -> (B, q)."""
     return (probs * image[:, None, None, :]).sum(-1).mean(1)
 
 
 def image_attention_energy(query: torch.Tensor, keys: torch.Tensor, scaling: float, image: torch.Tensor) -> torch.Tensor:
-    """The note's "energy" barrier (its docstring's Phase 2): mean over heads and image keys of the raw scaled q.k.
-    query (B, H, q, d), keys (B, H_kv, K, d), image (B, K) bool -> (B, q)."""
+    """The reference code's "energy" barrier (its docstring's Phase 2): mean over heads and image keys of the raw
+    scaled q.k. query (B, H, q, d), keys (B, H_kv, K, d), image (B, K) bool -> (B, q)."""
     groups = query.shape[1] // keys.shape[1]
     logits = torch.matmul(query, keys.repeat_interleave(groups, dim=1).transpose(-1, -2)) * scaling  # (B, H, q, K)
     per_head = (logits * image[:, None, None, :]).sum(-1) / image.sum(-1).clamp_min(1)[:, None, None]
@@ -54,7 +56,8 @@ def image_attention_energy(query: torch.Tensor, keys: torch.Tensor, scaling: flo
 
 
 def barrier_step(h: torch.Tensor, grad: torch.Tensor, tau: float, max_scale: float, eps: float) -> torch.Tensor:
-    """Note section 2, the closed-form solution of min ||theta||^2 s.t. h + grad . theta >= tau, with the note's clamp:
+    """The write-up's control law, the closed-form solution of min ||theta||^2 s.t. h + grad . theta >= tau, with the
+    reference code's clamp:
     theta = min((tau - h) / (||grad||^2 + eps), max_scale) * grad where h < tau, else 0.
     h (B, q), grad (B, q, D) -> theta (B, q, D)."""
     scale = ((tau - h) / (grad.pow(2).sum(-1) + eps)).clamp(max=max_scale)
@@ -75,10 +78,10 @@ class MCLCBF(SteeringMethod):
         prefill / decode: whether each phase steers.
         prefill_tau, prefill_alpha: the barrier level and gain at prefill (the last prompt token).
         decode_tau, decode_alpha: the same for every generated token.
-        decode_barrier: "softmax" (image attention mass) or "energy" (the note's raw q.k mass) at decode.
-        max_scale: the clamp of the step coefficient (tau - h) / (||grad||^2 + eps) (the note's 0.5).
+        decode_barrier: "softmax" (image attention mass) or "energy" (the reference code's raw q.k mass) at decode.
+        max_scale: the clamp of the step coefficient (tau - h) / (||grad||^2 + eps) (the reference code's 0.5).
         eps: added to ||grad||^2.
-    Defaults are the note's STEERING_CONFIG.
+    Defaults are the reference code's STEERING_CONFIG.
     """
 
     name = "mc_lcbf"

@@ -1,8 +1,9 @@
 """The plausibility-cutoff control: VCD's adaptive plausibility constraint alone, on the plain logits, no contrast.
 
 Keeps only tokens with p >= beta * max p (Leng et al. 2024, eq. 4; Li et al., "Contrastive Decoding", 2023), one
-forward per token. The field reports that this cutoff alone recovers much of the gain credited to contrast
-(../shared/reference/contrastive-and-steering.md), so a table of VCD / SID shows it beside them. Under greedy decoding
+forward per token. Much of the POPE gain credited to contrast comes from this cutoff (Yin et al., "The Mirage of
+Performance Gains: Why Contrastive Decoding Fails to Mitigate Object Hallucinations in MLLMs?", 2025,
+arXiv:2504.10020), so a table of VCD / SID shows it beside them. Under greedy decoding
 without logits processors it changes nothing (the most probable token always survives); it acts on sampling.
 """
 

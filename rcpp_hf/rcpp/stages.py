@@ -1,6 +1,6 @@
 """The stages of RCPP + DRCD as small pure functions on tensors.
 
-Stage numbers follow the method note (../shared/seeds/rcpp-drcd-method.md) and issue #2:
+Stage numbers follow the seven steps of the RCPP + DRCD method's core mechanism:
   1 reasoning state, 2 reasoning-aware reconstruction, 3 instant consistency, 4 EMA accumulation,
   5 grouping, 6 DRCD fusion (+ adaptive plausibility constraint), 7 schedule (see `schedule.py`).
 Shapes: B = batch, V = visual tokens of the image, Vc = visual tokens still cached, Ls = scoring layers, D = hidden.
@@ -62,8 +62,8 @@ def grouping_threshold(scores: torch.Tensor, tau: float, tau_mode: str) -> torch
     """Stage 5's threshold per row, read from tau (`RCPPGenerationConfig.tau_mode`): "absolute" tau itself;
     "quantile" the tau-quantile of the row's S (interpolation "lower": one of the row's scores, the
     floor(tau * (n - 1))-th smallest); "std" mean(S) - tau * std(S) (population std). Relative forms make tau mean
-    the same on models whose cosines sit at different scales (issue #12). NaN scores (tokens evicted or masked
-    out) take no part.  (B, Vc) -> float or (B, 1)."""
+    the same on models whose cosines sit at different scales. NaN scores (tokens evicted or masked out) take no
+    part.  (B, Vc) -> float or (B, 1)."""
     if tau_mode == "absolute":
         return tau
     if tau_mode == "quantile":

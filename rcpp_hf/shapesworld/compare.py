@@ -35,7 +35,7 @@ from rcpp_hf.shapesworld.evaluate import EvalSettings, evaluate  # noqa: E402
 VANILLA = "vanilla"
 RCPP = "rcpp"
 RCPP_PRESET = Path(__file__).resolve().parents[2] / "configs" / "rcpp_default.yaml"
-BUDGETS = (64, 128, 192)  # of 576 visual tokens, the finepruner seed's budgets
+BUDGETS = (64, 128, 192)  # of 576 visual tokens, EasonAI-5589/LLaVA-FinePruner-Head's budgets
 COLUMNS = {  # split -> (metric, header)
     "random": [("accuracy", "rand acc"), ("f1", "rand F1"), ("yes_ratio", "rand yes")],
     "popular": [("accuracy", "pop acc"), ("f1", "pop F1"), ("yes_ratio", "pop yes")],
@@ -232,7 +232,7 @@ def plot_quality(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-# The trade-offs the field reads hallucination methods by (issue 12): captions and one-word answers.
+# The trade-offs the field reads hallucination methods by: captions and one-word answers.
 FRONTIERS = [("captions.recall", "captions.chair_i", "recall", "CHAIR_I"),
              ("adversarial.yes_ratio", "adversarial.f1", "POPE adversarial yes-ratio", "POPE adversarial F1")]
 

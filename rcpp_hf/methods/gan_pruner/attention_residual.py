@@ -1,5 +1,6 @@
-"""The pruner's optional text-to-vision attention residual (the gan-layer-pruner seed's "Attention Residual": the
-text -> vision attention makes the keep decision more question-dependent).
+"""The pruner's optional text-to-vision attention residual ("Attention Residual" of
+zjw131f1fc/domain-adaptation-token-pruning, `docs/model_summary.md`: the text -> vision attention makes the keep
+decision more question-dependent).
 
 The feature of a visual token is how much the question attends to it at the pruning layer: the layer's own query
 (question rows) and key projections of the hidden states entering it, RoPE applied, softmax over the keys each row may

@@ -12,15 +12,16 @@ class GanPrunerConfig(PretrainedConfig):
         hidden_size: width of the LLaVA decoder the pruners read (its `text_config.hidden_size`).
         num_hidden_layers: depth of that decoder; `pruning_layers` are indices into it.
         pruning_layers: before which decoder layers the pruners act, increasing, in [1, num_hidden_layers - 1].
-        pruner_hidden: width of a pruner's projection and cross-attention (the seed: 512).
-        pruner_heads: heads of its cross-attention (the seed: 4).
+        pruner_hidden: width of a pruner's projection and cross-attention (512 in
+            zjw131f1fc/domain-adaptation-token-pruning).
+        pruner_heads: heads of its cross-attention (4 in that repository).
         initial_keep_logit: bias of the keep logit at initialisation (sigmoid(2) = 0.88: training starts near
             keeping everything and learns what to drop).
         gumbel: "straight_through" (forward binary, gradient of the relaxed sample) or "relaxed" (the relaxed sample
             itself in the forward).
         attention_residual: the keep logit also gets a learned scalar (0 at initialisation) times the log of the
             question's attention to the token at the pruning layer, relative to uniform (`attention_residual.py`).
-        token_merger: M > 0: a token merger (the seed's V3, `merger.py`) replaces the image's visual tokens by M
+        token_merger: M > 0: a token merger (that repository's V3, `merger.py`) replaces the image's visual tokens by M
             merged ones before the first decoder layer, and the pruners act on those; 0: off.
         target_keep: per pruning layer, the cumulative keep ratio the pruners were trained toward (written by
             training; the evaluation's "top_k" mode keeps exactly that share); None: unknown.

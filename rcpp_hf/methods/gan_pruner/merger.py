@@ -1,8 +1,9 @@
-"""The optional token merger (the gan-layer-pruner seed's "Token Merger V3 - Fixed Pooling"): M learnable queries,
-modulated by the question, pool the image's visual tokens by cross-attention into M merged tokens that replace them
-before the first decoder layer, (B, V, D) -> (B, M, D); the layer pruners then act on the M merged tokens.
+"""The optional token merger ("Token Merger V3 - Fixed Pooling" of zjw131f1fc/domain-adaptation-token-pruning,
+`docs/model_summary.md`): M learnable queries, modulated by the question, pool the image's visual tokens by
+cross-attention into M merged tokens that replace them before the first decoder layer, (B, V, D) -> (B, M, D); the layer
+pruners then act on the M merged tokens.
 
-Deviations from the seed, which gives only the outline: the question modulates the queries by FiLM (Perez et al.
+Deviations from that summary, which gives only the outline: the question modulates the queries by FiLM (Perez et al.
 2018) from the mean of its embeddings; the values of the cross-attention are the visual embeddings themselves (no
 value or output projection), so a merged token is a convex combination of the projector's outputs (as VisionZip's
 contextual tokens are means of vision features) and stays in the input space the frozen decoder was trained on.

@@ -15,12 +15,12 @@ takes the place and original position of visual token m * V // M), and the pruni
 attention residual, `score` recomputes the question's attention at the pruning layer from its hidden states, as the
 training forward does (`attention_residual.py`).
 
-Modes: "hard" (the above), "top_k" and "origin" (no stage: the unpruned model, token-identical to vanilla
-decoding). "top_k" keeps, at each pruning layer, exactly the share of the image the pruners were trained toward
-(`GanPrunerConfig.target_keep`, cumulative; round(share * V), at least 1) by keep logit: the pruners as a scorer at
-the training budget. It is ours, not the seed's: the learned threshold (logit > 0) does not hold the trained count on
-the 12-layer ShapesWorld model (see the README), so "hard" measures the pruners at whatever count they keep and
-"top_k" compares their ranking with FastV's and random pruning's at exactly the budget.
+Modes: "hard" (the above), "top_k" and "origin" (no stage: the unpruned model, token-identical to vanilla decoding).
+"top_k" keeps, at each pruning layer, exactly the share of the image the pruners were trained toward
+(`GanPrunerConfig.target_keep`, cumulative; round(share * V), at least 1) by keep logit: the pruners as a scorer at the
+training budget. It is ours, not zjw131f1fc/domain-adaptation-token-pruning's: the learned threshold (logit > 0) does
+not hold the trained count on the 12-layer ShapesWorld model (see the README), so "hard" measures the pruners at
+whatever count they keep and "top_k" compares their ranking with FastV's and random pruning's at exactly the budget.
 `pruner_path` is a folder written by `GanLayerPruners.save_pretrained` (`rcpp-hf gan-pruner train`).
 """
 

@@ -1,7 +1,7 @@
 """The layer pruners: one small network per pruning layer giving one keep logit per visual token, and the
 Gumbel-softmax that turns logits into training masks.
 
-Source: the gan-layer-pruner seed and zjw131f1fc/domain-adaptation-token-pruning `method/models/layer_pruner.py`
+Source: zjw131f1fc/domain-adaptation-token-pruning, `docs/model_summary.md` and `method/models/layer_pruner.py`
 (LayerNorm -> projection -> cross-attention with the visual tokens as queries and the question as keys / values ->
 residual + LayerNorm -> MLP -> keep logit). A token's logit depends only on its own hidden state and the question,
 not on the other visual tokens, so the pruner scores the survivors of an earlier stage at inference exactly as it
