@@ -4,6 +4,7 @@ registry to run in `generate`."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 
 import yaml
@@ -11,7 +12,7 @@ from transformers import GenerationConfig
 
 from rcpp_hf.methods import RCPP, MethodConfig, check_compatible, load_method
 from rcpp_hf.methods.rcpp import check_rcpp_settings
-from rcpp_hf.yaml_mapping import read_yaml_mapping
+from rcpp_hf.presets import GENERATION, read_preset
 
 # Field -> default, in one table so that __init__, validation, YAML and docs agree: `rcpp`, the `rcpp` method's
 # settings (its defaults: `methods/rcpp.py`), and `methods`.
@@ -123,9 +124,23 @@ class RCPPGenerationConfig(GenerationConfig):
         return output
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> "RCPPGenerationConfig":
-        """Load a preset (a flat mapping of field -> value, e.g. `configs/rcpp_default.yaml`); kwargs override it."""
-        return cls(**{**read_yaml_mapping(path, "RCPP config", "of config fields"), **overrides})
+    def from_yaml(cls, preset: str | Path, **overrides) -> "RCPPGenerationConfig":
+        """Load a generation preset, a flat mapping of field -> value: a shipped preset's name (`rcpp_evict`, see
+        `rcpp_hf.presets`) or a path to a YAML file; kwargs override it. A key that is no field is refused."""
+        return cls(**{**cls.preset_values(preset), **overrides})
+
+    @classmethod
+    def preset_values(cls, preset: str | Path) -> dict:
+        """The checked mapping of a generation preset: every key a field of this config (RCPP's, `methods`, or
+        `GenerationConfig`'s), else a ValueError naming the closest field."""
+        values = read_preset(preset, GENERATION)
+        fields = set(RCPP_DEFAULTS) | set(GenerationConfig().to_dict())
+        for key in values:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else "see RCPPGenerationConfig's fields"
+                raise ValueError(f"{preset}: {key!r} is not a field of RCPPGenerationConfig; {hint}")
+        return values
 
     def to_yaml(self, path: str | Path) -> None:
         """Write the RCPP fields and every generation field that differs from the defaults."""

@@ -2,7 +2,7 @@
 YAML preset (or plain greedy decoding), the caller's overrides, registry methods added.
 
 A method comes from a registered name or from a `--method-config` YAML file: either a method preset (a mapping with
-a "method" key, e.g. `configs/fastv_128.yaml`, what `MethodConfig.to_yaml` writes) or the settings of the method
+a "method" key, e.g. the shipped `fastv_128`, what `MethodConfig.to_yaml` writes) or the settings of the method
 named beside it.
 """
 
@@ -13,13 +13,14 @@ from pathlib import Path
 
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.methods import MethodConfig, load_method
-from rcpp_hf.yaml_mapping import read_yaml_mapping
+from rcpp_hf.presets import METHODS as METHOD_PRESETS
+from rcpp_hf.presets import find_preset, read_yaml_mapping
 
 
 def read_method_yaml(path: str | Path, name: str | None = None) -> dict:
     """The method dict {"method": name, **settings} of a `--method-config` file; `name` is `--method` (None: the
     file must name its method). Only reads YAML, so a bad file fails before any model work."""
-    values = read_yaml_mapping(path, "method config", "of method settings")
+    values = read_yaml_mapping(find_preset(path, METHOD_PRESETS), "method preset", "of method settings")
     preset = values.get("method")
     if preset is None and name is None:
         raise ValueError(f"{path} has no 'method' key: name the method with --method")
@@ -43,15 +44,14 @@ def build_generation_config(
     """The decoding configuration of a run, validated.
 
     Args:
-        preset: an RCPPGenerationConfig YAML file (`RCPPGenerationConfig.from_yaml`); None: plain greedy LLaVA
+        preset: a generation preset, by name or path (`RCPPGenerationConfig.from_yaml`); None: plain greedy LLaVA
             decoding (`rcpp=False, do_sample=False`).
         methods: registry methods added after the preset's own (two of one kind are refused).
         overrides: fields set over the preset's, e.g. `max_new_tokens=64` or, without a preset, `rcpp=True`.
 
     Reads only YAML, so a bad configuration fails before any weights are loaded.
     """
-    values = {"rcpp": False, "do_sample": False} if preset is None else read_yaml_mapping(preset, "RCPP config",
-                                                                                            "of config fields")
+    values = {"rcpp": False, "do_sample": False} if preset is None else RCPPGenerationConfig.preset_values(preset)
     values = {**values, **overrides}
     added = (methods,) if isinstance(methods, MethodConfig) else tuple(methods or ())
     values["methods"] = [*values.get("methods", ()), *added]

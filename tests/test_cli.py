@@ -5,7 +5,7 @@ from rcpp_hf.run_config import build_generation_config
 from tests.cli_helpers import user_error
 from tests.conftest import make_images
 
-CONFIG = "configs/rcpp_evict.yaml"
+CONFIG = "rcpp_evict"
 
 
 def test_generate_compare_on_a_local_checkpoint(tiny_path, tmp_path, capsys):

@@ -98,7 +98,7 @@ def test_an_unknown_method_and_invalid_settings_are_one_line(capsys, tmp_path):
     bad_config.write_text("tau_mode: bogus\n")
     user_error(capsys, ["generate", "--config", str(bad_config)],
                "^rcpp-hf generate: error: RCPPGenerationConfig.tau_mode = 'bogus': must be one of")
-    user_error(capsys, ["generate", "--config", str(tmp_path / "missing.yaml")], "RCPP config file not found")
+    user_error(capsys, ["generate", "--config", str(tmp_path / "missing.yaml")], r"generation \(RCPP\) preset file not found")
 
 
 def test_an_unknown_setting_lists_only_the_methods_fields(capsys, tmp_path):

@@ -3,7 +3,12 @@ HiMAP's rows in compare and bench."""
 
 import json
 
-from experiments.condensation import cell_records, default_layers, experiment_settings, main
+from experiments.condensation import (
+    cell_records,
+    default_layers,
+    experiment_settings,
+    main,
+)
 from rcpp_hf.benchmark.suite import known_methods
 from rcpp_hf.shapesworld.compare import VANILLA, comparison_settings
 from tests.test_shapesworld_evaluate import small_model  # noqa: F401 (fixture)

@@ -1,15 +1,14 @@
 """RCPPGenerationConfig: validation, serialisation, YAML presets."""
 
-from pathlib import Path
 
 import pytest
 import yaml
 
 from rcpp_hf import RCPPGenerationConfig
 from rcpp_hf.config import RCPP_DEFAULTS
-from rcpp_hf.methods import load_method
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from rcpp_hf.methods import METHODS, FastV, load_method, method_from_dict
+from rcpp_hf.presets import GENERATION, preset_names, shipped
+from rcpp_hf.presets import METHODS as METHOD_PRESETS
 
 
 @pytest.mark.parametrize(
@@ -63,24 +62,56 @@ def test_yaml_round_trip(tmp_path):
     assert loaded.to_dict() == config.to_dict()
 
 
-@pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_presets_load(preset):
-    """configs/ holds decoding presets and method presets (a "method" key, loaded by `load_method`)."""
-    if "method" in yaml.safe_load(preset.read_text()):
-        assert load_method(preset).to_dict() == yaml.safe_load(preset.read_text())
+SHIPPED = [(kind, name) for kind in (GENERATION, METHOD_PRESETS) for name in preset_names(kind)]
+
+
+@pytest.mark.parametrize("kind, name", SHIPPED, ids=[f"{kind}/{name}" for kind, name in SHIPPED])
+def test_every_shipped_preset_loads_by_name_and_is_refused_by_the_other_loader(kind, name):
+    values = yaml.safe_load((shipped(kind) / f"{name}.yaml").read_text())
+    if kind == METHOD_PRESETS:
+        assert load_method(name).to_dict() == values or name in METHODS  # a registered name is its defaults
+        with pytest.raises(ValueError, match=f"'{name}' is a method preset, not a generation \\(RCPP\\) preset: load it with"):
+            RCPPGenerationConfig.from_yaml(name)
+        if name in METHODS:  # a preset named like its method holds the method's defaults: one meaning per name
+            assert method_from_dict(values) == METHODS[name]()
         return
-    config = RCPPGenerationConfig.from_yaml(preset)
-    assert config.max_new_tokens is not None
+    assert RCPPGenerationConfig.from_yaml(name).max_new_tokens is not None
+    with pytest.raises(ValueError, match=f"'{name}' is a generation \\(RCPP\\) preset, not a method preset"):
+        load_method(name)
+
+
+def test_presets_are_found_from_any_folder_and_by_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert RCPPGenerationConfig.from_yaml("rcpp_evict").keep_ratio_end < 1.0
+    assert load_method("fastv_64") == FastV(budget=64)
+    (tmp_path / "mine.yaml").write_text("method: fastv\nkeep: 3\n")
+    assert load_method("mine.yaml") == FastV(keep=3)
+    with pytest.raises(ValueError, match="no generation \\(RCPP\\) preset named 'rcpp_evcit'; shipped: .*rcpp_evict"):
+        RCPPGenerationConfig.from_yaml("rcpp_evcit")
+    with pytest.raises(ValueError, match="unknown method 'fastv_65'; known methods: .*; shipped method presets: .*fastv_64"):
+        load_method("fastv_65")
+    with pytest.raises(ValueError, match="has no 'method' key"):
+        (tmp_path / "plain.yaml").write_text("tau: 0.1\n")
+        load_method("plain.yaml")
+
+
+def test_a_typo_in_a_preset_is_refused_naming_the_closest_field(tmp_path):
+    (tmp_path / "typo.yaml").write_text("tua: 0.3\n")
+    with pytest.raises(ValueError, match="'tua' is not a field of RCPPGenerationConfig; did you mean 'tau'"):
+        RCPPGenerationConfig.from_yaml(tmp_path / "typo.yaml")
+    (tmp_path / "method_typo.yaml").write_text("method: fastv\nbugdet: 64\n")
+    with pytest.raises(ValueError, match=r"has no setting\(s\) \['bugdet'\] \(did you mean 'budget'\?\)"):
+        load_method(tmp_path / "method_typo.yaml")
 
 
 def test_neutral_preset_is_neutral():
-    config = RCPPGenerationConfig.from_yaml(CONFIGS / "neutral.yaml")
+    config = RCPPGenerationConfig.from_yaml("rcpp_neutral")
     assert (config.lambda_start, config.lambda_end, config.keep_ratio_start, config.keep_ratio_end, config.tau) == (
         0.0, 0.0, 1.0, 1.0, -1.0)
 
 
 def test_yaml_overrides_and_errors(tmp_path):
-    config = RCPPGenerationConfig.from_yaml(CONFIGS / "rcpp_default.yaml", max_new_tokens=3)
+    config = RCPPGenerationConfig.from_yaml("rcpp_default", max_new_tokens=3)
     assert config.max_new_tokens == 3
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         RCPPGenerationConfig.from_yaml(tmp_path / "missing.yaml")

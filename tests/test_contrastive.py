@@ -3,15 +3,14 @@ computation, SID's contrast selection against a hand attention row, contrast wei
 `generate`, batch 2 with left padding equal to its rows alone, the two caches, sampling, and bad settings."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import GenerationConfig
 
 from rcpp_hf import RCPPGenerationConfig
-from rcpp_hf.methods.contrastive_decoder import contrastive_fuse
 from rcpp_hf.methods import SID, VCD, FastV, PlausibilityCutoff, load_method
+from rcpp_hf.methods.contrastive_decoder import contrastive_fuse
 from rcpp_hf.methods.sid import LeastAttended
 from rcpp_hf.methods.vcd import diffusion_noise, forward_diffusion, vcd_noise_schedule
 from tests.conftest import row_alone
@@ -175,13 +174,6 @@ def test_round_trip_through_the_generation_config(tmp_path):
     config = RCPPGenerationConfig(rcpp=False, methods=[VCD(alpha=0.5, noise_step=999)])
     config.to_yaml(tmp_path / "vcd.yaml")
     assert RCPPGenerationConfig.from_yaml(tmp_path / "vcd.yaml").methods == (VCD(alpha=0.5, noise_step=999),)
-
-
-def test_presets_are_the_defaults():
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    assert load_method(configs / "vcd.yaml") == VCD()
-    assert load_method(configs / "sid.yaml") == SID()
-    assert load_method(configs / "plausibility_cutoff.yaml") == PlausibilityCutoff()
 
 
 def test_cli_generate_and_bench(tiny_path, tmp_path, capsys):

@@ -1,10 +1,17 @@
 import json
 
 import pytest
+
+from rcpp_hf.eval.chair import (
+    CocoAnnotations,
+    caption_mentions,
+    caption_words,
+    chair_metrics,
+    score_caption,
+)
+from rcpp_hf.eval.coco_objects import COCO_SYNONYMS
 from tests.eval_helpers import two_image_annotations, write_annotations
 
-from rcpp_hf.eval.chair import CocoAnnotations, caption_mentions, caption_words, chair_metrics, score_caption
-from rcpp_hf.eval.coco_objects import COCO_SYNONYMS
 
 def classes(caption):
     return [name for _, name in caption_mentions(caption_words(caption))]

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import yaml
-from tests.eval_helpers import options, read_jsonl, without_timing
 
 from rcpp_hf.eval.pope import evaluate_pope
+from rcpp_hf.presets import GENERATION, shipped
+from tests.eval_helpers import options, read_jsonl, without_timing
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ def free_port() -> int:
 def test_two_processes_answer_what_one_process_answers(varied_tiny_path, pope_files, tmp_path):
     files, images = pope_files
     # RCPP + DRCD with eviction, sampled: equal answers also need per-batch seeds independent of sharding.
-    preset = yaml.safe_load((REPO_ROOT / "configs" / "rcpp_evict.yaml").read_text())
+    preset = yaml.safe_load((shipped(GENERATION) / "rcpp_evict.yaml").read_text())
     sampling = tmp_path / "rcpp_evict_sampled.yaml"
     sampling.write_text(yaml.safe_dump({**preset, "do_sample": True, "temperature": 1.0}))
     single = evaluate_pope(files, images, options(varied_tiny_path, tmp_path / "one", batch_size=3, config=sampling))

@@ -1,7 +1,7 @@
 import pytest
-from tests.eval_helpers import write_mme
 
 from rcpp_hf.eval.mme import mme_scores, parse_mme_answer, read_mme
+from tests.eval_helpers import write_mme
 
 
 @pytest.mark.parametrize(

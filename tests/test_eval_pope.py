@@ -1,9 +1,15 @@
 import pytest
-from tests.eval_helpers import write_pope_parquet
-
 from PIL import Image
 
-from rcpp_hf.eval.pope import PopeParquet, parse_yes_no, pope_metrics, question_format, read_pope_json_lines, summarize_pope
+from rcpp_hf.eval.pope import (
+    PopeParquet,
+    parse_yes_no,
+    pope_metrics,
+    question_format,
+    read_pope_json_lines,
+    summarize_pope,
+)
+from tests.eval_helpers import write_pope_parquet
 
 
 @pytest.mark.parametrize(

@@ -1,19 +1,30 @@
 """End-to-end runs on the tiny model: POPE (the committed excerpt), CHAIR and MME, resume, extension, bad input, report."""
 
 import json
-from pathlib import Path
 
 import pytest
-from tests.eval_helpers import options, read_jsonl, two_image_annotations, without_timing, write_mme, write_pope_parquet
 
 import rcpp_hf.eval.harness as run_module
 from rcpp_hf.cli import main
+from rcpp_hf.eval.answerer import LLAVA_SYSTEM_PROMPT, Answer, Answerer
 from rcpp_hf.eval.chair import evaluate_chair
 from rcpp_hf.eval.mme import evaluate_mme
-from rcpp_hf.eval.pope import DEFAULT_PROMPT, evaluate_pope, parse_yes_no, summarize_pope
-from rcpp_hf.eval.answerer import LLAVA_SYSTEM_PROMPT, Answer, Answerer
+from rcpp_hf.eval.pope import (
+    DEFAULT_PROMPT,
+    evaluate_pope,
+    parse_yes_no,
+    summarize_pope,
+)
+from tests.eval_helpers import (
+    options,
+    read_jsonl,
+    two_image_annotations,
+    without_timing,
+    write_mme,
+    write_pope_parquet,
+)
 
-RCPP_DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "rcpp_default.yaml"
+RCPP_DEFAULT = "rcpp_default"  # the shipped generation preset
 
 
 def test_pope_from_the_command_line(varied_tiny_path, pope_files, tmp_path):
@@ -174,11 +185,11 @@ def test_bad_input_is_named_before_any_model_work(no_model, varied_tiny_path, po
         evaluate_pope([random], None, options(varied_tiny_path, out))
     with pytest.raises(ValueError, match=r"prompt template .* must contain \{question\}"):
         evaluate_pope([random], images, options(varied_tiny_path, out), prompt="Is there an object?")
-    with pytest.raises(FileNotFoundError, match="RCPP config file not found: .*missing.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"generation \(RCPP\) preset file not found: .*missing.yaml"):
         evaluate_pope([random], images, options(varied_tiny_path, out, config=tmp_path / "missing.yaml"))
     listed = tmp_path / "list.yaml"
     listed.write_text("- do_sample\n")
-    with pytest.raises(ValueError, match=r"list.yaml: expected a mapping of config fields"):
+    with pytest.raises(ValueError, match=r"list.yaml: expected a mapping of settings"):
         evaluate_pope([random], images, options(varied_tiny_path, out, config=listed))
     invalid = tmp_path / "invalid.yaml"
     invalid.write_text("gamma: 2.0\n")

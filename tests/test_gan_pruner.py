@@ -40,7 +40,11 @@ from rcpp_hf.gan_training.train import (
 from rcpp_hf.methods import load_method
 from rcpp_hf.methods.gan_pruner.config import GanPrunerConfig
 from rcpp_hf.methods.gan_pruner.method import GanPruner
-from rcpp_hf.methods.gan_pruner.pruner import GanLayerPruners, evaluation_keep_mask, gumbel_keep_mask
+from rcpp_hf.methods.gan_pruner.pruner import (
+    GanLayerPruners,
+    evaluation_keep_mask,
+    gumbel_keep_mask,
+)
 from rcpp_hf.methods.pdrop import average_keep_fraction
 from rcpp_hf.shapesworld.conversations import llava_prompt
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava

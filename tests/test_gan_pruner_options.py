@@ -9,7 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 from transformers import LlavaProcessor
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.llama.modeling_llama import (
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
 from rcpp_hf.cli import main

@@ -1,6 +1,5 @@
 """HiMAP, hard and with token condensation, inside `generate` on the engine's prefill pruning."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from rcpp_hf.methods import HiMAP, load_method
 from rcpp_hf.methods.himap import image_to_image_scores, text_to_image_scores
 from tests.test_prefill_pruning import NUM_VISUAL, prefill, prompt_layout
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = [
     HiMAP(),
     HiMAP(use_token_condensation=True, condensation_strategy="fps"),
@@ -220,9 +218,9 @@ def test_seed_names_and_presets():
             "hmap_v_attn_txt_rank": 100, "hmap_v_attn_img_layer": 10, "hmap_v_attn_img_rank": 50,
             "use_token_condensation": True}  # fmt: skip
     assert load_method(seed) == HiMAP(txt_layer=5, txt_rank=100, img_layer=10, img_rank=50, use_token_condensation=True)
-    assert load_method(CONFIGS / "himap.yaml") == HiMAP()
-    assert load_method(CONFIGS / "himap_fps.yaml") == HiMAP(use_token_condensation=True, condensation_strategy="fps")
-    assert load_method(CONFIGS / "himap_connectivity.yaml") == HiMAP(use_token_condensation=True)
+    assert load_method("himap") == HiMAP()
+    assert load_method("himap_fps") == HiMAP(use_token_condensation=True, condensation_strategy="fps")
+    assert load_method("himap_connectivity") == HiMAP(use_token_condensation=True)
 
 
 def test_presets_round_trip(tmp_path):

@@ -5,8 +5,14 @@ import torch
 from transformers import GenerationConfig, LlavaForConditionalGeneration
 
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
-from rcpp_hf.methods import FastVFinePruner, PDrop, RandomPruning, SparseVLM, load_method
 from rcpp_hf.engine.layout import text_after_image
+from rcpp_hf.methods import (
+    FastVFinePruner,
+    PDrop,
+    RandomPruning,
+    SparseVLM,
+    load_method,
+)
 from rcpp_hf.methods.sparsevlm import rater_scores, select_text_raters
 from tests.conftest import row_alone
 from tests.test_prefill_pruning import NUM_VISUAL, prompt_layout

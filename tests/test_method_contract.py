@@ -14,7 +14,13 @@ from transformers import GenerationConfig, LlavaForConditionalGeneration
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
 from rcpp_hf.methods import METHODS, load_method, method_from_dict
 from tests.conftest import row_alone
-from tests.test_prefill_pruning import NUM_VISUAL, MaskFrom, decode, prefill, prompt_layout
+from tests.test_prefill_pruning import (
+    NUM_VISUAL,
+    MaskFrom,
+    decode,
+    prefill,
+    prompt_layout,
+)
 
 NAMES = sorted(METHODS)
 PRUNERS = [name for name in NAMES if getattr(METHODS[name], "kind", None) == "prefill_pruner"]

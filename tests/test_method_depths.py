@@ -2,8 +2,8 @@
 collapse onto each other on the first model's 4 layers and land on distinct layers on 12."""
 
 from rcpp_hf.engine.pruning import scale_layers, scale_tokens
-from rcpp_hf.methods.registry import load_method
 from rcpp_hf.methods.rcpp import resolve_scoring_layers
+from rcpp_hf.methods.registry import load_method
 
 NUM_VISUAL = 100  # the ShapesWorld image
 

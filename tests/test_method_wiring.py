@@ -1,5 +1,5 @@
 """The registry's methods from every entry point: `--method` / `--method-config` parsing, generate, eval identities,
-bench on the tiny shape, and the presets in configs/."""
+bench on the tiny shape, and the shipped method presets."""
 
 import json
 from pathlib import Path
@@ -7,36 +7,42 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tests.cli_helpers import user_error
-from tests.eval_helpers import options, read_jsonl, write_mme
 
 from rcpp_hf.benchmark.flops import prefill_flops, prefill_flops_ratio
 from rcpp_hf.benchmark.model_sizes import load_benchmark_model
-from rcpp_hf.benchmark.suite import BenchmarkSettings, method_generation_config, run_speed_benchmark
+from rcpp_hf.benchmark.suite import (
+    BenchmarkSettings,
+    method_generation_config,
+    run_speed_benchmark,
+)
 from rcpp_hf.cli import build_parser, main
-from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.eval.mme import evaluate_mme
 from rcpp_hf.cli.generate import setting_label
-from rcpp_hf.run_config import build_generation_config, load_method_preset, read_method_yaml
+from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.pruning import PruneStage
+from rcpp_hf.eval.mme import evaluate_mme
 from rcpp_hf.methods import FastV, load_method
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from rcpp_hf.run_config import (
+    build_generation_config,
+    load_method_preset,
+    read_method_yaml,
+)
+from tests.cli_helpers import user_error
+from tests.eval_helpers import options, read_jsonl, write_mme
 
 
 def test_presets_load_by_path():
     for budget in (64, 128, 192):
-        method = load_method(CONFIGS / f"fastv_{budget}.yaml")
+        method = load_method(f"fastv_{budget}")
         assert method == FastV(budget=budget)
     # 576 tokens, 32 layers, K = 2: FinePruner's R_dict
-    assert [load_method(CONFIGS / f"fastv_{b}.yaml").resolve_stages(32, 576)[0].keep for b in (64, 128, 192)] == [
+    assert [load_method(f"fastv_{b}").resolve_stages(32, 576)[0].keep for b in (64, 128, 192)] == [
         30, 98, 166]
 
 
 def test_method_arguments(tmp_path):
     settings = tmp_path / "settings.yaml"
     settings.write_text("budget: 3\nquery: all\n")
-    preset = CONFIGS / "fastv_64.yaml"
+    preset = "fastv_64"
     assert load_method_preset(None, None) is None
     assert load_method_preset("fastv", None) == FastV()
     assert load_method_preset(None, preset) == FastV(budget=64)
@@ -50,7 +56,7 @@ def test_method_arguments(tmp_path):
         read_method_yaml(other, "fastv")
     with pytest.raises(ValueError, match=r"FastV.query = 'first'"):
         load_method_preset("fastv", _write(tmp_path / "bad.yaml", {"query": "first"}))
-    with pytest.raises(FileNotFoundError, match="method config file not found"):
+    with pytest.raises(FileNotFoundError, match="method preset file not found"):
         load_method_preset("fastv", tmp_path / "missing.yaml")
     args = build_parser().parse_args(["eval", "mme", "--mme-root", "x", "--output-dir", "y", "--method", "fastv",
                                       "--method-config", str(preset)])  # fmt: skip
@@ -74,7 +80,7 @@ def test_unknown_method_lists_the_known_ones(tmp_path, capsys):
 def test_a_method_joins_the_decoding_config(tiny_path):
     alone = build_generation_config(None, FastV(budget=4), max_new_tokens=5)
     assert alone.rcpp is False and alone.methods == (FastV(budget=4),) and alone.max_new_tokens == 5
-    composed = build_generation_config(CONFIGS / "rcpp_default.yaml", FastV(budget=4), max_new_tokens=5)
+    composed = build_generation_config("rcpp_default", FastV(budget=4), max_new_tokens=5)
     assert composed.rcpp is True and composed.methods == (FastV(budget=4),)
     assert setting_label(composed) == "RCPP + DRCD + fastv(budget=4)" and setting_label(alone) == "fastv(budget=4)"
     with pytest.raises(ValueError, match="cannot be combined"):

@@ -6,7 +6,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
 
-from rcpp_hf.methods.pdrop import PDROP_LAYERS, PDROP_RATIOS, last_instruction_index, light_attention, pdrop_keep_counts
+from rcpp_hf.methods.pdrop import (
+    PDROP_LAYERS,
+    PDROP_RATIOS,
+    last_instruction_index,
+    light_attention,
+    pdrop_keep_counts,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,13 @@ from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
 from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.engine.decoder import DecoderTap, run_decoder
 from rcpp_hf.engine.layout import TokenLayout
-from rcpp_hf.engine.pruning import PrefillPruningTap, PruneContext, PruneStage, equivalent_keep, scale_layer
+from rcpp_hf.engine.pruning import (
+    PrefillPruningTap,
+    PruneContext,
+    PruneStage,
+    equivalent_keep,
+    scale_layer,
+)
 from rcpp_hf.methods import FastV, load_method
 
 ATOL = 1e-5

@@ -18,8 +18,6 @@ from tests.eval_helpers import options, two_image_annotations, write_mme
 from tests.test_eval_runs import RCPP_DEFAULT
 from tests.test_shapesworld_evaluate import SMALL
 
-REPO_CONFIGS = RCPP_DEFAULT.parent
-
 
 @pytest.fixture(scope="module")
 def small_shapesworld(tmp_path_factory):
@@ -51,7 +49,7 @@ def test_every_kind_of_run_is_reported_with_its_decoding(
         "vanilla": {},
         "fastv": {"method_config": fastv},
         "rcpp": {"config": RCPP_DEFAULT},
-        "rcpp_first_fastv": {"config": REPO_CONFIGS / "rcpp_first_token.yaml", "method_config": fastv},
+        "rcpp_first_fastv": {"config": "rcpp_first_token", "method_config": fastv},
     }
     for name, settings in pope.items():
         evaluate_pope(files, images, options(varied_tiny_path, runs / "pope" / name, limit=4, **settings))

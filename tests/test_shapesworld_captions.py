@@ -2,7 +2,13 @@
 
 import pytest
 
-from rcpp_hf.shapesworld.captions import caption_mentions, describe_group, mentioned_kinds, reference_caption, relation
+from rcpp_hf.shapesworld.captions import (
+    caption_mentions,
+    describe_group,
+    mentioned_kinds,
+    reference_caption,
+    relation,
+)
 from rcpp_hf.shapesworld.world import MENTION_ORDER, Scene, ShapeObject, sample_scene
 
 

@@ -13,6 +13,7 @@ from rcpp_hf.shapesworld.compare import (
     RCPP,
     RCPP_PRESET,
     VANILLA,
+    Setting,
     compare,
     comparison_settings,
     config_setting,
@@ -37,7 +38,7 @@ def test_rows_come_from_the_registry_at_each_budget():
     assert [s.name for s in settings] == [VANILLA, RCPP, "fastv-64", "fastv-192", "fastv+rcpp-64", "fastv+rcpp-192"]
     assert [s.method["budget"] for s in settings[2:]] == [11, 33, 11, 33]  # 64 / 576 and 192 / 576 of 100 tokens
     # The rcpp row is the registry method at its defaults: the RCPP + DRCD that the "+rcpp" rows' preset composes.
-    assert settings[1].config is None and settings[4].config.endswith("rcpp_default.yaml")
+    assert settings[1].config is None and settings[4].config == "rcpp_default"
     assert load_method(settings[1].method) == build_generation_config(settings[4].config).rcpp_method() == RCPPMethod()
     assert settings[2].config is None and settings[4].family == "fastv+rcpp"
     assert [s.name for s in comparison_settings([RCPP], (64,), num_visual=100, with_rcpp=True)] == [RCPP]
@@ -113,12 +114,11 @@ def test_compare_rows_for_the_contrastive_peers(shapesworld_small, tmp_path):
 
 
 def test_method_presets_are_rows_and_methods_needing_training_are_not_default_rows():
-    from pathlib import Path
 
     from rcpp_hf.shapesworld.compare import runs_with_defaults
 
-    preset = Path(__file__).parents[1] / "configs" / "himap_fps.yaml"
-    row = config_setting(str(preset))
+    row = config_setting("himap_fps")  # a shipped method preset, by name
     assert (row.name, row.family, row.config) == ("himap_fps", "himap", None)
+    assert config_setting("rcpp_evict") == Setting("rcpp_evict", RCPP, config="rcpp_evict")
     assert row.method["use_token_condensation"] is True
     assert runs_with_defaults("fastv") and not runs_with_defaults("gan_pruner")  # needs its trained pruner_path

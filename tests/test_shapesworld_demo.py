@@ -8,8 +8,8 @@ import torch
 from nbclient import NotebookClient
 
 from rcpp_hf.cli import main
-from rcpp_hf.shapesworld.demo import CORE, EVICTED, NOISE, demo_scene, patch_states
 from rcpp_hf.rcpp.trace import RCPPStep
+from rcpp_hf.shapesworld.demo import CORE, EVICTED, NOISE, demo_scene, patch_states
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,6 @@ from rcpp_hf.shapesworld import evaluate as evaluate_module
 from rcpp_hf.shapesworld.evaluate import EvalSettings, evaluate
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 
-REPO_CONFIGS = evaluate_module.Path(__file__).resolve().parents[1] / "configs"
 # Random weights: this file tests the machinery; the shipped model's competence is tested elsewhere.
 SMALL = replace(SHAPESWORLD_SPEC, image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,
                 text_hidden=32, text_layers=4, num_heads=4, num_kv_heads=2)  # fmt: skip
@@ -94,14 +93,14 @@ def test_a_larger_limit_extends_the_run(small_model, tmp_path, monkeypatch):
     assert records[:12] == first and [r["id"] for r in records] == [f"popular/{i}" for i in range(1, 25)]
     assert metrics["n"] == 24 and metrics["limit"] == 24
     # The limit is no excuse for other settings.
-    for other in (dict(seed=3), dict(max_new_tokens=3), dict(config=str(REPO_CONFIGS / "rcpp_evict.yaml"))):
+    for other in (dict(seed=3), dict(max_new_tokens=3), dict(config="rcpp_evict")):
         with pytest.raises(ValueError, match="other settings|other generation_config"):
             evaluate(replace(settings, limit=30, **other), tmp_path, progress=False)
     assert len(asked) == 12
 
 
 def test_captions_with_an_rcpp_preset_record_chair_counts_and_kept_tokens(small_model, tmp_path):
-    settings = EvalSettings(model=small_model, split="captions", config=str(REPO_CONFIGS / "rcpp_evict.yaml"),
+    settings = EvalSettings(model=small_model, split="captions", config="rcpp_evict",
                             num_images=3, batch_size=3, max_new_tokens=12)  # fmt: skip
     metrics = evaluate(settings, tmp_path, progress=False)
     assert set(metrics) >= {"chair_s", "chair_i", "recall", "length", "partner_hallucination", "visual_kept"}

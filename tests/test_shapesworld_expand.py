@@ -6,7 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rcpp_hf.shapesworld.expand import expand_decoder, shared_token_rows, source_positions
+from rcpp_hf.shapesworld.expand import (
+    expand_decoder,
+    shared_token_rows,
+    source_positions,
+)
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.train import TrainConfig, batch_scenes, train, training_batch
 from rcpp_hf.tiny import build_tiny_llava, build_tokenizer

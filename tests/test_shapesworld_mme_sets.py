@@ -8,7 +8,13 @@ import pytest
 
 from rcpp_hf.cli import main
 from rcpp_hf.eval.mme import HALLUCINATION, mme_scores, parse_mme_answer, read_mme
-from rcpp_hf.shapesworld.mme_sets import MME_FOLDER, MME_INSTRUCTION, mme_questions, mme_scenes, write_mme_set
+from rcpp_hf.shapesworld.mme_sets import (
+    MME_FOLDER,
+    MME_INSTRUCTION,
+    mme_questions,
+    mme_scenes,
+    write_mme_set,
+)
 from rcpp_hf.shapesworld.world import KINDS, Scene, ShapeObject
 
 

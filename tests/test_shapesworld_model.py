@@ -7,7 +7,11 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from rcpp_hf.shapesworld.captions import NOUN_TO_KIND
-from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava, store_weights_in_float16
+from rcpp_hf.shapesworld.model import (
+    SHAPESWORLD_SPEC,
+    build_shapesworld_llava,
+    store_weights_in_float16,
+)
 from rcpp_hf.shapesworld.tokenizer import build_shapesworld_tokenizer, tokenizer_corpus
 
 

@@ -7,7 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from rcpp_hf.shapesworld import train as train_module
-from rcpp_hf.shapesworld.conversations import POPE_SUFFIX, chat_prompt, encode_packed, llava_prompt, pope_prompt, training_turns
+from rcpp_hf.shapesworld.conversations import (
+    POPE_SUFFIX,
+    chat_prompt,
+    encode_packed,
+    llava_prompt,
+    pope_prompt,
+    training_turns,
+)
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.shapesworld.render import render_scene
 from rcpp_hf.shapesworld.train import (
@@ -19,7 +26,14 @@ from rcpp_hf.shapesworld.train import (
     train,
     training_batch,
 )
-from rcpp_hf.shapesworld.world import COLOURS, KINDS, TEST_SEED, Scene, ShapeObject, sample_scene
+from rcpp_hf.shapesworld.world import (
+    COLOURS,
+    KINDS,
+    TEST_SEED,
+    Scene,
+    ShapeObject,
+    sample_scene,
+)
 
 # A model small enough to train a few steps in seconds; same code path as the shipped one.
 SMALL = replace(SHAPESWORLD_SPEC, image_size=32, patch_size=8, vision_hidden=32, vision_layers=1,

@@ -13,13 +13,26 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from rcpp_hf.shapesworld.train import language_loss
-from rcpp_hf.smol import gguf_source, train as smol_train
+from rcpp_hf.smol import gguf_source
+from rcpp_hf.smol import train as smol_train
 from rcpp_hf.smol.build import apply_delta, build_smol_llava
-from rcpp_hf.smol.delta import IMAGE_ROW, DeltaRecipe, delta_hash, load_delta, save_delta
+from rcpp_hf.smol.delta import (
+    IMAGE_ROW,
+    DeltaRecipe,
+    delta_hash,
+    load_delta,
+    save_delta,
+)
 from rcpp_hf.smol.gguf_source import GGUFSpec, check_gguf, file_sha256, installed_gguf
 from rcpp_hf.smol.lora import LoRALinear, add_lora, merge_lora
 from rcpp_hf.smol.model import assemble_smol_llava
-from rcpp_hf.smol.train import SmolTrainConfig, Trainable, export_delta, labelled_language_loss, train_smol
+from rcpp_hf.smol.train import (
+    SmolTrainConfig,
+    Trainable,
+    export_delta,
+    labelled_language_loss,
+    train_smol,
+)
 
 TINY_SPEC = GGUFSpec(architecture="llama", layers=2, hidden=64, heads=4, kv_heads=2)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # SmolLM2's first three tokens

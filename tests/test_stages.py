@@ -5,7 +5,11 @@ import math
 import pytest
 import torch
 
-from rcpp_hf.rcpp.schedule import schedule_progress, scheduled_value, visual_token_budget
+from rcpp_hf.rcpp.schedule import (
+    schedule_progress,
+    scheduled_value,
+    visual_token_budget,
+)
 from rcpp_hf.rcpp.stages import (
     accumulate_consistency,
     adaptive_plausibility,

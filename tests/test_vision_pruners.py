@@ -5,7 +5,12 @@ import itertools
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, GenerationConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    GenerationConfig,
+    LlavaForConditionalGeneration,
+)
 
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
 from rcpp_hf.engine.cache import VisualKVCache
@@ -13,7 +18,12 @@ from rcpp_hf.engine.decoder import DecoderTap, run_decoder
 from rcpp_hf.engine.pruning import PrefillPruningTap, PruneStage, check_stages
 from rcpp_hf.engine.vision import feature_attention_layer
 from rcpp_hf.methods import CDPruner, VisionZip, VisPruner, load_method
-from rcpp_hf.methods.cdpruner import conditional_kernel, dpp_greedy_map, fill_by_relevance, instruction_relevance
+from rcpp_hf.methods.cdpruner import (
+    conditional_kernel,
+    dpp_greedy_map,
+    fill_by_relevance,
+    instruction_relevance,
+)
 from rcpp_hf.methods.visionzip import merge_contextual, visionzip_split
 from rcpp_hf.methods.vispruner import important_tokens, remove_duplicates
 from rcpp_hf.tiny import build_tokenizer

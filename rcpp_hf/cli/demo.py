@@ -19,7 +19,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("demo", help="original vs RCPP + DRCD caption on a bundled ShapesWorld scene",
                                  description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default=None, help="checkpoint folder or shapesworld-smol (default: the embedded ShapesWorld model)")
-    parser.add_argument("--config", default=None, help="RCPP YAML preset (default: RCPPGenerationConfig's defaults)")
+    parser.add_argument("--config", default=None, help="generation (RCPP) preset: a shipped name or a "
+                        "YAML path (default: RCPPGenerationConfig's defaults)")
     parser.add_argument("--output", default="rcpp_demo.png", help="where the patch-map PNG goes")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.set_defaults(func=run)

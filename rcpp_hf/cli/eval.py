@@ -37,8 +37,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--output-dir", required=True, help="run directory (resumed when it exists)")
     group.add_argument("--model", help="checkpoint folder or hub id or shapesworld-smol (default: the embedded default model)")
-    group.add_argument("--config", help="RCPPGenerationConfig YAML preset, e.g. configs/rcpp_default.yaml "
-                       "(default: plain greedy LLaVA decoding)")
+    group.add_argument("--config", help="generation (RCPP) preset: a shipped name (rcpp_default, rcpp_evict, "
+                       "...) or a YAML path (default: plain greedy LLaVA decoding)")
     add_method_arguments(group)
     group.add_argument("--batch-size", type=int, default=1)
     group.add_argument("--max-new-tokens", type=int, help="default: the benchmark's")
@@ -148,7 +148,8 @@ def add_shapesworld_parser(benchmarks) -> None:
                                    description=shapesworld_evaluate.__doc__)
     parser.add_argument("--split", required=True, choices=SPLITS)
     parser.add_argument("--model", default=None, help="checkpoint folder or hub id or shapesworld-smol (default: the embedded ShapesWorld model)")
-    parser.add_argument("--config", default=None, help="RCPP YAML preset (default: vanilla greedy decoding)")
+    parser.add_argument("--config", default=None, help="generation (RCPP) preset: a shipped name or a YAML "
+                        "path (default: vanilla greedy decoding)")
     add_method_arguments(parser)
     add_world_seed_argument(parser)
     parser.add_argument("--num-images", type=int, default=100)

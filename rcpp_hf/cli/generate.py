@@ -12,7 +12,12 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from rcpp_hf.cli.errors import UsageError
-from rcpp_hf.cli.options import add_method_arguments, check_at_least, check_device, model_folder
+from rcpp_hf.cli.options import (
+    add_method_arguments,
+    check_at_least,
+    check_device,
+    model_folder,
+)
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
 from rcpp_hf.eval.answerer import load_model
@@ -27,8 +32,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--image", type=Path, help="image file (default: a drawn test scene)")
     parser.add_argument("--prompt", default="Describe the image.", help="question; wrapped in the LLaVA-1.5 template "
                         "unless it already contains <image>")
-    parser.add_argument("--config", type=Path, help="RCPP YAML preset (default: RCPPGenerationConfig defaults; with "
-                        "--method: the method alone, rcpp off)")
+    parser.add_argument("--config", help="generation (RCPP) preset: a shipped name (rcpp_evict, ...) or a YAML path "
+                        "(default: RCPPGenerationConfig defaults; with --method: the method alone, rcpp off)")
     add_method_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, help="overrides the preset")
     parser.add_argument("--compare", action="store_true", help="also run vanilla LLaVA decoding and compare")

@@ -14,7 +14,12 @@ import torch
 from rcpp_hf.cli.errors import UsageError
 from rcpp_hf.default_model import default_model_path
 from rcpp_hf.methods import METHODS
-from rcpp_hf.shapesworld.world import DEFAULT_WORLD_SEED, TEST_SEED, TRAIN_SEED, VALIDATION_SEED
+from rcpp_hf.shapesworld.world import (
+    DEFAULT_WORLD_SEED,
+    TEST_SEED,
+    TRAIN_SEED,
+    VALIDATION_SEED,
+)
 from rcpp_hf.smol.build import MODEL_NAME, build_smol_llava
 
 # What the hub accepts as a repo id ("llava-hf/llava-1.5-7b-hf"; a legacy id has no namespace, e.g. "gpt2").
@@ -87,5 +92,5 @@ def add_world_seed_argument(parser: argparse.ArgumentParser, default: int = DEFA
 def add_method_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--method", help=f"a registered method, run with its defaults or --method-config "
                         f"(known: {', '.join(METHODS)})")
-    parser.add_argument("--method-config", help="YAML: a method preset with a 'method' key (e.g. "
-                        "configs/fastv_128.yaml), or settings for --method")
+    parser.add_argument("--method-config", help="a method preset: a shipped name (e.g. fastv_128) or a "
+                        "YAML path (a 'method' key and its settings, or settings for --method)")

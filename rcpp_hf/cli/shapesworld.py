@@ -80,8 +80,8 @@ def add_compare_parser(subcommands: argparse._SubParsersAction) -> None:
                         help="visual-token budgets of the pruners, of 576 (scaled to the model's image)")
     parser.add_argument("--with-rcpp", action="store_true", help="also each registry method composed with RCPP + DRCD "
                         "('<method>+rcpp' rows)")
-    parser.add_argument("--configs", nargs="+", default=[], help="extra rows: RCPP YAML presets, or registry method "
-                        "presets (a 'method' key), e.g. a gan_pruner with its pruner_path")
+    parser.add_argument("--configs", nargs="+", default=[], help="extra rows: generation (RCPP) presets or method "
+                        "presets, shipped names or YAML paths, e.g. a gan_pruner's with its pruner_path")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     add_comparison_arguments(parser)
     parser.set_defaults(func=run_compare)

@@ -3,7 +3,7 @@
     from rcpp_hf.eval import RunOptions, evaluate_pope
     metrics = evaluate_pope(["coco_pope_adversarial.json"], "val2014/",
                             RunOptions(output_dir="runs/pope_adv", model="llava-hf/llava-1.5-7b-hf",
-                                       config="configs/rcpp_default.yaml", batch_size=8))
+                                       config="rcpp_default", batch_size=8))
 """
 
 from rcpp_hf.eval.chair import evaluate_chair

@@ -7,10 +7,12 @@ changes at run time.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 
 from rcpp_hf.methods.base import MethodConfig
-from rcpp_hf.yaml_mapping import read_yaml_mapping
+from rcpp_hf.presets import GENERATION, is_preset_path, preset_names, read_preset
+from rcpp_hf.presets import METHODS as METHOD_PRESETS
 
 METHODS: dict[str, type[MethodConfig]] = {}
 
@@ -48,7 +50,9 @@ def method_config(name: str, **settings) -> MethodConfig:
     known = {field.name for field in dataclasses.fields(cls)}  # not __dataclass_fields__: it lists the ClassVars too
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise ValueError(f"method {name!r} has no setting(s) {unknown}; its settings: {sorted(known)}")
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"method {name!r} has no setting(s) {unknown}{hint}; its settings: {sorted(known)}")
     return cls(**settings)
 
 
@@ -61,16 +65,20 @@ def method_from_dict(values: dict) -> MethodConfig:
 
 
 def load_method(spec: str | Path | dict | MethodConfig, **overrides) -> MethodConfig:
-    """A method from a config object, a dict, a YAML preset path, or a registered name (its defaults)."""
+    """A method from a config object, a dict, a registered name (its defaults), or a method preset: a shipped
+    preset's name (`fastv_128`, see `rcpp_hf.presets`) or a path to a YAML file."""
     if isinstance(spec, MethodConfig):
         return method_from_dict({**spec.to_dict(), **overrides}) if overrides else spec
     if isinstance(spec, dict):
         return method_from_dict({**spec, **overrides})
-    path = Path(spec)
-    if path.suffix in (".yaml", ".yml"):
-        values = read_yaml_mapping(path, "method config", "with a 'method' key")
-        return method_from_dict({**values, **overrides})
-    return method_config(str(spec), **overrides)
+    name = str(spec)
+    if not is_preset_path(spec):
+        if name in METHODS:
+            return method_config(name, **overrides)
+        if name not in preset_names(METHOD_PRESETS) + preset_names(GENERATION):
+            raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}; shipped method "
+                             f"presets: {', '.join(preset_names(METHOD_PRESETS))}")  # fmt: skip
+    return method_from_dict({**read_preset(spec, METHOD_PRESETS), **overrides})
 
 
 def check_compatible(methods: tuple[MethodConfig, ...]) -> None:

@@ -1,6 +1,6 @@
 """`rcpp-hf shapesworld compare`: decoding settings side by side on ShapesWorld.
 
-`compare` is the comparison across methods and budgets: vanilla, RCPP + DRCD (`configs/rcpp_default.yaml`), and
+`compare` is the comparison across methods and budgets: vanilla, RCPP + DRCD (the registry method `rcpp` at its defaults), and
 every method of the registry, a prefill pruner at each budget (64 / 128 / 192 of LLaVA-1.5's 576 visual tokens,
 scaled to ShapesWorld's by fraction, `scale_tokens`). Each setting runs on each split in its own resumable folder
 (`<output-dir>/<setting>/<split>`, `evaluate.py`); it writes `table.md`, `table.json`, `table.png` and
@@ -25,16 +25,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
-from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder  # noqa: E402
 from rcpp_hf.engine.pruning import check_stages, scale_tokens  # noqa: E402
-from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods import METHODS, load_method  # noqa: E402
-from rcpp_hf.yaml_mapping import read_yaml_mapping  # noqa: E402
+from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder  # noqa: E402
+from rcpp_hf.methods.prefill_pruner import PrefillPruner
+from rcpp_hf.presets import METHODS as METHOD_PRESETS  # noqa: E402
+from rcpp_hf.presets import preset_kind  # noqa: E402
 from rcpp_hf.shapesworld.evaluate import EvalSettings, evaluate  # noqa: E402
 
 VANILLA = "vanilla"
 RCPP = "rcpp"
-RCPP_PRESET = Path(__file__).resolve().parents[2] / "configs" / "rcpp_default.yaml"
+RCPP_PRESET = "rcpp_default"  # the shipped generation preset of the library defaults
 BUDGETS = (64, 128, 192)  # of 576 visual tokens, EasonAI-5589/LLaVA-FinePruner-Head's budgets
 COLUMNS = {  # split -> (metric, header)
     "random": [("accuracy", "rand acc"), ("f1", "rand F1"), ("yes_ratio", "rand yes")],
@@ -72,15 +73,14 @@ class Setting:
 
 
 def config_setting(config: str) -> Setting:
-    """The row of `VANILLA`, of an RCPP YAML preset, or of a registry method's YAML preset (one with a `method` key,
-    e.g. a trained `gan_pruner` with its `pruner_path`), named after its file."""
+    """The row of `VANILLA`, of a generation (RCPP) preset, or of a method preset (one with a `method` key, e.g. a
+    trained `gan_pruner` with its `pruner_path`), named after its file; a preset is a path or a shipped name."""
     if config == VANILLA:
         return Setting(VANILLA, VANILLA)
-    values = read_yaml_mapping(config, "RCPP config", "of config fields")
-    if "method" in values:
-        method = load_method(values)
+    if preset_kind(config) == METHOD_PRESETS:
+        method = load_method(config)
         return Setting(Path(config).stem, method.name, method=method.to_dict())
-    return Setting(Path(config).stem, RCPP, config=config)
+    return Setting(Path(config).stem, RCPP, config=str(config))
 
 
 def runs_with_defaults(name: str) -> bool:
@@ -96,7 +96,7 @@ def method_settings(name: str, budgets: tuple[int, ...], num_visual: int, with_r
     """The rows of registry method `name`: one per budget when it has a `budget` setting (scaled from 576 tokens to
     `num_visual`), else one with its defaults; with `with_rcpp`, the same again composed with RCPP + DRCD."""
     family = name + "+rcpp" if with_rcpp else name
-    config = str(RCPP_PRESET) if with_rcpp else None
+    config = RCPP_PRESET if with_rcpp else None
     if "budget" not in load_method(name).to_dict():
         return [Setting(family, family, config, load_method(name).to_dict())]
     return [
