@@ -28,3 +28,15 @@ def test_readme_and_ci_install_the_test_extra_before_running_the_tests():
     commands = re.search(r"```bash\n(.*?)```", readme, re.DOTALL).group(1)
     assert 'pip install -e ".[test]" && python -m pytest -q tests' in commands
     assert '-e ".[test]"' in (REPO_ROOT / ".ci" / "run").read_text()
+
+
+def test_the_wheel_carries_every_shipped_preset():
+    """A wheel holds what setup.cfg's package data names: every preset file must match it (CI installs the wheel
+    and reads a preset by name from an empty folder)."""
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg")
+    patterns = [p.strip() for p in setup["options.package_data"]["rcpp_hf.presets"].split(",")]
+    presets = REPO_ROOT / "rcpp_hf" / "presets"
+    files = sorted(p.relative_to(presets) for p in presets.rglob("*") if p.is_file() and p.suffix != ".py"
+                   and "__pycache__" not in p.parts)  # fmt: skip
+    assert files and all(any(f.match(pattern) for pattern in patterns) for f in files)
