@@ -95,6 +95,13 @@ def test_presets_are_found_from_any_folder_and_by_path(tmp_path, monkeypatch):
         load_method("plain.yaml")
 
 
+def test_values_are_range_checked_as_the_fields_are(tmp_path):
+    (tmp_path / "tau.yaml").write_text("tau: 2.0\n")
+    with pytest.raises(ValueError, match=r"RCPPGenerationConfig.tau = 2.0: with tau_mode 'absolute' .* \[-1, 1\]"):
+        RCPPGenerationConfig.from_yaml(tmp_path / "tau.yaml")
+    assert RCPPGenerationConfig(tau=2.0, tau_mode="std").tau == 2.0  # std: any finite number of deviations
+
+
 def test_a_typo_in_a_preset_is_refused_naming_the_closest_field(tmp_path):
     (tmp_path / "typo.yaml").write_text("tua: 0.3\n")
     with pytest.raises(ValueError, match="'tua' is not a field of RCPPGenerationConfig; did you mean 'tau'"):

@@ -63,6 +63,8 @@ def check_rcpp_settings(values, owner: str) -> None:
         fail("tau", "must be a finite number")
     if v.tau_mode not in TAU_MODES:
         fail("tau_mode", f"must be one of {TAU_MODES}")
+    if v.tau_mode == "absolute" and not -1.0 <= v.tau <= 1.0:
+        fail("tau", "with tau_mode 'absolute' tau is a threshold on S, a cosine, and must lie in [-1, 1]")
     if v.tau_mode == "quantile" and not 0.0 <= v.tau <= 1.0:
         fail("tau", "with tau_mode 'quantile' tau is a quantile of S and must lie in [0, 1]")
     for field in ("lambda_start", "lambda_end"):
