@@ -34,8 +34,8 @@ class RCPPGenerationConfig(GenerationConfig):
             per `tau_mode`.
         tau_mode: how tau sets each row's threshold from the current S of its cached visual tokens
             (`rcpp.stages.grouping_threshold`), every decoding step:
-            "absolute" (the default, and the presets'): tau itself, a cosine in [-1, 1]; tau = -1 puts every token in C. Its
-                scale depends on the model.
+            "absolute" (the default, and the presets'): tau itself, a cosine in [-1, 1]; tau = -1 puts every token
+                in C. Its scale depends on the model.
             "quantile": the tau-quantile of the row's S, tau in [0, 1] (the k-th smallest score, k = floor(tau *
                 (n - 1)), 0-based): N holds at most k of the n tokens, fewer with ties; tau = 0 leaves N empty.
             "std": mean(S) - tau * std(S) over the row (population std); tau any finite number, larger = fewer in N.
