@@ -78,6 +78,16 @@ def test_compare_across_methods_and_budgets(shapesworld_small, tmp_path, capsys)
     assert "fastv-192" in capsys.readouterr().out
 
 
+def test_a_comparison_with_nothing_to_run_says_so_and_exits_2(shapesworld_small, tmp_path, capsys):
+    from rcpp_hf.cli import main
+
+    status = main(["shapesworld", "compare", "--model", shapesworld_small, "--methods", "fastv", "--budgets", "64",
+                   "--splits", "random", "--num-images", "1", "--output-dir", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("rcpp-hf shapesworld compare: error: nothing to compare on this model: fastv-64: ")
+
+
 def test_head_ablation_rows_table_and_heat_map(shapesworld_small, tmp_path, capsys):
     from experiments.head_ablation import ablation_settings, main, scale_heads
 

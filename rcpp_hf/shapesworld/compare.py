@@ -172,6 +172,9 @@ def compare(model: str, settings: list[Setting], splits: list[str], seed: int, n
                     costs[key].append(metrics[key])
         row.update({key: sum(values) / len(values) for key, values in costs.items() if values})
         rows.append(row)
+    if all("skipped" in row for row in rows):  # asked to do nothing: say so rather than write an empty table
+        reasons = "; ".join(f"{row['setting']}: {row['skipped']}" for row in rows)
+        raise ValueError(f"nothing to compare on this model: {reasons or 'no setting was given'}")
     write_table(rows, splits, output_dir)
     plot_quality(rows, output_dir / "quality.png")
     plot_frontier(rows, output_dir / "frontier.png")
