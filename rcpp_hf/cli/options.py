@@ -14,12 +14,35 @@ import torch
 from rcpp_hf.cli.errors import UsageError
 from rcpp_hf.default_model import default_model_path
 from rcpp_hf.methods import METHODS
+from rcpp_hf.methods.budget import budget_problem, budget_rule
 from rcpp_hf.shapesworld.world import DEFAULT_WORLD_SEED, TEST_SEED, TRAIN_SEED, VALIDATION_SEED
 from rcpp_hf.smol.build import MODEL_NAME, build_smol_llava
 
 # What the hub accepts as a repo id ("llava-hf/llava-1.5-7b-hf"; a legacy id has no namespace, e.g. "gpt2").
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 MODEL_FORMS = f"a checkpoint folder, a hub id (org/name) or {MODEL_NAME}"
+
+
+# Every budget flag's help says the rule (`methods/budget.py`).
+BUDGET_HELP = ("an integer counts visual tokens of the model's own image, a fraction in (0, 1) is a share of them "
+               "(LLaVA-1.5's 64 / 128 / 192 of 576 are 0.1111 / 0.2222 / 0.3333)")
+# Every layer or head flag's help says which it takes.
+LAYER_HELP = "layer indices of this model's own decoder"
+
+
+def budget_argument(text: str) -> int | float:
+    """argparse `type` of a budget flag: an integer (a count) or a fraction in (0, 1), as the methods take them."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {budget_rule()}") from None
+    problem = budget_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be {budget_rule()}; it {problem}")
+    return value
 
 
 def model_folder(model: str | Path | None) -> str:
@@ -88,4 +111,4 @@ def add_method_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--method", help=f"a registered method, run with its defaults or --method-config "
                         f"(known: {', '.join(METHODS)})")
     parser.add_argument("--method-config", help="YAML: a method preset with a 'method' key (e.g. "
-                        "configs/fastv_128.yaml), or settings for --method")
+                        "configs/fastv_128of576.yaml), or settings for --method")
