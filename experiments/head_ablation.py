@@ -32,7 +32,7 @@ from rcpp_hf.methods import FastV, FastVFinePruner  # noqa: E402
 from rcpp_hf.methods.budget import budget_label  # noqa: E402
 from rcpp_hf.methods.fastv_finepruner import DYNAMIC  # noqa: E402
 from rcpp_hf.methods.head_selection import HEAD_STRATEGIES  # noqa: E402
-from rcpp_hf.shapesworld.compare import BUDGETS, Setting, compare, model_shape  # noqa: E402
+from rcpp_hf.shapesworld.compare import BUDGETS, Setting, compare  # noqa: E402
 from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS  # noqa: E402
 
 STUDY_HEADS = (8, 16, 24, 32)  # of LLaVA-1.5-7B's 32 heads, the H of LLaVA-FinePruner-Head's ablation

@@ -14,7 +14,7 @@ import torch
 from rcpp_hf.cli.errors import UsageError
 from rcpp_hf.default_model import default_model_path
 from rcpp_hf.methods import METHODS
-from rcpp_hf.methods.budget import budget_problem, budget_rule
+from rcpp_hf.methods.budget import budget_argument  # noqa: F401 (the budget flags' type, with their help)
 from rcpp_hf.shapesworld.world import DEFAULT_WORLD_SEED, TEST_SEED, TRAIN_SEED, VALIDATION_SEED
 from rcpp_hf.smol.build import MODEL_NAME, build_smol_llava
 
@@ -28,21 +28,6 @@ BUDGET_HELP = ("an integer counts visual tokens of the model's own image, a frac
                "(LLaVA-1.5's 64 / 128 / 192 of 576 are 0.1111 / 0.2222 / 0.3333)")
 # Every layer or head flag's help says which it takes.
 LAYER_HELP = "layer indices of this model's own decoder"
-
-
-def budget_argument(text: str) -> int | float:
-    """argparse `type` of a budget flag: an integer (a count) or a fraction in (0, 1), as the methods take them."""
-    try:
-        value = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {budget_rule()}") from None
-    problem = budget_problem(value)
-    if problem is not None:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be {budget_rule()}; it {problem}")
-    return value
 
 
 def model_folder(model: str | Path | None) -> str:

@@ -16,6 +16,7 @@ reads the share itself, `budget_fraction`) once the image is known; both fail na
 
 from __future__ import annotations
 
+import argparse
 import math
 from numbers import Integral, Real
 
@@ -130,3 +131,19 @@ def lowest_average(num_visual: int, first_layer: int, num_layers: int, least_kep
     """The smallest whole average of visual tokens per layer when the `first_layer` layers before the first stage
     hold all `num_visual` and every later layer at least `least_kept`."""
     return math.ceil((first_layer * num_visual + (num_layers - first_layer) * least_kept) / num_layers)
+
+
+def budget_argument(text: str) -> int | float:
+    """A budget read from the command line (argparse `type` of every budget flag): an integer is a count, anything
+    else a fraction in (0, 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {budget_rule()}") from None
+    problem = budget_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be {budget_rule()}; it {problem}")
+    return value
