@@ -23,8 +23,8 @@ from numbers import Integral, Real
 from rcpp_hf.engine.pruning import REFERENCE_VISUAL_TOKENS
 
 
-
 def budget_rule(minimum: int = 1) -> str:
+    """The rule in words, for messages and help."""
     return f"an integer >= {minimum} (visual tokens of the model's image) or a fraction in (0, 1) of them"
 
 
@@ -35,8 +35,8 @@ def published_fraction(count: int, reference: int = REFERENCE_VISUAL_TOKENS) -> 
 
 
 def is_fraction(value) -> bool:
-    """Whether a valid budget is a fraction (else a count)."""
-    return isinstance(value, float)
+    """Whether a valid budget is a fraction (else a count): any real that is not integral (numpy's floats too)."""
+    return isinstance(value, Real) and not isinstance(value, Integral)
 
 
 def comparable(first, second) -> bool:
