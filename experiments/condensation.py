@@ -2,11 +2,12 @@
 condensation (hard pruning, FPS and connectivity at a target token count, condensation layers 5 to 15 of 32), with a
 POPE split beside it.
 
-    python experiments/condensation.py --target-tokens 64 128 --output-dir runs/condensation [--model FOLDER]
+    python experiments/condensation.py --target-tokens 0.1111 0.2222 --output-dir runs/condensation [--model FOLDER]
 
 Hard pruning (HiMAP's text-stage cut), condensation with FPS centroids and condensation with connectivity centroids,
-each at one stage before layer L keeping T visual tokens, over target tokens T (of 576, scaled to the model's image,
-`scale_tokens`) x layers L (the model's own indices; default 5 / 10 / 15 of 32, scaled by depth), with vanilla
+each at one stage before layer L keeping T visual tokens, over target tokens T (budgets: a count of the model's image
+or a fraction of it, `rcpp_hf/methods/budget.py`; default 64 / 128 of 576 as fractions, 0.1111 / 0.2222) x layers L
+(the model's own indices; default 5 / 10 / 15 of 32, scaled by depth), with vanilla
 beside them; on the MME-style ShapesWorld set (existence, count, position, color and their total) and one POPE split.
 The stage is HiMAP's first (`HiMAP(txt_layer=L, txt_rank=T, image_stage=False)`): that experiment sweeps one
 condensation layer, and a second stage would make the layers of different rows incomparable.
@@ -29,20 +30,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rcpp_hf.cli.options import model_folder  # noqa: E402
+from rcpp_hf.cli.options import BUDGET_HELP, LAYER_HELP, budget_argument, model_folder  # noqa: E402
 from rcpp_hf.cli.shapesworld import add_comparison_arguments  # noqa: E402
-from rcpp_hf.engine.pruning import scale_layer, scale_tokens  # noqa: E402
+from rcpp_hf.engine.pruning import scale_layer  # noqa: E402
 from rcpp_hf.methods import HiMAP  # noqa: E402
+from rcpp_hf.methods.budget import budget_label, published_fraction  # noqa: E402
 from rcpp_hf.shapesworld.compare import VANILLA, Setting, compare, model_shape  # noqa: E402
 from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS  # noqa: E402
 
 VARIANTS = ("hard", "fps", "connectivity")
-TARGET_TOKENS = (64, 128)  # of 576
+TARGET_TOKENS = (published_fraction(64), published_fraction(128))  # 64 / 128 of 576
 REFERENCE_CONDENSATION_LAYERS = (5, 10, 15)  # of 32, within that experiment's layers 5 to 15
 SUBTASKS = ("existence", "count", "position", "color")
 
 
-def variant_method(variant: str, layer: int, tokens: int) -> HiMAP:
+def variant_method(variant: str, layer: int, tokens: int | float) -> HiMAP:
     """One cell's method: HiMAP's text stage alone, cut ("hard") or condensed by the named strategy."""
     if variant == "hard":
         return HiMAP(txt_layer=layer, txt_rank=tokens, image_stage=False)
@@ -54,15 +56,16 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(scale_layer(layer, num_layers) for layer in REFERENCE_CONDENSATION_LAYERS))
 
 
-def experiment_settings(targets: tuple[int, ...], layers: tuple[int, ...], num_visual: int,
+def experiment_settings(targets: tuple[int | float, ...], layers: tuple[int, ...],
                         variants: tuple[str, ...] = VARIANTS) -> list[Setting]:  # fmt: skip
-    """Vanilla, then per target (of 576) and layer, one row per variant, named `<variant>-t<target>-l<layer>`."""
+    """Vanilla, then per target (a budget) and layer, one row per variant, named `<variant>-t<target>-l<layer>`
+    (the target as given, `budget_label`)."""
     settings = [Setting(VANILLA, VANILLA)]
     for target in targets:
         for layer in layers:
             for variant in variants:
-                method = variant_method(variant, layer, scale_tokens(target, num_visual))
-                name = f"{variant}-t{target}-l{layer}"
+                method = variant_method(variant, layer, target)
+                name = f"{variant}-t{budget_label(target)}-l{layer}"
                 settings.append(Setting(name, variant, method=method.to_dict(), budget=target))
     return settings
 
@@ -76,7 +79,7 @@ def cell_records(rows: list[dict], pope_split: str) -> list[dict]:
     for row in rows:
         method = row.get("method") or {}
         record = {"setting": row["setting"], "variant": row["family"], "target": row["budget"],
-                  "layer": method.get("txt_layer"), "tokens": method.get("txt_rank")}  # fmt: skip
+                  "layer": method.get("txt_layer"), "tokens": row.get("budget_tokens")}  # fmt: skip
         if "skipped" in row:
             records.append({**record, "skipped": row["skipped"]})
             continue
@@ -97,7 +100,8 @@ def write_report(records: list[dict], output_dir: Path) -> None:
     columns = [*(f"{s}_acc" for s in SUBTASKS), "mme_score", "mme_score_gain", "pope_f1", "pope_f1_gain"]
     lines = ["| variant | target | layer | tokens | " + " | ".join(columns) + " |", "|---" * (len(columns) + 4) + "|"]
     for r in records:
-        head = f"| {r['variant']} | {r['target'] or '-'} | {r['layer'] if r['layer'] is not None else '-'} | " \
+        target = "-" if r["target"] is None else budget_label(r["target"])
+        head = f"| {r['variant']} | {target} | {r['layer'] if r['layer'] is not None else '-'} | " \
                f"{r['tokens'] or '-'} | "  # fmt: skip
         if "skipped" in r:
             lines.append(head + f"skipped: {r['skipped']} |")
@@ -126,7 +130,8 @@ def plot_experiment(records: list[dict], path: Path) -> None:
                 points = sorted((r["layer"], r[key]) for r in cells if (r["variant"], r["target"]) == (variant, target)
                                 and key in r)  # fmt: skip
                 if points:
-                    axis.plot(*zip(*points), marker="o", color=colours[variant, target], label=f"{variant} T={target}")
+                    axis.plot(*zip(*points), marker="o", color=colours[variant, target],
+                              label=f"{variant} T={budget_label(target)}")
             if key in vanilla:
                 axis.axhline(vanilla[key], color="gray", linestyle="--", label="vanilla")
             if key.endswith("_gain"):
@@ -143,9 +148,9 @@ def plot_experiment(records: list[dict], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python experiments/condensation.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--target-tokens", type=int, nargs="+", default=list(TARGET_TOKENS),
-                        help="visual tokens kept, of 576 (scaled to the model's image)")
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="condensation layers of this model "
+    parser.add_argument("--target-tokens", type=budget_argument, nargs="+", default=list(TARGET_TOKENS),
+                        help=f"visual tokens kept, budgets: {BUDGET_HELP} (default: 0.1111 0.2222)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help=f"condensation layers, {LAYER_HELP} "
                         "(default: 5 / 10 / 15 of 32, scaled by depth)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--pope-split", default="adversarial", choices=POPE_SPLITS)
@@ -158,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     report."""
     args = build_parser().parse_args(argv)
     model = model_folder(args.model)
-    num_layers, num_visual = model_shape(model)
+    num_layers, _ = model_shape(model)
     layers = tuple(args.layers) if args.layers else default_layers(num_layers)
-    settings = experiment_settings(tuple(args.target_tokens), layers, num_visual, tuple(args.variants))
+    settings = experiment_settings(tuple(args.target_tokens), layers, tuple(args.variants))
     rows = compare(model, settings, ["mme", args.pope_split], args.seed, args.num_images, args.output_dir,
                    args.batch_size)  # fmt: skip
     write_report(cell_records(rows, args.pope_split), Path(args.output_dir))

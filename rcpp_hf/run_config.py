@@ -2,7 +2,7 @@
 YAML preset (or plain greedy decoding), the caller's overrides, registry methods added.
 
 A method comes from a registered name or from a `--method-config` YAML file: either a method preset (a mapping with
-a "method" key, e.g. the shipped `fastv_128`, what `MethodConfig.to_yaml` writes) or the settings of the method
+a "method" key, e.g. the shipped `fastv_128of576`, what `MethodConfig.to_yaml` writes) or the settings of the method
 named beside it.
 """
 

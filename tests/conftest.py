@@ -45,6 +45,15 @@ def tiny_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_100_path(tmp_path_factory):
+    """A tiny random LLaVA whose image has 100 visual tokens (ShapesWorld's count), 8 query heads (FinePruner's
+    default H) and an 8-layer decoder: deep enough that the layers before FastV's stage (layer 1) hold less than its
+    default budget, 128 / 576."""
+    spec = replace(GQA_SPEC, image_size=40, patch_size=4, text_layers=8, num_heads=8)
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava-100"), spec)
+
+
+@pytest.fixture(scope="session")
 def processor(tiny_path):
     return AutoProcessor.from_pretrained(tiny_path)
 

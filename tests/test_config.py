@@ -83,12 +83,12 @@ def test_every_shipped_preset_loads_by_name_and_is_refused_by_the_other_loader(k
 def test_presets_are_found_from_any_folder_and_by_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert RCPPGenerationConfig.from_yaml("rcpp_evict").keep_ratio_end < 1.0
-    assert load_method("fastv_64") == FastV(budget=64)
+    assert load_method("fastv_64of576") == FastV(budget=64 / 576)
     (tmp_path / "mine.yaml").write_text("method: fastv\nkeep: 3\n")
     assert load_method("mine.yaml") == FastV(keep=3)
     with pytest.raises(ValueError, match="no generation \\(RCPP\\) preset named 'rcpp_evcit'; shipped: .*rcpp_evict"):
         RCPPGenerationConfig.from_yaml("rcpp_evcit")
-    with pytest.raises(ValueError, match="unknown method 'fastv_65'; known methods: .*; shipped method presets: .*fastv_64"):
+    with pytest.raises(ValueError, match="unknown method 'fastv_65'; known methods: .*; shipped method presets: .*fastv_64of576"):
         load_method("fastv_65")
     with pytest.raises(ValueError, match="has no 'method' key"):
         (tmp_path / "plain.yaml").write_text("tau: 0.1\n")

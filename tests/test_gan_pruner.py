@@ -352,14 +352,22 @@ def test_a_positive_multiplier_pushes_the_evaluation_masks_toward_dropping():
 
 
 def test_budget_targets_meet_the_registry_budget_or_refuse():
-    assert keep_targets(GanTrainConfig(), (2, 4, 7), 12) == SEED_TARGET_KEEP
-    assert keep_targets(GanTrainConfig(target_keep=(0.6, 0.4, 0.2)), (2, 4, 7), 12) == (0.6, 0.4, 0.2)
-    for budget in (128, 192):
-        targets = keep_targets(GanTrainConfig(budget=budget), (2, 4, 7), 12)
+    assert keep_targets(GanTrainConfig(), (2, 4, 7), 12, 100) == SEED_TARGET_KEEP
+    assert keep_targets(GanTrainConfig(target_keep=(0.6, 0.4, 0.2)), (2, 4, 7), 12, 100) == (0.6, 0.4, 0.2)
+    for budget in (128, 192):  # of 576: the same targets as the fraction budget / 576 on any image
+        targets = keep_targets(GanTrainConfig(budget=budget), (2, 4, 7), 12, 576)
         assert targets[1] == pytest.approx(targets[0] ** 2) and targets[2] == pytest.approx(targets[0] ** 3)
         assert 576 * average_keep_fraction(targets[0], (2, 4, 7), 12) == pytest.approx(budget)
-    with pytest.raises(ValueError, match="budget 64 of 576 is unreachable with pruning layers"):
-        keep_targets(GanTrainConfig(budget=64), (2, 4, 7), 12)
+        assert keep_targets(GanTrainConfig(budget=budget / 576), (2, 4, 7), 12, 100) == targets
+    assert keep_targets(GanTrainConfig(budget=22), (2, 4, 7), 12, 100) == keep_targets(
+        GanTrainConfig(budget=0.22), (2, 4, 7), 12, 100)
+    with pytest.raises(ValueError, match=r"budget 0.1111 \(11 of 100 visual tokens\) is unreachable with pruning "
+                                         r"layers .*reachable: 17\.\.100"):  # fmt: skip
+        keep_targets(GanTrainConfig(budget=64 / 576), (2, 4, 7), 12, 100)
+    with pytest.raises(ValueError, match="budget 101 is larger than the image's 100"):
+        keep_targets(GanTrainConfig(budget=101), (2, 4, 7), 12, 100)
+    with pytest.raises(ValueError, match="budget must be an integer >= 1 .* it is a bool"):
+        GanTrainConfig(budget=True)
 
 
 def test_a_step_moves_the_multipliers_by_the_evaluation_masks_keep_ratio(small_path):

@@ -147,7 +147,7 @@ def test_edge_case_n_empty_uses_no_contrast_row(rcpp_model, batch2):
 def test_edge_case_c_empty_main_row_sees_no_visual_token(rcpp_model, batch2):
     query_lengths, handle = count_forwards(rcpp_model)
     try:
-        out = rcpp_model.generate(**batch2, generation_config=active_config(max_new_tokens=6, tau=2.0),
+        out = rcpp_model.generate(**batch2, generation_config=active_config(max_new_tokens=6, tau=1.0),
                                   return_dict_in_generate=True)
     finally:
         handle.remove()

@@ -201,8 +201,8 @@ def test_invalid_settings_name_the_field(make, field):
 @pytest.mark.parametrize(
     "method, message",
     [
-        (HiMAP(txt_rank=17), "more than the image's 16"),
-        (HiMAP(img_rank=10), r"must lie in \[1, 8\]"),  # the default R1 is 8 of 16 here
+        (HiMAP(txt_rank=17), "larger than the image's 16"),
+        (HiMAP(img_rank=10), "more than txt_rank's 8"),  # the default R1 is 8 of 16 here
         (HiMAP(txt_layer=1, img_layer=4), "does not fit a decoder with 4 layers"),
         (HiMAP(img_layer=1), "stage layers must increase"),  # the default K1 is 1 here
         (HiMAP(use_token_condensation=True, condensation_num_heads=3), "divide the feature width"),

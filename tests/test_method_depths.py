@@ -1,7 +1,8 @@
 """ShapesWorld v2's reason for a 12-layer decoder: the methods' layer defaults (stated for LLaVA-1.5's 32 layers)
 collapse onto each other on the first model's 4 layers and land on distinct layers on 12."""
 
-from rcpp_hf.engine.pruning import scale_layers, scale_tokens
+from rcpp_hf.engine.pruning import scale_layers
+from rcpp_hf.methods.budget import published_fraction
 from rcpp_hf.methods.rcpp import resolve_scoring_layers
 from rcpp_hf.methods.registry import load_method
 
@@ -9,7 +10,7 @@ NUM_VISUAL = 100  # the ShapesWorld image
 
 
 def default_layers(num_layers: int) -> dict[str, tuple[int, ...]]:
-    budget = scale_tokens(192, NUM_VISUAL)
+    budget = published_fraction(192)
     layers = {
         name: tuple(stage.layer for stage in load_method(name, **settings).resolve_stages(num_layers, NUM_VISUAL))
         for name, settings in (("fastv", {"budget": budget}), ("sparsevlm", {"budget": budget}), ("pdrop", {}),

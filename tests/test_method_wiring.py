@@ -32,21 +32,21 @@ from tests.eval_helpers import options, read_jsonl, write_mme
 
 def test_presets_load_by_path():
     for budget in (64, 128, 192):
-        method = load_method(f"fastv_{budget}")
-        assert method == FastV(budget=budget)
+        method = load_method(f"fastv_{budget}of576")
+        assert method == FastV(budget=budget / 576)
     # 576 tokens, 32 layers, K = 2: FinePruner's R_dict
-    assert [load_method(f"fastv_{b}").resolve_stages(32, 576)[0].keep for b in (64, 128, 192)] == [
+    assert [load_method(f"fastv_{b}of576").resolve_stages(32, 576)[0].keep for b in (64, 128, 192)] == [
         30, 98, 166]
 
 
 def test_method_arguments(tmp_path):
     settings = tmp_path / "settings.yaml"
     settings.write_text("budget: 3\nquery: all\n")
-    preset = "fastv_64"
+    preset = "fastv_64of576"
     assert load_method_preset(None, None) is None
     assert load_method_preset("fastv", None) == FastV()
-    assert load_method_preset(None, preset) == FastV(budget=64)
-    assert load_method_preset("fastv", preset) == FastV(budget=64)
+    assert load_method_preset(None, preset) == FastV(budget=64 / 576)
+    assert load_method_preset("fastv", preset) == FastV(budget=64 / 576)
     assert load_method_preset("fastv", settings) == FastV(budget=3, query="all")
     with pytest.raises(ValueError, match="no 'method' key: name the method with --method"):
         load_method_preset(None, settings)
@@ -110,7 +110,7 @@ def test_eval_identity_records_the_method_and_refuses_another(varied_tiny_path, 
     evaluate_mme(root, options(varied_tiny_path, run, method="fastv", method_config=str(_write(
         tmp_path / "k4.yaml", {"keep": 4}))), subtasks=("existence",))  # fmt: skip
     identity = json.loads((run / "config.json").read_text())["identity"]
-    assert identity["method"] == {"method": "fastv", "budget": 128, "keep": 4, "layer": None, "query": "last"}
+    assert identity["method"] == {"method": "fastv", "budget": 128 / 576, "keep": 4, "layer": None, "query": "last"}
     assert identity["generation_config"]["methods"] == [identity["method"]] and len(read_jsonl(run / "answers.jsonl")) == 4
     with pytest.raises(ValueError, match="different generation_config, method"):
         evaluate_mme(root, options(varied_tiny_path, run, method="fastv", method_config=str(_write(
@@ -142,11 +142,10 @@ def test_bench_runs_registry_methods_on_the_tiny_shape(tmp_path):
         prefill_flops_ratio(load_benchmark_model("tiny", None, "cpu", torch.float32)[0], [PruneStage(1, 4)], 16, text_tokens)
     )
     assert "prefill_flops_ratio" not in methods["vanilla"]
-    # the budget path: 192 of 576 -> 5 of 16 tokens
-    assert method_generation_config("fastv", BenchmarkSettings(budget=192), 0.0, num_visual=16).methods == (
-        FastV(budget=5),)
-    composed = method_generation_config("fastv+rcpp", BenchmarkSettings(budget=192), 0.0, num_visual=16)
-    assert composed.rcpp and composed.lambda_end == 0.5 and composed.methods == (FastV(budget=5),)
+    # the budget path: the budget as given, a count or a fraction of the model's image (no scaling)
+    assert method_generation_config("fastv", BenchmarkSettings(budget=5), 0.0).methods == (FastV(budget=5),)
+    composed = method_generation_config("fastv+rcpp", BenchmarkSettings(budget=192 / 576), 0.0)
+    assert composed.rcpp and composed.lambda_end == 0.5 and composed.methods == (FastV(budget=192 / 576),)
 
 
 def test_prefill_flops_count_the_pruned_layers_by_hand():

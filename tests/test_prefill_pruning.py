@@ -233,7 +233,8 @@ def test_fastv_rejects_invalid_settings(settings, message):
         (FastV(budget=17), "larger than the image's 16"),
         (FastV(keep=17), "larger than the image's 16"),
         (FastV(layer=4, keep=2), "does not fit a decoder with 4 layers"),
-        (FastV(budget=2, layer=3), "too small"),
+        (FastV(budget=2, layer=3),
+         r"unreachable: pruning before layer 3 of 4 averages at least 12; reachable: 13\.\.16"),
     ],
 )
 def test_methods_that_do_not_fit_the_model(rcpp_model, batch2, method, message):

@@ -34,16 +34,18 @@ def test_compare_writes_the_table(shapesworld_small, tmp_path):
 
 
 def test_rows_come_from_the_registry_at_each_budget():
-    settings = comparison_settings([VANILLA, RCPP, "fastv"], (64, 192), num_visual=100, with_rcpp=True)
-    assert [s.name for s in settings] == [VANILLA, RCPP, "fastv-64", "fastv-192", "fastv+rcpp-64", "fastv+rcpp-192"]
-    assert [s.method["budget"] for s in settings[2:]] == [11, 33, 11, 33]  # 64 / 576 and 192 / 576 of 100 tokens
+    settings = comparison_settings([VANILLA, RCPP, "fastv"], (64 / 576, 33), with_rcpp=True)
+    # Rows are labelled by the budget as given: a fraction to 4 digits, a count as it is; the method gets it unchanged.
+    assert [s.name for s in settings] == [VANILLA, RCPP, "fastv-0.1111", "fastv-33", "fastv+rcpp-0.1111",
+                                          "fastv+rcpp-33"]  # fmt: skip
+    assert [s.method["budget"] for s in settings[2:]] == [64 / 576, 33, 64 / 576, 33]
     # The rcpp row is the registry method at its defaults: the RCPP + DRCD that the "+rcpp" rows' preset composes.
     assert settings[1].config is None and settings[4].config == "rcpp_default"
     assert load_method(settings[1].method) == build_generation_config(settings[4].config).rcpp_method() == RCPPMethod()
     assert settings[2].config is None and settings[4].family == "fastv+rcpp"
-    assert [s.name for s in comparison_settings([RCPP], (64,), num_visual=100, with_rcpp=True)] == [RCPP]
+    assert [s.name for s in comparison_settings([RCPP], (64,), with_rcpp=True)] == [RCPP]
     with pytest.raises(ValueError, match="unknown setting 'beam'; known: vanilla, .*fastv.*rcpp"):
-        comparison_settings(["beam"], (64,), num_visual=100)
+        comparison_settings(["beam"], (64,))
 
 
 def test_prefill_visual_tokens_average_over_layers():
@@ -55,27 +57,32 @@ def test_prefill_visual_tokens_average_over_layers():
 def test_compare_across_methods_and_budgets(shapesworld_small, tmp_path, capsys):
     assert model_shape(shapesworld_small) == (4, 16)
     args = build_parser().parse_args(["shapesworld", "compare", "--model", shapesworld_small, "--methods", "vanilla,fastv",
-                                      "--budgets", "64", "192", "--splits", "random", "captions", "--seed", "1",
+                                      "--budgets", "0.1111", "0.3333", "--splits", "random", "captions", "--seed", "1",
                                       "--num-images", "1", "--batch-size", "4", "--output-dir", str(tmp_path)])
     assert args.func(args) == 0
     rows = {row["setting"]: row for row in json.loads((tmp_path / "table.json").read_text())}
-    assert list(rows) == [VANILLA, "fastv-64", "fastv-192"]
-    # 64 of 576 -> 2 of 16 tokens: below the 4 that layer 0 alone averages before FastV prunes at layer 1 of 4
-    assert "too small" in rows["fastv-64"]["skipped"] and not (tmp_path / "fastv-64").exists()
-    # 192 of 576 -> budget 5 of 16; keep R = round((5 * 4 - 16) / 3) = 1 from layer 1: (16 + 3 * 1) / 4 = 4.75
-    assert rows["fastv-192"]["method"] == {"method": "fastv", "budget": 5, "keep": None, "layer": None, "query": "last"}
-    assert rows["fastv-192"]["visual_tokens"] == 4.75 and rows[VANILLA]["visual_tokens"] == 16
-    for row in (rows[VANILLA], rows["fastv-192"]):
+    assert list(rows) == [VANILLA, "fastv-0.1111", "fastv-0.3333"]
+    # 0.1111 of 16 tokens -> 2: below the 4 that layer 0 alone averages before FastV prunes at layer 1 of 4
+    assert rows["fastv-0.1111"]["skipped"].endswith("is unreachable: pruning before layer 1 of 4 averages at least 4; "
+                                                    "reachable: 5..16")  # fmt: skip
+    assert not (tmp_path / "fastv-0.1111").exists()
+    # 0.3333 of 16 -> budget 5; keep R = round((5 * 4 - 16) / 3) = 1 from layer 1: (16 + 3 * 1) / 4 = 4.75
+    assert rows["fastv-0.3333"]["method"] == {"method": "fastv", "budget": 0.3333, "keep": None, "layer": None,
+                                              "query": "last"}  # fmt: skip
+    assert rows["fastv-0.3333"]["budget_tokens"] == 5
+    assert rows["fastv-0.3333"]["visual_tokens"] == 4.75 and rows[VANILLA]["visual_tokens"] == 16
+    for row in (rows[VANILLA], rows["fastv-0.3333"]):
         assert {"random.f1", "captions.chair_i", "captions.recall"} <= set(row)
         assert row["prefill_ms"] > 0 and row["decode_ms"] > 0
-    run = json.loads((tmp_path / "fastv-192" / "captions" / "config.json").read_text())["identity"]
-    assert run["settings"]["method"]["budget"] == 5 and run["generation_config"]["methods"][0]["method"] == "fastv"
+    run = json.loads((tmp_path / "fastv-0.3333" / "captions" / "config.json").read_text())["identity"]
+    assert run["settings"]["method"]["budget"] == 0.3333 and run["generation_config"]["methods"][0]["method"] == "fastv"
     assert "method" not in json.loads((tmp_path / VANILLA / "captions" / "config.json").read_text())["identity"]["settings"]
     table = (tmp_path / "table.md").read_text()
-    assert "| fastv-64 | 64 | skipped: FastV.budget = 2" in table and "| fastv-192 | 192 |" in table
+    assert "| fastv-0.1111 | 0.1111 = 2 of 16 | skipped: FastV.budget = 0.1111: budget 0.1111 (2 of 16" in table
+    assert "| fastv-0.3333 | 0.3333 = 5 of 16 |" in table
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert (tmp_path / "frontier.png").stat().st_size > 5_000  # CHAIR_I against recall (no adversarial split here)
-    assert "fastv-192" in capsys.readouterr().out
+    assert "fastv-0.3333" in capsys.readouterr().out
 
 
 def test_a_comparison_with_nothing_to_run_says_so_and_exits_2(shapesworld_small, tmp_path, capsys):
@@ -89,18 +96,22 @@ def test_a_comparison_with_nothing_to_run_says_so_and_exits_2(shapesworld_small,
 
 
 def test_head_ablation_rows_table_and_heat_map(shapesworld_small, tmp_path, capsys):
-    from experiments.head_ablation import ablation_settings, main, scale_heads
+    from experiments.head_ablation import ablation_settings, main, scale_heads, study_heads
 
-    assert [scale_heads(h, 8) for h in (8, 16, 24, 32)] == [2, 4, 6, 8]
-    settings = ablation_settings(["sum", "gini", "consensus_diversity"], (8, 32), (64, 192), 16, 4)
+    assert [scale_heads(h, 8) for h in (8, 16, 24, 32)] == [2, 4, 6, 8] and study_heads(4) == (1, 2, 3, 4)
+    # --heads are this model's own head counts (here 1 and 4 of 4), budgets as given
+    settings = ablation_settings(["sum", "gini", "consensus_diversity"], (1, 4), (64 / 576, 5), 4)
     names = [s.name for s in settings]
-    assert names[:5] == ["fastv-64", "fp-sum-h1-64", "fp-sum-h4-64", "fp-gini-h1-64", "fp-gini-h4-64"]
-    assert names[5] == "fp-consensus_diversity-64" and len(names) == 12
+    assert names[:5] == ["fastv-0.1111", "fp-sum-h1-0.1111", "fp-sum-h4-0.1111", "fp-gini-h1-0.1111",
+                         "fp-gini-h4-0.1111"]  # fmt: skip
+    assert names[5] == "fp-consensus_diversity-0.1111" and names[6] == "fastv-5" and len(names) == 12
+    with pytest.raises(ValueError, match=r"head counts of this model must lie in \[1, 4\]"):
+        ablation_settings(["sum"], (8,), (5,), 4)
 
-    assert main(["--model", shapesworld_small, "--strategies", "sum", "consensus_diversity", "--heads", "8", "32",
-                 "--budgets", "192", "--num-images", "1", "--output-dir", str(tmp_path)]) == 0  # fmt: skip
+    assert main(["--model", shapesworld_small, "--strategies", "sum", "consensus_diversity", "--heads", "1", "4",
+                 "--budgets", "0.3333", "--num-images", "1", "--output-dir", str(tmp_path)]) == 0  # fmt: skip
     table = (tmp_path / "ablation.md").read_text()
-    assert "budget 192 of 576" in table and "| sum |" in table and "fastv (all heads)" in table
+    assert "budget 0.3333 — POPE" in table and "| sum |" in table and "fastv (all heads)" in table
     cells = json.loads((tmp_path / "ablation.json").read_text())
     assert {(c["strategy"], c["heads"]) for c in cells} == {
         ("fastv (all heads)", "all"), ("sum", 1), ("sum", 4), ("consensus_diversity", "dyn")
@@ -111,7 +122,7 @@ def test_head_ablation_rows_table_and_heat_map(shapesworld_small, tmp_path, caps
 
 
 def test_compare_rows_for_the_contrastive_peers(shapesworld_small, tmp_path):
-    settings = comparison_settings([VANILLA, "vcd", "sid", "plausibility_cutoff"], (64,), num_visual=16, with_rcpp=True)
+    settings = comparison_settings([VANILLA, "vcd", "sid", "plausibility_cutoff"], (64,), with_rcpp=True)
     assert [s.name for s in settings] == [VANILLA, "vcd", "vcd+rcpp", "sid", "sid+rcpp", "plausibility_cutoff",
                                           "plausibility_cutoff+rcpp"]  # fmt: skip
     rows = compare(shapesworld_small, settings[:4], ["random", "captions"], seed=1, num_images=1,

@@ -15,8 +15,8 @@ from rcpp_hf.methods.sparsevlm import (
     keep_top_scored,
     rater_scores,
     recycle_tokens,
-    scaled_keep_counts,
     select_text_raters,
+    sparsevlm_keep_counts,
 )
 
 
@@ -25,11 +25,12 @@ def test_keep_lists_and_layers_match_the_repository():
     assert SPARSEVLM_KEEP[192] == (300, 200, 110)
     assert SPARSEVLM_KEEP[128] == (303, 110, 36)
     assert SPARSEVLM_KEEP[64] == (66, 30, 17)
-    assert scaled_keep_counts(128) == (303, 110, 36)
-    # 576 / 4 = 144 visual tokens: 303/4 = 75.75, 110/4 = 27.5 (half up), 36/4 = 9; 66/4 = 16.5, 17/4 = 4.25.
-    assert scaled_keep_counts(128, 144) == (76, 28, 9)
-    assert scaled_keep_counts(64, 144) == (17, 8, 4)
-    assert scaled_keep_counts(64, 8) == (1, 1, 1)
+    assert sparsevlm_keep_counts(128 / 576) == (303, 110, 36)
+    # 576 / 4 = 144 visual tokens: 303/4 = 75.75, 110/4 = 27.5 (a half: to even), 36/4 = 9; 66/4 = 16.5 (to even),
+    # 17/4 = 4.25.
+    assert sparsevlm_keep_counts(128 / 576, 144) == (76, 28, 9)
+    assert sparsevlm_keep_counts(64 / 576, 144) == (16, 8, 4)
+    assert sparsevlm_keep_counts(64 / 576, 8) == (1, 1, 1)
 
 
 def test_average_visual_tokens_counts_what_each_layer_computes():
@@ -179,8 +180,8 @@ def test_nothing_deleted_nothing_recycled():
 
 
 def test_bad_input_names_the_field():
-    with pytest.raises(ValueError, match="budget"):
-        scaled_keep_counts(100)
+    with pytest.raises(ValueError, match="share"):
+        sparsevlm_keep_counts(1.5)
     with pytest.raises(ValueError, match="text_valid"):
         select_text_raters(torch.randn(1, 3, 4), torch.randn(1, 2, 4), torch.zeros(1, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="text_hidden"):

@@ -5,8 +5,9 @@ Rows (`METHODS`): vanilla and four settings of the registry method "rcpp" (`rcpp
 contrast with the first-token action, contrast and eviction), any other registry method by name (alone: RCPP off,
 greedy), or "<registry name>+rcpp" (composed with the "rcpp" row). The default adds VCD, the two-pass contrastive
 reference (two forwards and two caches per token, `methods/contrastive_decoder.py`), to show what DRCD's one
-forward saves. A registry pruner's budget is `BenchmarkSettings.budget` of 576 visual tokens, scaled to the model's
-image, unless its preset (`method_presets`) sets one.
+forward saves. A registry method with a `budget` setting runs at `BenchmarkSettings.budget` unless its preset
+(`method_presets`) sets one; both follow the budget rule (`methods/budget.py`: a count of the model's image or a
+fraction of it). A method that does not fit the model (e.g. an unreachable budget) is a skipped row with its reason.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
 from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder
 from rcpp_hf.benchmark.flops import prefill_flops_ratio
-from rcpp_hf.engine.pruning import scale_tokens
+from rcpp_hf.methods.budget import budget_problem, budget_rule, published_fraction
 from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods import METHODS as REGISTRY
 from rcpp_hf.methods import MethodConfig, load_method
@@ -67,7 +68,7 @@ class BenchmarkSettings:
     early_steps: int = 32
     late_steps: int = 128
     seed: int = 0
-    budget: int = 128  # registry pruners' visual tokens, of 576, scaled to the model's image
+    budget: int | float = published_fraction(128)  # registry methods' budget: a count of the image or a fraction
     method_presets: tuple[dict, ...] = ()  # registry method settings {"method": name, ...} (e.g. --method-config)
 
     def __post_init__(self):
@@ -76,8 +77,8 @@ class BenchmarkSettings:
         unknown = sorted(set(self.methods) - set(known_methods()))
         if unknown:
             raise ValueError(f"BenchmarkSettings.methods: unknown {unknown}; known: {', '.join(known_methods())}")
-        if not (isinstance(self.budget, int) and self.budget >= 1):
-            raise ValueError(f"BenchmarkSettings.budget = {self.budget!r}: must be an integer >= 1 (tokens of 576)")
+        if (problem := budget_problem(self.budget)) is not None:
+            raise ValueError(f"BenchmarkSettings.budget = {self.budget!r}: must be {budget_rule()}; it {problem}")
         for preset in self.method_presets:
             load_method(preset)  # validated now, before any model work
         if "vanilla" not in self.methods:
@@ -98,15 +99,27 @@ def known_methods() -> list[str]:
     return [*METHODS, *others, *(name + WITH_RCPP for name in composable)]
 
 
-def registry_method(method: str, settings: BenchmarkSettings, num_visual: int) -> MethodConfig | None:
+def registry_method(method: str, settings: BenchmarkSettings) -> MethodConfig | None:
     """The registry method that `method` runs ("fastv" or "fastv+rcpp"), or None for the benchmark's own."""
     name = method.removesuffix(WITH_RCPP)
     if method in METHODS or name not in REGISTRY:
         return None
     preset = next((preset for preset in settings.method_presets if preset["method"] == name), {"method": name})
     if "budget" in load_method(name).to_dict() and "budget" not in preset:
-        return load_method(preset, budget=scale_tokens(settings.budget, num_visual))
+        return load_method(preset, budget=settings.budget)
     return load_method(preset)
+
+
+def skip_reason(method: str, settings: BenchmarkSettings, num_layers: int, num_visual: int) -> str | None:
+    """Why row `method` cannot run on this model (its registry method's `check_fits` ValueError), or None."""
+    registered = registry_method(method, settings)
+    if registered is None:
+        return None
+    try:
+        registered.check_fits(num_layers, num_visual)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def rcpp_row(method: str, settings: BenchmarkSettings, tau: float) -> MethodConfig:
@@ -124,17 +137,16 @@ def rcpp_row(method: str, settings: BenchmarkSettings, tau: float) -> MethodConf
     return load_method("rcpp", **rows[method])
 
 
-def method_generation_config(method: str, settings: BenchmarkSettings, tau: float,
-                             num_visual: int | None = None) -> RCPPGenerationConfig:  # fmt: skip
+def method_generation_config(method: str, settings: BenchmarkSettings, tau: float) -> RCPPGenerationConfig:
     """Every row decodes exactly `new_tokens` greedy tokens (min = max, so an early EOS cannot shorten a run) with
     its registry methods: none (vanilla), "rcpp" at the row's settings, or a registry method alone or with the
-    "rcpp" row. `num_visual` (the image's visual tokens) scales a registry method's budget."""
+    "rcpp" row."""
     length = dict(max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens, do_sample=False)
     if method == "vanilla":
         return build_generation_config(None, **length)
     if method in METHODS:
         return build_generation_config(None, rcpp_row(method, settings, tau), **length)
-    registered = registry_method(method, settings, num_visual)
+    registered = registry_method(method, settings)
     if registered is None:
         raise ValueError(f"no generation config for {method!r}; known: {', '.join(known_methods())}")
     methods = [registered]
@@ -143,11 +155,10 @@ def method_generation_config(method: str, settings: BenchmarkSettings, tau: floa
     return build_generation_config(None, methods, **length)
 
 
-def run_method(model, inputs, method: str, settings: BenchmarkSettings, tau: float, streamer=None, trace=False,
-               num_visual: int | None = None):  # fmt: skip
+def run_method(model, inputs, method: str, settings: BenchmarkSettings, tau: float, streamer=None, trace=False):
     """One generation; returns (sequences, caches, RCPPTrace or None): caches is [the cache] or, for a contrastive
     decoder, [main branch's, contrast branch's]."""
-    config = method_generation_config(method, settings, tau, num_visual)
+    config = method_generation_config(method, settings, tau)
     config.return_dict_in_generate = trace
     out = model.generate(**inputs, generation_config=config, streamer=streamer)
     if not trace:
@@ -171,7 +182,7 @@ def cache_profile(model, inputs, method, settings, tau, prompt_length, num_visua
     whose cache only grows by one token in every layer per step, the final cache gives every step exactly (a
     prefill pruner's layers differ in length, so a token's bytes are summed over layers). A contrastive decoder's
     two caches are summed."""
-    _, caches, trace = run_method(model, inputs, method, settings, tau, trace=True, num_visual=num_visual)
+    _, caches, trace = run_method(model, inputs, method, settings, tau, trace=True)
     if trace is not None:
         noisy_steps = [int(step.num_noise.min()) > 0 for step in trace.steps[1:]]
         return {
@@ -186,7 +197,7 @@ def cache_profile(model, inputs, method, settings, tau, prompt_length, num_visua
     visual_bytes = (sum(cache.visual_nbytes() for cache in caches) if isinstance(caches[0], VisualKVCache)
                     else token_bytes * num_visual)  # fmt: skip
     steps = range(settings.new_tokens)
-    registered = registry_method(method, settings, num_visual)
+    registered = registry_method(method, settings)
     two_pass = isinstance(registered, ContrastiveDecoder) and registered.has_contrast
     return {
         "cache_bytes": [final_bytes - token_bytes * (last - step) for step in steps],
@@ -249,15 +260,20 @@ RATIO_METRICS = {
 
 def add_ratios(results: dict) -> None:
     vanilla = results["vanilla"]
-    for metrics in results.values():
+    for metrics in measured(results).values():
         for ratio, metric in RATIO_METRICS.items():
             metrics[ratio] = metrics[metric] / vanilla[metric] if vanilla[metric] else float("nan")
+
+
+def measured(results: dict) -> dict:
+    """The rows that ran (not skipped)."""
+    return {method: metrics for method, metrics in results.items() if "skipped" not in metrics}
 
 
 def check_targets(results: dict) -> list[dict]:
     checks = []
     for method, metric, op, threshold in TARGETS:
-        if method not in results:
+        if method not in measured(results):
             continue
         value = results[method][metric]
         met = value <= threshold if op == "<=" else value >= threshold
@@ -280,28 +296,32 @@ def run_speed_benchmark(settings: BenchmarkSettings) -> dict:
     inputs = benchmark_inputs(processor, settings, settings.device, dtype)
     prompt_length = inputs["input_ids"].shape[1]
     num_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    num_layers = model.config.text_config.num_hidden_layers
+    skipped = {m: reason for m in settings.methods if (reason := skip_reason(m, settings, num_layers, num_visual))}
+    runs = [method for method in settings.methods if method not in skipped]
     tau = calibrate_tau(model, inputs, settings)
 
-    profiles = {m: cache_profile(model, inputs, m, settings, tau, prompt_length, num_visual) for m in settings.methods}
-    timers = {method: [] for method in settings.methods}
-    peaks = {method: [] for method in settings.methods}
-    rounds = [(r, m) for r in range(settings.repeats + 1) for m in settings.methods]  # round 0 is the warm-up
+    profiles = {m: cache_profile(model, inputs, m, settings, tau, prompt_length, num_visual) for m in runs}
+    timers = {method: [] for method in runs}
+    peaks = {method: [] for method in runs}
+    rounds = [(r, m) for r in range(settings.repeats + 1) for m in runs]  # round 0 is the warm-up
     for repeat, method in tqdm(rounds, desc=f"bench {settings.model or settings.shape}", unit="run"):
         timer = StepTimer()
         with PeakMemory(settings.device) as memory:
-            run_method(model, inputs, method, settings, tau, streamer=timer, num_visual=num_visual)
+            run_method(model, inputs, method, settings, tau, streamer=timer)
         if repeat > 0:
             timers[method].append(timer)
             peaks[method].append(memory.peak_bytes)
 
-    results = {m: summarise(timers[m], peaks[m], profiles[m], settings) for m in settings.methods}
+    results = {m: {"skipped": skipped[m]} if m in skipped else summarise(timers[m], peaks[m], profiles[m], settings)
+               for m in settings.methods}  # fmt: skip
     add_ratios(results)
-    num_layers = model.config.text_config.num_hidden_layers
     for method in settings.methods:
-        registered = registry_method(method, settings, num_visual)
+        registered = registry_method(method, settings)
         if registered is not None:
             results[method]["method"] = registered.to_dict()
-        if isinstance(registered, PrefillPruner):  # the theoretical ratio the measured prefill ratio should meet
+        # the theoretical ratio the measured prefill ratio should meet
+        if isinstance(registered, PrefillPruner) and method not in skipped:
             stages = registered.resolve_stages(num_layers, num_visual)
             results[method]["prefill_flops_ratio"] = prefill_flops_ratio(model, stages, num_visual,
                                                                          prompt_length - num_visual)  # fmt: skip
@@ -339,7 +359,11 @@ def format_report(report: dict) -> str:
     """A plain-text table (value and ratio to vanilla per cell) followed by the targets."""
     header = ["method"] + [name for name, *_ in TABLE_COLUMNS] + ["contrast steps", "prefill FLOPs"]
     rows = [header]
+    skipped = []
     for method, metrics in report["methods"].items():
+        if "skipped" in metrics:
+            skipped.append(f"{method}: skipped: {metrics['skipped']}")
+            continue
         row = [method]
         for _, metric, scale, ratio in TABLE_COLUMNS:
             cell = f"{metrics[metric] * scale:.2f}"
@@ -357,6 +381,7 @@ def format_report(report: dict) -> str:
                     f"({env['device']}, {env['threads']} threads), batch {settings['batch_size']}, "
                     f"{settings['new_tokens']} new tokens, {settings['repeats']} repeats, {env['visual_tokens']} "
                     f"visual tokens, tau {env['tau']:.4f}; ratios are to vanilla in this run")
+    lines += skipped
     lines.append("")
     for check in report["targets"]:
         lines.append(f"target {check['method']:<16} {check['metric']:<26} {check['target']:<8} "
@@ -372,7 +397,7 @@ def plot_report(report: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (time_ax, cache_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method, metrics in report["methods"].items():
+    for method, metrics in measured(report["methods"]).items():
         steps = range(1, len(metrics["decode_s_per_step"]) + 1)
         time_ax.plot(steps, [s * 1e3 for s in metrics["decode_s_per_step"]], label=method, linewidth=1)
         line, = cache_ax.plot([b / 2 ** 20 for b in metrics["cache_bytes_per_step"]], label=f"{method} total")

@@ -19,7 +19,7 @@ from rcpp_hf.benchmark.suite import (
     run_speed_benchmark,
 )
 from rcpp_hf.cli.errors import UsageError
-from rcpp_hf.cli.options import check_device, model_folder
+from rcpp_hf.cli.options import BUDGET_HELP, budget_argument, check_device, model_folder
 from rcpp_hf.methods import METHODS as REGISTRY
 from rcpp_hf.run_config import read_method_yaml
 
@@ -34,9 +34,12 @@ def add_parser(commands) -> None:
                         "'<name>+rcpp' composes one with the 'rcpp' setting; a contrastive "
                         "decoder runs only alone)")
     parser.add_argument("--method-config", action="append", default=[], help="YAML preset of a registry method in "
-                        "--methods ('method' key; without it: settings of the only one); repeat for several")
-    parser.add_argument("--budget", type=int, default=128, help="registry pruners' budget in visual tokens of 576, "
-                        "scaled to the model's image, unless a --method-config sets one (default: 128)")
+                        "--methods ('method' key; without it: settings of the only one); repeat for several; its "
+                        "budget follows --budget's rule")
+    parser.add_argument("--budget", type=budget_argument, default=BenchmarkSettings.budget,
+                        help=f"budget of the registry methods with a budget setting, unless a --method-config sets "
+                             f"one (the same rule): {BUDGET_HELP}; a budget a method cannot reach on the model is a "
+                             "skipped row (default: 0.2222, 128 of 576)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=1)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
+from transformers import AutoConfig
 
 from rcpp_hf.cli.errors import UsageError
 from rcpp_hf.cli.options import (
@@ -21,6 +22,7 @@ from rcpp_hf.cli.options import (
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
 from rcpp_hf.eval.answerer import load_model
+from rcpp_hf.families.llava import llava_shape
 from rcpp_hf.run_config import build_generation_config, load_method_preset
 
 LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -87,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     generation_config = build_generation_config(args.config, method, **overrides)
     generation_config.return_dict_in_generate = True
     model_path = model_folder(args.model)
+    shape = llava_shape(AutoConfig.from_pretrained(model_path))  # e.g. a budget this model cannot reach
+    for registered in generation_config.methods:
+        registered.check_fits(*shape)
     model, processor = load_model(model_path, args.dtype, args.device)
     text = args.prompt if "<image>" in args.prompt else LLAVA_TEMPLATE.format(prompt=args.prompt)
     inputs = processor(images=image, text=text, return_tensors="pt").to(args.device, dtype=model.dtype)

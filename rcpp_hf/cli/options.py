@@ -14,17 +14,20 @@ import torch
 from rcpp_hf.cli.errors import UsageError
 from rcpp_hf.default_model import default_model_path
 from rcpp_hf.methods import METHODS
-from rcpp_hf.shapesworld.world import (
-    DEFAULT_WORLD_SEED,
-    TEST_SEED,
-    TRAIN_SEED,
-    VALIDATION_SEED,
-)
+from rcpp_hf.methods.budget import budget_argument  # noqa: F401 (the budget flags' type, with their help)
+from rcpp_hf.shapesworld.world import DEFAULT_WORLD_SEED, TEST_SEED, TRAIN_SEED, VALIDATION_SEED
 from rcpp_hf.smol.build import MODEL_NAME, build_smol_llava
 
 # What the hub accepts as a repo id ("llava-hf/llava-1.5-7b-hf"; a legacy id has no namespace, e.g. "gpt2").
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 MODEL_FORMS = f"a checkpoint folder, a hub id (org/name) or {MODEL_NAME}"
+
+
+# Every budget flag's help says the rule (`methods/budget.py`).
+BUDGET_HELP = ("an integer counts visual tokens of the model's own image, a fraction in (0, 1) is a share of them "
+               "(LLaVA-1.5's 64 / 128 / 192 of 576 are 0.1111 / 0.2222 / 0.3333)")
+# Every layer or head flag's help says which it takes.
+LAYER_HELP = "layer indices of this model's own decoder"
 
 
 def model_folder(model: str | Path | None) -> str:
@@ -92,5 +95,5 @@ def add_world_seed_argument(parser: argparse.ArgumentParser, default: int = DEFA
 def add_method_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--method", help=f"a registered method, run with its defaults or --method-config "
                         f"(known: {', '.join(METHODS)})")
-    parser.add_argument("--method-config", help="a method preset: a shipped name (e.g. fastv_128) or a "
+    parser.add_argument("--method-config", help="a method preset: a shipped name (e.g. fastv_128of576) or a "
                         "YAML path (a 'method' key and its settings, or settings for --method)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rcpp_hf.cli.options import add_world_seed_argument, model_folder
+from rcpp_hf.cli.options import BUDGET_HELP, add_world_seed_argument, budget_argument, model_folder
 from rcpp_hf.methods import METHODS
 from rcpp_hf.shapesworld import compare, train
 from rcpp_hf.shapesworld.caption_sets import caption_scenes, write_caption_split
@@ -20,7 +20,6 @@ from rcpp_hf.shapesworld.compare import (
     VANILLA,
     comparison_settings,
     config_setting,
-    model_shape,
 )
 from rcpp_hf.shapesworld.evaluate import SPLITS
 from rcpp_hf.shapesworld.mme_sets import mme_scenes, write_mme_set
@@ -76,8 +75,9 @@ def add_compare_parser(subcommands: argparse._SubParsersAction) -> None:
                         help=f"comma-separated rows: {VANILLA}, {RCPP} (RCPP + DRCD, library defaults) or registry "
                              f"methods ({', '.join(METHODS)}); default: all that run with their default "
                              "settings")  # fmt: skip
-    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS),
-                        help="visual-token budgets of the pruners, of 576 (scaled to the model's image)")
+    parser.add_argument("--budgets", type=budget_argument, nargs="+", default=list(BUDGETS),
+                        help=f"budgets of the methods with a budget setting, one row each: {BUDGET_HELP}; rows are "
+                             "labelled <method>-<budget as given> (default: 0.1111 0.2222 0.3333)")
     parser.add_argument("--with-rcpp", action="store_true", help="also each registry method composed with RCPP + DRCD "
                         "('<method>+rcpp' rows)")
     parser.add_argument("--configs", nargs="+", default=[], help="extra rows: generation (RCPP) presets or method "
@@ -90,7 +90,7 @@ def add_compare_parser(subcommands: argparse._SubParsersAction) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     model = model_folder(args.model)
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
-    settings = comparison_settings(names, tuple(args.budgets), model_shape(model)[1], args.with_rcpp)
+    settings = comparison_settings(names, tuple(args.budgets), args.with_rcpp)
     settings += [config_setting(config) for config in args.configs]
     settings = list({setting.name: setting for setting in settings}.values())  # "vanilla" named twice runs once
     compare.compare(model, settings, args.splits, args.seed, args.num_images, args.output_dir, args.batch_size)

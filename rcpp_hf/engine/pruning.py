@@ -7,9 +7,9 @@ inside `run_decoder`: it keeps the top-scoring visual tokens and every text toke
 hidden states hold only the kept entries (compute really saved), they keep their original positions, and the layer
 caches only them; decoding then attends, per layer, to what that layer cached.
 
-Layer defaults of the methods are stated for LLaVA-1.5-7B's 32-layer decoder and 576 visual tokens; on other models
-they scale by depth fraction (`scale_layer`) and token fraction (`scale_tokens`). `out.pruning` reports what was
-resolved and kept.
+Layer defaults of the methods are stated for LLaVA-1.5-7B's 32-layer decoder; on other models they scale by depth
+fraction (`scale_layer`). Token budgets are counts of the model's image or fractions of it (`methods/budget.py`);
+the stages here hold them resolved. `out.pruning` reports what was resolved and kept.
 """
 
 from __future__ import annotations
@@ -46,11 +46,6 @@ def scale_layers(layers: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
     if scaled[-1] > num_layers - 1:
         raise ValueError(f"{len(layers)} pruning stages do not fit a decoder with {num_layers} layers")
     return tuple(scaled)
-
-
-def scale_tokens(count: float, num_visual: int) -> int:
-    """A visual-token count stated for 576 tokens, at the same fraction of `num_visual` tokens (at least 1)."""
-    return max(1, round(count * num_visual / REFERENCE_VISUAL_TOKENS))
 
 
 def equivalent_keep(budget: int, num_visual: int, layer: int, num_layers: int) -> int:

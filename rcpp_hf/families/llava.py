@@ -12,6 +12,14 @@ from rcpp_hf.engine.vision import VisionRecord, record_vision_attention, vision_
 from rcpp_hf.families.base import ModelFamily
 
 
+def llava_shape(config) -> tuple[int, int]:
+    """(decoder layers, visual tokens per image) of a `LlavaConfig`, from the config alone: the vision tower's
+    patches, plus CLS unless the "default" feature selection drops it."""
+    vision = config.vision_config
+    cls_token = 0 if config.vision_feature_select_strategy == "default" else 1
+    return config.text_config.num_hidden_layers, (vision.image_size // vision.patch_size) ** 2 + cls_token
+
+
 class LlavaFamily(ModelFamily):
     stock_class = LlavaForConditionalGeneration
 

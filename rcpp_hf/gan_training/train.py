@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import LlavaProcessor
 
 from rcpp_hf.engine.layout import first_true_columns
-from rcpp_hf.engine.pruning import REFERENCE_LAYERS, REFERENCE_VISUAL_TOKENS, scale_layers
+from rcpp_hf.engine.pruning import REFERENCE_LAYERS, scale_layers
 from rcpp_hf.engine.vision import gather_tokens
 from rcpp_hf.gan_training.discriminator import Discriminator, pool_states
 from rcpp_hf.gan_training.forward import PrunedForward, pruned_forward
@@ -48,6 +48,8 @@ from rcpp_hf.gan_training.losses import (
     token_count_loss,
 )
 from rcpp_hf.gan_training.schedules import cosine_schedule
+from rcpp_hf.families.llava import llava_shape
+from rcpp_hf.methods.budget import budget_argument, budget_problem, budget_rule, describe_budget, is_fraction
 from rcpp_hf.methods.gan_pruner.config import GUMBEL_MODES, GanPrunerConfig
 from rcpp_hf.methods.gan_pruner.pruner import GanLayerPruners, evaluation_keep_mask, gumbel_keep_mask
 from rcpp_hf.methods.pdrop import ratio_for_budget
@@ -61,7 +63,7 @@ CURVES_FILE = "curves.jsonl"
 SUMMARY_FILE = "training.json"
 LOSS_TERMS = ("task", "adversarial", "distillation", "sparsity", "token_count", "binarisation")
 VARIABLE_LENGTH = ("pruning_layers", "discriminator_layers", "target_keep")  # list settings that are not pairs
-OPTIONAL_TYPES = {"target_keep": float, "budget": int}  # settings whose default is None
+OPTIONAL_TYPES = {"target_keep": float, "budget": budget_argument}  # settings whose default is None
 SEED_TARGET_KEEP = (0.5, 0.3, 0.15)
 UNDECIDED = (0.1, 0.9)  # a relaxed mask in this open interval has not decided yet
 
@@ -76,9 +78,11 @@ class GanTrainConfig:
     discriminator_layers: decoder layers whose output text states the discriminator reads.
     target_keep: per stage, the cumulative share of the image's visual tokens kept from its layer on; None: from
         `budget`, or (0.5, 0.3, 0.15) without one.
-    budget: the registry's budget instead (visual tokens per decoder layer on average, of 576, e.g. 128): the targets
-        are PyramidDrop's lambda, lambda^2, lambda^3 with lambda solved for it at the scaled pruning layers
-        (`methods/pdrop.ratio_for_budget`), so that the rows of the comparison are at one budget convention.
+    budget: the registry's budget instead (visual tokens per decoder layer on average; a count of the backbone's image
+        or a fraction of it, `methods/budget.py`, e.g. 128 / 576): the targets are PyramidDrop's lambda, lambda^2,
+        lambda^3 with lambda solved for its share of the image at the scaled pruning layers
+        (`methods/pdrop.ratio_for_budget`; a fraction is used as it is, a count c as c / V), so that the rows of the
+        comparison are at one budget convention.
     budget_lr, budget_bound: step size and bound of the budget multipliers (one per stage, dual ascent on the relative
         error clipped to [-1, 1], the multipliers kept in [-bound, bound]: `losses.dual_ascent`; budget_lr 0: off). The
         reference repository's squared sparsity term acts on training's noisy masks and is outweighed by the task and
@@ -105,7 +109,7 @@ class GanTrainConfig:
     pruning_layers: tuple[int, ...] = (6, 12, 18)
     discriminator_layers: tuple[int, ...] = (15, 23, 31)
     target_keep: tuple[float, ...] | None = None
-    budget: int | None = None
+    budget: int | float | None = None
     pruner_hidden: int = 512
     pruner_heads: int = 4
     gumbel: str = "straight_through"
@@ -146,8 +150,8 @@ class GanTrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.target_keep is not None and self.budget is not None:
             raise ValueError("give target_keep or budget, not both")
-        if self.budget is not None and not 1 <= self.budget <= REFERENCE_VISUAL_TOKENS:
-            raise ValueError(f"budget must lie in [1, {REFERENCE_VISUAL_TOKENS}] (visual tokens of 576), got {self.budget}")
+        if self.budget is not None and (problem := budget_problem(self.budget)) is not None:
+            raise ValueError(f"budget must be {budget_rule()}; it {problem}, got {self.budget!r}")
         if self.target_keep is not None:
             if len(self.target_keep) != len(self.pruning_layers):
                 raise ValueError(f"target_keep needs one value per pruning layer ({len(self.pruning_layers)}), got {self.target_keep}")
@@ -167,20 +171,25 @@ class GanTrainConfig:
             raise ValueError(f"temperature must stay > 0, got {self.temperature}")
 
 
-def keep_targets(config: GanTrainConfig, stage_layers: tuple[int, ...], num_layers: int) -> tuple[float, ...]:
+def keep_targets(config: GanTrainConfig, stage_layers: tuple[int, ...], num_layers: int,
+                 num_visual: int) -> tuple[float, ...]:  # fmt: skip
     """Per stage, the cumulative keep ratio to train toward on a decoder of `num_layers` whose pruning layers are
-    `stage_layers` (scaled): `config.target_keep`, or solved for `config.budget`. An unreachable budget (below what
-    the layers before the first stage already spend) raises ValueError."""
+    `stage_layers` (scaled), for an image of `num_visual` tokens: `config.target_keep`, or solved for
+    `config.budget`. A budget larger than the image or unreachable (below what the layers before the first stage
+    already spend) raises ValueError."""
     if config.target_keep is not None:
         return config.target_keep
     if config.budget is None:
         return SEED_TARGET_KEEP
-    fraction = config.budget / REFERENCE_VISUAL_TOKENS
+    if not is_fraction(config.budget) and config.budget > num_visual:
+        raise ValueError(f"budget {config.budget} is larger than the image's {num_visual} visual tokens")
+    fraction = config.budget if is_fraction(config.budget) else config.budget / num_visual
     if fraction <= stage_layers[0] / num_layers:
         raise ValueError(
-            f"budget {config.budget} of {REFERENCE_VISUAL_TOKENS} is unreachable with pruning layers {stage_layers} of "
-            f"{num_layers}: the {stage_layers[0]} unpruned layers before the first stage alone average "
-            f"{REFERENCE_VISUAL_TOKENS * stage_layers[0] / num_layers:.0f}; prune earlier (--pruning-layers)"
+            f"budget {describe_budget(config.budget, num_visual)} is unreachable with pruning layers {stage_layers} "
+            f"of {num_layers}: the {stage_layers[0]} unpruned layers before the first stage alone average "
+            f"{num_visual * stage_layers[0] / num_layers:g}; reachable: {num_visual * stage_layers[0] // num_layers + 1}"
+            f"..{num_visual}; prune earlier (--pruning-layers)"
         )
     ratio = ratio_for_budget(fraction, stage_layers, num_layers)
     return tuple(ratio ** (s + 1) for s in range(len(stage_layers)))
@@ -293,7 +302,7 @@ class GanTrainer:
         text = model.config.text_config
         torch.manual_seed(config.seed)
         stage_layers = scale_layers(config.pruning_layers, text.num_hidden_layers)
-        targets = keep_targets(config, stage_layers, text.num_hidden_layers)
+        targets = keep_targets(config, stage_layers, text.num_hidden_layers, llava_shape(model.config)[1])
         pruners = GanLayerPruners(GanPrunerConfig(
             hidden_size=text.hidden_size, num_hidden_layers=text.num_hidden_layers, pruning_layers=stage_layers,
             pruner_hidden=config.pruner_hidden, pruner_heads=config.pruner_heads, gumbel=config.gumbel,

@@ -62,6 +62,11 @@ class MethodConfig:
         method needs to run there; {} when it needs none."""
         return {}
 
+    def check_fits(self, num_layers: int, num_visual: int) -> None:
+        """Raise ValueError naming the setting that does not fit a decoder of `num_layers` layers and an image of
+        `num_visual` visual tokens (e.g. a budget larger than the image, or unreachable); checked from the model's
+        shape alone, before any model work. Methods whose settings fit every model keep this default."""
+
     def fail(self, field: str, why: str):
         raise ValueError(f"{type(self).__name__}.{field} = {getattr(self, field)!r}: {why}")
 

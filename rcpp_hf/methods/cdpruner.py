@@ -163,7 +163,7 @@ def clip_embeddings(clip, tokenizer, vision: VisionRecord, texts: list[str]) -> 
 @dataclass
 class CDPruner(VisionPruner):
     """Args:
-        budget: T, visual tokens kept (of the model's image).
+        budget: T, visual tokens kept: a budget (see `VisionPruner`; default 64 / 576).
         clip_model: path or id of a CLIPModel matching the vision tower (its tokenizer saved with it), for the
             paper's relevance; None: relevance from the language model's input embeddings (see module docstring).
         vision_layer: see `VisionPruner` (the tower records it; CDPruner itself reads the features only).
@@ -173,7 +173,7 @@ class CDPruner(VisionPruner):
     clip_model: str | None = None
 
     CONTRACT_NEUTRAL = {"budget": 16}
-    CONTRACT_ACTING = {"budget": 5}  # the default 64 is more than the tiny image's 16 tokens
+    CONTRACT_ACTING = {"budget": 5}
     CONTRACT_INVALID = {"budget": 0, "clip_model": ""}
     CONTRACT_MASKABLE = True
 
@@ -198,6 +198,6 @@ class CDPruner(VisionPruner):
         visual = gather_tokens(ctx.hidden, ctx.layout.visual_slots)  # (B, V, D) the projected features
         relevance = self.relevance(ctx, visual)
         ctx.scores = relevance
-        chosen = dpp_greedy_map(conditional_kernel(visual, relevance), self.budget)
+        chosen = dpp_greedy_map(conditional_kernel(visual, relevance), ctx.stage.keep)
         ctx.details["relevance_filled"] = (chosen < 0).sum(dim=1).tolist()  # per row: slots past the kernel's rank
         return fill_by_relevance(chosen, relevance)

@@ -7,7 +7,8 @@ Two prefill stages (LLaVA-1.5-7B, 32 layers, 576 visual tokens; the repository's
     layer K1 - 1 (head mean, summed over every text query row after the image); the top R1 = 288 survive;
   - before the image layer K2 = 8: the survivors ranked by the image-to-image attention of layer K2 - 1 (head mean,
     summed over the visual query rows: column sums of the image block); the top R2 = 72 survive.
-Layers scale by depth (`scale_layers`), ranks by token fraction (`scale_tokens`). Unlike the repository (eager
+Layers scale by depth (`scale_layers`); ranks are budgets (`methods/budget.py`), by default the published counts as
+fractions of the image (288 / 576 = 0.5, 72 / 576 = 0.125). Unlike the repository (eager
 attention, batch row 0, the image span hard-coded by `hmap_v_sys_length` / `hmap_v_img_length`, `use_cache=False`),
 the image span comes from `image_token_id` in each row, rows may be left-padded, the attention rows are recomputed
 on any attention implementation, and the KV cache keeps only the survivors at their original positions.
@@ -27,7 +28,8 @@ import torch
 from rcpp_hf.engine.attention import normed_states, project_heads
 from rcpp_hf.engine.condensation import CONDENSATION_STRATEGIES, FPS_STARTS, condense
 from rcpp_hf.engine.layout import text_after_image
-from rcpp_hf.engine.pruning import PruneContext, PruneStage, scale_layer, scale_layers, scale_tokens
+from rcpp_hf.engine.pruning import PruneContext, PruneStage, scale_layer, scale_layers
+from rcpp_hf.methods.budget import budget_count, check_budget, comparable, published_fraction
 from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods.registry import register_method
 
@@ -50,8 +52,10 @@ def image_to_image_scores(attention: torch.Tensor) -> torch.Tensor:
 @dataclass
 class HiMAP(PrefillPruner):
     """Args:
-        txt_layer, txt_rank: K1 and R1 on this model (None: 2 of 32 / 288 of 576, scaled).
-        img_layer, img_rank: K2 and R2 (None: 8 of 32 / 72 of 576, scaled).
+        txt_layer, txt_rank: K1, a layer index of this model (None: 2 of 32, scaled by depth), and R1, a budget (a
+            count of this model's image or a fraction of it; default 288 / 576 = 0.5).
+        img_layer, img_rank: K2 (None: 8 of 32, scaled) and R2 (default 72 / 576 = 0.125), not above R1 once
+            resolved.
         image_stage: False runs the text stage alone (the condensation experiment's single condensation layer).
         use_token_condensation: condense at each stage instead of cutting.
         condensation_strategy: "fps" (farthest point sampling) or "connectivity" (top-M by degree).
@@ -74,9 +78,9 @@ class HiMAP(PrefillPruner):
         "hmap_v_img_length": None,
     }
     txt_layer: int | None = None
-    txt_rank: int | None = None
+    txt_rank: int | float = published_fraction(HIMAP_RANKS[0])
     img_layer: int | None = None
-    img_rank: int | None = None
+    img_rank: int | float = published_fraction(HIMAP_RANKS[1])
     image_stage: bool = True
     use_token_condensation: bool = False
     condensation_strategy: str = "connectivity"
@@ -90,14 +94,16 @@ class HiMAP(PrefillPruner):
     CONTRACT_MASKABLE = True  # without token condensation (the default), which gives the centroids new states
 
     def __post_init__(self):
-        for field in ("txt_layer", "img_layer", "txt_rank", "img_rank", "condensation_num_heads"):
+        for field in ("txt_layer", "img_layer", "condensation_num_heads"):
             value = getattr(self, field)
-            if value is not None and not (isinstance(value, int) and value >= 1):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 self.fail(field, "must be None or an integer >= 1")
+        check_budget(self, "txt_rank")
+        check_budget(self, "img_rank")
+        if self.image_stage and comparable(self.txt_rank, self.img_rank) and self.img_rank > self.txt_rank:
+            self.fail("img_rank", f"must not exceed txt_rank = {self.txt_rank} (a stage cannot keep more than before)")
         if self.txt_layer is not None and self.img_layer is not None and self.img_layer <= self.txt_layer:
             self.fail("img_layer", f"must come after txt_layer = {self.txt_layer} (stage layers increase)")
-        if self.txt_rank is not None and self.img_rank is not None and self.img_rank > self.txt_rank:
-            self.fail("img_rank", f"must not exceed txt_rank = {self.txt_rank} (a stage cannot keep more than before)")
         for field in ("image_stage", "use_token_condensation"):
             if not isinstance(getattr(self, field), bool):
                 self.fail(field, "must be True or False")
@@ -114,11 +120,10 @@ class HiMAP(PrefillPruner):
         else:
             layers = tuple(scale_layer(default, num_layers) if layer is None else layer
                            for layer, default in zip((self.txt_layer, self.img_layer), HIMAP_LAYERS))  # fmt: skip
-        ranks = [scale_tokens(default, num_visual) if rank is None else rank
-                 for rank, default in zip((self.txt_rank, self.img_rank), HIMAP_RANKS)]  # fmt: skip
-        for field, rank in zip(("txt_rank", "img_rank"), ranks):
-            if rank > num_visual:
-                self.fail(field, f"keeps {rank} tokens, more than the image's {num_visual} visual tokens")
+        ranks = [budget_count(self, "txt_rank", num_visual), budget_count(self, "img_rank", num_visual)]
+        if self.image_stage and ranks[1] > ranks[0]:
+            self.fail("img_rank", f"resolves to {ranks[1]} of {num_visual} visual tokens, more than txt_rank's "
+                                  f"{ranks[0]} (a stage cannot keep more than before)")  # fmt: skip
         stages = [PruneStage(layer, rank) for layer, rank in zip(layers, ranks)]
         return stages if self.image_stage else stages[:1]
 

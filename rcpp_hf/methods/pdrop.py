@@ -19,6 +19,7 @@ import torch
 
 from rcpp_hf.engine.attention import attention_probs, probe_query, prompt_keys
 from rcpp_hf.engine.pruning import PruneContext, PruneStage, scale_layers
+from rcpp_hf.methods.budget import budget_count, check_budget, unreachable
 from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods.registry import register_method
 
@@ -140,15 +141,17 @@ class PDrop(PrefillPruner):
     the visual tokens and the top fraction survives.
 
     Args:
-        budget: average visual tokens per layer (of the model's image); the stage ratio lambda (kept fractions
-            lambda, lambda^2, lambda^3) is solved for it. None: the published ratios `ratios`.
+        budget: average visual tokens per layer, a budget (a count of this model's image or a fraction of it,
+            `methods/budget.py`; the paper's 192 / 128 / 64 of 576 are 0.3333 / 0.2222 / 0.1111); the stage ratio
+            lambda (kept fractions lambda, lambda^2, lambda^3) is solved for it. None: the published ratios `ratios`.
         ratios: kept fraction of the image's tokens from each stage on, non-increasing (default 0.5 / 0.25 / 0.125).
-        layers: the stage layers (each is the first layer to run pruned); None: (8, 16, 24) of 32 with `ratios`, or
+        layers: the stage layers, this model's layer indices (each is the first layer to run pruned); None: (8, 16,
+            24) of 32 with `ratios`, or
             `PDROP_BUDGET_LAYERS` (2, 12, 22) with a budget, scaled by depth.
     """
 
     name = "pdrop"
-    budget: int | None = None
+    budget: int | float | None = None
     ratios: tuple[float, ...] = PDROP_RATIOS
     layers: tuple[int, ...] | None = None
 
@@ -160,8 +163,7 @@ class PDrop(PrefillPruner):
         self.ratios = tuple(self.ratios)
         if isinstance(self.layers, list):
             self.layers = tuple(self.layers)
-        if self.budget is not None and not (isinstance(self.budget, int) and self.budget >= 1):
-            self.fail("budget", "must be None or an integer >= 1 (visual tokens)")
+        check_budget(self, "budget", optional=True)
         if not self.ratios or any(not 0.0 < r <= 1.0 for r in self.ratios) or list(self.ratios) != sorted(
             self.ratios, reverse=True
         ):
@@ -175,13 +177,12 @@ class PDrop(PrefillPruner):
         default_layers = PDROP_LAYERS if self.budget is None else PDROP_BUDGET_LAYERS
         stage_layers = self.layers if self.layers is not None else scale_layers(default_layers, num_layers)
         if self.budget is not None:
-            if self.budget > num_visual:
-                self.fail("budget", f"is larger than the image's {num_visual} visual tokens")
-            floor = stage_layers[0] / num_layers
-            if self.budget / num_visual <= floor:
-                self.fail("budget", f"is too small: the {stage_layers[0]} layers before the first stage already hold "
-                                    f"{floor * num_visual:.1f} visual tokens on average")  # fmt: skip
-            ratio = ratio_for_budget(self.budget / num_visual, stage_layers, num_layers)
+            budget = budget_count(self, "budget", num_visual)
+            # The average tends to the unpruned layers' share as lambda -> 0 and never reaches it.
+            lowest = stage_layers[0] * num_visual // num_layers + 1
+            if budget < lowest:
+                self.fail("budget", unreachable(self.budget, num_visual, stage_layers[0], num_layers, lowest))
+            ratio = ratio_for_budget(budget / num_visual, stage_layers, num_layers)
             keeps = tuple(max(1, round(num_visual * ratio ** (s + 1))) for s in range(len(stage_layers)))
         else:
             keeps = pdrop_keep_counts(num_visual, self.ratios)

@@ -16,9 +16,10 @@ from typing import ClassVar
 
 import torch
 
-from rcpp_hf.engine.pruning import PrefillPruningTap, PruneContext, PruneStage
+from rcpp_hf.engine.pruning import PrefillPruningTap, PruneContext, PruneStage, check_stages
 from rcpp_hf.engine.vision import feature_attention_layer
 from rcpp_hf.methods.base import MethodConfig
+from rcpp_hf.methods.budget import budget_count, check_budget, published_fraction
 from rcpp_hf.methods.protocol import GenerateContext, MethodState
 
 
@@ -39,6 +40,11 @@ class PrefillPruner(MethodConfig):
     def attention_layer(self, stage: PruneStage) -> int | None:
         """The layer whose attention `score` reads at `stage` (None: it reads none)."""
         return stage.layer - 1
+
+    def check_fits(self, num_layers: int, num_visual: int) -> None:
+        """The stages resolve and fit the model, as `PrefillPruningTap` checks them."""
+        stages = self.resolve_stages(num_layers, num_visual)
+        check_stages(stages, num_layers, num_visual, self.name, {s.layer: self.attention_layer(s) for s in stages})
 
     def score(self, ctx: PruneContext) -> torch.Tensor:
         """Importance of each visual entry of `ctx.layout` -> (B, Vl), higher is kept."""
@@ -63,25 +69,24 @@ class VisionPruner(PrefillPruner):
     """A prefill pruner that reads the vision tower and keeps `budget` visual tokens before layer 0.
 
     Args:
-        budget: T, visual tokens kept (of the model's image), merged ones included.
+        budget: T, visual tokens kept, merged ones included: a budget (a count of this model's image or a fraction
+            of it, `methods/budget.py`). Default 64 / 576 (the repositories' smallest published setting, 64 of
+            LLaVA-1.5's 576; their 128 / 192 are 0.2222 / 0.3333). `stage.keep` holds it resolved.
         vision_layer: the vision encoder layer whose attention is read (0-based; negative counts from the end);
             None: the layer that produces LLaVA's `vision_feature_layer` (the official repositories' choice).
     """
 
     reads_vision: ClassVar[bool] = True
-    budget: int = 64
+    budget: int | float = published_fraction(64)
     vision_layer: int | None = None
 
     def __post_init__(self):
-        if not (isinstance(self.budget, int) and self.budget >= 1):
-            self.fail("budget", "must be an integer >= 1 (visual tokens)")
+        check_budget(self, "budget")
         if self.vision_layer is not None and not isinstance(self.vision_layer, int):
             self.fail("vision_layer", "must be None or an integer (a vision encoder layer)")
 
     def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
-        if self.budget > num_visual:
-            self.fail("budget", f"is larger than the image's {num_visual} visual tokens")
-        return [PruneStage(layer=0, keep=self.budget)]
+        return [PruneStage(layer=0, keep=budget_count(self, "budget", num_visual))]
 
     def attention_layer(self, stage: PruneStage) -> int | None:
         return None  # it reads the vision tower, recorded in `PruneContext.vision`

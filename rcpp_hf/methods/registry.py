@@ -66,7 +66,7 @@ def method_from_dict(values: dict) -> MethodConfig:
 
 def load_method(spec: str | Path | dict | MethodConfig, **overrides) -> MethodConfig:
     """A method from a config object, a dict, a registered name (its defaults), or a method preset: a shipped
-    preset's name (`fastv_128`, see `rcpp_hf.presets`) or a path to a YAML file."""
+    preset's name (`fastv_128of576`, see `rcpp_hf.presets`) or a path to a YAML file."""
     if isinstance(spec, MethodConfig):
         return method_from_dict({**spec.to_dict(), **overrides}) if overrides else spec
     if isinstance(spec, dict):

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rcpp_hf.engine.pruning import PrefillPruningTap, PruneContext, scale_layer, scale_tokens
+from rcpp_hf.engine.pruning import PrefillPruningTap, PruneContext, scale_layer
+from rcpp_hf.methods.budget import budget_count, check_budget, published_fraction
 from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder
 from rcpp_hf.methods.fastv import FastV
 from rcpp_hf.methods.registry import register_method
 
 SID_LAYER = 2  # K for a 32-layer decoder (`fast_v_agg_layer`)
-SID_KEEP = 100  # visual tokens kept of 576 (`fast_v_attention_rank`)
+SID_KEEP = published_fraction(100)  # 100 visual tokens kept of 576 (`fast_v_attention_rank`)
 
 
 class LeastAttended(FastV):
@@ -43,15 +44,17 @@ class SID(ContrastiveDecoder):
     """Args:
         alpha: contrast weight a of (1 + a) l - a l_SID, >= 0 (0 decodes as greedy / plain sampling).
         plausibility_beta: tokens with p < beta * max p (main branch) are excluded, in [0, 1] (0: no cutoff).
-        layer: K, the first layer whose contrast branch holds only the kept tokens (None: 2 of 32, scaled by depth).
-        keep: visual tokens the contrast branch keeps (None: 100 of 576, scaled to the model's image).
+        layer: K, the first layer whose contrast branch holds only the kept tokens, a layer index of this model
+            (None: 2 of 32, scaled by depth).
+        keep: visual tokens the contrast branch keeps, a budget (a count of this model's image or a fraction of it,
+            `methods/budget.py`); default 100 / 576.
     """
 
     name = "sid"
     alpha: float = 0.5
     plausibility_beta: float = 0.1
     layer: int | None = None
-    keep: int | None = None
+    keep: int | float = SID_KEEP
 
     CONTRACT_NEUTRAL = {"alpha": 0.0, "plausibility_beta": 0.0}
     CONTRACT_INVALID = {"layer": 0, "keep": 0}
@@ -61,19 +64,17 @@ class SID(ContrastiveDecoder):
         if self.layer is not None and not (isinstance(self.layer, int) and not isinstance(self.layer, bool)
                                            and self.layer >= 1):  # fmt: skip
             self.fail("layer", "must be None or an integer >= 1 (the selection reads the layer before it)")
-        if self.keep is not None and not (isinstance(self.keep, int) and not isinstance(self.keep, bool)
-                                          and self.keep >= 1):  # fmt: skip
-            self.fail("keep", "must be None or an integer >= 1 (visual tokens)")
+        check_budget(self, "keep")
 
     def selection(self, num_layers: int, num_visual: int) -> LeastAttended:
         """The contrast branch's pruner on a decoder of `num_layers` layers and an image of `num_visual` tokens."""
         layer = self.layer if self.layer is not None else scale_layer(SID_LAYER, num_layers)
         if layer >= num_layers:
             self.fail("layer", f"is out of range for a decoder with {num_layers} layers (valid: 1..{num_layers - 1})")
-        keep = self.keep if self.keep is not None else scale_tokens(SID_KEEP, num_visual)
-        if keep > num_visual:
-            self.fail("keep", f"is larger than the image's {num_visual} visual tokens")
-        return LeastAttended(keep=keep, layer=layer, query="last")
+        return LeastAttended(keep=budget_count(self, "keep", num_visual), layer=layer, query="last")
+
+    def check_fits(self, num_layers: int, num_visual: int) -> None:
+        self.selection(num_layers, num_visual)
 
     def contrast_taps(self, language_model, num_visual):
         pruner = self.selection(language_model.config.num_hidden_layers, num_visual)

@@ -7,7 +7,8 @@ Source: Gumpest/SparseVLMs, `llava/model/language_model/modelling_sparse_llama.p
 How the pieces fit (LLaVA-1.5-7B, 32 layers):
 - raters are chosen once, on the language model's input embeddings (`select_text_raters`);
 - after each layer in `SPARSEVLM_LAYERS`, the text raters' attention over the visual tokens *in that same layer*
-  ranks the visual tokens (`rater_scores`), the top `SPARSEVLM_KEEP[budget][stage]` survive (`keep_top_scored`) and
+  ranks the visual tokens (`rater_scores`), the top `SPARSEVLM_KEEP[budget][stage]` survive (`keep_top_scored`;
+  other budgets and image sizes: `sparsevlm_keep_counts`) and
   the pruned layer's *output* hidden states are what later layers see;
 - optionally, some deleted tokens are recycled into a few merged tokens (`recycle_tokens`).
 
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from rcpp_hf.engine.layout import text_after_image
-from rcpp_hf.engine.pruning import PruneContext, PruneStage, scale_layers, scale_tokens
+from rcpp_hf.engine.pruning import PruneContext, PruneStage, scale_layers
+from rcpp_hf.methods.budget import budget_fraction, check_budget, published_fraction
 from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods.registry import register_method
 
@@ -30,21 +32,49 @@ from rcpp_hf.methods.registry import register_method
 # Source: `LlamaDynamicvitModel.__init__(pruning_loc=[2, 6, 15])`.
 SPARSEVLM_LAYERS = (2, 6, 15)
 
-# Visual tokens kept after each pruning layer, per budget (of 576 visual tokens); v1 lists from `score.py`.
+# Visual tokens kept after each pruning layer, per budget, both counts of LLaVA-1.5's 576 visual tokens; the v1
+# lists of `score.py`:
+#     budget | after layer 2 | after layer 6 | after layer 15
+#       192  |      300      |      200      |      110
+#       128  |      303      |      110      |       36
+#        96  |      238      |       48      |       26
+#        64  |       66      |       30      |       17
 # They are "equivalent" budgets only roughly: see `average_visual_tokens`.
 SPARSEVLM_KEEP = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 
 SPARSEVLM_NUM_VISUAL = 576  # the keep lists are counts of LLaVA-1.5's 576 visual tokens
+SPARSEVLM_BUDGET = published_fraction(128)
 
 
-def scaled_keep_counts(budget: int, num_visual: int = SPARSEVLM_NUM_VISUAL) -> tuple[int, ...]:
-    """The keep list of `budget`, scaled to an image of `num_visual` tokens by the same fraction of 576 (rounded half
-    up, at least 1). With `num_visual == 576` it is the repository's list unchanged."""
-    if budget not in SPARSEVLM_KEEP:
-        raise ValueError(f"budget must be one of {sorted(SPARSEVLM_KEEP)}, got {budget}")
+def keep_shares(share: float) -> tuple[float, ...]:
+    """The keep list of a budget `share` of the image, in (0, 1], as shares of the image.
+
+    The published lists, as shares of 576, are the knots at their budgets' shares (64 / 576, ..., 192 / 576), with
+    nothing kept at share 0 and everything at share 1; between two knots each stage's share is interpolated linearly.
+    At a published budget's share the list is the published one exactly; below 64 / 576 the 64 list shrinks in
+    proportion, above 192 / 576 the 192 list grows toward keeping every token."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    stages = len(SPARSEVLM_LAYERS)
+    knots = [(0.0, (0.0,) * stages)]
+    knots += [(budget / SPARSEVLM_NUM_VISUAL, tuple(k / SPARSEVLM_NUM_VISUAL for k in SPARSEVLM_KEEP[budget]))
+              for budget in sorted(SPARSEVLM_KEEP)]  # fmt: skip
+    knots += [(1.0, (1.0,) * stages)]
+    upper = next(i for i, (at, _) in enumerate(knots) if at >= share)
+    if knots[upper][0] == share:
+        return knots[upper][1]
+    (low, low_keep), (high, high_keep) = knots[upper - 1], knots[upper]
+    t = (share - low) / (high - low)
+    return tuple(a + t * (b - a) for a, b in zip(low_keep, high_keep))
+
+
+def sparsevlm_keep_counts(share: float, num_visual: int = SPARSEVLM_NUM_VISUAL) -> tuple[int, ...]:
+    """Visual tokens kept after each pruning layer for a budget `share` of an image of `num_visual` tokens: the
+    interpolated shares (`keep_shares`) resolved as budget fractions are, max(1, round(share * V)). On 576 tokens a
+    published budget (e.g. 128 / 576) gives the repository's list unchanged. Non-increasing, at most `num_visual`."""
     if num_visual < 1:
         raise ValueError(f"num_visual must be >= 1, got {num_visual}")
-    return tuple(max(1, int(count * num_visual / SPARSEVLM_NUM_VISUAL + 0.5)) for count in SPARSEVLM_KEEP[budget])
+    return tuple(max(1, round(keep * num_visual)) for keep in keep_shares(share))
 
 
 def average_visual_tokens(
@@ -240,32 +270,31 @@ class SparseVLM(PrefillPruner):
     """SparseVLM v1 on the engine: after each of its layers, the text raters' attention ranks the visual tokens.
 
     Args:
-        budget: visual tokens of the model's image; it selects the published keep list whose budget (64 / 96 / 128 /
-            192 of 576) scales to it on this image (`scale_tokens`), and that list is scaled to the image.
-        layers: the pruning layers (their attention ranks, the next layer is the first to run pruned); None: (2, 6,
-            15) of 32, scaled by depth.
+        budget: a budget (a count of this model's image or a fraction of it, `methods/budget.py`), read as its share
+            of the image: the keep list is interpolated between the published ones at that share
+            (`sparsevlm_keep_counts`; the published 64 / 96 / 128 / 192 of 576 are 0.1111 / 0.1667 / 0.2222 /
+            0.3333). Default 128 / 576.
+        layers: the pruning layers, this model's layer indices (their attention ranks, the next layer is the first
+            to run pruned); None: (2, 6, 15) of 32, scaled by depth.
         token_recycling: token recycling (merge the best deleted tokens into a few, kept at a representative's position).
         recycle_ratio: fraction of the deleted tokens recycled.
     """
 
     name = "sparsevlm"
-    budget: int = 128
+    budget: int | float = SPARSEVLM_BUDGET
     layers: tuple[int, ...] | None = None
     token_recycling: bool = False
     recycle_ratio: float = 0.3
 
-    CONTRACT_NEUTRAL = None
-    CONTRACT_NOT_NEUTRAL = ("its keep counts are the published lists scaled to the image, and every list drops "
-                            "tokens; its stages must lie inside the decoder")
-    CONTRACT_ACTING = {"budget": 4}  # 128 of 576, scaled to the tiny image's 16 tokens
+    CONTRACT_NEUTRAL = {"budget": 16}  # the whole image: every stage keeps every token
+    CONTRACT_ACTING = {"budget": 4}  # a quarter of the tiny image's 16 tokens, between the published 128 and 192
     CONTRACT_INVALID = {"recycle_ratio": 0.0, "layers": (6, 2, 15)}
     CONTRACT_MASKABLE = True  # without token recycling (the default), which gives merged tokens new states
 
     def __post_init__(self):
         if isinstance(self.layers, list):
             self.layers = tuple(self.layers)
-        if not (isinstance(self.budget, int) and self.budget >= 1):
-            self.fail("budget", "must be an integer >= 1 (visual tokens)")
+        check_budget(self, "budget")
         if self.layers is not None and (
             len(self.layers) != len(SPARSEVLM_LAYERS) or list(self.layers) != sorted(set(self.layers))
             or self.layers[0] < 0
@@ -276,27 +305,12 @@ class SparseVLM(PrefillPruner):
         if not 0.0 < self.recycle_ratio <= 1.0:
             self.fail("recycle_ratio", "must lie in (0, 1]")
 
-    def published_budget(self, num_visual: int) -> int:
-        """The published budget (of 576) this budget stands for: the one that scales to it on this image."""
-        if self.budget > num_visual:
-            self.fail("budget", f"is larger than the image's {num_visual} visual tokens")
-        matches = [b for b in sorted(SPARSEVLM_KEEP) if scale_tokens(b, num_visual) == self.budget]
-        if not matches:
-            published = {b: scale_tokens(b, num_visual) for b in sorted(SPARSEVLM_KEEP)}
-            self.fail("budget", f"matches none of SparseVLM's published budgets; on {num_visual} visual tokens they "
-                                f"are {published} (of 576 -> here)")  # fmt: skip
-        return matches[-1]
-
     def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
-        keeps = scaled_keep_counts(self.published_budget(num_visual), num_visual)
+        keeps = sparsevlm_keep_counts(budget_fraction(self, "budget", num_visual), num_visual)
         if self.layers is not None:
             stage_layers = tuple(layer + 1 for layer in self.layers)
         else:
             stage_layers = scale_layers(tuple(layer + 1 for layer in SPARSEVLM_LAYERS), num_layers)
-        # The published lists keep more than the image has at 192 (300 > 192): a stage never keeps more than before.
-        keeps = [min(keep, num_visual) for keep in keeps]
-        for i in range(1, len(keeps)):
-            keeps[i] = min(keeps[i], keeps[i - 1])
         return [PruneStage(layer, keep) for layer, keep in zip(stage_layers, keeps)]
 
     def score(self, ctx: PruneContext) -> torch.Tensor:

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from rcpp_hf.engine.layout import first_true_columns
-from rcpp_hf.engine.pruning import PruneContext
+from rcpp_hf.engine.pruning import PruneContext, PruneStage
 from rcpp_hf.engine.vision import gather_tokens
+from rcpp_hf.methods.budget import budget_count, check_budget, comparable
 from rcpp_hf.methods.prefill_pruner import VisionPruner
 from rcpp_hf.methods.registry import register_method
 
@@ -67,38 +68,50 @@ def merge_contextual(
 @dataclass
 class VisionZip(VisionPruner):
     """Args:
-        budget: T, visual tokens kept (of the model's image): dominant + contextual.
-        contextual: contextual tokens; None: the published share (T - round(T * 27 / 32)).
+        budget: T, visual tokens kept, dominant + contextual: a budget (see `VisionPruner`; default 64 / 576).
+        contextual: contextual tokens, a budget (0 allowed: none), below T once both are resolved; None: the
+            published share (T - round(T * 27 / 32)).
         vision_layer: see `VisionPruner`.
     """
 
     name = "visionzip"
-    contextual: int | None = None
+    contextual: int | float | None = None
 
     CONTRACT_NEUTRAL = {"budget": 16}
-    CONTRACT_ACTING = {"budget": 7}  # the default 64 is more than the tiny image's 16 tokens
-    CONTRACT_INVALID = {"budget": 0, "contextual": 64}
+    CONTRACT_ACTING = {"budget": 7}  # the default resolves to 2 of the tiny image's 16 tokens: no contextual one
+    CONTRACT_INVALID = {"budget": 0, "contextual": -1}
     CONTRACT_MASKABLE = "its contextual tokens enter with the merged features of the tokens it drops"
 
     def __post_init__(self):
         super().__post_init__()
+        check_budget(self, "contextual", optional=True, minimum=0)
         contextual = self.contextual
-        if contextual is not None and not (isinstance(contextual, int) and 0 <= contextual < self.budget):
-            self.fail("contextual", f"must be None or an integer in [0, budget = {self.budget})")
+        if contextual is not None and comparable(contextual, self.budget) and contextual >= self.budget:
+            self.fail("contextual", f"must lie below budget = {self.budget}")
 
-    def split(self) -> tuple[int, int]:
+    def split(self, keep: int, num_visual: int) -> tuple[int, int]:
+        """(dominant, contextual) of `keep` resolved tokens on an image of `num_visual`."""
         if self.contextual is None:
-            return visionzip_split(self.budget)
-        return self.budget - self.contextual, self.contextual
+            return visionzip_split(keep)
+        contextual = budget_count(self, "contextual", num_visual)
+        if contextual >= keep:
+            self.fail("contextual", f"resolves to {contextual} of {num_visual} visual tokens, not below the budget's "
+                                    f"{keep}")  # fmt: skip
+        return keep - contextual, contextual
+
+    def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
+        stages = super().resolve_stages(num_layers, num_visual)
+        self.split(stages[0].keep, num_visual)  # refuses a contextual count the budget cannot hold
+        return stages
 
     def select(self, ctx: PruneContext) -> torch.Tensor:
-        dominant, contextual = self.split()
+        dominant, contextual = self.split(ctx.stage.keep, ctx.layout.num_visual)
         ctx.scores = ctx.vision.cls_attention().sum(dim=1)  # (B, V), summed over heads as the repository
         ctx.details.update(dominant=dominant, contextual=contextual)
         return torch.topk(ctx.scores, dominant, dim=-1).indices
 
     def recycle(self, ctx: PruneContext, kept: torch.Tensor):
-        contextual = self.split()[1]
+        contextual = self.split(ctx.stage.keep, ctx.layout.num_visual)[1]
         if contextual == 0:
             return None
         num_visual = ctx.scores.shape[1]

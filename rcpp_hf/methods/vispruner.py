@@ -13,12 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from rcpp_hf.engine.pruning import PruneContext, scale_tokens
+from rcpp_hf.engine.pruning import PruneContext
 from rcpp_hf.engine.vision import gather_tokens
+from rcpp_hf.methods.budget import published_fraction, resolve_budget
 from rcpp_hf.methods.prefill_pruner import VisionPruner
 from rcpp_hf.methods.registry import register_method
 
 DEDUPLICATION_STEP = 8  # tokens removed per matching round (`r = min(8, R - T_div)` in `encode_images`)
+SMALL_BUDGET = published_fraction(64)  # at or below it the README's important ratio is 0.75
 
 
 def important_tokens(cls_attention: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,9 +61,9 @@ def remove_duplicates(features: torch.Tensor, residual: torch.Tensor, keep: int)
 @dataclass
 class VisPruner(VisionPruner):
     """Args:
-        budget: T, visual tokens kept (of the model's image).
+        budget: T, visual tokens kept: a budget (see `VisionPruner`; default 64 / 576).
         important_ratio: r, the share of T chosen by CLS attention; None: 0.5, or 0.75 at budgets at or below
-            64 / 576 of the image (the pairs of its README: (128, 0.5), (64, 0.75)).
+            64 / 576 of the image once resolved (the pairs of its README: (128, 0.5), (64, 0.75)).
         vision_layer: see `VisionPruner`.
     """
 
@@ -69,7 +71,7 @@ class VisPruner(VisionPruner):
     important_ratio: float | None = None
 
     CONTRACT_NEUTRAL = {"budget": 16}
-    CONTRACT_ACTING = {"budget": 5}  # the default 64 is more than the tiny image's 16 tokens
+    CONTRACT_ACTING = {"budget": 5}
     CONTRACT_INVALID = {"budget": 0, "important_ratio": 1.5}
     CONTRACT_MASKABLE = True
 
@@ -78,17 +80,18 @@ class VisPruner(VisionPruner):
         if self.important_ratio is not None and not 0.0 <= self.important_ratio <= 1.0:
             self.fail("important_ratio", "must be None or lie in [0, 1]")
 
-    def ratio(self, num_visual: int) -> float:
+    def ratio(self, keep: int, num_visual: int) -> float:
+        """r for `keep` resolved tokens of an image of `num_visual`."""
         if self.important_ratio is not None:
             return self.important_ratio
-        return 0.75 if self.budget <= scale_tokens(64, num_visual) else 0.5
+        return 0.75 if keep <= resolve_budget(SMALL_BUDGET, num_visual) else 0.5
 
     def select(self, ctx: PruneContext) -> torch.Tensor:
-        num_visual = ctx.layout.num_visual
-        num_important = int(self.budget * self.ratio(num_visual))  # int() as `important_token_num`
+        keep = ctx.stage.keep
+        num_important = int(keep * self.ratio(keep, ctx.layout.num_visual))  # int() as `important_token_num`
         attention = ctx.vision.cls_attention().mean(dim=1)  # (B, V) head-mean
         ctx.scores = attention
         important, residual = important_tokens(attention, num_important)
-        diverse = remove_duplicates(ctx.vision.features, residual, self.budget - num_important)
-        ctx.details.update(important=num_important, diverse=self.budget - num_important)
+        diverse = remove_duplicates(ctx.vision.features, residual, keep - num_important)
+        ctx.details.update(important=num_important, diverse=keep - num_important)
         return torch.cat([important, diverse], dim=1)

@@ -4,7 +4,7 @@ Two kinds, told apart by folder and by content:
   generation/  RCPPGenerationConfig presets: RCPP + DRCD's fields and generation fields, no `method` key.
                `RCPPGenerationConfig.from_yaml("rcpp_evict")`, `rcpp-hf ... --config rcpp_evict`.
   methods/     method presets: a `method` key naming a registered method, and its settings.
-               `load_method("fastv_128")`, `rcpp-hf ... --method-config fastv_128`.
+               `load_method("fastv_128of576")`, `rcpp-hf ... --method-config fastv_128of576`.
 A preset's name is its file's stem; a path to a .yaml / .yml file works wherever a name does. Each loader refuses a
 preset of the other kind, naming the loader that takes it.
 """

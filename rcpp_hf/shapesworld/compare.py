@@ -1,13 +1,17 @@
 """`rcpp-hf shapesworld compare`: decoding settings side by side on ShapesWorld.
 
 `compare` is the comparison across methods and budgets: vanilla, RCPP + DRCD (the registry method `rcpp` at its defaults), and
-every method of the registry, a prefill pruner at each budget (64 / 128 / 192 of LLaVA-1.5's 576 visual tokens,
-scaled to ShapesWorld's by fraction, `scale_tokens`). Each setting runs on each split in its own resumable folder
+every method of the registry, a method with a `budget` setting at each budget (by default 64 / 128 / 192 of
+LLaVA-1.5's 576 visual tokens as fractions of the image, 0.1111 / 0.2222 / 0.3333; a budget is a count of the model's
+image or a fraction of it, `methods/budget.py`). A row is labelled by the budget as given, `<method>-<budget>` (e.g.
+"fastv-0.2222", "fastv-22"; `budget_label`), and the table's budget column adds what it resolved to on this model
+("0.2222 = 22 of 100"). Each setting runs on each split in its own resumable folder
 (`<output-dir>/<setting>/<split>`, `evaluate.py`); it writes `table.md`, `table.json`, `table.png` and
 `quality.png`: POPE F1 per split, CHAIR_I and recall against the visual tokens the prefill computed (averaged over
 layers, i.e. the budget) and against prefill / decode time (the streamer-timed generate calls of the runs). Rows come
 from the registry, so a method added there gets its rows without touching this command. A budget a method cannot
-meet on this model (e.g. FastV's first layers alone exceed it on a 4-layer decoder) gives a row marked as skipped.
+meet on this model (e.g. FastV's first layers alone exceed it on a 4-layer decoder) gives a row marked as skipped,
+with the method's reason (the reachable range, for an unreachable budget).
 
 The studies in the repository's `experiments/` (`defaults_sweep.py`, `head_ablation.py`, `condensation.py`) run
 their rows through `compare`.
@@ -25,10 +29,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
-from rcpp_hf.engine.pruning import check_stages, scale_tokens  # noqa: E402
+from rcpp_hf.families.llava import llava_shape  # noqa: E402
 from rcpp_hf.methods import METHODS, load_method  # noqa: E402
+from rcpp_hf.methods.budget import budget_label, published_fraction, resolve_budget  # noqa: E402
 from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder  # noqa: E402
-from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.presets import METHODS as METHOD_PRESETS  # noqa: E402
 from rcpp_hf.presets import preset_kind  # noqa: E402
 from rcpp_hf.shapesworld.evaluate import EvalSettings, evaluate  # noqa: E402
@@ -36,7 +40,8 @@ from rcpp_hf.shapesworld.evaluate import EvalSettings, evaluate  # noqa: E402
 VANILLA = "vanilla"
 RCPP = "rcpp"
 RCPP_PRESET = "rcpp_default"  # the shipped generation preset of the library defaults
-BUDGETS = (64, 128, 192)  # of 576 visual tokens, EasonAI-5589/LLaVA-FinePruner-Head's budgets
+# EasonAI-5589/LLaVA-FinePruner-Head's budgets, 64 / 128 / 192 of 576 visual tokens, as fractions of the image.
+BUDGETS = tuple(published_fraction(count) for count in (64, 128, 192))
 COLUMNS = {  # split -> (metric, header)
     "random": [("accuracy", "rand acc"), ("f1", "rand F1"), ("yes_ratio", "rand yes")],
     "popular": [("accuracy", "pop acc"), ("f1", "pop F1"), ("yes_ratio", "pop yes")],
@@ -58,18 +63,18 @@ class Setting:
     """One row of the comparison.
 
     Args:
-        name: the row and its folder, e.g. "vanilla", "rcpp", "fastv-128".
+        name: the row and its folder, e.g. "vanilla", "rcpp", "fastv-0.2222".
         family: the line it belongs to in the plots ("vanilla", "rcpp", a registry name, "fastv+rcpp").
         config: RCPP YAML preset, or None (greedy, RCPP off).
         method: a registry method (`MethodConfig.to_dict()`) added to the decoding, or None.
-        budget: the budget in tokens of 576, as the row is labelled (the method's own is scaled), or None.
+        budget: the row's budget as given to its method (a count of the model's image or a fraction), or None.
     """
 
     name: str
     family: str
     config: str | None = None
     method: dict | None = None
-    budget: int | None = None
+    budget: int | float | None = None
 
 
 def config_setting(config: str) -> Setting:
@@ -92,21 +97,19 @@ def runs_with_defaults(name: str) -> bool:
     return True
 
 
-def method_settings(name: str, budgets: tuple[int, ...], num_visual: int, with_rcpp: bool = False) -> list[Setting]:
-    """The rows of registry method `name`: one per budget when it has a `budget` setting (scaled from 576 tokens to
-    `num_visual`), else one with its defaults; with `with_rcpp`, the same again composed with RCPP + DRCD."""
+def method_settings(name: str, budgets: tuple[int | float, ...], with_rcpp: bool = False) -> list[Setting]:
+    """The rows of registry method `name`: one per budget, `<name>-<budget>`, when it has a `budget` setting, else one
+    with its defaults; with `with_rcpp`, the same again composed with RCPP + DRCD."""
     family = name + "+rcpp" if with_rcpp else name
     config = RCPP_PRESET if with_rcpp else None
     if "budget" not in load_method(name).to_dict():
         return [Setting(family, family, config, load_method(name).to_dict())]
-    return [
-        Setting(f"{family}-{budget}", family, config, load_method(name, budget=scale_tokens(budget, num_visual)).to_dict(),
-                budget)  # fmt: skip
-        for budget in budgets
-    ]
+    return [Setting(f"{family}-{budget_label(budget)}", family, config, load_method(name, budget=budget).to_dict(),
+                    budget)  # fmt: skip
+            for budget in budgets]  # fmt: skip
 
 
-def comparison_settings(methods: list[str], budgets: tuple[int, ...], num_visual: int,
+def comparison_settings(methods: list[str], budgets: tuple[int | float, ...],
                         with_rcpp: bool = False) -> list[Setting]:  # fmt: skip
     """The rows for `methods`: `VANILLA` or registry names (`RCPP`, "rcpp": RCPP + DRCD with the library defaults);
     with `with_rcpp`, each registry method but RCPP itself again composed with RCPP + DRCD."""
@@ -115,8 +118,8 @@ def comparison_settings(methods: list[str], budgets: tuple[int, ...], num_visual
         if name == VANILLA:
             settings.append(Setting(VANILLA, VANILLA))
         elif name in METHODS:
-            settings += method_settings(name, budgets, num_visual)
-            settings += method_settings(name, budgets, num_visual, with_rcpp=True) if with_rcpp and name != RCPP else []
+            settings += method_settings(name, budgets)
+            settings += method_settings(name, budgets, with_rcpp=True) if with_rcpp and name != RCPP else []
         else:
             raise ValueError(f"unknown setting {name!r}; known: {', '.join([VANILLA, *METHODS])}")
     return settings
@@ -124,25 +127,41 @@ def comparison_settings(methods: list[str], budgets: tuple[int, ...], num_visual
 
 def model_shape(model: str) -> tuple[int, int]:
     """(decoder layers, visual tokens per image) of a LLaVA checkpoint, from its config alone."""
-    config = AutoConfig.from_pretrained(model)
-    vision = config.vision_config
-    cls_token = 0 if config.vision_feature_select_strategy == "default" else 1  # "default" drops CLS
-    return config.text_config.num_hidden_layers, (vision.image_size // vision.patch_size) ** 2 + cls_token
+    return llava_shape(AutoConfig.from_pretrained(model))
 
 
 def skip_reason(setting: Setting, num_layers: int, num_visual: int) -> str | None:
-    """Why the setting cannot run on this model (its prefill pruner's ValueError; a contrastive decoder composed with
-    RCPP + DRCD), or None."""
-    method = None if setting.method is None else load_method(setting.method)
+    """Why the setting cannot run on this model (its method's `check_fits` ValueError, e.g. an unreachable budget; a
+    contrastive decoder composed with RCPP + DRCD), or None."""
+    if setting.method is None:
+        return None
+    method = load_method(setting.method)
     if isinstance(method, ContrastiveDecoder) and setting.config is not None:
         return f"{method.name} is a contrastive decoder and does not compose with RCPP + DRCD"
-    if not isinstance(method, PrefillPruner):
-        return None
     try:
-        check_stages(method.resolve_stages(num_layers, num_visual), num_layers, num_visual, method.name)
+        method.check_fits(num_layers, num_visual)
     except ValueError as error:
         return str(error)
     return None
+
+
+def budget_tokens(budget: int | float | None, num_visual: int) -> int | None:
+    """The visual tokens a row's budget resolves to on this model's image, or None (no budget, or larger than the
+    image: the row says why it is skipped)."""
+    try:
+        return None if budget is None else resolve_budget(budget, num_visual)
+    except ValueError:
+        return None
+
+
+def budget_cell(row: dict, num_visual: int) -> str:
+    """The table's budget column: "-", "22 of 100", or a fraction and its count, "0.2222 = 22 of 100"."""
+    budget, tokens = row.get("budget"), row.get("budget_tokens")
+    if budget is None:
+        return "-"
+    if tokens is None:
+        return budget_label(budget)
+    return f"{tokens} of {num_visual}" if tokens == budget else f"{budget_label(budget)} = {tokens} of {num_visual}"
 
 
 def compare(model: str, settings: list[Setting], splits: list[str], seed: int, num_images: int,
@@ -153,7 +172,8 @@ def compare(model: str, settings: list[Setting], splits: list[str], seed: int, n
     num_layers, num_visual = model_shape(model)
     rows = []
     for setting in settings:
-        row = {"setting": setting.name, "family": setting.family, "budget": setting.budget, "config": setting.config,
+        row = {"setting": setting.name, "family": setting.family, "budget": setting.budget,
+               "budget_tokens": budget_tokens(setting.budget, num_visual), "config": setting.config,
                "method": setting.method}  # fmt: skip
         reason = skip_reason(setting, num_layers, num_visual)
         if reason is not None:
@@ -175,20 +195,20 @@ def compare(model: str, settings: list[Setting], splits: list[str], seed: int, n
     if all("skipped" in row for row in rows):  # asked to do nothing: say so rather than write an empty table
         reasons = "; ".join(f"{row['setting']}: {row['skipped']}" for row in rows)
         raise ValueError(f"nothing to compare on this model: {reasons or 'no setting was given'}")
-    write_table(rows, splits, output_dir)
+    write_table(rows, splits, output_dir, num_visual)
     plot_quality(rows, output_dir / "quality.png")
     plot_frontier(rows, output_dir / "frontier.png")
     return rows
 
 
-def write_table(rows: list[dict], splits: list[str], output_dir: Path) -> None:
+def write_table(rows: list[dict], splits: list[str], output_dir: Path, num_visual: int) -> None:
     """table.json (rows), table.md (one column per metric) and table.png (CHAIR_I and adversarial accuracy)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
     columns = [(f"{split}.{metric}", header) for split in splits for metric, header in COLUMNS[split]] + COST_COLUMNS
     lines = ["| setting | budget | " + " | ".join(h for _, h in columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for row in rows:
-        budget = "-" if row.get("budget") is None else str(row["budget"])
+        budget = budget_cell(row, num_visual)
         if "skipped" in row:
             lines.append(f"| {row['setting']} | {budget} | skipped: {row['skipped']} |")
             continue

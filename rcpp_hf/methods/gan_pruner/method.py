@@ -36,6 +36,7 @@ import torch
 from rcpp_hf.engine.layout import text_after_image
 from rcpp_hf.engine.pruning import PruneContext, PruneStage
 from rcpp_hf.engine.vision import gather_tokens
+from rcpp_hf.methods.budget import share_count
 from rcpp_hf.methods.gan_pruner.attention_residual import question_attention_feature
 from rcpp_hf.methods.gan_pruner.config import GanPrunerConfig
 from rcpp_hf.methods.gan_pruner.merger import merge_columns
@@ -116,7 +117,7 @@ class GanPruner(PrefillPruner):
         if merged > num_visual:
             self.fail("pruner_path", f"holds a token merger to {merged} tokens; this model's image has {num_visual}")
         if self.mode == "top_k":
-            stages = [PruneStage(layer=layer, keep=max(1, round(share * (merged or num_visual))))
+            stages = [PruneStage(layer=layer, keep=share_count(share, merged or num_visual))
                       for layer, share in zip(config.pruning_layers, config.target_keep)]  # fmt: skip
         else:  # keep is an upper bound (`selects_count`): how many stay is decided per batch by the masks.
             stages = [PruneStage(layer=layer, keep=merged or num_visual) for layer in config.pruning_layers]
