@@ -1,15 +1,22 @@
 """`rcpp-hf demo` and the walkthrough notebook, on the embedded ShapesWorld model."""
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
 import torch
 from nbclient import NotebookClient
+from transformers import AutoProcessor
 
+from rcpp_hf import RCPPLlavaForConditionalGeneration
 from rcpp_hf.cli import main
-from rcpp_hf.rcpp.trace import RCPPStep
-from rcpp_hf.shapesworld.demo import CORE, EVICTED, NOISE, demo_scene, patch_states
+from rcpp_hf.default_model import default_model_path
+from rcpp_hf.rcpp.trace import RCPPStep, RCPPTrace
+from rcpp_hf.run_config import build_generation_config
+from rcpp_hf.shapesworld.demo import (CORE, DEMO_PRESET, EVICTED, NOISE, caption_both_ways, demo_scene, demo_steps,
+                                      patch_state_figure, patch_states, settings_line)  # fmt: skip
+from rcpp_hf.shapesworld.render import render_scene
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,9 +39,31 @@ def test_demo_prints_both_captions_and_writes_the_patch_map(tmp_path, capsys):
     png = tmp_path / "demo.png"
     assert main(["demo", "--output", str(png), "--max-new-tokens", "40"]) == 0
     out = capsys.readouterr().out
-    for line in ("true objects:", "original LLaVA:", "RCPP + DRCD:", "visual tokens kept at the last step:"):
+    for line in ("true objects:", "original LLaVA:", "RCPP + DRCD:", f"settings ({DEMO_PRESET}):"):
         assert line in out
+    kept, total = map(int, re.search(r"visual tokens kept at the last step: (\d+)/(\d+)", out).groups())
+    assert kept < total  # the demo's settings evict within a caption
     assert png.stat().st_size > 10_000
+
+
+def test_demo_figure_shows_the_evicted_patches():
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(default_model_path()).eval()
+    processor = AutoProcessor.from_pretrained(default_model_path())
+    config = build_generation_config(DEMO_PRESET, rcpp=True, max_new_tokens=40, return_dict_in_generate=True)
+    image = render_scene(demo_scene())
+    _, _, trace = caption_both_ways(model, processor, image, config)
+    steps = demo_steps(trace)
+    figure = patch_state_figure(image, trace, config.tau, steps, config.tau_mode, settings_line(config))
+    evicted = [int(re.search(r"evicted (\d+)", axis.get_title()).group(1)) for axis in figure.axes]
+    assert evicted[0] == 0 and evicted[-1] > 0 and evicted == sorted(evicted)  # eviction grows over the steps
+    assert evicted[-1] == int(trace.steps[steps[-1]].scores[0].isnan().sum())
+    assert settings_line(config) in figure.get_suptitle()
+
+
+def test_demo_steps_spread_from_the_first_decoded_step_to_the_last():
+    assert demo_steps(RCPPTrace(num_visual_tokens=4, steps=[None] * 26)) == [1, 9, 17, 25]
+    assert demo_steps(RCPPTrace(num_visual_tokens=4, steps=[None] * 2)) == [1]
+    assert demo_steps(RCPPTrace(num_visual_tokens=4, steps=[None])) == [0]
 
 
 def test_walkthrough_notebook_runs_on_the_embedded_model(tmp_path, monkeypatch):

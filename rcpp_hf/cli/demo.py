@@ -19,8 +19,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("demo", help="original vs RCPP + DRCD caption on a bundled ShapesWorld scene",
                                  description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--model", default=None, help="checkpoint folder or shapesworld-smol (default: the embedded ShapesWorld model)")
-    parser.add_argument("--config", default=None, help="generation (RCPP) preset: a shipped name or a "
-                        "YAML path (default: RCPPGenerationConfig's defaults)")
+    parser.add_argument("--config", default=demo.DEMO_PRESET, help="generation (RCPP) preset: a shipped name or "
+                        f"a YAML path (default: {demo.DEMO_PRESET}, which evicts from the first step; rcpp_default "
+                        "holds every token until step 32)")
     parser.add_argument("--output", default="rcpp_demo.png", help="where the patch-map PNG goes")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.set_defaults(func=run)
@@ -29,9 +30,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_at_least(args.max_new_tokens, 1, "--max-new-tokens")
     model_path = model_folder(args.model)
-    overrides = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "return_dict_in_generate": True}
-    if args.config is None:  # RCPPGenerationConfig's defaults
-        overrides["rcpp"] = True
+    overrides = {"rcpp": True, "max_new_tokens": args.max_new_tokens, "do_sample": False, "return_dict_in_generate": True}
     config = build_generation_config(args.config, **overrides)
     model = RCPPLlavaForConditionalGeneration.from_pretrained(model_path).eval()
     processor = AutoProcessor.from_pretrained(model_path)
@@ -43,11 +42,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"true objects:   {reference_caption(scene)}\n    kinds: {', '.join(sorted(scene.kinds))}")
     print(f"original LLaVA: {demo.with_absent_kinds(original, scene)}")
     print(f"RCPP + DRCD:    {demo.with_absent_kinds(rcpp, scene)}")
+    print(f"    settings ({args.config}): {demo.settings_line(config)}")
     last = trace.steps[-1]
     kept = int((~last.scores[0].isnan()).sum())
     print(f"    visual tokens kept at the last step: {kept}/{trace.num_visual_tokens}, "
           f"visual KV {last.visual_cache_bytes / 1024:.1f} KiB")  # fmt: skip
-    figure = demo.patch_state_figure(image, trace, config.tau, demo.demo_steps(trace), config.tau_mode)
+    title = f"RCPP + DRCD, {args.config}: {demo.settings_line(config)}"
+    figure = demo.patch_state_figure(image, trace, config.tau, demo.demo_steps(trace), config.tau_mode, title)
     figure.savefig(args.output, dpi=110)
     print(f"patch map: {args.output}")
+    if config.schedule == "step" and len(trace.steps) <= config.schedule_steps:
+        print(f"note: schedule 'step' keeps every visual token in the cache, and lambda at {config.lambda_start:g}, "
+              f"until step {config.schedule_steps}; this caption ended at step {len(trace.steps)}, so nothing was "
+              "evicted (the core set C still decided each token)")  # fmt: skip
     return 0
