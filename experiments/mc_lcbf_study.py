@@ -1,4 +1,4 @@
-"""The measured answers of the README section "MC-LCBF", on the shipped ShapesWorld model (test world, seed 2).
+"""MC-LCBF, examined on the embedded ShapesWorld model (test world, seed 2).
 
 (a) the original wrapper (`dual_phase_decoder_wrapper`, the code MC-LCBF's author shared with the report that the
     method left POPE unchanged; "the note" in the output's keys), run on transformers 5.23 with one line ported (its
@@ -132,7 +132,7 @@ def part_a(items, dtype) -> dict:
     # PORTED: the original's `model.language_model.layers if hasattr(model, "language_model") else model.model.layers`
     # raises AttributeError on 5.23 (no `language_model` attribute; LlavaModel has no `layers`).
     layers = model.model.language_model.layers
-    NOTE["steer_layers"] = list(range(1, 4))  # 10-27 of 32 on this 4-layer decoder
+    NOTE["steer_layers"] = list(MCLCBF().steered_layers(len(layers)))  # 10-27 of 32, scaled to this decoder
     for i, layer in enumerate(layers):
         layer.forward = types.MethodType(note_wrapper(layer.forward, i), layer)
     flips, errors = 0, Counter()

@@ -19,21 +19,37 @@ from tests.conftest import make_images
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_python_example() -> str:
-    """The README's first Python block: the documented way to use the library."""
-    return re.search(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.DOTALL).group(1)
+def readme_python_blocks() -> list[str]:
+    """The README's Python blocks: the quick start on the embedded model, then the same calls on a llava-hf id."""
+    return re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.DOTALL)
 
 
-def test_readme_example_runs_without_any_warning(tiny_path, caplog):
-    code = readme_python_example().replace('"llava-hf/llava-1.5-7b-hf"', repr(str(tiny_path)))
-    assert "generation_config=RCPPGenerationConfig(max_new_tokens=128" in code  # still the documented call pattern
-    code = code.replace("max_new_tokens=128", "max_new_tokens=12")  # the tiny model's time, not the pattern
-    namespace = {"image": make_images(1)[0]}
+def run_warning_free(code: str, namespace: dict, caplog) -> dict:
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
         exec(compile(code, "README.md", "exec"), namespace)
     assert [str(w.message) for w in caught] == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    return namespace
+
+
+def test_readme_quick_start_runs_as_written_without_any_warning(caplog, capsys):
+    namespace = run_warning_free(readme_python_blocks()[0], {}, caplog)
+    assert namespace["out"].pruning  # the last `out` is FastV's, with its prune records
+    assert namespace["tokens"].shape[0] == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == namespace["reference_caption"](namespace["scene"])
+    assert "'evicted'" in printed[2]  # the trace's last step
+
+
+def test_readme_llava_hf_example_runs_without_any_warning(tiny_path, caplog, tmp_path):
+    code = readme_python_blocks()[1].replace('"llava-hf/llava-1.5-7b-hf"', repr(str(tiny_path)))
+    assert "generation_config=config)" in code and "return_dict_in_generate=True)" in code  # the documented pattern
+    photo = tmp_path / "photo.jpg"
+    make_images(1)[0].save(photo)
+    code = code.replace('"photo.jpg"', repr(str(photo))).replace("max_new_tokens=128", "max_new_tokens=12")
+    code = code.replace("dtype=torch.float16, ", "")  # float16 matmuls are slow on a CPU; the call is the same
+    namespace = run_warning_free(code, {}, caplog)
     assert namespace["out"].rcpp.steps and namespace["out"].sequences.shape[0] == 1
 
 

@@ -7,7 +7,7 @@ import pytest
 from rcpp_hf.cli import build_parser
 from rcpp_hf.engine.pruning import PruneRecord
 from rcpp_hf.methods import RCPP as RCPPMethod
-from rcpp_hf.methods import load_method
+from rcpp_hf.methods import METHODS, load_method
 from rcpp_hf.run_config import build_generation_config
 from rcpp_hf.shapesworld.compare import (
     RCPP,
@@ -143,3 +143,19 @@ def test_method_presets_are_rows_and_methods_needing_training_are_not_default_ro
     assert config_setting("rcpp_evict") == Setting("rcpp_evict", RCPP, config="rcpp_evict")
     assert row.method["use_token_condensation"] is True
     assert runs_with_defaults("fastv") and not runs_with_defaults("gan_pruner")  # needs its trained pruner_path
+
+
+def test_every_row_of_the_default_comparison_runs_on_the_embedded_model():
+    """The default comparison's budgets (64 / 128 / 192 of 576 as fractions) are reachable for every method on the
+    embedded 12-layer model: no row is skipped but the contrastive decoders composed with RCPP + DRCD."""
+    from rcpp_hf.default_model import default_model_path
+    from rcpp_hf.shapesworld.compare import BUDGETS, comparison_settings, model_shape, runs_with_defaults, skip_reason
+
+    num_layers, num_visual = model_shape(str(default_model_path()))
+    assert (num_layers, num_visual) == (12, 100)
+    names = ["vanilla", "rcpp", *(name for name in METHODS if name != "rcpp" and runs_with_defaults(name))]
+    skipped = {setting.name: skip_reason(setting, num_layers, num_visual)
+               for setting in comparison_settings(names, BUDGETS, with_rcpp=True)}  # fmt: skip
+    skipped = {name: reason for name, reason in skipped.items() if reason is not None}
+    assert all("contrastive decoder" in reason for reason in skipped.values()), skipped
+    assert len(names) == 15 and not {"fastv-0.1111", "pdrop+rcpp-0.1111", "sparsevlm-0.1111"} & set(skipped)

@@ -55,11 +55,22 @@ def test_float16_storage_loads_as_a_float32_model_with_the_rounded_weights(tmp_p
     model, processor = build_shapesworld_llava(replace(SHAPESWORLD_SPEC, text_layers=2, vision_layers=1))
     model.save_pretrained(tmp_path)
     before = (tmp_path / "model.safetensors").stat().st_size
-    store_weights_in_float16(tmp_path)
+    store_weights_in_float16(tmp_path, keep_float32=())
     assert (tmp_path / "model.safetensors").stat().st_size < 0.55 * before
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert loaded.dtype == torch.float32
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value.half().float()), name
+
+
+def test_float16_storage_keeps_the_vision_tower_bit_for_bit(tmp_path):
+    model, _ = build_shapesworld_llava(replace(SHAPESWORLD_SPEC, text_layers=2, vision_layers=1))
+    model.save_pretrained(tmp_path)
+    store_weights_in_float16(tmp_path)
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    tower = [name for name in model.state_dict() if ".vision_tower." in f".{name}"]
+    assert tower and all(torch.equal(loaded.state_dict()[n], model.state_dict()[n]) for n in tower)
+    decoder = loaded.state_dict()["model.language_model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(decoder, model.state_dict()["model.language_model.layers.0.mlp.up_proj.weight"].half().float())
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         store_weights_in_float16(tmp_path / "missing")

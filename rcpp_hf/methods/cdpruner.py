@@ -10,11 +10,7 @@ A deviation, for a kernel whose rank is below T (flat backgrounds: many tokens s
 all T steps, so once every marginal gain is spent its square roots of non-positive gains turn the gains into NaN and
 argmax picks already chosen tokens again (its index mask then keeps fewer than T). Here the greedy stops there, as
 Chen et al.'s code does (a gain below `EXHAUSTED_GAIN`), and the remaining slots go to the most relevant
-tokens not chosen, so exactly T distinct tokens are kept. Measured on 20 ShapesWorld test scenes (the shipped 4-layer
-model, the caption prompt, one scene at a time), budgets 22 / 33 / 64 of 100 kept 21.8 / 31.0 / 42.0 distinct tokens
-on average with the repository's loop; 22 / 33 / 64 with this one. On the 100-image test-world comparison at 33
-tokens (README, Methods) POPE adversarial F1 went from 0.852 to 0.879 and the MME-style score from 207.5 to 334.0;
-at 11 tokens nothing changed.
+tokens not chosen, so exactly T distinct tokens are kept (docs/methods/cdpruner.md gives the measured difference).
 
 Relevance, as the repository: minus the mean cosine between each token's image embedding and the instruction's text
 embeddings, min-max normalised (per row here; the repository normalises over its batch of one sample's images).

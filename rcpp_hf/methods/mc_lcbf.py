@@ -74,7 +74,7 @@ def autograd_ready(tensor: torch.Tensor) -> torch.Tensor:
 @dataclass
 class MCLCBF(SteeringMethod):
     """Args:
-        layers: steered decoder layers (None: 10-27 of 32, scaled by depth, `scale_layer`; 1-3 on a 4-layer decoder).
+        layers: steered decoder layers (None: 10-27 of 32, scaled by depth, `scale_layer`; 4-10 on a 12-layer decoder).
         prefill / decode: whether each phase steers.
         prefill_tau, prefill_alpha: the barrier level and gain at prefill (the last prompt token).
         decode_tau, decode_alpha: the same for every generated token.

@@ -10,7 +10,7 @@ image or a fraction of it, `methods/budget.py`). A row is labelled by the budget
 `quality.png`: POPE F1 per split, CHAIR_I and recall against the visual tokens the prefill computed (averaged over
 layers, i.e. the budget) and against prefill / decode time (the streamer-timed generate calls of the runs). Rows come
 from the registry, so a method added there gets its rows without touching this command. A budget a method cannot
-meet on this model (e.g. FastV's first layers alone exceed it on a 4-layer decoder) gives a row marked as skipped,
+meet on this model (e.g. FastV's first layers alone exceed it on a shallow decoder) gives a row marked as skipped,
 with the method's reason (the reachable range, for an unreachable budget).
 
 The studies in the repository's `experiments/` (`defaults_sweep.py`, `head_ablation.py`, `condensation.py`) run
