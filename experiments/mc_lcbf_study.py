@@ -28,8 +28,8 @@ from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.engine.decoder import DecoderTap, run_decoder
 from rcpp_hf.engine.layout import TokenLayout
 from rcpp_hf.methods import MCLCBF
-from rcpp_hf.methods.mc_lcbf import image_attention_mass, project_heads, prompt_keys
-from rcpp_hf.engine.attention import attention_probs
+from rcpp_hf.methods.mc_lcbf import image_attention_mass
+from rcpp_hf.engine.attention import attention_probs, project_heads, prompt_keys
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 from rcpp_hf.shapesworld.conversations import chat_prompt
 from rcpp_hf.shapesworld.evaluate import EvalSettings, split_items
