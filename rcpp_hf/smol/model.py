@@ -1,7 +1,8 @@
 """The SmolLM2 ShapesWorld LLaVA before its delta: SmolLM2's decoder, ShapesWorld's vision tower, a fresh projector.
 
-LLaVA-1.5's layout (Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning"): the shipped 4-layer
-ShapesWorld CLIP tower (160 px images, 100 visual tokens, CLS dropped) with its image processor, a two-layer GELU
+LLaVA-1.5's layout (Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning"): the embedded ShapesWorld
+model's CLIP tower (160 px images, 100 visual tokens, CLS dropped; stored in float32, bit for bit the tower the delta
+was trained with) with its image processor, a two-layer GELU
 projector from its width (192) to the language model's (576), and SmolLM2-135M-Instruct dequantised from its
 GGUF file (30 layers, 9 query heads sharing 3 KV heads, tied input / output embeddings). The tokenizer is
 SmolLM2's with `<image>` appended as a special token (id 49152); its embedding row starts as the mean of the
