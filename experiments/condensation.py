@@ -30,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from rcpp_hf.cli.errors import run_script  # noqa: E402
 from rcpp_hf.cli.options import BUDGET_HELP, LAYER_HELP, budget_argument, model_folder  # noqa: E402
 from rcpp_hf.cli.shapesworld import add_comparison_arguments  # noqa: E402
 from rcpp_hf.engine.pruning import scale_layer  # noqa: E402
@@ -174,4 +175,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "python experiments/condensation.py"))

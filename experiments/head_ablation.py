@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from transformers import AutoConfig  # noqa: E402
 
+from rcpp_hf.cli.errors import run_script  # noqa: E402
 from rcpp_hf.cli.options import BUDGET_HELP, budget_argument, model_folder  # noqa: E402
 from rcpp_hf.cli.shapesworld import add_comparison_arguments  # noqa: E402
 from rcpp_hf.methods import FastV, FastVFinePruner  # noqa: E402
@@ -147,4 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "python experiments/head_ablation.py"))

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.utils import httpx
 
 from rcpp_hf.benchmark.suite import BenchmarkSettings, known_methods
 from rcpp_hf.cli import main
-from rcpp_hf.cli.errors import UsageError
+from rcpp_hf.cli.errors import UsageError, run_script
 from rcpp_hf.methods import METHODS, method_config
 from tests.cli_helpers import user_error
 
@@ -38,6 +40,101 @@ def test_a_model_folder_without_a_checkpoint_and_a_model_file_are_refused(capsys
     user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path), "--output-dir", str(tmp_path / "run"),
                         "--model", str(tmp_path / "weights.bin")],
                "^rcpp-hf eval mme: error: --model .*weights.bin: is a file, not a checkpoint folder")  # fmt: skip
+
+
+NO_SUCH_ID = "rcpp-hf-tests/no-such-model"
+FIXTURE_POPE = REPO / "tests" / "fixtures" / "pope" / "coco_pope_random.json"
+
+
+def commands_with_a_model(tmp_path: Path) -> dict[str, list[str]]:
+    """Every command that takes --model, with the other arguments it requires."""
+    run = ["--output-dir", str(tmp_path / "run")]
+    return {
+        "generate": ["generate"],
+        "bench": ["bench"],
+        "demo": ["demo"],
+        "eval pope": ["eval", "pope", "--question-file", str(FIXTURE_POPE), "--image-folder", str(tmp_path), *run],
+        "eval chair": ["eval", "chair", "--image-folder", str(tmp_path), "--annotations", str(tmp_path), *run],
+        "eval mme": ["eval", "mme", "--mme-root", str(tmp_path), *run],
+        "eval shapesworld": ["eval", "shapesworld", "--split", "random", *run],
+        "shapesworld compare": ["shapesworld", "compare", *run],
+        "gan-pruner train": ["gan-pruner", "train", *run],
+        "gan-pruner match": ["gan-pruner", "match", "--pruners", str(tmp_path), *run],
+    }
+
+
+def test_every_command_refuses_a_hub_id_it_cannot_load_offline(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import
+    for name, argv in commands_with_a_model(tmp_path).items():
+        user_error(capsys, [*argv, "--model", NO_SUCH_ID],
+                   f"^rcpp-hf {name}: error: --model {NO_SUCH_ID}: could not be loaded from the hub or a local folder "
+                   r"\(it is not in the local hub cache, and HF_HUB_OFFLINE=1 forbids downloading it\); check the id, "
+                   "unset HF_HUB_OFFLINE to download it, or pass a local checkpoint folder$")  # fmt: skip
+
+
+def hub_failure(monkeypatch, cause: Exception) -> None:
+    """transformers' OSError over `cause` when --model's config.json is fetched: the hub's answer, without a network."""
+
+    def fetch(model_id, filename, **kwargs):
+        raise OSError(f"{model_id}: transformers' own multi-line message\nsecond line") from cause
+
+    monkeypatch.setattr("rcpp_hf.cli.options.cached_file", fetch)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+
+def hub_response(status: int):
+    request = httpx.Request("HEAD", f"https://huggingface.co/{NO_SUCH_ID}/resolve/main/config.json")
+    return httpx.Response(status, request=request)
+
+
+def test_a_hub_id_that_does_not_exist_or_cannot_be_reached_is_one_line(capsys, tmp_path, monkeypatch):
+    hub_failure(monkeypatch, RepositoryNotFoundError("404 Repository Not Found", response=hub_response(404)))
+    user_error(capsys, ["generate", "--model", NO_SUCH_ID], f"^rcpp-hf generate: error: --model {NO_SUCH_ID}: could "
+               r"not be loaded from the hub or a local folder \(the hub has no model of that id, or it is private\); "
+               r"check the id \(org/name\), log in \(hf auth login\) for a private model, or pass a local checkpoint "
+               "folder$")  # fmt: skip
+    hub_failure(monkeypatch, LocalEntryNotFoundError("cannot connect"))
+    user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path), "--output-dir", str(tmp_path / "run"), "--model",
+                        NO_SUCH_ID],
+               r"^rcpp-hf eval mme: error: --model .*: could not be loaded from the hub or a local folder \(the hub "
+               r"could not be reached and it is not in the local hub cache\); check the id and the network, pass a "
+               "local checkpoint folder, or set HF_HUB_OFFLINE=1 to use a copy already in the local hub cache$")
+    hub_failure(monkeypatch, GatedRepoError("403 gated", response=hub_response(403)))
+    user_error(capsys, ["bench", "--model", NO_SUCH_ID], r"\(it is a gated model\); request access at "
+               f"https://huggingface.co/{NO_SUCH_ID} and log in \\(hf auth login\\), or pass a local folder$")  # fmt: skip
+
+
+def test_a_later_hub_failure_is_one_line_and_other_os_errors_keep_their_traceback(capsys, monkeypatch, tmp_path):
+    def weights_unreachable(runs):  # e.g. the config was cached, the weights are not and the hub is unreachable
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.") \
+            from LocalEntryNotFoundError("cannot connect")  # fmt: skip
+
+    monkeypatch.setattr("rcpp_hf.cli.report.write_report", weights_unreachable)
+    user_error(capsys, ["report", str(tmp_path)], "^rcpp-hf report: error: could not be loaded from the hub or a local "
+               "folder: We couldn't connect to 'https://huggingface.co' to load the files.; check the id and the "
+               "network, pass a local checkpoint folder, or set HF_HUB_OFFLINE=1")  # fmt: skip
+
+    def disk_full(runs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("rcpp_hf.cli.report.write_report", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main(["report", str(tmp_path)])
+
+
+def test_the_studies_refuse_a_model_in_one_line(capsys, monkeypatch, tmp_path):
+    from experiments import condensation, defaults_sweep, head_ablation
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    for study in (condensation, defaults_sweep, head_ablation):
+        prog = f"python experiments/{study.__name__.split('.')[-1]}.py"
+        monkeypatch.setattr(sys, "argv", [prog, "--model", NO_SUCH_ID, "--output-dir", str(tmp_path)])
+        capsys.readouterr()
+        assert run_script(study.main, prog) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [f"{prog}: error: --model {NO_SUCH_ID}: could not be loaded from the hub or a local folder (it "
+                         "is not in the local hub cache, and HF_HUB_OFFLINE=1 forbids downloading it); check the id, "
+                         "unset HF_HUB_OFFLINE to download it, or pass a local checkpoint folder"]  # fmt: skip
 
 
 # --- --device --------------------------------------------------------------------------------------------------

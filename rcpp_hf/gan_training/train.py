@@ -516,7 +516,8 @@ def train(
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train the GAN layer pruners of a ShapesWorld LLaVA", description=__doc__)
-    parser.add_argument("--model", required=True, help="the LLaVA checkpoint folder (frozen backbone)")
+    parser.add_argument("--model", required=True, help="the LLaVA checkpoint (frozen backbone): a folder, a hub id "
+                        "(org/name) or shapesworld-smol")
     parser.add_argument("--output-dir", required=True, help="where the pruners, curves and resumable state go")
     for name, value in asdict(GanTrainConfig()).items():
         flag = f"--{name.replace('_', '-')}"
