@@ -5,6 +5,8 @@ The mistakes are caught before any model loads, so these tests load none.
 """
 
 import dataclasses
+import io
+import json
 import os
 import subprocess
 import sys
@@ -18,8 +20,13 @@ from huggingface_hub.utils import httpx
 from rcpp_hf.benchmark.suite import BenchmarkSettings, known_methods
 from rcpp_hf.cli import main
 from rcpp_hf.cli.errors import UsageError, run_script
+from rcpp_hf.eval.harness import EvalItem, check_images_readable
 from rcpp_hf.methods import METHODS, method_config
+from rcpp_hf.shapesworld.pope_sets import pope_scenes
+from rcpp_hf.shapesworld.world import DEFAULT_WORLD_SEED
 from tests.cli_helpers import user_error
+from tests.conftest import make_images
+from tests.eval_helpers import two_image_annotations, write_mme
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRASTIVE_WITH_RCPP = ("vcd+rcpp", "sid+rcpp", "plausibility_cutoff+rcpp")
@@ -159,12 +166,24 @@ def test_cuda_without_a_gpu_is_refused(capsys):
 # --- --image ---------------------------------------------------------------------------------------------------
 
 
+def truncated_jpeg(path: Path) -> Path:
+    """The first half of a JPEG: its header opens and verifies, its pixels do not decode."""
+    buffer = io.BytesIO()
+    make_images(1)[0].resize((64, 64)).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path
+
+
+
 def test_an_image_that_is_not_an_image_or_not_there_is_named(capsys, tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     user_error(capsys, ["generate", "--image", str(text)],
                "^rcpp-hf generate: error: --image .*notes.png: not an image file PIL can read")
     user_error(capsys, ["generate", "--image", str(tmp_path / "nope.png")], "image file not found: .*nope.png")
+    truncated_jpeg(tmp_path / "truncated.jpg")
+    user_error(capsys, ["generate", "--image", str(tmp_path / "truncated.jpg")], r"^rcpp-hf generate: error: --image "
+               r".*truncated.jpg: a damaged image PIL cannot read \(image file is truncated.*\); pass a PNG, JPEG")
 
 
 # --- counts ----------------------------------------------------------------------------------------------------
@@ -233,6 +252,61 @@ def test_missing_benchmark_data_is_named(capsys, tmp_path):
                "^rcpp-hf eval mme: error: --mme-root .*MME: folder not found")
     user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path), "--subtasks", "existence", *run],
                "^rcpp-hf eval mme: error: .*existence: MME subtask folder not found")
+
+
+def text_files(folder: Path, names: list[str]) -> None:
+    """Files named as images that hold text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("not an image")
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the images were checked")
+
+
+def test_an_eval_image_that_is_not_an_image_is_named_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("rcpp_hf.eval.harness.load_model", no_model)
+    monkeypatch.setattr("rcpp_hf.shapesworld.evaluate.RCPPLlavaForConditionalGeneration.from_pretrained", no_model)
+    fix = "; replace each with the benchmark's image \\(PNG, JPEG, ...\\), or pass the folder that holds its images$"
+    [image] = {json.loads(line)["image"] for line in FIXTURE_POPE.read_text().splitlines()[:6]}  # 6 questions, 1 image
+    text_files(tmp_path / "val2014", [image])
+    user_error(capsys, ["eval", "pope", "--question-file", str(FIXTURE_POPE), "--image-folder", str(tmp_path / "val2014"),
+                        "--limit", "6", "--output-dir", str(tmp_path / "pope")],
+               f"^rcpp-hf eval pope: error: image file PIL cannot read: .*val2014/{image} \\(not an image\\)" + fix)
+
+    text_files(tmp_path / "coco", ["COCO_val2014_000000000073.jpg"])
+    make_images(1)[0].save(tmp_path / "coco" / "COCO_val2014_000000000042.jpg")
+    two_image_annotations(tmp_path / "annotations")
+    user_error(capsys, ["eval", "chair", "--image-folder", str(tmp_path / "coco"), "--annotations",
+                        str(tmp_path / "annotations"), "--num-images", "2", "--output-dir", str(tmp_path / "chair")],
+               "^rcpp-hf eval chair: error: image file PIL cannot read: .*coco/COCO_val2014_000000000073.jpg \\(not an "
+               "image\\)" + fix)  # fmt: skip (the readable 42 is not named)
+
+    write_mme(tmp_path / "MME", text_files)
+    user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path / "MME"), "--subtasks", "existence", "--output-dir",
+                        str(tmp_path / "mme")],
+               "^rcpp-hf eval mme: error: 2 image files PIL cannot read: .*existence/a.jpg \\(not an image\\), "
+               ".*existence/b.png \\(not an image\\)" + fix)  # fmt: skip
+
+    # eval shapesworld renders its images into the run folder and keeps those there: a damaged one is named
+    scene = pope_scenes(DEFAULT_WORLD_SEED, 2)[0]
+    text_files(tmp_path / "shapesworld" / "data" / "images", [scene.image_file])
+    user_error(capsys, ["eval", "shapesworld", "--split", "random", "--num-images", "2", "--output-dir",
+                        str(tmp_path / "shapesworld")],
+               f"^rcpp-hf eval shapesworld: error: image file PIL cannot read: .*images/{scene.image_file} \\(not an "
+               "image\\); delete each: the next run renders it again$")  # fmt: skip
+
+
+def test_an_image_damaged_past_the_check_is_named_when_it_is_read(tmp_path):
+    # verify() reads a JPEG's header only: a truncated one passes the check and fails when decoded
+    image = truncated_jpeg(tmp_path / "truncated.jpg")
+    check_images_readable([image])
+    with pytest.raises(ValueError, match=r"^image file PIL cannot read: .*truncated.jpg \(image file is truncated"):
+        EvalItem("a", "Describe.", image).load_image()
+    text_files(tmp_path, ["x.jpg"])
+    with pytest.raises(ValueError, match=r"^image file PIL cannot read: .*x.jpg \(not an image\)"):
+        EvalItem("b", "Describe.", tmp_path / "x.jpg").load_image()
 
 
 # --- bench -----------------------------------------------------------------------------------------------------
