@@ -17,6 +17,7 @@ from transformers.utils import cached_file
 
 from rcpp_hf.cli.errors import UsageError, hub_fix, one_line
 from rcpp_hf.default_model import default_model_path
+from rcpp_hf.engine.pruning import OWN_HEADS, OWN_LAYERS, SCALED_LAYERS  # noqa: F401 (the layer and head flags' rules)
 from rcpp_hf.methods import METHODS
 from rcpp_hf.methods.budget import budget_argument  # noqa: F401 (the budget flags' type, with their help)
 from rcpp_hf.shapesworld.world import DEFAULT_WORLD_SEED, TEST_SEED, TRAIN_SEED, VALIDATION_SEED
@@ -31,8 +32,8 @@ HUB_HTTP_LOGGER = "huggingface_hub.utils._http"  # warns of each retry of a requ
 # Every budget flag's help says the rule (`methods/budget.py`).
 BUDGET_HELP = ("an integer counts visual tokens of the model's own image, a fraction in (0, 1) is a share of them "
                "(LLaVA-1.5's 64 / 128 / 192 of 576 are 0.1111 / 0.2222 / 0.3333)")
-# Every layer or head flag's help says which it takes.
-LAYER_HELP = "layer indices of this model's own decoder"
+# Every layer or head flag's help says which it takes (`engine/pruning.py`'s phrases).
+LAYER_HELP = OWN_LAYERS
 
 
 def model_folder(model: str | Path | None) -> str:
