@@ -30,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from rcpp_hf.cli.errors import run_script  # noqa: E402
 from rcpp_hf.cli.options import BUDGET_HELP, LAYER_HELP, budget_argument, model_folder  # noqa: E402
 from rcpp_hf.cli.shapesworld import add_comparison_arguments  # noqa: E402
 from rcpp_hf.engine.pruning import scale_layer  # noqa: E402
@@ -150,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--target-tokens", type=budget_argument, nargs="+", default=list(TARGET_TOKENS),
                         help=f"visual tokens kept, budgets: {BUDGET_HELP} (default: 0.1111 0.2222)")
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help=f"condensation layers, {LAYER_HELP} "
-                        "(default: 5 / 10 / 15 of 32, scaled by depth)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help=f"condensation layers (HiMAP's text "
+                        f"stage), {LAYER_HELP}, used as given (default: 5 / 10 / 15 of 32, scaled to this model's "
+                        "depth)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--pope-split", default="adversarial", choices=POPE_SPLITS)
     add_comparison_arguments(parser)
@@ -174,4 +176,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "python experiments/condensation.py"))

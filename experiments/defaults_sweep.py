@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from rcpp_hf.cli.errors import run_script
 from rcpp_hf.cli.options import model_folder
 from rcpp_hf.cli.shapesworld import add_comparison_arguments
 from rcpp_hf.config import RCPP_DEFAULTS, RCPPGenerationConfig
@@ -222,4 +223,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "python experiments/defaults_sweep.py"))

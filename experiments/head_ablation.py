@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from transformers import AutoConfig  # noqa: E402
 
-from rcpp_hf.cli.options import BUDGET_HELP, budget_argument, model_folder  # noqa: E402
+from rcpp_hf.cli.errors import run_script  # noqa: E402
+from rcpp_hf.cli.options import BUDGET_HELP, OWN_HEADS, budget_argument, model_folder  # noqa: E402
 from rcpp_hf.cli.shapesworld import add_comparison_arguments  # noqa: E402
 from rcpp_hf.methods import FastV, FastVFinePruner  # noqa: E402
 from rcpp_hf.methods.budget import budget_label  # noqa: E402
@@ -124,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--strategies", nargs="+", default=[*HEAD_STRATEGIES, DYNAMIC],
                         choices=[*HEAD_STRATEGIES, DYNAMIC])  # fmt: skip
-    parser.add_argument("--heads", type=int, nargs="+", default=None, help="H, head counts of this model's own "
-                        "attention heads (default: 8 / 16 / 24 / 32 of LLaVA-1.5's 32, scaled to this model's heads)")
+    parser.add_argument("--heads", type=int, nargs="+", default=None, help=f"H, {OWN_HEADS}, each from 1 to "
+                        "its number of heads (default: 8 / 16 / 24 / 32 of LLaVA-1.5's 32, scaled to this model's heads)")
     parser.add_argument("--budgets", type=budget_argument, nargs="+", default=list(BUDGETS),
                         help=f"FastV budgets: {BUDGET_HELP} (default: 0.1111 0.2222 0.3333)")
     parser.add_argument("--split", default="adversarial", choices=POPE_SPLITS)
@@ -147,4 +148,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main, "python experiments/head_ablation.py"))

@@ -5,6 +5,8 @@ The mistakes are caught before any model loads, so these tests load none.
 """
 
 import dataclasses
+import io
+import json
 import os
 import subprocess
 import sys
@@ -12,12 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.utils import httpx
 
 from rcpp_hf.benchmark.suite import BenchmarkSettings, known_methods
 from rcpp_hf.cli import main
-from rcpp_hf.cli.errors import UsageError
+from rcpp_hf.cli.errors import UsageError, run_script
+from rcpp_hf.eval.harness import EvalItem, check_images_readable
 from rcpp_hf.methods import METHODS, method_config
+from rcpp_hf.shapesworld.pope_sets import pope_scenes
+from rcpp_hf.shapesworld.world import DEFAULT_WORLD_SEED
 from tests.cli_helpers import user_error
+from tests.conftest import make_images
+from tests.eval_helpers import two_image_annotations, write_mme
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRASTIVE_WITH_RCPP = ("vcd+rcpp", "sid+rcpp", "plausibility_cutoff+rcpp")
@@ -38,6 +47,101 @@ def test_a_model_folder_without_a_checkpoint_and_a_model_file_are_refused(capsys
     user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path), "--output-dir", str(tmp_path / "run"),
                         "--model", str(tmp_path / "weights.bin")],
                "^rcpp-hf eval mme: error: --model .*weights.bin: is a file, not a checkpoint folder")  # fmt: skip
+
+
+NO_SUCH_ID = "rcpp-hf-tests/no-such-model"
+FIXTURE_POPE = REPO / "tests" / "fixtures" / "pope" / "coco_pope_random.json"
+
+
+def commands_with_a_model(tmp_path: Path) -> dict[str, list[str]]:
+    """Every command that takes --model, with the other arguments it requires."""
+    run = ["--output-dir", str(tmp_path / "run")]
+    return {
+        "generate": ["generate"],
+        "bench": ["bench"],
+        "demo": ["demo"],
+        "eval pope": ["eval", "pope", "--question-file", str(FIXTURE_POPE), "--image-folder", str(tmp_path), *run],
+        "eval chair": ["eval", "chair", "--image-folder", str(tmp_path), "--annotations", str(tmp_path), *run],
+        "eval mme": ["eval", "mme", "--mme-root", str(tmp_path), *run],
+        "eval shapesworld": ["eval", "shapesworld", "--split", "random", *run],
+        "shapesworld compare": ["shapesworld", "compare", *run],
+        "gan-pruner train": ["gan-pruner", "train", *run],
+        "gan-pruner match": ["gan-pruner", "match", "--pruners", str(tmp_path), *run],
+    }
+
+
+def test_every_command_refuses_a_hub_id_it_cannot_load_offline(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at import
+    for name, argv in commands_with_a_model(tmp_path).items():
+        user_error(capsys, [*argv, "--model", NO_SUCH_ID],
+                   f"^rcpp-hf {name}: error: --model {NO_SUCH_ID}: could not be loaded from the hub or a local folder "
+                   r"\(it is not in the local hub cache, and HF_HUB_OFFLINE=1 forbids downloading it\); check the id, "
+                   "unset HF_HUB_OFFLINE to download it, or pass a local checkpoint folder$")  # fmt: skip
+
+
+def hub_failure(monkeypatch, cause: Exception) -> None:
+    """transformers' OSError over `cause` when --model's config.json is fetched: the hub's answer, without a network."""
+
+    def fetch(model_id, filename, **kwargs):
+        raise OSError(f"{model_id}: transformers' own multi-line message\nsecond line") from cause
+
+    monkeypatch.setattr("rcpp_hf.cli.options.cached_file", fetch)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+
+def hub_response(status: int):
+    request = httpx.Request("HEAD", f"https://huggingface.co/{NO_SUCH_ID}/resolve/main/config.json")
+    return httpx.Response(status, request=request)
+
+
+def test_a_hub_id_that_does_not_exist_or_cannot_be_reached_is_one_line(capsys, tmp_path, monkeypatch):
+    hub_failure(monkeypatch, RepositoryNotFoundError("404 Repository Not Found", response=hub_response(404)))
+    user_error(capsys, ["generate", "--model", NO_SUCH_ID], f"^rcpp-hf generate: error: --model {NO_SUCH_ID}: could "
+               r"not be loaded from the hub or a local folder \(the hub has no model of that id, or it is private\); "
+               r"check the id \(org/name\), log in \(hf auth login\) for a private model, or pass a local checkpoint "
+               "folder$")  # fmt: skip
+    hub_failure(monkeypatch, LocalEntryNotFoundError("cannot connect"))
+    user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path), "--output-dir", str(tmp_path / "run"), "--model",
+                        NO_SUCH_ID],
+               r"^rcpp-hf eval mme: error: --model .*: could not be loaded from the hub or a local folder \(the hub "
+               r"could not be reached and it is not in the local hub cache\); check the id and the network, pass a "
+               "local checkpoint folder, or set HF_HUB_OFFLINE=1 to use a copy already in the local hub cache$")
+    hub_failure(monkeypatch, GatedRepoError("403 gated", response=hub_response(403)))
+    user_error(capsys, ["bench", "--model", NO_SUCH_ID], r"\(it is a gated model\); request access at "
+               f"https://huggingface.co/{NO_SUCH_ID} and log in \\(hf auth login\\), or pass a local folder$")  # fmt: skip
+
+
+def test_a_later_hub_failure_is_one_line_and_other_os_errors_keep_their_traceback(capsys, monkeypatch, tmp_path):
+    def weights_unreachable(runs):  # e.g. the config was cached, the weights are not and the hub is unreachable
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.") \
+            from LocalEntryNotFoundError("cannot connect")  # fmt: skip
+
+    monkeypatch.setattr("rcpp_hf.cli.report.write_report", weights_unreachable)
+    user_error(capsys, ["report", str(tmp_path)], "^rcpp-hf report: error: could not be loaded from the hub or a local "
+               "folder: We couldn't connect to 'https://huggingface.co' to load the files.; check the id and the "
+               "network, pass a local checkpoint folder, or set HF_HUB_OFFLINE=1")  # fmt: skip
+
+    def disk_full(runs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("rcpp_hf.cli.report.write_report", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main(["report", str(tmp_path)])
+
+
+def test_the_studies_refuse_a_model_in_one_line(capsys, monkeypatch, tmp_path):
+    from experiments import condensation, defaults_sweep, head_ablation
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    for study in (condensation, defaults_sweep, head_ablation):
+        prog = f"python experiments/{study.__name__.split('.')[-1]}.py"
+        monkeypatch.setattr(sys, "argv", [prog, "--model", NO_SUCH_ID, "--output-dir", str(tmp_path)])
+        capsys.readouterr()
+        assert run_script(study.main, prog) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines == [f"{prog}: error: --model {NO_SUCH_ID}: could not be loaded from the hub or a local folder (it "
+                         "is not in the local hub cache, and HF_HUB_OFFLINE=1 forbids downloading it); check the id, "
+                         "unset HF_HUB_OFFLINE to download it, or pass a local checkpoint folder"]  # fmt: skip
 
 
 # --- --device --------------------------------------------------------------------------------------------------
@@ -62,12 +166,24 @@ def test_cuda_without_a_gpu_is_refused(capsys):
 # --- --image ---------------------------------------------------------------------------------------------------
 
 
+def truncated_jpeg(path: Path) -> Path:
+    """The first half of a JPEG: its header opens and verifies, its pixels do not decode."""
+    buffer = io.BytesIO()
+    make_images(1)[0].resize((64, 64)).save(buffer, "JPEG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return path
+
+
+
 def test_an_image_that_is_not_an_image_or_not_there_is_named(capsys, tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     user_error(capsys, ["generate", "--image", str(text)],
                "^rcpp-hf generate: error: --image .*notes.png: not an image file PIL can read")
     user_error(capsys, ["generate", "--image", str(tmp_path / "nope.png")], "image file not found: .*nope.png")
+    truncated_jpeg(tmp_path / "truncated.jpg")
+    user_error(capsys, ["generate", "--image", str(tmp_path / "truncated.jpg")], r"^rcpp-hf generate: error: --image "
+               r".*truncated.jpg: a damaged image PIL cannot read \(image file is truncated.*\); pass a PNG, JPEG")
 
 
 # --- counts ----------------------------------------------------------------------------------------------------
@@ -136,6 +252,61 @@ def test_missing_benchmark_data_is_named(capsys, tmp_path):
                "^rcpp-hf eval mme: error: --mme-root .*MME: folder not found")
     user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path), "--subtasks", "existence", *run],
                "^rcpp-hf eval mme: error: .*existence: MME subtask folder not found")
+
+
+def text_files(folder: Path, names: list[str]) -> None:
+    """Files named as images that hold text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text("not an image")
+
+
+def no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the images were checked")
+
+
+def test_an_eval_image_that_is_not_an_image_is_named_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("rcpp_hf.eval.harness.load_model", no_model)
+    monkeypatch.setattr("rcpp_hf.shapesworld.evaluate.RCPPLlavaForConditionalGeneration.from_pretrained", no_model)
+    fix = "; replace each with the benchmark's image \\(PNG, JPEG, ...\\), or pass the folder that holds its images$"
+    [image] = {json.loads(line)["image"] for line in FIXTURE_POPE.read_text().splitlines()[:6]}  # 6 questions, 1 image
+    text_files(tmp_path / "val2014", [image])
+    user_error(capsys, ["eval", "pope", "--question-file", str(FIXTURE_POPE), "--image-folder", str(tmp_path / "val2014"),
+                        "--limit", "6", "--output-dir", str(tmp_path / "pope")],
+               f"^rcpp-hf eval pope: error: image file PIL cannot read: .*val2014/{image} \\(not an image\\)" + fix)
+
+    text_files(tmp_path / "coco", ["COCO_val2014_000000000073.jpg"])
+    make_images(1)[0].save(tmp_path / "coco" / "COCO_val2014_000000000042.jpg")
+    two_image_annotations(tmp_path / "annotations")
+    user_error(capsys, ["eval", "chair", "--image-folder", str(tmp_path / "coco"), "--annotations",
+                        str(tmp_path / "annotations"), "--num-images", "2", "--output-dir", str(tmp_path / "chair")],
+               "^rcpp-hf eval chair: error: image file PIL cannot read: .*coco/COCO_val2014_000000000073.jpg \\(not an "
+               "image\\)" + fix)  # fmt: skip (the readable 42 is not named)
+
+    write_mme(tmp_path / "MME", text_files)
+    user_error(capsys, ["eval", "mme", "--mme-root", str(tmp_path / "MME"), "--subtasks", "existence", "--output-dir",
+                        str(tmp_path / "mme")],
+               "^rcpp-hf eval mme: error: 2 image files PIL cannot read: .*existence/a.jpg \\(not an image\\), "
+               ".*existence/b.png \\(not an image\\)" + fix)  # fmt: skip
+
+    # eval shapesworld renders its images into the run folder and keeps those there: a damaged one is named
+    scene = pope_scenes(DEFAULT_WORLD_SEED, 2)[0]
+    text_files(tmp_path / "shapesworld" / "data" / "images", [scene.image_file])
+    user_error(capsys, ["eval", "shapesworld", "--split", "random", "--num-images", "2", "--output-dir",
+                        str(tmp_path / "shapesworld")],
+               f"^rcpp-hf eval shapesworld: error: image file PIL cannot read: .*images/{scene.image_file} \\(not an "
+               "image\\); delete each: the next run renders it again$")  # fmt: skip
+
+
+def test_an_image_damaged_past_the_check_is_named_when_it_is_read(tmp_path):
+    # verify() reads a JPEG's header only: a truncated one passes the check and fails when decoded
+    image = truncated_jpeg(tmp_path / "truncated.jpg")
+    check_images_readable([image])
+    with pytest.raises(ValueError, match=r"^image file PIL cannot read: .*truncated.jpg \(image file is truncated"):
+        EvalItem("a", "Describe.", image).load_image()
+    text_files(tmp_path, ["x.jpg"])
+    with pytest.raises(ValueError, match=r"^image file PIL cannot read: .*x.jpg \(not an image\)"):
+        EvalItem("b", "Describe.", tmp_path / "x.jpg").load_image()
 
 
 # --- bench -----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from rcpp_hf.engine.condensation import (
     cross_attention_aggregate,
     farthest_point_sampling,
 )
+from rcpp_hf.engine.pruning import NOT_THE_MODELS_HEADS
 
 
 def median_ms(call, device: torch.device, repeats: int) -> float:
@@ -59,15 +60,21 @@ def time_selections(tokens: int, width: int, centroids: list[int], heads: int, d
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rcpp_hf.benchmark.centroid_timing", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--tokens", type=int, default=576)
     parser.add_argument("--width", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--heads", type=int, default=32, help="heads the timed cross-attention aggregation splits "
+                        f"--width into (random features: {NOT_THE_MODELS_HEADS}; default: 32, LLaVA-1.5-7B's)")
     parser.add_argument("--centroids", type=int, nargs="+", default=[36, 72, 144, 288])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     rows = time_selections(args.tokens, args.width, args.centroids, args.heads, device, args.repeats)
     print(f"N = {args.tokens} tokens, width {args.width}, {args.heads} heads, {device} ({torch.get_num_threads()} "

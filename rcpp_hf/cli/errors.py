@@ -2,7 +2,10 @@
 status 2 (argparse's own status for a bad command line), and no traceback unless `--debug` or RCPP_HF_DEBUG=1.
 
 Only the exceptions that mean "the input is wrong" are reported this way; any other exception is a bug and keeps its
-traceback.
+traceback. So is a file the hub could not give (transformers' OSError over huggingface_hub's error: an id that does
+not exist, no network, offline mode without a cached copy), wherever it is fetched: `--model`'s hub id is checked
+before anything loads (`options.check_hub_model`), and a later fetch that fails (e.g. the weights) still ends in one
+line (`hub_error`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from huggingface_hub.utils import httpx  # huggingface_hub's HTTP client, as transformers imports it
 
 EXIT_USAGE = 2  # what argparse exits with, so that every refused command line exits alike
 
@@ -26,6 +32,26 @@ USER_ERRORS = (ValueError, FileNotFoundError)
 
 # The sub-command levels' argparse dests, outermost first: "eval pope", "shapesworld compare", "gan-pruner train".
 COMMAND_DESTS = ("command", "benchmark", "shapesworld_command", "gan_pruner_command")
+
+# What huggingface_hub raises when the hub cannot give a file; transformers wraps them in an OSError.
+HUB_ERRORS = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.HTTPError)
+
+
+def hub_fix() -> str:
+    """What to do when the hub cannot give a model: the advice of every hub error's line."""
+    return ("check the id and the network, pass a local checkpoint folder, or set HF_HUB_OFFLINE=1 to use a copy "
+            "already in the local hub cache")
+
+
+def hub_error(error: BaseException) -> bool:
+    """Whether `error` is a file the hub could not give: a huggingface_hub error, or an error raised from one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, HUB_ERRORS):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def debug_requested(args: argparse.Namespace) -> bool:
@@ -55,3 +81,15 @@ def run_command(func: Callable[[argparse.Namespace], int | None], args: argparse
             raise
         print(f"{command_name(args, prog)}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:
+        if debug_requested(args) or not hub_error(error):
+            raise
+        print(f"{command_name(args, prog)}: error: could not be loaded from the hub or a local folder: "
+              f"{one_line(error)}; {hub_fix()}", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+
+
+def run_script(main: Callable[[], int | None], prog: str) -> int:
+    """A script's `main()` (it parses sys.argv itself) with its user errors reported as a command's are, under
+    `prog` (e.g. "python experiments/head_ablation.py"); RCPP_HF_DEBUG=1 shows the traceback."""
+    return run_command(lambda args: main(), argparse.Namespace(), prog)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 from transformers import AutoConfig
 
-from rcpp_hf.cli.errors import UsageError
+from rcpp_hf.cli.errors import UsageError, one_line
 from rcpp_hf.cli.options import (
     add_method_arguments,
     check_at_least,
@@ -62,6 +62,9 @@ def read_image(path: Path) -> Image.Image:
             return image.convert("RGB")
     except UnidentifiedImageError:
         raise UsageError(f"--image {path}: not an image file PIL can read; pass a PNG, JPEG, ... file") from None
+    except (OSError, SyntaxError, ValueError) as error:  # a damaged image (e.g. truncated): PIL raises any of these
+        raise UsageError(f"--image {path}: a damaged image PIL cannot read ({one_line(error)}); pass a PNG, JPEG, ... "
+                         "file") from None  # fmt: skip
 
 
 def setting_label(config: RCPPGenerationConfig) -> str:

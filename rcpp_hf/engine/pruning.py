@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 REFERENCE_LAYERS = 32  # LLaVA-1.5-7B's decoder depth, the scale of every method's published layer defaults
 REFERENCE_VISUAL_TOKENS = 576  # LLaVA-1.5's 24 x 24 patches, the scale of every published token budget
 
+# The two ways a command-line flag takes layers; each layer flag's help says which (a test reads every parser).
+OWN_LAYERS = "layer indices of this model's own decoder"
+SCALED_LAYERS = f"layer indices of a {REFERENCE_LAYERS}-layer decoder (LLaVA-1.5-7B's), scaled to this model's depth"
+# And heads: a head flag's help says whose heads it counts.
+OWN_HEADS = "head counts of this model's own attention heads"
+NOT_THE_MODELS_HEADS = "not the model's attention heads"
+
 
 def scale_layer(layer: int, num_layers: int) -> int:
     """A layer index stated for a 32-layer decoder, at the same depth fraction of a `num_layers` decoder, kept in

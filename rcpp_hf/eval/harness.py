@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from rcpp_hf.default_model import default_model_path
@@ -67,8 +67,8 @@ class RunOptions:
 class EvalItem:
     """One question to the model: a unique id, the user message, its image, what to store with the answer.
 
-    `image` is a file (checked to exist before any model work, read when its batch runs) or a
-    function returning the image (images held in memory or inside a dataset file).
+    `image` is a file (checked to exist and to open as an image before any model work, read when its batch runs) or
+    a function returning the image (images held in memory or inside a dataset file).
     """
 
     id: str
@@ -77,11 +77,55 @@ class EvalItem:
     fields: dict = field(default_factory=dict)  # stored with the answer, e.g. the label
 
     def load_image(self) -> Image.Image:
-        if callable(self.image):
+        if not callable(self.image):
+            return read_image(self.image)
+        try:
             return self.image()
-        with Image.open(self.image) as image:
+        except UnidentifiedImageError:
+            raise ValueError(f"item {self.id}: its image (held in the benchmark's data file) is not an image PIL can "
+                             "read; the data file is damaged: fetch it again") from None  # fmt: skip
+
+
+IMAGE_FIX = "replace each with the benchmark's image (PNG, JPEG, ...), or pass the folder that holds its images"
+
+
+def unreadable_image(path: str | Path) -> str | None:
+    """Why PIL cannot read the image file `path`, in a few words; None when it can (`Image.open` and `verify`: the
+    header and, for PNG, the chunks' checksums; no decoding)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except UnidentifiedImageError:
+        return "not an image"
+    except FileNotFoundError:
+        return "not found"
+    except (OSError, SyntaxError, ValueError) as error:  # a damaged image: PIL raises any of these
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return None
+
+
+def check_images_readable(paths: Iterable[Path], fix: str = IMAGE_FIX) -> None:
+    """Raise ValueError naming the image files PIL cannot read (at most five) and `fix`, what to do about them."""
+    bad = [(str(path), why) for path in dict.fromkeys(paths) if (why := unreadable_image(path)) is not None]
+    if bad:
+        shown = ", ".join(f"{path} ({why})" for path, why in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"{f'{len(bad)} image files' if len(bad) > 1 else 'image file'} PIL cannot read: {shown}{more}; "
+                         f"{fix}")
+
+
+def read_image(path: str | Path, fix: str = IMAGE_FIX) -> Image.Image:
+    """The image file `path`, decoded; a file that is not one (or is damaged past what `verify` sees) is a ValueError
+    naming it and `fix`."""
+    try:
+        with Image.open(path) as image:
             image.load()
             return image
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as error:
+        why = "not an image" if isinstance(error, UnidentifiedImageError) else str(error).strip().splitlines()[0]
+        raise ValueError(f"image file PIL cannot read: {path} ({why}); {fix}") from error
 
 
 def check_files_exist(paths: Iterable[Path], what: str) -> None:
@@ -150,6 +194,8 @@ def run_quality_eval(
     run_dir = RunDirectory(options.output_dir)
     run_dir.check_identity(identity)
     done = run_dir.done_ids()
+    pending = [item for item in items if item.id not in done]
+    check_images_readable(item.image for item in pending if not callable(item.image))  # those this run will read
     state.wait_for_everyone()  # every process has read what is done before anyone writes
     if state.is_main_process:
         run_dir.record_session(
@@ -159,7 +205,6 @@ def run_quality_eval(
             ),
         )
 
-    pending = [item for item in items if item.id not in done]
     batches = [pending[start : start + options.batch_size] for start in range(0, len(pending), options.batch_size)]
     own_batches = batches[state.process_index :: state.num_processes]
     if own_batches:

@@ -99,7 +99,8 @@ def write_presets(model_dir, pruner_path, output_dir, seed: int = VALIDATION_SEE
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("match", help="presets of random pruning and FastV at the trained pruners' counts",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--model", required=True, help="the LLaVA checkpoint folder the pruners were trained on")
+    parser.add_argument("--model", required=True, help="the LLaVA checkpoint the pruners were trained on: a folder, "
+                        "a hub id (org/name) or shapesworld-smol")
     parser.add_argument("--pruners", required=True, help="folder written by `rcpp-hf gan-pruner train`")
     parser.add_argument("--output-dir", required=True, help="where counts.json and the three presets go")
     parser.add_argument("--seed", type=int, default=VALIDATION_SEED, help="world seed of the prompts (validation: 1)")

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import LlavaProcessor
 
 from rcpp_hf.engine.layout import first_true_columns
-from rcpp_hf.engine.pruning import REFERENCE_LAYERS, scale_layers
+from rcpp_hf.engine.pruning import NOT_THE_MODELS_HEADS, REFERENCE_LAYERS, SCALED_LAYERS, scale_layers
 from rcpp_hf.engine.vision import gather_tokens
 from rcpp_hf.gan_training.discriminator import Discriminator, pool_states
 from rcpp_hf.gan_training.forward import PrunedForward, pruned_forward
@@ -65,13 +65,25 @@ LOSS_TERMS = ("task", "adversarial", "distillation", "sparsity", "token_count", 
 VARIABLE_LENGTH = ("pruning_layers", "discriminator_layers", "target_keep")  # list settings that are not pairs
 OPTIONAL_TYPES = {"target_keep": float, "budget": budget_argument}  # settings whose default is None
 SEED_TARGET_KEEP = (0.5, 0.3, 0.15)
+# The layer and head flags' help: the rule each follows (the layers are the reference code's, stated for 32 layers).
+FLAG_HELP = {
+    "pruning_layers": f"before which decoder layers the pruners act: {SCALED_LAYERS} (L layers), round(l * L / 32) "
+                      "kept in [1, L - 1], then pushed apart to stay increasing (6 12 18 -> 2 4 7 on 12 layers); training.json "
+                      "records the layers used (default: 6 12 18)",
+    "discriminator_layers": f"decoder layers whose output text states the discriminator reads: {SCALED_LAYERS} (L "
+                            "layers) by their outputs, round((l + 1) * L / 32) - 1, so that 31 stays the last layer, duplicates "
+                            "merged (15 23 31 -> 5 8 11 on 12 layers); training.json records the layers used "
+                            "(default: 15 23 31)",
+    "pruner_heads": f"heads of each pruner's own cross-attention, {NOT_THE_MODELS_HEADS} (--pruner-hidden must be a "
+                    "multiple of it; default: 4)",
+}  # fmt: skip
 UNDECIDED = (0.1, 0.9)  # a relaxed mask in this open interval has not decided yet
 
 
 @dataclass(frozen=True)
 class GanTrainConfig:
-    """A training run. Layers are stated for a 32-layer decoder and scaled to the backbone's depth; (start, end)
-    pairs are cosine schedules over the run.
+    """A training run. Layers are stated for a 32-layer decoder and scaled to the backbone's depth (`FLAG_HELP` says
+    how, for each); (start, end) pairs are cosine schedules over the run.
 
     pruning_layers: before which layers the pruners act (6 / 12 / 18 of 32, as in
         zjw131f1fc/domain-adaptation-token-pruning's `docs/model_summary.md`).
@@ -516,20 +528,22 @@ def train(
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train the GAN layer pruners of a ShapesWorld LLaVA", description=__doc__)
-    parser.add_argument("--model", required=True, help="the LLaVA checkpoint folder (frozen backbone)")
+    parser.add_argument("--model", required=True, help="the LLaVA checkpoint (frozen backbone): a folder, a hub id "
+                        "(org/name) or shapesworld-smol")
     parser.add_argument("--output-dir", required=True, help="where the pruners, curves and resumable state go")
     for name, value in asdict(GanTrainConfig()).items():
-        flag = f"--{name.replace('_', '-')}"
+        flag, help_text = f"--{name.replace('_', '-')}", FLAG_HELP.get(name)
         if name in OPTIONAL_TYPES:
             nargs = "+" if name in VARIABLE_LENGTH else None
-            parser.add_argument(flag, type=OPTIONAL_TYPES[name], nargs=nargs, default=value)
+            parser.add_argument(flag, type=OPTIONAL_TYPES[name], nargs=nargs, default=value, help=help_text)
         elif isinstance(value, bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value, metavar="BOOL")
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value, metavar="BOOL",
+                                help=help_text)  # fmt: skip
         elif isinstance(value, tuple):
             nargs = "+" if name in VARIABLE_LENGTH else len(value)  # the others are (start, end) pairs
-            parser.add_argument(flag, type=type(value[0]), nargs=nargs, default=value)
+            parser.add_argument(flag, type=type(value[0]), nargs=nargs, default=value, help=help_text)
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=value, help=help_text)
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_run)
 

@@ -41,6 +41,7 @@ from transformers import AutoProcessor, GenerationConfig
 from rcpp_hf.benchmark.measure import StepTimer
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.pruning import PruneRecord, visual_tokens_per_layer
+from rcpp_hf.eval.harness import check_images_readable, read_image
 from rcpp_hf.eval.mme import HALLUCINATION, mme_scores, parse_mme_answer, read_mme
 from rcpp_hf.eval.pope import parse_yes_no, pope_metrics
 from rcpp_hf.eval.run_directory import RunDirectory, session_provenance
@@ -56,6 +57,8 @@ from rcpp_hf.shapesworld.render import IMAGE_FOLDER, write_images
 from rcpp_hf.shapesworld.world import DEFAULT_WORLD_SEED, Scene
 
 SPLITS = (*POPE_SPLITS, "mme", "captions")
+# The split's images are rendered into the run folder, a file already there kept: a damaged one is deleted by hand.
+RENDERED_IMAGE_FIX = "delete each: the next run renders it again"
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,8 @@ def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = Tr
     items = split_items(settings, data_dir)
     done = run_dir.done_ids()
     todo = [item for item in items if item["id"] not in done]
+    image_files = {item["id"]: data_dir / IMAGE_FOLDER / item["image"] for item in todo}
+    check_images_readable(image_files.values(), RENDERED_IMAGE_FIX)  # before the model loads
 
     if todo:
         model = RCPPLlavaForConditionalGeneration.from_pretrained(settings.model).eval()
@@ -221,7 +226,7 @@ def evaluate(settings: EvalSettings, output_dir: str | Path, progress: bool = Tr
         bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"shapesworld {settings.split}", disable=not progress)
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start : start + settings.batch_size]
-            images = [Image.open(data_dir / IMAGE_FOLDER / item["image"]).convert("RGB") for item in batch]
+            images = [read_image(image_files[item["id"]], RENDERED_IMAGE_FIX).convert("RGB") for item in batch]
             answers, kept, measured = generate_answers(model, processor, images, [item["prompt"] for item in batch],
                                                        generation_config)  # fmt: skip
             part.extend(item_record(item, answer, k, measured) for item, answer, k in zip(batch, answers, kept))
