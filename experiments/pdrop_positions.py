@@ -14,7 +14,7 @@ without pruning. Reported per setting:
   - captions identical between "original" and "renumbered", the mean first step at which the others part, and the
     generated tokens that differ, position by position (a token one caption has and the other lacks counts as
     different), over all generated tokens of "original";
-  - the same caption figures between "original" and no pruning, for scale.
+  - for scale, the same caption figures between each of the two and no pruning.
 Prints a markdown table; with --output-dir also writes pdrop_positions.md and pdrop_positions.json there.
 """
 
@@ -76,7 +76,8 @@ def measure(model, processor, scenes, method: PDrop, max_new_tokens: int, vanill
     stages = method.resolve_stages(model.config.text_config.num_hidden_layers, num_visual)
     kept_differ = [0] * len(stages)
     same = differing_tokens = total_tokens = 0
-    first_steps, vanilla_same, vanilla_differing = [], 0, 0
+    first_steps = []
+    vanilla_same, vanilla_differing = {"original": 0, "renumbered": 0}, {"original": 0, "renumbered": 0}
     for index, scene in enumerate(tqdm(scenes, desc=method.describe(), leave=False)):
         inputs = processor(images=render_scene(scene), text=chat_prompt(processor, CAPTION_PROMPT), return_tensors="pt")
         prompt_len = inputs["input_ids"].shape[1]
@@ -103,9 +104,10 @@ def measure(model, processor, scenes, method: PDrop, max_new_tokens: int, vanill
             plain = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                    return_dict_in_generate=True)  # fmt: skip
             vanilla[index] = generated(plain, prompt_len, eos)
-        count, _ = token_differences(original, vanilla[index])
-        vanilla_same += count == 0
-        vanilla_differing += count
+        for positions, tokens in (("original", original), ("renumbered", renumbered)):
+            count, _ = token_differences(tokens, vanilla[index])
+            vanilla_same[positions] += count == 0
+            vanilla_differing[positions] += count
     scenes_count = len(scenes)
     per_stage = [{"layer": s.layer, "kept": s.keep, "kept_differing": kept_differ[i] / scenes_count}
                  for i, s in enumerate(stages)]  # fmt: skip
@@ -124,19 +126,21 @@ def measure(model, processor, scenes, method: PDrop, max_new_tokens: int, vanill
 def table(results: list[dict]) -> str:
     """The markdown table of `main`'s results."""
     header = ("| setting | stages (layer: kept) | kept tokens differing per stage | identical captions | "
-              "first divergence (mean step) | generated tokens differing | vs no pruning: identical / tokens differing |")
-    lines = [header, "|---|---|---|---|---|---|---|"]
+              "first divergence (mean step) | generated tokens differing | vs no pruning, original: identical, "
+              "tokens differing | vs no pruning, renumbered: identical, tokens differing |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for row in results:
         if row.get("skipped"):
-            lines.append(f"| {row['setting']} | skipped: {row['skipped']} ||||||")
+            lines.append(f"| {row['setting']} | skipped: {row['skipped']} |||||||")
             continue
         stages = ", ".join(f"{s['layer']}: {s['kept']}" for s in row["stages"])
         kept = ", ".join(f"{s['kept_differing']:.2f}" for s in row["stages"])
         first = "-" if row["mean_first_divergence"] is None else f"{row['mean_first_divergence']:.1f}"
         lines.append(
             f"| {row['setting']} | {stages} | {kept} | {row['identical_captions']} / {row['scenes']} | {first} | "
-            f"{row['differing_tokens']} / {row['generated_tokens']} | {row['vanilla_identical_captions']} / "
-            f"{row['scenes']}, {row['vanilla_differing_tokens']} |"
+            f"{row['differing_tokens']} / {row['generated_tokens']} | "
+            + " | ".join(f"{row['vanilla_identical_captions'][p]} / {row['scenes']}, {row['vanilla_differing_tokens'][p]}"
+                         for p in ("original", "renumbered")) + " |"
         )
     return "\n".join(lines) + "\n"
 
