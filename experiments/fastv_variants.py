@@ -20,7 +20,8 @@ For each setting (FastV's paper setting R = 50 % of the image at K = 2 of 32, th
 caption prompt): captions identical between the variants, the mean first step at which the others part, the generated
 tokens that differ (position by position, a token one caption has and the other lacks counting as different) over
 all generated tokens of the KV-cache variant, and, in the re-pruning variant, the share of the kept image tokens that
-are not among those the prompt's forward kept (mean over its steps after the first). Prints a markdown table; with
+are not among those the prompt's forward kept (mean over its steps after the first); for scale, each variant's
+identical captions and differing tokens against the model without pruning. Prints a markdown table; with
 --output-dir also writes fastv_variants.md and fastv_variants.json there.
 """
 
@@ -107,13 +108,15 @@ def re_pruning_caption(model, inputs, method: FastV, max_new_tokens: int) -> tup
     return tokens, kept
 
 
-def measure(model, processor, scenes, method: FastV, max_new_tokens: int) -> dict:
-    """Every figure of one setting over `scenes`."""
+def measure(model, processor, scenes, method: FastV, max_new_tokens: int, vanilla: dict) -> dict:
+    """Every figure of one setting over `scenes` (`vanilla`: scene index -> the unpruned caption's tokens)."""
     num_layers, num_visual = model.config.text_config.num_hidden_layers, model.config.image_seq_length
     stage = method.resolve_stages(num_layers, num_visual)[0]
     same = differing = total = 0
     first_steps, moved_shares = [], []
-    for scene in tqdm(scenes, desc=method.describe(), leave=False):
+    vanilla_same, vanilla_differing = {"kv_cache": 0, "re_pruning": 0}, {"kv_cache": 0, "re_pruning": 0}
+    ends = end_ids(model.generation_config.eos_token_id)
+    for index, scene in enumerate(tqdm(scenes, desc=method.describe(), leave=False)):
         inputs = processor(images=render_scene(scene), text=chat_prompt(processor, CAPTION_PROMPT), return_tensors="pt")
         cached, prompt_kept = kv_cache_caption(model, inputs, method, max_new_tokens)
         repruned, kept = re_pruning_caption(model, inputs, method, max_new_tokens)
@@ -127,6 +130,15 @@ def measure(model, processor, scenes, method: FastV, max_new_tokens: int) -> dic
             first_steps.append(first)
         if kept[0] is not None:
             moved_shares += [len(step - kept[0]) / stage.keep for step in kept[1:]]
+        if index not in vanilla:
+            plain = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            plain = plain[0, inputs["input_ids"].shape[1]:].tolist()
+            stop = next((i for i, token in enumerate(plain) if token in ends), None)
+            vanilla[index] = plain if stop is None else plain[: stop + 1]
+        for variant, tokens in (("kv_cache", cached), ("re_pruning", repruned)):
+            count, _ = token_differences(tokens, vanilla[index])
+            vanilla_same[variant] += count == 0
+            vanilla_differing[variant] += count
     return {
         "layer": stage.layer,
         "keep": stage.keep,
@@ -136,22 +148,27 @@ def measure(model, processor, scenes, method: FastV, max_new_tokens: int) -> dic
         "differing_tokens": differing,
         "generated_tokens": total,
         "kept_moved_share": sum(moved_shares) / len(moved_shares) if moved_shares else 0.0,
+        "vanilla_identical_captions": vanilla_same,
+        "vanilla_differing_tokens": vanilla_differing,
     }
 
 
 def table(results: list[dict]) -> str:
     """The markdown table of `main`'s results."""
     header = ("| setting | K: R | identical captions | first divergence (mean step) | generated tokens differing | "
-              "re-pruning: kept tokens not kept at the prompt |")
-    lines = [header, "|---|---|---|---|---|---|"]
+              "re-pruning: kept tokens not kept at the prompt | vs no pruning, KV cache: identical, tokens "
+              "differing | vs no pruning, re-pruning: identical, tokens differing |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for row in results:
         if row.get("skipped"):
-            lines.append(f"| {row['setting']} | skipped: {row['skipped']} |||||")
+            lines.append(f"| {row['setting']} | skipped: {row['skipped']} |||||||")
             continue
         first = "-" if row["mean_first_divergence"] is None else f"{row['mean_first_divergence']:.1f}"
         lines.append(
             f"| {row['setting']} | {row['layer']}: {row['keep']} | {row['identical_captions']} / {row['scenes']} | "
-            f"{first} | {row['differing_tokens']} / {row['generated_tokens']} | {row['kept_moved_share']:.1%} |"
+            f"{first} | {row['differing_tokens']} / {row['generated_tokens']} | {row['kept_moved_share']:.1%} | "
+            + " | ".join(f"{row['vanilla_identical_captions'][v]} / {row['scenes']}, {row['vanilla_differing_tokens'][v]}"
+                         for v in ("kv_cache", "re_pruning")) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -174,13 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     processor = AutoProcessor.from_pretrained(folder)
     scenes = caption_scenes(args.seed, args.num_scenes)
     num_layers, num_visual = model.config.text_config.num_hidden_layers, model.config.image_seq_length
+    vanilla: dict[int, list[int]] = {}
     results = []
     with torch.inference_mode():
         for label, method in tqdm(settings(num_layers, num_visual), desc="settings"):
             if method is None:
                 results.append({"setting": label, "skipped": f"unreachable on {num_layers} layers"})
                 continue
-            results.append({"setting": label, **measure(model, processor, scenes, method, args.max_new_tokens)})
+            results.append({"setting": label, **measure(model, processor, scenes, method, args.max_new_tokens,
+                                                        vanilla)})  # fmt: skip
     text = table(results)
     print(f"{folder}: {num_layers} decoder layers, {num_visual} visual tokens; world {args.seed}, "
           f"{len(scenes)} caption scenes, greedy, max {args.max_new_tokens} new tokens\n")
