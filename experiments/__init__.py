@@ -8,6 +8,8 @@ Each file is a script, run from the repository root after `pip install -e .`:
     python experiments/mc_lcbf_study.py 12                               # why MC-LCBF changed nothing
     python experiments/mc_lcbf_grid.py OUTPUT_DIR                        # MC-LCBF's results grid
     python experiments/eviction_study.py 40                              # eviction before an object is named
+    python experiments/pdrop_positions.py                                # PDrop: original vs renumbered positions
+    python experiments/fastv_variants.py                                 # FastV: KV-cache vs re-pruning variant
 
 A script imports only the installed `rcpp_hf` (never a sibling in this folder), so it runs as a plain file; without
 the install, `PYTHONPATH=. python experiments/NAME.py ...` from the root does the same. This file makes the folder

@@ -16,7 +16,7 @@ import rcpp_hf
 PACKAGE = Path(rcpp_hf.__file__).parent
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SCRIPTS = sorted(path for path in EXPERIMENTS.glob("*.py") if path.name != "__init__.py")
-COMMAND_LINES = ["defaults_sweep.py", "head_ablation.py", "condensation.py"]
+COMMAND_LINES = ["defaults_sweep.py", "head_ablation.py", "condensation.py", "pdrop_positions.py", "fastv_variants.py"]
 
 
 def top_level_imports(path: Path) -> set[str]:

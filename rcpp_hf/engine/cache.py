@@ -45,6 +45,19 @@ class VisualKVCache(DynamicCache):
         """Describe newly cached non-visual, non-padding entries (generated tokens) of every layer.  (B, q)."""
         self._map_layouts(lambda layout: layout.extend(position_ids))
 
+    def append_ran_entries(self, queries: list[TokenLayout]) -> None:
+        """Describe the entry each layer just cached for a decoded token: column 0 of `queries[l]`, the query rows
+        layer l ran (`run_decoder`'s `layouts`), at the position that layer ran it at. It differs from the forward's
+        input positions only where a tap moved them (a pruner that renumbers positions)."""
+        if len(queries) != len(self.layouts):
+            raise ValueError(f"expected one query layout per cached layer ({len(self.layouts)}), got {len(queries)}")
+        new: dict[tuple[int, int], TokenLayout] = {}
+        for layout, query in zip(self.layouts, queries):  # layers that shared a layout and ran alike keep sharing
+            key = (id(layout), id(query))
+            if key not in new:
+                new[key] = layout.extend(query.positions[:, :1])
+        self.layouts = [new[(id(layout), id(query))] for layout, query in zip(self.layouts, queries)]
+
     def drop_last_entries(self, count: int) -> None:
         """Remove the last `count` entries from every layer (e.g. the contrast row's entry), before they are described
         by `append_entries`."""

@@ -92,6 +92,7 @@ def run_decoder(
     layout: TokenLayout,
     cache: VisualKVCache,
     taps: list[DecoderTap] = (),
+    layouts: list[TokenLayout] | None = None,
 ) -> tuple[torch.Tensor, TokenLayout]:
     """One forward of the decoder over new entries, filling `cache`.
 
@@ -100,6 +101,7 @@ def run_decoder(
         inputs_embeds: (B, q, D) the new entries (the prompt at prefill, the generated token's rows at decode).
         layout: their `TokenLayout`.
         cache: at prefill empty (its layouts are registered here), else holding `cache.layouts`.
+        layouts: if given, receives the layout each layer ran on, one per layer (what the taps made of `layout`).
     Returns:
         the final-normed hidden states of the entries that reached the last layer (B, q', D), and their layout.
     """
@@ -107,7 +109,7 @@ def run_decoder(
     prefill = not cache.layouts
     layers = language_model.layers[: config.num_hidden_layers]
     attention_layers = {i: layers[i] for tap in taps for i in tap.attention_layers}
-    prefill_layouts: list[TokenLayout] = []
+    ran_layouts: list[TokenLayout] = []
     masks: dict[tuple[int, int], torch.Tensor | None] = {}  # (id(past layout), id(query layout)) -> mask
 
     hidden = inputs_embeds
@@ -136,8 +138,7 @@ def run_decoder(
                 use_cache=True,
                 position_embeddings=position_embeddings,
             )
-            if prefill:
-                prefill_layouts.append(layout)
+            ran_layouts.append(layout)
             attention = None
             if layer_idx in attention_layers:
                 attention = LayerAttention(
@@ -146,7 +147,9 @@ def run_decoder(
             for tap in taps:
                 tap.after_layer(layer_idx, hidden, past, layout, attention)
     if prefill:
-        cache.register_layouts(prefill_layouts)
+        cache.register_layouts(ran_layouts)
+    if layouts is not None:
+        layouts.extend(ran_layouts)
     return language_model.norm(hidden), layout
 
 
@@ -160,7 +163,8 @@ def decode_token(
 ) -> torch.Tensor:
     """One token per sequence through the decoder as `num_rows` query rows at the same position -> hidden states
     (B, num_rows, D). Row 0 is the main row; further rows are DRCD's contrast rows, whose masks the taps set. The
-    cache keeps the main row's entry only, described as a generated (non-visual) entry at `position_ids`.
+    cache keeps the main row's entry only, described as a generated (non-visual) entry at `position_ids`, or, in a
+    layer where a tap moved the rows' positions, at the position that layer ran it at.
 
     tokens, position_ids: (B, 1).
     """
@@ -171,7 +175,8 @@ def decode_token(
         visual_ids=torch.full((batch_size, num_rows), -1, device=tokens.device),
     )
     embeds = language_model.embed_tokens(tokens.expand(-1, num_rows))
-    hidden, _ = run_decoder(language_model, embeds, rows, cache, taps=taps)
+    ran: list[TokenLayout] = []
+    hidden, _ = run_decoder(language_model, embeds, rows, cache, taps=taps, layouts=ran)
     cache.drop_last_entries(num_rows - 1)  # the contrast rows' entries: history is the main branch's
-    cache.append_entries(position_ids)
+    cache.append_ran_entries(ran)
     return hidden

@@ -83,6 +83,16 @@ class TokenLayout:
                 extended.__dict__[view] = self.__dict__[view]
         return extended
 
+    def with_positions(self, positions: torch.Tensor) -> "TokenLayout":
+        """The same entries at other logical `positions` (B, S), e.g. renumbered by a pruner."""
+        if positions.shape != self.positions.shape:
+            raise ValueError(f"positions must be {tuple(self.positions.shape)}, got {tuple(positions.shape)}")
+        moved = TokenLayout(positions=positions, valid=self.valid, visual_ids=self.visual_ids)
+        for view in VISUAL_VIEWS:  # the entries are the same: views already computed carry over
+            if view in self.__dict__:
+                moved.__dict__[view] = self.__dict__[view]
+        return moved
+
     def crop(self, count: int) -> "TokenLayout":
         """Without the last `count` entries."""
         end = self.seq_len - count

@@ -7,6 +7,11 @@ inside `run_decoder`: it keeps the top-scoring visual tokens and every text toke
 hidden states hold only the kept entries (compute really saved), they keep their original positions, and the layer
 caches only them; decoding then attends, per layer, to what that layer cached.
 
+A pruner may instead give the kept entries new positions at a stage (`stage_positions`, e.g. PyramidDrop's official
+code renumbers them consecutively). Decoded tokens then continue after the last prompt entry as each layer numbers
+it: `PositionShiftTap` moves a decoded token's position, at each such stage's layer, by as much as the stage moved
+the last prompt entry.
+
 Layer defaults of the methods are stated for LLaVA-1.5-7B's 32-layer decoder; on other models they scale by depth
 fraction (`scale_layer`). Token budgets are counts of the model's image or fractions of it (`methods/budget.py`);
 the stages here hold them resolved. `out.pruning` reports what was resolved and kept.
@@ -175,7 +180,8 @@ class PrefillPruningTap(DecoderTap):
     """Runs a prefill pruner's stages inside the prefill forward; `records` holds one `PruneRecord` per stage.
 
     `pruner` is a `methods.prefill_pruner.PrefillPruner`: the tap calls its `resolve_stages`, `attention_layer`,
-    `select` and `recycle` and reads `name` and `selects_count`.
+    `select`, `recycle` and `stage_positions` and reads `name` and `selects_count`. `position_shifts` holds, per
+    stage layer whose pruner moved positions, how far the last prompt entry moved (B, 1), for `PositionShiftTap`.
     """
 
     def __init__(
@@ -199,6 +205,7 @@ class PrefillPruningTap(DecoderTap):
         self.inputs_embeds: torch.Tensor | None = None  # the decoder's input and its layout, seen before layer 0
         self.prompt_layout: TokenLayout | None = None
         self.records: list[PruneRecord] = []
+        self.position_shifts: dict[int, torch.Tensor] = {}
 
     def after_layer(self, layer_idx, hidden, past, layout, attention) -> None:
         if attention is not None and past is None:
@@ -226,5 +233,23 @@ class PrefillPruningTap(DecoderTap):
         keep_entry = (layout.visual_ids < 0).scatter(1, slots, True)
         kept = first_true_columns(keep_entry, int(keep_entry[0].sum()))
         hidden, layout = take_entries(hidden, layout, kept)
+        positions = self.pruner.stage_positions(layout)
+        if positions is not None:
+            # The prompt's last entry is its last column (left padding); decoded tokens follow it.
+            self.position_shifts[layer_idx] = layout.positions[:, -1:] - positions[:, -1:]
+            layout = layout.with_positions(positions)
         self.records.append(PruneRecord(layer_idx, columns.shape[1], layout.visual_token_ids, ctx.details))
         return hidden, layout
+
+
+class PositionShiftTap(DecoderTap):
+    """At decode, for a pruner whose stages moved positions: before each such stage's layer, the query rows move by
+    the shift `PrefillPruningTap.position_shifts` recorded there (positions - shift), so that a decoded token sits
+    right after the prompt as that layer numbers it; layers keep the moved positions until the next such stage."""
+
+    def __init__(self, prefill_tap: PrefillPruningTap):
+        self.shifts = prefill_tap.position_shifts  # filled during the prefill
+
+    def before_layer(self, layer_idx, hidden, layout):
+        shift = self.shifts.get(layer_idx)
+        return None if shift is None else (hidden, layout.with_positions(layout.positions - shift))

@@ -9,6 +9,11 @@ How the pieces fit (LLaVA-1.5-7B, 32 layers): after the output of layer `l - 1` 
 visual tokens are ranked by `light_attention` computed with layer l's own input_layernorm, q_proj, k_proj and RoPE,
 with the last instruction token as the only query; the top `pdrop_keep_counts(...)[stage]` survive, and layer l is the
 first to run on the reduced sequence.
+
+Positions (`PDrop.positions`): "original" keeps every kept entry at its original position, as every pruner of the
+library does; "renumbered" follows the repository, which after each drop renumbers the kept entries 0, 1, ...
+(`renumbered_positions`) and, at decode, lowers a generated token's position at each stage layer by the tokens that
+stage dropped, so that it follows the prompt as that layer numbers it (`engine.pruning.PositionShiftTap`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from rcpp_hf.engine.attention import attention_probs, probe_query, prompt_keys
+from rcpp_hf.engine.layout import TokenLayout
 from rcpp_hf.engine.pruning import PruneContext, PruneStage, scale_layers
 from rcpp_hf.methods.budget import budget_count, check_budget, unreachable
 from rcpp_hf.methods.prefill_pruner import PrefillPruner
@@ -29,6 +35,9 @@ PDROP_LAYERS = (8, 16, 24)
 # Fractions of the image's *original* visual tokens kept from each stage on (not of the previous stage's count);
 # README: `--image_token_ratio_list "[0.5,0.25,0.125]"` (lambda = 0.5).
 PDROP_RATIOS = (0.5, 0.25, 0.125)
+# How kept entries are positioned after a drop: "original" (the library's rule for every pruner) or "renumbered"
+# (the repository's `pdrop_rank_drop` / `pdrop_forward`, see `renumbered_positions`).
+PDROP_POSITIONS = ("original", "renumbered")
 # With a budget, the stages start earlier: the published layers cannot reach 128 or 64 of 576 (the 8 layers before
 # layer 8 alone average 144). The repository publishes no layers for the 192 / 128 / 64 budgets of its paper; this
 # choice (FastV's layer 2, then evenly spaced) is ours, and the same for every budget, so that budgets compare.
@@ -117,6 +126,27 @@ def light_attention(
     return attention_probs(query, key, layer.self_attn.scaling, key_mask).mean(dim=1)[:, 0]
 
 
+def renumbered_positions(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The repository's positions after a drop: each row's real entries numbered 0, 1, ... in order.
+
+    `pdrop_rank_drop` rebuilds `position_ids[i, :cur_len] = arange(cur_len)` over the kept (unpadded) sequence, and
+    the next stage's light attention and every later layer use them. At decode, `pdrop_forward` subtracts at each
+    stage layer the visual tokens that stage dropped (`cur_visual_length - next_visual_length`) from the generated
+    token's position, i.e. the token follows the renumbered prompt; the engine's `PositionShiftTap` does the same.
+    Padding entries (left padding here; the repository pads on the right) keep their positions, which nothing reads.
+
+    Args:
+        positions: (B, k) the kept entries' positions so far.
+        valid: (B, k) bool, False on padding.
+    Returns:
+        (B, k) long.
+    """
+    if positions.shape != valid.shape or valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a bool tensor shaped like positions {tuple(positions.shape)}, got "
+                         f"{valid.dtype} {tuple(valid.shape)}")  # fmt: skip
+    return torch.where(valid, valid.long().cumsum(dim=1) - 1, positions)
+
+
 # -- the method, on the engine's prefill pruning ----------------------------------------------------------------------
 def average_keep_fraction(ratio: float, stage_layers: tuple[int, ...], num_layers: int) -> float:
     """Average fraction of the visual tokens per layer when stage s keeps ratio^(s+1) of them from its layer on."""
@@ -148,15 +178,18 @@ class PDrop(PrefillPruner):
         layers: the stage layers, this model's layer indices (each is the first layer to run pruned); None: (8, 16,
             24) of 32 with `ratios`, or
             `PDROP_BUDGET_LAYERS` (2, 12, 22) with a budget, scaled by depth.
+        positions: "original" (default: kept entries keep their original positions, as for every pruner here) or
+            "renumbered" (the repository: renumbered consecutively after each drop, decoded tokens following them).
     """
 
     name = "pdrop"
     budget: int | float | None = None
     ratios: tuple[float, ...] = PDROP_RATIOS
     layers: tuple[int, ...] | None = None
+    positions: str = "original"
 
     CONTRACT_NEUTRAL = {"ratios": (1.0, 1.0, 1.0)}
-    CONTRACT_INVALID = {"budget": 0, "ratios": (0.25, 0.5, 0.125)}
+    CONTRACT_INVALID = {"budget": 0, "ratios": (0.25, 0.5, 0.125), "positions": "compact"}
     CONTRACT_MASKABLE = True
 
     def __post_init__(self):
@@ -172,6 +205,8 @@ class PDrop(PrefillPruner):
             self.fail("layers", "must be None or increasing layer indices >= 1")
         if self.layers is not None and len(self.layers) != len(self.ratios):
             self.fail("layers", f"needs one layer per ratio ({len(self.ratios)})")
+        if self.positions not in PDROP_POSITIONS:
+            self.fail("positions", f"must be one of {PDROP_POSITIONS}")
 
     def resolve_stages(self, num_layers: int, num_visual: int) -> list[PruneStage]:
         default_layers = PDROP_LAYERS if self.budget is None else PDROP_BUDGET_LAYERS
@@ -196,3 +231,10 @@ class PDrop(PrefillPruner):
         query = last_instruction_index(ctx.layout.valid)
         probs = light_attention(layer, ctx.hidden, ctx.position_embeddings(), query, ctx.layout.valid)
         return ctx.visual_columns(probs)
+
+    @property
+    def moves_positions(self) -> bool:
+        return self.positions == "renumbered"
+
+    def stage_positions(self, layout: TokenLayout) -> torch.Tensor | None:
+        return renumbered_positions(layout.positions, layout.valid) if self.moves_positions else None

@@ -1,7 +1,8 @@
 """Prefill pruners: methods that physically drop visual tokens between decoder layers while the prompt runs
 (FastV, SparseVLM, PDrop, HiMAP, ...), and the vision-side ones that choose before layer 0 from what the vision
 tower computed (VisPruner, CDPruner, VisionZip, ...). The mechanism is the engine's (`engine/pruning.py`,
-`PrefillPruningTap`); a pruner writes its stages and its `score`.
+`PrefillPruningTap`); a pruner writes its stages and its `score`. Kept entries keep their original positions unless
+the pruner's `stage_positions` gives them new ones (PDrop's `positions="renumbered"`).
 
 A `VisionPruner` is a `PrefillPruner` with one stage at layer 0: it drops visual entries of the language model's
 input embeddings before any decoder layer runs, so prefill and the KV cache shrink from the first layer on. Kept
@@ -16,7 +17,8 @@ from typing import ClassVar
 
 import torch
 
-from rcpp_hf.engine.pruning import PrefillPruningTap, PruneContext, PruneStage, check_stages
+from rcpp_hf.engine.layout import TokenLayout
+from rcpp_hf.engine.pruning import PositionShiftTap, PrefillPruningTap, PruneContext, PruneStage, check_stages
 from rcpp_hf.engine.vision import feature_attention_layer
 from rcpp_hf.methods.base import MethodConfig
 from rcpp_hf.methods.budget import budget_count, check_budget, published_fraction
@@ -59,6 +61,17 @@ class PrefillPruner(MethodConfig):
         """Optionally keep some dropped tokens with new hidden states (e.g. SparseVLM's merged tokens): visual
         columns (B, c) not in `kept` and their states (B, c, D); None keeps only `kept`."""
         return None
+
+    def stage_positions(self, layout: TokenLayout) -> torch.Tensor | None:
+        """The positions (B, k) the entries a stage kept run at from its layer on (`layout`: those entries, at the
+        positions they had); None (the default) keeps theirs. When a pruner moves them, decoded tokens follow the last
+        prompt entry as each layer numbers it (`engine.pruning.PositionShiftTap`)."""
+        return None
+
+    @property
+    def moves_positions(self) -> bool:
+        """Whether `stage_positions` may move positions (the state then adds the decode tap that follows them)."""
+        return False
 
     def start(self, ctx: GenerateContext) -> "PrefillPruningState":
         return PrefillPruningState(self, ctx)
@@ -112,6 +125,7 @@ class PrefillPruningState(MethodState):
             ctx.encoded, vision = ctx.family.encode_images_recorded(ctx.input_ids, ctx.model_kwargs, pruner)
         self.tap = PrefillPruningTap(pruner, ctx.language_model, ctx.num_visual, vision)
         self.prefill_taps = [self.tap]
+        self.decode_taps = [PositionShiftTap(self.tap)] if pruner.moves_positions else []
 
     def outputs(self) -> dict:
         return {"pruning": list(self.tap.records)}

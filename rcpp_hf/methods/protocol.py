@@ -7,6 +7,7 @@ sampling loop over it. The kinds (`KINDS`, each in its own file) and the hooks t
 
   kind             file                   its state's hooks
   prefill_pruner   prefill_pruner.py      prefill_taps (drops visual tokens between layers), outputs (PruneRecords)
+                                          decode_taps (only a pruner that renumbers positions)
   steering         steering.py            prefill_taps, decode_taps (corrects the residual stream in both phases)
   decoding         rcpp.py (RCPP + DRCD)  prefill_taps, decode_taps, after_prefill, next_token_logits,
                                           record_step, before_decode (schedule, evict, group), outputs (trace)
