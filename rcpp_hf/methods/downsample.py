@@ -107,7 +107,7 @@ class Downsample(VisionPruner):
 
     def select(self, ctx: PruneContext) -> torch.Tensor:
         num_visual = ctx.layout.num_visual
-        side, pooled = self.grid(num_visual)
+        pooled = self.grid(num_visual)[1]
         ctx.scores = torch.zeros(ctx.layout.visual_slots.shape, device=ctx.hidden.device)  # nothing is ranked
         ctx.details.update(grid=(pooled, pooled), requested=budget_count(self, "budget", num_visual))
         return ctx.layout.visual_slots[:, :0]  # no token stays as it is: every kept one is a window's mean
