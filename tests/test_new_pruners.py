@@ -394,3 +394,14 @@ def test_compare_rows_and_bench_flops_include_them():
 def test_they_are_registered_prefill_pruners():
     assert all(METHODS[name].kind == "prefill_pruner" for name in NEW)
     assert not DART.reads_vision and not DivPrune.reads_vision and Downsample.reads_vision
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_they_run_in_half_precision(varied_tiny_path, batch2, dtype):
+    model = RCPPLlavaForConditionalGeneration.from_pretrained(varied_tiny_path, dtype=dtype).eval()
+    inputs = {**batch2, "pixel_values": batch2["pixel_values"].to(dtype)}
+    for method, kept in ((DART(budget=7), 7), (DivPrune(budget=5), 5), (Downsample(budget=4), 4),
+                         (Downsample(budget=9, pool_on="projected"), 9)):  # fmt: skip
+        out = generate(model, inputs, method)
+        assert out.pruning[0].kept == kept and out.past_key_values.num_visual_tokens == kept, method
+        assert out.past_key_values.layers[-1].keys.dtype == dtype
