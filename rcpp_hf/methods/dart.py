@@ -5,8 +5,9 @@ arXiv:2502.11494, EMNLP 2025; ZichenWen1/DART, the LLaVA decoder's `get_retained
 No attention score decides what stays: DART keeps the visual tokens that duplicate the others least. Before decoder
 layer K (2 of 32, the scripts' `--pruned_layer 2`), with what layer K - 1 produced:
   1. pivots (`pivot_tokens`): the `pivot_image_tokens` visual tokens and the `pivot_text_tokens` tokens of the text
-     after the image whose keys at layer K - 1 have the largest L1 norm (keys after RoPE, every key / value head
-     side by side; the scripts' 4 + 4, `--pivot_image_token 4 --pivot_text_token 4`);
+     after the image whose keys at layer K - 1 have the largest L1 norm (every key / value head side by side; the
+     scripts' 4 + 4, `--pivot_image_token 4 --pivot_text_token 4`). The keys are read as cached, after RoPE, as
+     ModelTC/llmc's port of DART reads them; the official code takes them from its decoder layer's outputs;
   2. least duplicated (`least_duplicated`): pivot by pivot, the visual tokens not yet kept whose hidden states
      entering layer K, passed through the decoder's final norm as the repository does, have the lowest cosine
      similarity to the pivot's;

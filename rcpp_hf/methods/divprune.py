@@ -8,14 +8,16 @@ embeddings of the image, i.e. `get_image_features`), with the cosine distance d(
      repository's second-smallest entry of each column, the smallest being the token's own distance, 0);
   2. each next token is the one farthest from the tokens already kept (`argmax_j min_{s in S} d(s, j)`);
 until `budget` tokens are kept (the repository's `int(round(SUBSET_RATIO * 576))`; its default ratio 0.098, 56 of
-576, is this method's default as the same fraction). Dropped tokens are never computed by any decoder layer; kept
-ones keep their original positions, as in the repository (which indexes `position_ids` alike).
+576, is this method's default as the same fraction). Dropped tokens are never computed by any decoder layer.
 
-Deviations (docs/methods/divprune.md): each row of a batch selects on its own (the repository reads row 0 of a batch
-of one, the image at a fixed offset, `SYS_TOKEN_LEN = 35`); distances are float32 (the repository's are in the
-model's dtype); a token already kept is never picked again (the repository's argmax can return one when every
-remaining token is at distance 0 from the kept ones, exact duplicates, and then keeps fewer distinct tokens). The
-repository selects on the projected features only (its vision-tower code is another method's), and so does this one.
+Deviations (docs/methods/divprune.md):
+  - positions: kept tokens keep their original positions, as every pruner here (the engine's rule); the repository
+    hands the shortened sequence on with `position_ids` None, so the decoder numbers it contiguously;
+  - each row of a batch selects on its own (the repository reads row 0 of a batch of one, the image at a fixed
+    offset, `SYS_TOKEN_LEN = 35`); distances are float32 (the repository's are in the model's dtype);
+  - a token already kept is never picked again (the repository's argmax can return one when every remaining token is
+    at distance 0 from the kept ones, exact duplicates, and then keeps fewer distinct tokens).
+The repository selects on the projected features only (its scripts set `LAYER_INDEX=0`), and so does this method.
 """
 
 from __future__ import annotations
