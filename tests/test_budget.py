@@ -25,6 +25,9 @@ SIZES = (16, 100, 576)  # the tiny model's image, ShapesWorld's, LLaVA-1.5's
 # Every setting of a registered method that counts visual tokens to keep (RandomPruning's `keep` is a list of them).
 BUDGET_FIELDS = {
     "cdpruner": ("budget",),
+    "dart": ("budget",),
+    "divprune": ("budget",),
+    "downsample": ("budget",),
     "fastv": ("budget", "keep"),
     "fastv_finepruner": ("budget", "keep"),
     "himap": ("txt_rank", "img_rank"),

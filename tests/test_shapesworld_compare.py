@@ -158,4 +158,4 @@ def test_every_row_of_the_default_comparison_runs_on_the_embedded_model():
                for setting in comparison_settings(names, BUDGETS, with_rcpp=True)}  # fmt: skip
     skipped = {name: reason for name, reason in skipped.items() if reason is not None}
     assert all("contrastive decoder" in reason for reason in skipped.values()), skipped
-    assert len(names) == 15 and not {"fastv-0.1111", "pdrop+rcpp-0.1111", "sparsevlm-0.1111"} & set(skipped)
+    assert len(names) == 18 and not {"fastv-0.1111", "pdrop+rcpp-0.1111", "sparsevlm-0.1111"} & set(skipped)

@@ -14,6 +14,9 @@ from rcpp_hf.methods.registry import (  # isort: skip
 
 # Each method registers itself on import, in this order (the order `METHODS` lists them in).
 from rcpp_hf.methods.cdpruner import CDPruner  # noqa: E402
+from rcpp_hf.methods.dart import DART  # noqa: E402
+from rcpp_hf.methods.divprune import DivPrune  # noqa: E402
+from rcpp_hf.methods.downsample import Downsample  # noqa: E402
 from rcpp_hf.methods.fastv import FastV  # noqa: E402
 from rcpp_hf.methods.fastv_finepruner import FastVFinePruner  # noqa: E402
 from rcpp_hf.methods.gan_pruner.method import GanPruner  # noqa: E402
@@ -32,6 +35,9 @@ from rcpp_hf.methods.vispruner import VisPruner  # noqa: E402
 __all__ = [
     "METHODS",
     "CDPruner",
+    "DART",
+    "DivPrune",
+    "Downsample",
     "FastV",
     "FastVFinePruner",
     "GanPruner",
