@@ -1,7 +1,7 @@
 """The demo (`rcpp-hf demo`, `rcpp_hf.cli.demo`): the embedded ShapesWorld model on a bundled scene, original vs RCPP + DRCD.
 
 Prints the scene's true objects, the original (vanilla greedy) caption and the RCPP + DRCD caption,
-each with the kinds it names that are not in the image, and writes a PNG that shows, at a few
+each with the kinds it names that are not in the image and those it leaves out, and writes a PNG that shows, at a few
 decoding steps, which image patches were core evidence (C: S >= tau), noise (N: S < tau) or
 evicted from the KV cache.
 
@@ -100,6 +100,8 @@ def caption_both_ways(model, processor, image, generation_config: RCPPGeneration
 
 
 def with_absent_kinds(caption: str, scene: Scene) -> str:
-    """The caption and, below it, the kinds it names that are not in the scene."""
-    wrong = sorted({k for k in mentioned_kinds(caption) if k not in scene.kinds})
-    return f"{caption}\n    names absent: {', '.join(wrong) if wrong else 'nothing'}"
+    """The caption and, below it, the kinds it names that are not in the scene and the scene's kinds it leaves out."""
+    named = set(mentioned_kinds(caption))
+    wrong, missed = sorted(named - set(scene.kinds)), sorted(set(scene.kinds) - named)
+    return (f"{caption}\n    names absent: {', '.join(wrong) if wrong else 'nothing'}; "
+            f"leaves out: {', '.join(missed) if missed else 'nothing'}")  # fmt: skip
