@@ -231,6 +231,14 @@ def write_table(rows: list[dict], splits: list[str], output_dir: Path, num_visua
     plt.close(figure)
 
 
+def family_styles(families: list[str]) -> dict[str, dict]:
+    """A colour and marker per family, distinct for up to 20 x 7 families (matplotlib's default cycle repeats after
+    10 colours, so a comparison of every method would show two methods alike)."""
+    colours, markers = plt.get_cmap("tab20").colors, "osD^vPX"
+    return {family: {"color": colours[i % len(colours)], "marker": markers[i % len(markers)]}
+            for i, family in enumerate(families)}  # fmt: skip
+
+
 def plot_quality(rows: list[dict], path: Path) -> None:
     """A grid, one row per cost (visual tokens, prefill ms, decode ms) and one column per quality metric measured;
     one line per family through its budgets."""
@@ -238,7 +246,8 @@ def plot_quality(rows: list[dict], path: Path) -> None:
     if not quality:
         return
     families = list(dict.fromkeys(row["family"] for row in rows if "skipped" not in row))
-    figure, axes = plt.subplots(len(COSTS), len(quality), figsize=(3.6 * len(quality), 3.2 * len(COSTS)),
+    styles = family_styles(families)
+    figure, axes = plt.subplots(len(COSTS), len(quality), figsize=(3.6 * len(quality) + 2.2, 3.2 * len(COSTS)),
                                 squeeze=False)  # fmt: skip
     for (cost, cost_label), axis_row in zip(COSTS, axes):
         for (metric, label), axis in zip(quality, axis_row):
@@ -246,11 +255,12 @@ def plot_quality(rows: list[dict], path: Path) -> None:
                 points = sorted((row[cost], row[metric]) for row in rows if row["family"] == family and "skipped" not in row
                                 and cost in row and metric in row)  # fmt: skip
                 if points:
-                    axis.plot(*zip(*points), marker="o", label=family)
+                    axis.plot(*zip(*points), label=family, markersize=6, **styles[family])
             axis.set(xlabel=cost_label, ylabel=label)
             axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    figure.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1 - 2.0 / figure.get_figwidth(), 0.98))
+    figure.tight_layout(rect=(0, 0, 1 - 2.2 / figure.get_figwidth(), 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
