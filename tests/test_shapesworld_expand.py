@@ -68,7 +68,8 @@ def test_expanded_model_under_a_larger_tokenizer_gives_the_source_logits_on_shar
     with torch.no_grad():
         source_logits = source(input_ids=small(text, return_tensors="pt").input_ids).logits
         target_logits = target(input_ids=large(text, return_tensors="pt").input_ids).logits
-    assert torch.equal(target_logits[..., target_ids], source_logits[..., source_ids])
+    # The same sums, but the head multiplies a wider matrix: on some CPUs its threads split it differently.
+    torch.testing.assert_close(target_logits[..., target_ids], source_logits[..., source_ids], rtol=0, atol=1e-6)
 
 
 def test_training_from_a_shallow_checkpoint_starts_at_its_weights_and_keeps_a_frozen_vision_tower(tmp_path):
