@@ -59,6 +59,13 @@ class RCPPGenerationConfig(GenerationConfig):
             not the schedule's start: the ramp eases the contrast in over a caption's first steps, while a short
             answer has this step alone (and at lambda_start's default 0 the action would do nothing). S is not
             updated by the extra forward.
+        evidence_gating: consumed-evidence gating, this library's extension (off by default; `rcpp/gating.py`). A
+            visual token may join N or be evicted only once it is "consumed": its cumulative attention (the mean over
+            the scoring layers of alpha, summed over the steps so far, the prompt's included) is above the median of
+            the cached tokens', or its S has once been >= the grouping threshold (from step 0, the prefill's S, on).
+            The others are protected: they stay in C, and eviction takes them (lowest S first) only when the budget
+            needs more tokens than are eligible; `out.rcpp` counts them (`RCPPStep.num_protected`,
+            `.protected_evicted`).
         methods: other inference-time methods of the registry (`rcpp_hf.methods`) to run in the same `generate`:
             config objects (`FastV(budget=128)`), dicts with a "method" key, registered names, or YAML preset paths.
             A prefill pruner composes with RCPP + DRCD (RCPP then scores only the visual tokens that survived it);

@@ -3,6 +3,7 @@ Contrastive Decoding. The stages are pure functions in `rcpp_hf/rcpp/stages.py`;
 settings and its per-`generate` state, which calls them per decoding step t:
   7. schedule lambda_t and the visual-token budget; evict the lowest-scoring visual tokens beyond it,
   5. group the cached visual tokens into C (S >= tau, or a threshold relative to S) and N,
+     (with `evidence_gating`, tokens not yet consumed stay in C and are evicted last: `rcpp/gating.py`)
   6. one forward with two query rows for the same token (main row -> C, contrast row -> N), then
      final = logits_C - lambda_t * logits_N, optional plausibility constraint,
   1-4. from the main row of that same forward: h_t, alpha, recon_i, s_i_t, and the EMA update of S.
@@ -27,12 +28,20 @@ from rcpp_hf.engine.decoder import decode_token
 from rcpp_hf.methods.decoding_method import DecodingMethod
 from rcpp_hf.methods.protocol import GenerateContext, MethodState
 from rcpp_hf.methods.registry import register_method
+from rcpp_hf.rcpp.gating import (
+    accumulate_attention,
+    count_protected,
+    eviction_key,
+    protected_tokens,
+    update_once_consistent,
+)
 from rcpp_hf.rcpp.schedule import scheduled_value, visual_token_budget
 from rcpp_hf.rcpp.stages import (
     accumulate_consistency,
     adaptive_plausibility,
     drcd_fuse,
     group_visual_tokens,
+    grouping_threshold,
     instant_consistency,
     reasoning_state,
     reconstruct_visual_tokens,
@@ -92,6 +101,8 @@ def check_rcpp_settings(values, owner: str) -> None:
         fail("plausibility_beta", "must be None (off) or lie in (0, 1]")
     if not isinstance(v.first_token_action, bool):
         fail("first_token_action", "must be True or False")
+    if not isinstance(v.evidence_gating, bool):
+        fail("evidence_gating", "must be True or False")
 
 
 def resolve_scoring_layers(scoring_layers: tuple[int, ...] | None, num_layers: int) -> list[int]:
@@ -133,7 +144,7 @@ class RCPP(DecodingMethod):
     # Contrast and eviction within a few tokens (the defaults' step schedule acts from step 32).
     CONTRACT_ACTING = {"tau": 0.5, "tau_mode": "quantile", "lambda_start": 0.2, "lambda_end": 0.8,
                        "keep_ratio_end": 0.25, "schedule": "linear", "schedule_steps": 4}  # fmt: skip
-    CONTRACT_INVALID = {"gamma": 1.0, "schedule": "cubic", "keep_ratio_start": 0.0}
+    CONTRACT_INVALID = {"gamma": 1.0, "schedule": "cubic", "keep_ratio_start": 0.0, "evidence_gating": "yes"}
 
     gamma: float = 0.9
     tau: float = -0.05
@@ -147,6 +158,7 @@ class RCPP(DecodingMethod):
     scoring_layers: tuple[int, ...] | None = None
     plausibility_beta: float | None = None
     first_token_action: bool = False
+    evidence_gating: bool = False
 
     def __post_init__(self):
         if self.scoring_layers is not None:
@@ -176,6 +188,11 @@ class RCPPState(MethodState):
         self.core: torch.Tensor | None = None  # (B, Vc) membership of C
         self.num_rows, self.lambda_t, self.keep_ratio = 1, 0.0, 1.0
         self.evicted = ctx.input_ids.new_zeros(batch, 0)  # (B, k) visual ids evicted at this step
+        # Consumed-evidence gating (`evidence_gating`; all None when it is off), aligned with the cache's columns:
+        self.attention_sum: torch.Tensor | None = None  # (B, Vc) cumulative mean-over-layers alpha, prefill included
+        self.once_consistent: torch.Tensor | None = None  # (B, Vc) S has once been >= the grouping threshold
+        self.protected: torch.Tensor | None = None  # (B, Vc) held in C by the last grouping
+        self.protected_evicted: torch.Tensor | None = None  # (B,) protected tokens this step's eviction forced out
 
     def after_prefill(self, ctx: GenerateContext) -> None:
         """Stage 2's input: v_i[l] of the visual tokens the deepest layer holds (a pruner may have dropped some)."""
@@ -183,6 +200,9 @@ class RCPPState(MethodState):
         self.tap.locate(cache.layouts, cache.visual_token_ids)
         self.visual = VisualStates.from_layers(self.tap.captured_states(cache.visual_token_ids))
         self.core = torch.full((ctx.input_ids.shape[0], cache.num_visual_tokens), True, device=ctx.input_ids.device)
+        if self.method.evidence_gating:  # nothing is grouped before step 0's token: nothing held yet
+            self.protected = torch.zeros_like(self.core)
+            self.protected_evicted = ctx.input_ids.new_zeros(ctx.input_ids.shape[0])
 
     # -- per step --------------------------------------------------------------------------------------------------
     def next_token_logits(self, step, logits, hidden, chosen):
@@ -195,12 +215,18 @@ class RCPPState(MethodState):
         return self.fuse(logits, chosen)
 
     def observe(self, hidden: torch.Tensor) -> None:
-        """Stages 1-4 from the main row (row 0) of the forward just made: h_t, recon_i, s_i_t, S."""
+        """Stages 1-4 from the main row (row 0) of the forward just made: h_t, recon_i, s_i_t, S. With
+        `evidence_gating`, the same forward's alpha adds to the cumulative attention, and the new S to the "once at
+        the threshold" flag (at step 0 both come from the prefill)."""
+        m = self.method
         h_t = reasoning_state(hidden, row=0)
-        projection, recon_norm = reconstruct_visual_tokens(self.tap.visual_alpha(), self.visual.states,
-                                                           self.visual.gram, h_t)  # fmt: skip
-        self.scores = accumulate_consistency(self.scores, instant_consistency(projection, recon_norm, h_t),
-                                             self.method.gamma)  # fmt: skip
+        alpha = self.tap.visual_alpha()
+        projection, recon_norm = reconstruct_visual_tokens(alpha, self.visual.states, self.visual.gram, h_t)
+        self.scores = accumulate_consistency(self.scores, instant_consistency(projection, recon_norm, h_t), m.gamma)
+        if m.evidence_gating:
+            self.attention_sum = accumulate_attention(self.attention_sum, alpha)
+            threshold = grouping_threshold(self.scores, m.tau, m.tau_mode)
+            self.once_consistent = update_once_consistent(self.once_consistent, self.scores, threshold)
 
     def fuse(self, logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Stage 6: logits_C - lambda_t * logits_N from the two rows (rows whose N is empty get lambda 0), then the
@@ -226,22 +252,38 @@ class RCPPState(MethodState):
         self.keep_ratio = scheduled_value(m.keep_ratio_start, m.keep_ratio_end, step, m.schedule_steps, m.schedule)
 
     def evict(self) -> None:
-        """Stage 7: physically evict the lowest-scoring cached visual tokens beyond the budget, from every layer."""
-        cache = self.ctx.cache
+        """Stage 7: physically evict the lowest-scoring cached visual tokens beyond the budget, from every layer.
+        With `evidence_gating` the key is `gating.eviction_key`: protected tokens go only when the budget needs
+        more than the eligible ones, and `protected_evicted` counts them."""
+        cache, gating = self.ctx.cache, self.method.evidence_gating
         num_evict = cache.num_visual_tokens - visual_token_budget(self.keep_ratio, self.ctx.num_visual)
         self.evicted = self.ctx.input_ids.new_zeros(self.scores.shape[0], 0)
+        if gating:
+            self.protected_evicted = self.ctx.input_ids.new_zeros(self.scores.shape[0])
         if num_evict <= 0:
             return
-        columns = select_evictions(self.scores, num_evict)
+        if gating:
+            protected = protected_tokens(self.attention_sum, self.once_consistent)
+            columns = select_evictions(eviction_key(self.scores, protected), num_evict)
+            self.protected_evicted = count_protected(protected, columns)
+        else:
+            columns = select_evictions(self.scores, num_evict)
         self.evicted = cache.visual_token_ids.gather(1, columns)
         kept = cache.evict_visual(columns)
         self.scores, self.visual = self.scores.gather(1, kept), self.visual.keep(kept)
+        if gating:
+            self.attention_sum = self.attention_sum.gather(1, kept)
+            self.once_consistent = self.once_consistent.gather(1, kept)
         self.tap.locate(cache.layouts, cache.visual_token_ids)
 
     def group(self) -> None:
         """Stage 5: C / N from S, and the masks of the next forward's rows: 2 rows when some row has a non-empty N
-        and lambda_t > 0. One host sync covers both decisions."""
+        and lambda_t > 0. One host sync covers both decisions. With `evidence_gating`, protected tokens (the
+        median taken over the tokens cached after this step's eviction) join C whatever their S."""
         self.core = group_visual_tokens(self.scores, self.method.tau, self.method.tau_mode)
+        if self.method.evidence_gating:
+            self.protected = protected_tokens(self.attention_sum, self.once_consistent)
+            self.core = self.core | self.protected
         any_noise = bool((~self.core).any())
         self.num_rows = 2 if (any_noise and self.lambda_t > 0) else 1
         if any_noise:
@@ -282,6 +324,8 @@ class RCPPState(MethodState):
             step=step, scores=full_scores, num_core=self.core.sum(dim=1), num_noise=(~self.core).sum(dim=1),
             evicted=self.evicted, lambda_t=self.lambda_t, keep_ratio=self.keep_ratio, cache_bytes=cache.nbytes(),
             visual_cache_bytes=cache.visual_nbytes(), contrast=self.num_rows == 2,
+            num_protected=None if self.protected is None else self.protected.sum(dim=1),
+            protected_evicted=self.protected_evicted,
         ))  # fmt: skip
 
     def outputs(self) -> dict:

@@ -22,6 +22,11 @@ class RCPPStep:
             else 0).
         contrast: whether this step's token came from a forward with DRCD's contrast row.
         cache_bytes, visual_cache_bytes: KV cache size after this step, total and visual entries only.
+        num_protected: (B,) with `evidence_gating`, the tokens not yet consumed when this step's forward was grouped,
+            all of them in C (counted in `num_core`); 0 at step 0 unless `first_token_action` groups it. None when
+            gating is off.
+        protected_evicted: (B,) with `evidence_gating`, how many of this step's evicted tokens were protected: the
+            ones the budget forced out because fewer tokens than it needed were eligible. None when gating is off.
     """
 
     step: int
@@ -34,6 +39,8 @@ class RCPPStep:
     cache_bytes: int
     visual_cache_bytes: int
     contrast: bool = False
+    num_protected: torch.Tensor | None = None
+    protected_evicted: torch.Tensor | None = None
 
 
 @dataclass
@@ -46,7 +53,8 @@ class RCPPTrace:
         return torch.stack([step.scores for step in self.steps])
 
     def summary(self) -> list[dict]:
-        """One plain dict per step (batch row 0 counts), e.g. for a table or JSON."""
+        """One plain dict per step (batch row 0 counts), e.g. for a table or JSON. With `evidence_gating` each also
+        holds "protected" and "protected_evicted" (`RCPPStep.num_protected`, `.protected_evicted`)."""
         return [
             {
                 "step": s.step,
@@ -58,9 +66,17 @@ class RCPPTrace:
                 "contrast": s.contrast,
                 "cache_bytes": s.cache_bytes,
                 "visual_cache_bytes": s.visual_cache_bytes,
+                **({} if s.num_protected is None else {"protected": int(s.num_protected[0]),
+                                                       "protected_evicted": int(s.protected_evicted[0])}),
             }
             for s in self.steps
         ]
+
+    def protected_evictions(self) -> int | None:
+        """Over every step and row, how many protected tokens the budget forced out (`evidence_gating`), else None."""
+        if not self.steps or self.steps[0].protected_evicted is None:
+            return None
+        return sum(int(step.protected_evicted.sum()) for step in self.steps)
 
 
 @dataclass
