@@ -18,6 +18,7 @@ from rcpp_hf.presets import METHODS as METHOD_PRESETS
         ("keep_ratio_start", 0.0), ("keep_ratio_end", 1.5), ("keep_ratio_end", -0.2), ("schedule", "exponential"),
         ("schedule_steps", 0), ("scoring_layers", ()), ("scoring_layers", (1, 1)), ("plausibility_beta", 0.0),
         ("plausibility_beta", 2.0), ("rcpp", "yes"), ("tau_mode", "relative"), ("first_token_action", 1),
+        ("evidence_gating", "no"),
     ],
 )
 def test_invalid_values_name_the_field(field, value):
