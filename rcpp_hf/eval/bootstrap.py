@@ -99,6 +99,10 @@ class Difference:
     def to_dict(self) -> dict:
         return {"difference": self.value, "low": self.low, "high": self.high, "n": self.n, "level": self.level}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Difference:
+        return cls(data["difference"], data["low"], data["high"], data["n"], data["level"])
+
     def cell(self) -> str:
         """"+0.012 [-0.020, +0.045] n=50", with a "*" after the interval when it excludes 0."""
         mark = "*" if self.excludes_zero else ""
