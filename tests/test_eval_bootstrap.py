@@ -52,10 +52,9 @@ def test_identical_runs_give_exactly_zero():
 
 def test_a_zero_difference_contains_zero_and_a_planted_one_excludes_it():
     # Two runs wrong on as many questions, different ones: a difference of 0 with an interval around it.
-    run = pope_records([label if i % 4 else ("no" if label == "yes" else "yes") for i, label in enumerate(LABELS)],
-                       LABELS)  # fmt: skip
-    other = pope_records([label if i % 4 != 1 else ("no" if label == "yes" else "yes") for i, label in enumerate(LABELS)],
-                         LABELS)  # fmt: skip
+    flip = {"yes": "no", "no": "yes"}
+    run = pope_records([label if i % 4 else flip[label] for i, label in enumerate(LABELS)], LABELS)
+    other = pope_records([label if i % 4 != 1 else flip[label] for i, label in enumerate(LABELS)], LABELS)
     accuracy = paired_bootstrap(run, other, pope_score, ("accuracy",))["accuracy"]
     assert accuracy.value == 0 and accuracy.low < 0 < accuracy.high and accuracy.level == 0.95
     # Always right against right on half of the questions: +0.5, far from 0.

@@ -146,7 +146,8 @@ def test_differences_pair_the_shared_items_and_need_exactly_one_greedy_run(tmp_p
         folder = tmp_path / name
         folder.mkdir()
         records = [{"id": id, "mentions": [["a", "a"]] + [["b", "b"]] * wrong, "hallucinated": [["b", "b"]] * wrong,
-                    "recalled": ["a"], "ground_truth": ["a"], "length": 3} for id, wrong in captions.items()]  # fmt: skip
+                    "recalled": ["a"], "ground_truth": ["a"], "length": 3}
+                   for id, wrong in captions.items()]  # fmt: skip
         (folder / "answers.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
         return RunSummary(name, "shapesworld_captions", "m", decoding, len(records), {}, {}, folder,
                           "shapesworld_captions")  # fmt: skip

@@ -251,8 +251,8 @@ def difference_table(rows: list[dict], splits: list[str], num_visual: int, refer
     level = next((row["differences"]["level"] for row in rows if "differences" in row), LEVEL)
     lines = [f"Difference to {reference} (row - {reference}) on the paired items, {level:.0%} paired bootstrap "
              f"interval ({RESAMPLES} resamples, seed {SEED}; * when it excludes 0), n paired questions / MME images / "
-             "captions:", "",
-             "| setting | budget | " + " | ".join(h for _, h in columns) + " |", "|---" * (len(columns) + 2) + "|"]  # fmt: skip
+             "captions:", "", "| setting | budget | " + " | ".join(h for _, h in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]  # fmt: skip
     for row in rows:
         if row["setting"] == reference:
             cells = ["reference"] * len(columns) if "skipped" not in row else ["-"] * len(columns)
