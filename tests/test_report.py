@@ -10,7 +10,7 @@ from rcpp_hf.cli import main
 from rcpp_hf.eval.chair import evaluate_chair
 from rcpp_hf.eval.mme import evaluate_mme
 from rcpp_hf.eval.pope import evaluate_pope
-from rcpp_hf.eval.report import collect_runs, decoding_label
+from rcpp_hf.eval.report import RunSummary, collect_runs, decoding_label, format_tables, write_report
 from rcpp_hf.methods import load_method
 from rcpp_hf.shapesworld.evaluate import EvalSettings, evaluate
 from rcpp_hf.shapesworld.model import build_shapesworld_llava
@@ -101,6 +101,29 @@ def test_every_kind_of_run_is_reported_with_its_decoding(
     (row,) = table_rows(report, "shapesworld_adversarial").values()
     assert row["visual tokens"] == "4"  # CDPruner's budget, before layer 0: every layer computes 4
 
+    # Under each benchmark's table, the differences to its one greedy run, paired by id: POPE's to pope/vanilla.
+    differences = report.split("## pope\n\n", 1)[1].split("\n\n")[1:3]
+    assert differences[0].startswith("Difference to pope/vanilla (run - pope/vanilla) on the paired items, 95% "
+                                     "paired bootstrap interval (1000 resamples, seed 0")  # fmt: skip
+    lines = differences[1].splitlines()
+    assert lines[0] == "| run | decoding | accuracy | f1 |" and len(lines) == 5
+    vanilla = json.loads((runs / "pope" / "vanilla" / "metrics.json").read_text())["headline"]
+    for line, name in zip(lines[2:], ["fastv", "rcpp", "rcpp_first_fastv"]):
+        headline = json.loads((runs / "pope" / name / "metrics.json").read_text())["headline"]
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[0] == f"pope/{name}" and cells[1] == pope_rows[f"pope/{name}"]["decoding"]
+        for cell, key in zip(cells[2:], ("accuracy", "f1")):
+            assert cell.startswith(f"{headline[key] - vanilla[key]:+.3f} [") and cell.endswith(" n=4"), cell
+    # A benchmark whose only run is the greedy one, or without a greedy run, has no differences.
+    assert report.count("Difference to") == 1
+    tables, _ = write_report(runs, reference="rcpp")
+    assert "Difference to pope/rcpp (run - pope/rcpp)" in tables and tables.count("Difference to") == 1
+    assert "| pope/vanilla | greedy | " in tables
+    with pytest.raises(ValueError, match="--reference 'nothing' names no run; the runs: chair, mme, pope/fastv"):
+        write_report(runs, reference="nothing")
+    assert main(["report", str(runs), "--reference", "pope"]) == 2  # four runs of one benchmark
+    assert "--reference 'pope' names 4 runs of pope: pope/fastv," in capsys.readouterr().err
+
     assert len(collect_runs(runs)) == 9
     for benchmark in ("pope", "chair", "mme", "shapesworld_adversarial", "shapesworld_mme", "shapesworld_captions"):
         assert (runs / f"report_{benchmark}.png").stat().st_size > 1000
@@ -113,3 +136,28 @@ def test_decoding_labels_of_recorded_configs():
         "RCPP + DRCD(tau=0.1, tau_mode='quantile'), sampling")
     # A method this version cannot load keeps every recorded setting.
     assert decoding_label({"methods": [{"method": "gone", "budget": 3}]}) == "gone(budget=3)"
+
+
+def test_differences_pair_the_shared_items_and_need_exactly_one_greedy_run(tmp_path):
+    """Hand-made ShapesWorld caption runs: a run sharing no caption with the reference shows "-"; two greedy runs
+    leave the default reference undecided."""
+
+    def run(name: str, decoding: str, captions: dict[str, int]) -> RunSummary:
+        folder = tmp_path / name
+        folder.mkdir()
+        records = [{"id": id, "mentions": [["a", "a"]] + [["b", "b"]] * wrong, "hallucinated": [["b", "b"]] * wrong,
+                    "recalled": ["a"], "ground_truth": ["a"], "length": 3}
+                   for id, wrong in captions.items()]  # fmt: skip
+        (folder / "answers.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        return RunSummary(name, "shapesworld_captions", "m", decoding, len(records), {}, {}, folder,
+                          "shapesworld_captions")  # fmt: skip
+
+    greedy = run("greedy", "greedy", {"c0": 0, "c1": 0, "c2": 1})
+    same = run("same", "RCPP + DRCD", {"c2": 1, "c1": 0, "c0": 0})
+    elsewhere = run("elsewhere", "fastv(budget=6)", {"d0": 1})
+    lines = format_tables([greedy, same, elsewhere]).split("\n\n")[-1].splitlines()
+    assert lines[0] == "| run | decoding | chair_s | chair_i | recall |"
+    assert lines[2] == "| same | RCPP + DRCD | " + " | ".join(["+0.000 [+0.000, +0.000] n=3"] * 3) + " |"
+    assert lines[3] == "| elsewhere | fastv(budget=6) | - | - | - |"
+    assert "Difference to" not in format_tables([greedy, run("greedy-2", "greedy", {"c0": 1}), same])
+    assert "Difference to greedy-3" in format_tables([greedy, run("greedy-3", "greedy", {"c0": 1})], "greedy-3")

@@ -28,9 +28,56 @@ def test_compare_writes_the_table(shapesworld_small, tmp_path):
                    output_dir=tmp_path / "runs", progress=False)  # fmt: skip
     assert [r["setting"] for r in rows] == [VANILLA, "rcpp_default"]
     assert "visual_kept" not in json.dumps(rows[0]) and "captions.visual_kept" in rows[1]
-    table = (tmp_path / "runs" / "table.md").read_text().splitlines()
+    table = (tmp_path / "runs" / "table.md").read_text().split("\n\n")[0].splitlines()
     assert len(table) == 4 and table[0].startswith("| setting | budget | adv acc")
     assert (tmp_path / "runs" / "table.png").stat().st_size > 0
+
+
+def test_each_row_gets_its_difference_to_the_reference_with_an_interval(shapesworld_small, tmp_path):
+    # "greedy-copy" decodes as vanilla does: every difference is exactly 0, [0, 0]; fastv-64 cannot run on 16 tokens.
+    settings = [config_setting(VANILLA), Setting("greedy-copy", VANILLA), config_setting(str(RCPP_PRESET)),
+                *comparison_settings(["fastv"], (64,))]  # fmt: skip
+    rows = compare(shapesworld_small, settings, ["adversarial", "captions"], seed=1, num_images=2,
+                   output_dir=tmp_path, progress=False)  # fmt: skip
+    rows = {row["setting"]: row for row in rows}
+    keys = {"adversarial.accuracy", "adversarial.f1", "captions.chair_s", "captions.chair_i", "captions.recall"}
+    questions = len((tmp_path / VANILLA / "adversarial" / "answers.jsonl").read_text().splitlines())
+    for name in ("greedy-copy", "rcpp_default"):
+        differences = rows[name]["differences"]
+        assert (differences["reference"], differences["level"], differences["resamples"]) == (VANILLA, 0.95, 1000)
+        assert set(differences["metrics"]) == keys
+        for key, difference in differences["metrics"].items():
+            assert difference["difference"] == pytest.approx(rows[name][key] - rows[VANILLA][key])
+            assert difference["low"] <= difference["difference"] <= difference["high"]
+            assert difference["n"] == (questions if key.startswith("adversarial") else 2)
+    assert all((d["low"], d["high"]) == (0, 0) for d in rows["greedy-copy"]["differences"]["metrics"].values())
+    assert "differences" not in rows[VANILLA] and "differences" not in rows["fastv-64"]
+    assert json.loads((tmp_path / "table.json").read_text())[1]["differences"] == rows["greedy-copy"]["differences"]
+
+    main, differences = (tmp_path / "table.md").read_text().split("\n\n", 1)
+    assert differences.startswith("Difference to vanilla (row - vanilla) on the paired items, 95% paired bootstrap "
+                                  "interval (1000 resamples, seed 0")  # fmt: skip
+    lines = differences.splitlines()
+    assert lines[2] == "| setting | budget | adv acc | adv F1 | CHAIR_S | CHAIR_I | recall |"
+    assert lines[4] == "| vanilla | - | " + " | ".join(["reference"] * 5) + " |"
+    assert lines[5] == "| greedy-copy | - | " + " | ".join([f"+0.000 [+0.000, +0.000] n={questions}"] * 2
+                                                          + ["+0.000 [+0.000, +0.000] n=2"] * 3) + " |"  # fmt: skip
+    assert lines[7].startswith("| fastv-64 | 64 | - | - | - | - | - |")
+    # Another reference: the differences are to it.
+    rows = compare(shapesworld_small, settings[:3], ["captions"], seed=1, num_images=2, output_dir=tmp_path,
+                   progress=False, reference="rcpp_default")  # fmt: skip
+    assert rows[0]["differences"]["reference"] == "rcpp_default" and "differences" not in rows[2]
+    assert set(rows[0]["differences"]["metrics"]) == {"captions.chair_s", "captions.chair_i", "captions.recall"}
+
+
+def test_a_reference_that_is_no_row_is_refused_before_anything_runs(shapesworld_small, tmp_path, capsys):
+    from rcpp_hf.cli import main
+
+    status = main(["shapesworld", "compare", "--model", shapesworld_small, "--methods", "vanilla", "--reference",
+                   "rcpp", "--splits", "random", "--num-images", "1", "--output-dir", str(tmp_path)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.endswith("--reference 'rcpp' is not a row; the rows: vanilla")
+    assert not any(tmp_path.iterdir())
 
 
 def test_rows_come_from_the_registry_at_each_budget():

@@ -106,7 +106,14 @@ def test_sweep_writes_its_rule_before_any_row_and_resumes(shapesworld_small, tmp
     for r in rows:
         assert {"adversarial.f1", "adversarial.yes_ratio", "captions.chair_i", "captions.recall"} <= set(r)
     assert choice["setting"] == choose(rows)["setting"]
-    assert (tmp_path / "ranking.md").read_text().splitlines()[2].startswith(f"| {VANILLA} | (greedy) |")
+    ranking = (tmp_path / "ranking.md").read_text().splitlines()
+    assert ranking[0].endswith("| CHAIR_I - greedy | recall - greedy | adv F1 - greedy |")
+    assert ranking[2].startswith(f"| {VANILLA} | (greedy) |") and ranking[2].endswith("| - | - | - |")
+    questions = len((tmp_path / VANILLA / "adversarial" / "answers.jsonl").read_text().splitlines())
+    for line in ranking[3:]:  # every RCPP row: its differences to greedy, with their intervals and n (1 caption)
+        assert line.count(" [") == 3 and line.count(" n=1 | ") == 2 and line.endswith(f" n={questions} |"), line
+    assert set(choice["row"].get("differences", {"metrics": {}})["metrics"]) <= {
+        "adversarial.accuracy", "adversarial.f1", "captions.chair_s", "captions.chair_i", "captions.recall"}
     assert (tmp_path / "frontier.png").stat().st_size > 5_000
 
     def no_model(*args, **kwargs):

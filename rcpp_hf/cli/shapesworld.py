@@ -83,6 +83,8 @@ def add_compare_parser(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--configs", nargs="+", default=[], help="extra rows: generation (RCPP) presets or method "
                         "presets, shipped names or YAML paths, e.g. a gan_pruner's with its pruner_path")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
+    parser.add_argument("--reference", default=None, help="the row every other row's differences (with their paired "
+                        f"bootstrap intervals) are taken to, e.g. {RCPP} (default: {VANILLA}, when it is a row)")
     add_comparison_arguments(parser)
     parser.set_defaults(func=run_compare)
 
@@ -93,6 +95,10 @@ def run_compare(args: argparse.Namespace) -> int:
     settings = comparison_settings(names, tuple(args.budgets), args.with_rcpp)
     settings += [config_setting(config) for config in args.configs]
     settings = list({setting.name: setting for setting in settings}.values())  # "vanilla" named twice runs once
-    compare.compare(model, settings, args.splits, args.seed, args.num_images, args.output_dir, args.batch_size)
+    if args.reference is not None and args.reference not in {setting.name for setting in settings}:
+        raise ValueError(f"--reference {args.reference!r} is not a row; the rows: "
+                         + ", ".join(setting.name for setting in settings))  # fmt: skip
+    compare.compare(model, settings, args.splits, args.seed, args.num_images, args.output_dir, args.batch_size,
+                    reference=args.reference or VANILLA)  # fmt: skip
     print((Path(args.output_dir) / "table.md").read_text())
     return 0

@@ -138,6 +138,15 @@ def mme_scores(records: list[dict]) -> dict:
     return {"subtasks": subtasks, "totals": totals, "headline": headline}
 
 
+def mme_table_metrics(records: list[dict]) -> dict:
+    """`mme_scores` with flat copies for tables: each subtask's accuracy (`<subtask>_acc`) and `score`, the
+    hallucination total (max 800)."""
+    metrics = mme_scores(records)
+    metrics |= {f"{name}_acc": scores["acc"] for name, scores in metrics["subtasks"].items()}
+    metrics["score"] = metrics["headline"]["hallucination"]
+    return metrics
+
+
 def evaluate_mme(
     mme_root: str | Path,
     options: RunOptions,

@@ -7,6 +7,11 @@ item for the harness's runs, the visual tokens and the prefill and decode times 
 labelled by the decoding its config.json recorded (`decoding_label`), so that runs of different methods are told
 apart. One table and one figure (a bar chart per column) per benchmark; the tables also go to RUNS/report.md and the
 figures to RUNS/report_<benchmark>.png.
+
+Under each benchmark's table, each run's difference to a reference run of that benchmark (`--reference NAME`: the run
+whose folder is NAME or has NAME as one of its parts; by default the run decoded greedily, when the benchmark has
+exactly one) on the items both answered, paired by id, with its paired bootstrap interval and the number of paired
+items (`rcpp_hf.eval.bootstrap`: 95%, 1000 resamples, seed 0); "-" for a run that shares no item with it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from rcpp_hf.eval.bootstrap import BENCHMARKS, LEVEL, RESAMPLES, SEED, benchmark_differences
+from rcpp_hf.eval.run_directory import RunDirectory
 from rcpp_hf.methods import RCPP, load_method
 
 # The columns of a ShapesWorld run, per kind of split (its metrics.json holds no "headline"); what
@@ -38,6 +45,8 @@ class RunSummary:
     n: int
     headline: dict[str, float]
     costs: dict[str, float]  # column header -> value
+    folder: Path | None = None  # the run directory, whose answers.jsonl the differences pair
+    scoring: str | None = None  # its entry in `rcpp_hf.eval.bootstrap.BENCHMARKS` ("shapesworld_pope" for a POPE split)
 
 
 def method_label(spec: dict) -> str:
@@ -82,13 +91,13 @@ def collect_runs(root: str | Path) -> list[RunSummary]:
         identity = json.loads(config_path.read_text())["identity"]
         name = str(metrics_path.parent.relative_to(root)) if metrics_path.parent != root else root.name
         if "benchmark" in metrics:
-            runs.append(_harness_run(name, identity, metrics))
+            runs.append(_harness_run(name, metrics_path.parent, identity, metrics))
         elif "split" in metrics:
             runs.append(_shapesworld_run(name, metrics_path.parent, identity, metrics))
     return runs
 
 
-def _harness_run(name: str, identity: dict, metrics: dict) -> RunSummary:
+def _harness_run(name: str, folder: Path, identity: dict, metrics: dict) -> RunSummary:
     """A run of `eval.harness` (POPE, CHAIR, MME): its identity records the model and the generation config."""
     return RunSummary(
         name=name,
@@ -98,6 +107,8 @@ def _harness_run(name: str, identity: dict, metrics: dict) -> RunSummary:
         n=metrics["n"],
         headline=metrics["headline"],
         costs={header: metrics["latency"][key] for key, header in HARNESS_COSTS.items()},
+        folder=folder,
+        scoring=metrics["benchmark"],
     )
 
 
@@ -116,11 +127,55 @@ def _shapesworld_run(name: str, folder: Path, identity: dict, metrics: dict) -> 
         n=n,
         headline={key: metrics[key] for key in SHAPESWORLD_HEADLINE[kind] if key in metrics},
         costs={header: metrics[key] for key, header in SHAPESWORLD_COSTS.items() if key in metrics},
+        folder=folder,
+        scoring=f"shapesworld_{kind}",
     )
 
 
-def format_tables(runs: list[RunSummary]) -> str:
-    """One markdown table per benchmark."""
+def reference_runs(runs: list[RunSummary], reference: str | None = None) -> dict[str, RunSummary]:
+    """benchmark -> its reference run: with `reference`, the run whose folder is `reference` or has it as one of its
+    parts (e.g. "vanilla" names compare's "vanilla/captions"); without, the run decoded "greedy" when the benchmark
+    has exactly one. A `reference` that names no run, or two runs of one benchmark, is refused."""
+    chosen = {}
+    for benchmark, group in _by_benchmark(runs).items():
+        if reference is None:
+            matches = [run for run in group if run.decoding == "greedy"]
+            matches = matches if len(matches) == 1 else []
+        else:
+            matches = [run for run in group if reference in (run.name, *Path(run.name).parts)]
+            if len(matches) > 1:
+                raise ValueError(f"--reference {reference!r} names {len(matches)} runs of {benchmark}: "
+                                 + ", ".join(run.name for run in matches))  # fmt: skip
+        chosen |= {benchmark: matches[0]} if matches else {}
+    if reference is not None and not chosen:
+        raise ValueError(f"--reference {reference!r} names no run; the runs: " + ", ".join(run.name for run in runs))
+    return chosen
+
+
+def difference_table(group: list[RunSummary], reference: RunSummary, level: float = LEVEL) -> str:
+    """Each run's difference to `reference` (run - reference) on the paired items, with its paired bootstrap
+    interval and n (`benchmark_differences`); "" when the benchmark has no other run or no way to pair."""
+    others = [run for run in group if run is not reference]
+    if not others or reference.folder is None or reference.scoring not in BENCHMARKS:
+        return ""
+    metrics = BENCHMARKS[reference.scoring].metrics
+    base = RunDirectory(reference.folder).read_answers()
+    header = ["run", "decoding", *metrics]
+    lines = [f"Difference to {reference.name} (run - {reference.name}) on the paired items, {level:.0%} paired "
+             f"bootstrap interval ({RESAMPLES} resamples, seed {SEED}; * when it excludes 0), n paired items:", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+    for run in others:
+        answers = RunDirectory(run.folder).read_answers() if run.folder is not None else []
+        differences = benchmark_differences(reference.scoring, answers, base, level=level)
+        cells = [differences[metric].cell() if metric in differences else "-" for metric in metrics]
+        lines.append("| " + " | ".join([run.name, run.decoding, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def format_tables(runs: list[RunSummary], reference: str | None = None) -> str:
+    """One markdown table per benchmark, each followed by the differences to its reference run (`reference_runs`,
+    `difference_table`)."""
+    references = reference_runs(runs, reference)
     sections = []
     for benchmark, group in _by_benchmark(runs).items():
         metric_names = list(dict.fromkeys(name for run in group for name in run.headline))
@@ -135,6 +190,8 @@ def format_tables(runs: list[RunSummary]) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         sections.append(f"## {benchmark}\n\n" + "\n".join(lines))
+        differences = difference_table(group, references[benchmark]) if benchmark in references else ""
+        sections += [differences] if differences else []
     return "\n\n".join(sections) + "\n"
 
 
@@ -166,12 +223,13 @@ def plot_runs(runs: list[RunSummary], folder: str | Path) -> list[Path]:
     return paths
 
 
-def write_report(root: str | Path) -> tuple[str, list[Path]]:
-    """Tables (also written to ROOT/report.md) and plots of every run under `root`."""
+def write_report(root: str | Path, reference: str | None = None) -> tuple[str, list[Path]]:
+    """Tables (also written to ROOT/report.md), with each benchmark's differences to its reference run
+    (`format_tables`), and plots of every run under `root`."""
     runs = collect_runs(root)
     if not runs:
         raise FileNotFoundError(f"no finished runs (metrics.json + config.json) under {root}")
-    tables = format_tables(runs)
+    tables = format_tables(runs, reference)
     (Path(root) / "report.md").write_text(tables)
     return tables, plot_runs(runs, root)
 

@@ -13,6 +13,12 @@ from the registry, so a method added there gets its rows without touching this c
 meet on this model (e.g. FastV's first layers alone exceed it on a shallow decoder) gives a row marked as skipped,
 with the method's reason (the reachable range, for an unreachable budget).
 
+Beside each row's metrics, `table.md` and `table.json` give its difference to a reference row (`reference`, default
+"vanilla"; `--reference NAME`) on the items both ran (the same questions, MME images and captions, paired by id):
+POPE accuracy and F1, the MME score, CHAIR_S, CHAIR_I and recall, each with its paired bootstrap interval (95%, 1000
+resamples, seed 0: `rcpp_hf.eval.bootstrap`) and the number of paired items; a row skipped or without the split shows
+"-".
+
 The studies in the repository's `experiments/` (`defaults_sweep.py`, `head_ablation.py`, `condensation.py`) run
 their rows through `compare`.
 """
@@ -29,6 +35,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
+from rcpp_hf.eval.bootstrap import BENCHMARKS, LEVEL, RESAMPLES, SEED, Difference, benchmark_differences  # noqa: E402
+from rcpp_hf.eval.run_directory import RunDirectory  # noqa: E402
 from rcpp_hf.families.llava import llava_shape  # noqa: E402
 from rcpp_hf.methods import METHODS, load_method  # noqa: E402
 from rcpp_hf.methods.budget import budget_label, published_fraction, resolve_budget  # noqa: E402
@@ -36,6 +44,7 @@ from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder  # noqa: E402
 from rcpp_hf.presets import METHODS as METHOD_PRESETS  # noqa: E402
 from rcpp_hf.presets import preset_kind  # noqa: E402
 from rcpp_hf.shapesworld.evaluate import EvalSettings, evaluate  # noqa: E402
+from rcpp_hf.shapesworld.pope_sets import POPE_SPLITS  # noqa: E402
 
 VANILLA = "vanilla"
 RCPP = "rcpp"
@@ -164,10 +173,42 @@ def budget_cell(row: dict, num_visual: int) -> str:
     return f"{tokens} of {num_visual}" if tokens == budget else f"{budget_label(budget)} = {tokens} of {num_visual}"
 
 
+def split_benchmark(split: str) -> str:
+    """The `rcpp_hf.eval.bootstrap.BENCHMARKS` entry of a split: "shapesworld_pope" for each POPE split."""
+    return "shapesworld_" + ("pope" if split in POPE_SPLITS else split)
+
+
+def difference_columns(splits: list[str]) -> list[tuple[str, str]]:
+    """(key, header) of the metrics whose differences the table shows: `BENCHMARKS`' metrics of each split."""
+    headers = {f"{split}.{metric}": header for split in splits for metric, header in COLUMNS[split]}
+    return [(key, headers[key]) for split in splits
+            for key in (f"{split}.{metric}" for metric in BENCHMARKS[split_benchmark(split)].metrics)]  # fmt: skip
+
+
+def add_differences(rows: list[dict], splits: list[str], output_dir: Path, reference: str,
+                    level: float = LEVEL) -> None:  # fmt: skip
+    """Give each row that ran, but the reference, its `differences` to the reference row (none when that row is
+    missing or skipped): {"reference", "level", "resamples", "seed", "metrics": {"<split>.<metric>":
+    `Difference.to_dict()`}}, from the answers.jsonl of both runs of each split, paired by id."""
+    base = next((row for row in rows if row["setting"] == reference and "skipped" not in row), None)
+    for row in rows:
+        if "skipped" in row or row["setting"] == reference:
+            continue
+        metrics = {}
+        for split in splits if base is not None else []:
+            answers = [RunDirectory(output_dir / name / split).read_answers() for name in (row["setting"], reference)]
+            differences = benchmark_differences(split_benchmark(split), *answers, level=level)
+            metrics |= {f"{split}.{metric}": difference.to_dict() for metric, difference in differences.items()}
+        row["differences"] = {"reference": reference, "level": level, "resamples": RESAMPLES, "seed": SEED,
+                              "metrics": metrics}  # fmt: skip
+
+
 def compare(model: str, settings: list[Setting], splits: list[str], seed: int, num_images: int,
-            output_dir: str | Path, batch_size: int = 16, progress: bool = True) -> list[dict]:  # fmt: skip
+            output_dir: str | Path, batch_size: int = 16, progress: bool = True,
+            reference: str | None = VANILLA) -> list[dict]:  # fmt: skip
     """Evaluate every setting on every split (a skipped setting keeps its reason); returns one row per setting:
-    {"setting", "family", "budget", "config", "method", metric: value}, the costs averaged over its splits."""
+    {"setting", "family", "budget", "config", "method", metric: value}, the costs averaged over its splits, and,
+    when a row is named `reference`, "differences" to it (`add_differences`)."""
     output_dir = Path(output_dir)
     num_layers, num_visual = model_shape(model)
     rows = []
@@ -195,14 +236,37 @@ def compare(model: str, settings: list[Setting], splits: list[str], seed: int, n
     if all("skipped" in row for row in rows):  # asked to do nothing: say so rather than write an empty table
         reasons = "; ".join(f"{row['setting']}: {row['skipped']}" for row in rows)
         raise ValueError(f"nothing to compare on this model: {reasons or 'no setting was given'}")
-    write_table(rows, splits, output_dir, num_visual)
+    if reference is not None and any(row["setting"] == reference for row in rows):
+        add_differences(rows, splits, output_dir, reference)
+    write_table(rows, splits, output_dir, num_visual, reference)
     plot_quality(rows, output_dir / "quality.png")
     plot_frontier(rows, output_dir / "frontier.png")
     return rows
 
 
-def write_table(rows: list[dict], splits: list[str], output_dir: Path, num_visual: int) -> None:
-    """table.json (rows), table.md (one column per metric) and table.png (CHAIR_I and adversarial accuracy)."""
+def difference_table(rows: list[dict], splits: list[str], num_visual: int, reference: str) -> list[str]:
+    """The markdown lines of the differences to the reference row (`add_differences`): one cell per metric,
+    "+0.012 [-0.020, +0.045] n=50" ("*" after an interval that excludes 0), "-" for a row skipped or without it."""
+    columns = difference_columns(splits)
+    level = next((row["differences"]["level"] for row in rows if "differences" in row), LEVEL)
+    lines = [f"Difference to {reference} (row - {reference}) on the paired items, {level:.0%} paired bootstrap "
+             f"interval ({RESAMPLES} resamples, seed {SEED}; * when it excludes 0), n paired questions / MME images / "
+             "captions:", "", "| setting | budget | " + " | ".join(h for _, h in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]  # fmt: skip
+    for row in rows:
+        if row["setting"] == reference:
+            cells = ["reference"] * len(columns) if "skipped" not in row else ["-"] * len(columns)
+        else:
+            metrics = row.get("differences", {}).get("metrics", {})
+            cells = [Difference.from_dict(metrics[key]).cell() if key in metrics else "-" for key, _ in columns]
+        lines.append(f"| {row['setting']} | {budget_cell(row, num_visual)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_table(rows: list[dict], splits: list[str], output_dir: Path, num_visual: int,
+                reference: str | None = None) -> None:  # fmt: skip
+    """table.json (rows), table.md (one column per metric; then, with a `reference` row, the differences to it:
+    `difference_table`) and table.png (CHAIR_I and adversarial accuracy)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
     columns = [(f"{split}.{metric}", header) for split in splits for metric, header in COLUMNS[split]] + COST_COLUMNS
@@ -214,6 +278,8 @@ def write_table(rows: list[dict], splits: list[str], output_dir: Path, num_visua
             continue
         cells = [f"{row[key]:.3f}" if key in row else "-" for key, _ in columns]
         lines.append(f"| {row['setting']} | {budget} | " + " | ".join(cells) + " |")
+    if reference is not None and any(row["setting"] == reference for row in rows):
+        lines += ["", *difference_table(rows, splits, num_visual, reference)]
     (output_dir / "table.md").write_text("\n".join(lines) + "\n")
 
     shown = [(key, header) for key, header in (("captions.chair_i", "CHAIR_I (captions)"), ("adversarial.accuracy",

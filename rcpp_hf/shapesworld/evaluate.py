@@ -42,7 +42,7 @@ from rcpp_hf.benchmark.measure import StepTimer
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.pruning import PruneRecord, visual_tokens_per_layer
 from rcpp_hf.eval.harness import check_images_readable, read_image
-from rcpp_hf.eval.mme import HALLUCINATION, mme_scores, parse_mme_answer, read_mme
+from rcpp_hf.eval.mme import HALLUCINATION, mme_table_metrics, parse_mme_answer, read_mme
 from rcpp_hf.eval.pope import parse_yes_no, pope_metrics
 from rcpp_hf.eval.run_directory import RunDirectory, session_provenance
 from rcpp_hf.methods import load_method
@@ -136,10 +136,7 @@ def split_metrics(split: str, records: list[dict]) -> dict:
     if split == "captions":
         metrics = caption_metrics(records)
     elif split == "mme":
-        metrics = mme_scores(records)
-        # Flat copies for tables: each subtask's accuracy and the hallucination total (max 800).
-        metrics |= {f"{name}_acc": scores["acc"] for name, scores in metrics["subtasks"].items()}
-        metrics["score"] = metrics["headline"]["hallucination"]
+        metrics = mme_table_metrics(records)  # with flat copies for tables
     else:
         metrics = pope_metrics([r["label"] for r in records], [r["prediction"] for r in records])
     for field, metric, scale in (("visual_kept", "visual_kept", 1), ("visual_tokens", "visual_tokens", 1),
