@@ -112,7 +112,7 @@ def test_a_hub_id_that_does_not_exist_or_cannot_be_reached_is_one_line(capsys, t
 
 
 def test_a_later_hub_failure_is_one_line_and_other_os_errors_keep_their_traceback(capsys, monkeypatch, tmp_path):
-    def weights_unreachable(runs):  # e.g. the config was cached, the weights are not and the hub is unreachable
+    def weights_unreachable(runs, reference=None):  # e.g. the config was cached, the weights are not and the hub is unreachable
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.") \
             from LocalEntryNotFoundError("cannot connect")  # fmt: skip
 
@@ -121,7 +121,7 @@ def test_a_later_hub_failure_is_one_line_and_other_os_errors_keep_their_tracebac
                "folder: We couldn't connect to 'https://huggingface.co' to load the files.; check the id and the "
                "network, pass a local checkpoint folder, or set HF_HUB_OFFLINE=1")  # fmt: skip
 
-    def disk_full(runs):
+    def disk_full(runs, reference=None):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("rcpp_hf.cli.report.write_report", disk_full)
