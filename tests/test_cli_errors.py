@@ -345,7 +345,7 @@ def test_debug_and_the_environment_variable_raise_instead(monkeypatch):
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
-    def broken(runs):
+    def broken(runs, reference=None):
         raise RuntimeError("a bug, not a user error")
 
     monkeypatch.setattr("rcpp_hf.cli.report.write_report", broken)
