@@ -1,5 +1,5 @@
 """Paired bootstrap intervals (`rcpp_hf.eval.bootstrap`) on hand-made records: zero and planted differences,
-determinism, pairing by id, and CHAIR_I resampled as a ratio of sums."""
+determinism, pairing by id, CHAIR_I resampled as a ratio of sums, and one run's own interval."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,9 @@ from rcpp_hf.eval.bootstrap import (
     BY_MME_IMAGE,
     BY_SPLIT_ITEM,
     benchmark_differences,
+    benchmark_interval,
     bootstrap_differences,
+    bootstrap_interval,
     draw,
     paired_bootstrap,
     paired_units,
@@ -141,3 +143,24 @@ def test_harness_pope_resamples_within_each_split():
     difference = benchmark_differences("pope", perfect, records)["accuracy"]
     assert difference.value == pytest.approx(1 - summarize_pope(records)["headline"]["accuracy"])
     assert difference.n == 80 and difference.low > 0
+
+
+def test_a_single_run_interval_holds_its_value_and_is_a_point_for_a_constant_metric():
+    run = pope_records([label if i % 3 else "yes" for i, label in enumerate(LABELS)], LABELS)
+    intervals = benchmark_interval("shapesworld_pope", run, ("f1", "yes_ratio"))
+    assert set(intervals) == {"f1", "yes_ratio"}
+    for metric, interval in intervals.items():
+        assert interval.value == pope_score(run)[metric] and interval.n == 80 and interval.level == 0.95
+        assert interval.low < interval.value < interval.high
+    assert intervals == benchmark_interval("shapesworld_pope", run, ("f1", "yes_ratio"), seed=0)
+    assert intervals != benchmark_interval("shapesworld_pope", run, ("f1", "yes_ratio"), seed=1)
+    # Every question answered "yes": the yes-ratio is 1 on every resample.
+    always = bootstrap_interval(pope_records(["yes"] * 80, LABELS), pope_score, ("yes_ratio",))["yes_ratio"]
+    assert (always.value, always.low, always.high) == (1.0, 1.0, 1.0)
+    # Captions each with one of two mentions hallucinated and one of two classes recalled: CHAIR_I, recall 1/2 always.
+    captions = [caption(str(i), hallucinated=1, correct=1) for i in range(5)]
+    chair = benchmark_interval("shapesworld_captions", captions, ("chair_i", "recall"))
+    assert all((i.value, i.low, i.high, i.n) == (0.5, 0.5, 0.5, 5) for i in chair.values())
+    varied = benchmark_interval("chair", [caption("a", 1, 1), caption("b", 0, 2), caption("c", 3, 1)])["chair_i"]
+    assert varied.value == pytest.approx(4 / 8) and varied.low <= varied.value <= varied.high
+    assert bootstrap_interval([], pope_score, ("f1",)) == {}

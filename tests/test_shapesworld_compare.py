@@ -53,6 +53,15 @@ def test_each_row_gets_its_difference_to_the_reference_with_an_interval(shapeswo
     assert all((d["low"], d["high"]) == (0, 0) for d in rows["greedy-copy"]["differences"]["metrics"].values())
     assert "differences" not in rows[VANILLA] and "differences" not in rows["fastv-64"]
     assert json.loads((tmp_path / "table.json").read_text())[1]["differences"] == rows["greedy-copy"]["differences"]
+    # Each row's own intervals for the frontier's error bars: greedy-copy's are vanilla's (the same answers).
+    intervals = rows[VANILLA]["intervals"]
+    assert (intervals["level"], intervals["resamples"], intervals["seed"]) == (0.95, 1000, 0)
+    assert set(intervals["metrics"]) == {"adversarial.f1", "adversarial.yes_ratio", "captions.chair_i",
+                                         "captions.recall"}  # fmt: skip
+    for key, interval in intervals["metrics"].items():
+        assert interval["value"] == pytest.approx(rows[VANILLA][key]) and interval["low"] <= interval["high"]
+    assert rows["greedy-copy"]["intervals"] == intervals and "intervals" not in rows["fastv-64"]
+    assert (tmp_path / "frontier.png").stat().st_size > 5_000
 
     main, differences = (tmp_path / "table.md").read_text().split("\n\n", 1)
     assert differences.startswith("Difference to vanilla (row - vanilla) on the paired items, 95% paired bootstrap "
@@ -129,6 +138,9 @@ def test_compare_across_methods_and_budgets(shapesworld_small, tmp_path, capsys)
     assert "| fastv-0.3333 | 0.3333 = 5 of 16 |" in table
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert (tmp_path / "frontier.png").stat().st_size > 5_000  # CHAIR_I against recall (no adversarial split here)
+    captions = rows["fastv-0.3333"]["intervals"]["metrics"]
+    assert set(captions) == {"captions.chair_i", "captions.recall"} and captions["captions.recall"]["n"] == 1
+    assert "intervals" not in rows["fastv-0.1111"]
     assert "fastv-0.3333" in capsys.readouterr().out
 
 

@@ -13,6 +13,9 @@ captions, recomputed from the resampled captions' counts, not averaged per capti
 within each split when the records have one, as the harness's headline averages its splits), an image for MME
 (resampled within each subtask, both of its questions together, so that acc+ stays a statistic of whole images; a
 copy drawn twice counts as two images). Identical runs give exactly [0, 0].
+
+`bootstrap_interval` (and `benchmark_interval`) is the same resampling of one run alone: the percentile interval of a
+metric itself rather than of a difference, e.g. for error bars on a plot of runs; a constant metric gives [v, v].
 """
 
 from __future__ import annotations
@@ -191,3 +194,54 @@ def benchmark_differences(benchmark: str, run: list[dict], reference: list[dict]
     """`paired_bootstrap` with the scorer, metrics and resampling of `BENCHMARKS[benchmark]`."""
     spec = BENCHMARKS[benchmark]
     return paired_bootstrap(run, reference, spec.score, spec.metrics, spec.resampling, resamples, level, seed)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """`value` = metric(run) on its `n` units; [`low`, `high`] its `level` percentile interval."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+    level: float = LEVEL
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "low": self.low, "high": self.high, "n": self.n, "level": self.level}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Interval:
+        return cls(data["value"], data["low"], data["high"], data["n"], data["level"])
+
+
+def bootstrap_interval(records: list[dict], score: Callable[[list[dict]], dict], metrics: tuple[str, ...],
+                       resampling: Resampling = BY_ITEM, resamples: int = RESAMPLES, level: float = LEVEL,
+                       seed: int = SEED) -> dict[str, Interval]:  # fmt: skip
+    """Each metric of one run with its `level` percentile interval over `resamples` resamples of its units (drawn as
+    `paired_bootstrap` draws them, the run paired with itself); {} for no records."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    strata = paired_units(records, records, resampling)
+    if not strata:
+        return {}
+    scores = score(resample(strata, [np.arange(len(units)) for units in strata], resampling)[0])
+    rng = np.random.default_rng(seed)
+    samples = np.empty((resamples, len(metrics)))
+    for b in range(resamples):
+        sample_scores = score(resample(strata, draw(strata, rng), resampling)[0])
+        samples[b] = [sample_scores[metric] for metric in metrics]
+    low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    n = sum(len(units) for units in strata)
+    return {metric: Interval(scores[metric], float(low[i]), float(high[i]), n, level)
+            for i, metric in enumerate(metrics)}  # fmt: skip
+
+
+def benchmark_interval(benchmark: str, records: list[dict], metrics: tuple[str, ...] | None = None,
+                       resamples: int = RESAMPLES, level: float = LEVEL,
+                       seed: int = SEED) -> dict[str, Interval]:  # fmt: skip
+    """`bootstrap_interval` with the scorer and resampling of `BENCHMARKS[benchmark]`, of its metrics or of `metrics`
+    (any its scorer returns, e.g. POPE's "yes_ratio")."""
+    spec = BENCHMARKS[benchmark]
+    return bootstrap_interval(records, spec.score, metrics or spec.metrics, spec.resampling, resamples, level, seed)

@@ -19,6 +19,10 @@ POPE accuracy and F1, the MME score, CHAIR_S, CHAIR_I and recall, each with its 
 resamples, seed 0: `rcpp_hf.eval.bootstrap`) and the number of paired items; a row skipped or without the split shows
 "-".
 
+Each row's points on `frontier.png` (CHAIR_I against recall, POPE adversarial F1 against its yes-ratio) carry error
+bars: the row's own bootstrap percentile interval of each metric (over its captions, over its questions; the same
+level, resamples and seed), also in `table.json` as the row's `intervals`.
+
 The studies in the repository's `experiments/` (`defaults_sweep.py`, `head_ablation.py`, `condensation.py`) run
 their rows through `compare`.
 """
@@ -35,7 +39,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
-from rcpp_hf.eval.bootstrap import BENCHMARKS, LEVEL, RESAMPLES, SEED, Difference, benchmark_differences  # noqa: E402
+from rcpp_hf.eval.bootstrap import (  # noqa: E402
+    BENCHMARKS,
+    LEVEL,
+    RESAMPLES,
+    SEED,
+    Difference,
+    benchmark_differences,
+    benchmark_interval,
+)
 from rcpp_hf.eval.run_directory import RunDirectory  # noqa: E402
 from rcpp_hf.families.llava import llava_shape  # noqa: E402
 from rcpp_hf.methods import METHODS, load_method  # noqa: E402
@@ -203,12 +215,34 @@ def add_differences(rows: list[dict], splits: list[str], output_dir: Path, refer
                               "metrics": metrics}  # fmt: skip
 
 
+def add_intervals(rows: list[dict], output_dir: Path, level: float = LEVEL) -> None:
+    """Give each row that ran its `intervals` of the `FRONTIERS` metrics it measured: {"level", "resamples", "seed",
+    "metrics": {"<split>.<metric>": `Interval.to_dict()`}}, each the bootstrap interval of the row's own run of the
+    split (its answers.jsonl)."""
+    keys = [key for panel in FRONTIERS for key in panel[:2]]
+    for row in rows:
+        if "skipped" in row:
+            continue
+        by_split: dict[str, list[str]] = {}
+        for key in keys:
+            if key in row:
+                split, metric = key.split(".", 1)
+                by_split.setdefault(split, []).append(metric)
+        metrics = {}
+        for split, names in by_split.items():
+            records = RunDirectory(output_dir / row["setting"] / split).read_answers()
+            intervals = benchmark_interval(split_benchmark(split), records, tuple(names), level=level)
+            metrics |= {f"{split}.{metric}": interval.to_dict() for metric, interval in intervals.items()}
+        row["intervals"] = {"level": level, "resamples": RESAMPLES, "seed": SEED, "metrics": metrics}
+
+
 def compare(model: str, settings: list[Setting], splits: list[str], seed: int, num_images: int,
             output_dir: str | Path, batch_size: int = 16, progress: bool = True,
             reference: str | None = VANILLA) -> list[dict]:  # fmt: skip
     """Evaluate every setting on every split (a skipped setting keeps its reason); returns one row per setting:
     {"setting", "family", "budget", "config", "method", metric: value}, the costs averaged over its splits, and,
-    when a row is named `reference`, "differences" to it (`add_differences`)."""
+    when a row is named `reference`, "differences" to it (`add_differences`); each row that ran has the "intervals"
+    of its frontier metrics (`add_intervals`)."""
     output_dir = Path(output_dir)
     num_layers, num_visual = model_shape(model)
     rows = []
@@ -238,6 +272,7 @@ def compare(model: str, settings: list[Setting], splits: list[str], seed: int, n
         raise ValueError(f"nothing to compare on this model: {reasons or 'no setting was given'}")
     if reference is not None and any(row["setting"] == reference for row in rows):
         add_differences(rows, splits, output_dir, reference)
+    add_intervals(rows, output_dir)
     write_table(rows, splits, output_dir, num_visual, reference)
     plot_quality(rows, output_dir / "quality.png")
     plot_frontier(rows, output_dir / "frontier.png")
@@ -336,9 +371,18 @@ FRONTIERS = [("captions.recall", "captions.chair_i", "recall", "CHAIR_I"),
              ("adversarial.yes_ratio", "adversarial.f1", "POPE adversarial yes-ratio", "POPE adversarial F1")]
 
 
+def error_bar(value: float, interval: dict | None) -> list[list[float]] | None:
+    """matplotlib's asymmetric error of a point at `value` with `interval` (`Interval.to_dict()`), or None: [[below],
+    [above]], each at least 0 (a percentile interval need not hold the point exactly)."""
+    if interval is None:
+        return None
+    return [[max(0.0, value - interval["low"])], [max(0.0, interval["high"] - value)]]
+
+
 def plot_frontier(rows: list[dict], path: Path, bounds: dict[str, float] | None = None) -> None:
     """CHAIR_I against recall and POPE adversarial F1 against its yes-ratio, for the splits measured: one numbered
-    point per result, named in the panel's legend (settings with identical results share a point); `bounds`
+    point per result, named in the panel's legend (settings with identical results share a point), with error bars
+    of the first such row's `intervals` where it has them (`add_intervals`); `bounds`
     (metric -> value, e.g. a selection rule's recall floor) are drawn as dashed lines on the panels showing them."""
     panels = [panel for panel in FRONTIERS if any(panel[0] in row and panel[1] in row for row in rows)]
     if not panels:
@@ -346,20 +390,30 @@ def plot_frontier(rows: list[dict], path: Path, bounds: dict[str, float] | None 
     bounds = bounds or {}
     figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
     for (x_key, y_key, x_label, y_label), axis in zip(panels, axes[0]):
-        points: dict[tuple[float, float], list[str]] = {}
+        levels = set()
+        points: dict[tuple[float, float], list[dict]] = {}
         for row in rows:
             if x_key in row and y_key in row:
-                points.setdefault((row[x_key], row[y_key]), []).append(row["setting"])
-        for number, ((x, y), names) in enumerate(points.items(), start=1):
+                points.setdefault((row[x_key], row[y_key]), []).append(row)
+        for number, ((x, y), shared) in enumerate(points.items(), start=1):
+            names = [row["setting"] for row in shared]
             label = " = ".join(names) if len(names) <= 3 else f"{names[0]} = {len(names) - 1} other settings"
-            axis.scatter(x, y, color=f"C{(number - 1) % 10}", marker="os^D"[(number - 1) // 10 % 4],
-                         label=f"{number}: {label}")  # fmt: skip
+            colour = f"C{(number - 1) % 10}"
+            axis.scatter(x, y, color=colour, marker="os^D"[(number - 1) // 10 % 4], label=f"{number}: {label}")
+            intervals = shared[0].get("intervals", {}).get("metrics", {})
+            xerr, yerr = (error_bar(value, intervals.get(key)) for value, key in ((x, x_key), (y, y_key)))
+            if xerr is not None or yerr is not None:
+                axis.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=colour, elinewidth=0.8, capsize=2,
+                              alpha=0.6)  # fmt: skip
+                levels.add(shared[0]["intervals"].get("level", LEVEL))
             axis.annotate(str(number), (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
         for key, value in bounds.items():
             if key in (x_key, y_key):
                 line = axis.axvline if key == x_key else axis.axhline
                 line(value, color="grey", linestyle="--", linewidth=1, label=f"bound: {key} = {value:.3f}")
         axis.set(xlabel=x_label, ylabel=y_label)
+        if levels:
+            axis.set_title(f"bars: each run's {max(levels):.0%} bootstrap interval", fontsize=8)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
