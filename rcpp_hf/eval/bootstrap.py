@@ -162,6 +162,19 @@ def bootstrap_differences(run: list[dict], reference: list[dict], score: Callabl
     return differences
 
 
+def check_interval_settings(level: float, resamples: int) -> None:
+    """Refuse a coverage outside (0, 1) or fewer than one resample, naming the value."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+
+
+def percentile_bounds(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high), each (metrics,): the `level` percentile interval of (resamples, metrics) `samples`."""
+    return np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
+
+
 def paired_bootstrap(run: list[dict], reference: list[dict], score: Callable[[list[dict]], dict],
                      metrics: tuple[str, ...], resampling: Resampling = BY_ITEM, resamples: int = RESAMPLES,
                      level: float = LEVEL, seed: int = SEED) -> dict[str, Difference]:  # fmt: skip
@@ -173,17 +186,14 @@ def paired_bootstrap(run: list[dict], reference: list[dict], score: Callable[[li
         score: the library's scorer of a list of records, returning at least `metrics`.
         level: the interval's coverage in (0, 1), e.g. 0.95 for the 2.5th to 97.5th percentiles.
     """
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    check_interval_settings(level, resamples)
     strata = paired_units(run, reference, resampling)
     if not strata:
         return {}
     paired_run, paired_reference = resample(strata, [np.arange(len(units)) for units in strata], resampling)
     run_scores, reference_scores = score(paired_run), score(paired_reference)
     samples = bootstrap_differences(run, reference, score, metrics, resampling, resamples, seed)
-    low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    low, high = percentile_bounds(samples, level)
     n = sum(len(units) for units in strata)
     return {metric: Difference(run_scores[metric] - reference_scores[metric], float(low[i]), float(high[i]), n, level)
             for i, metric in enumerate(metrics)}  # fmt: skip
@@ -219,10 +229,7 @@ def bootstrap_interval(records: list[dict], score: Callable[[list[dict]], dict],
                        seed: int = SEED) -> dict[str, Interval]:  # fmt: skip
     """Each metric of one run with its `level` percentile interval over `resamples` resamples of its units (drawn as
     `paired_bootstrap` draws them, the run paired with itself); {} for no records."""
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    check_interval_settings(level, resamples)
     strata = paired_units(records, records, resampling)
     if not strata:
         return {}
@@ -232,7 +239,7 @@ def bootstrap_interval(records: list[dict], score: Callable[[list[dict]], dict],
     for b in range(resamples):
         sample_scores = score(resample(strata, draw(strata, rng), resampling)[0])
         samples[b] = [sample_scores[metric] for metric in metrics]
-    low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    low, high = percentile_bounds(samples, level)
     n = sum(len(units) for units in strata)
     return {metric: Interval(scores[metric], float(low[i]), float(high[i]), n, level)
             for i, metric in enumerate(metrics)}  # fmt: skip
