@@ -27,50 +27,25 @@ identical captions and differing tokens against the model without pruning. Print
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoProcessor
 
-from rcpp_hf.cli.options import model_folder
+from rcpp_hf.cli.caption_study import budget_settings, end_ids, run_study, study_parser, token_differences, until_end
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.methods import FastV
-from rcpp_hf.methods.budget import budget_label
-from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
-from rcpp_hf.shapesworld.caption_sets import caption_scenes
-from rcpp_hf.shapesworld.compare import BUDGETS
 from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt
 from rcpp_hf.shapesworld.render import render_scene
-from rcpp_hf.shapesworld.world import TEST_SEED
 
+NAME = "fastv_variants"
 PAPER_KEEP = 0.5  # R = 50 % of the image at K = 2: the FastV paper's main setting
-
-
-def token_differences(a: list[int], b: list[int]) -> tuple[int, int | None]:
-    """(tokens that differ position by position, a missing one counting, first step at which they part or None)."""
-    differ = [i for i in range(max(len(a), len(b))) if i >= len(a) or i >= len(b) or a[i] != b[i]]
-    return len(differ), (differ[0] if differ else None)
-
-
-def end_ids(eos) -> set[int]:
-    return {eos} if isinstance(eos, int) else set(eos or ())
 
 
 def settings(num_layers: int, num_visual: int) -> list[tuple[str, FastV | None]]:
     """The FastV settings that fit the model: (label, method), or (label, None) for one it cannot reach."""
-    rows: list[tuple[str, FastV | None]] = [(f"keep {PAPER_KEEP} (paper)", FastV(keep=PAPER_KEEP))]
-    for budget in BUDGETS:
-        method = FastV(budget=budget)
-        try:
-            method.check_fits(num_layers, num_visual)
-        except ValueError:
-            method = None
-        rows.append((f"budget {budget_label(budget)}", method))
-    return rows
+    return budget_settings((f"keep {PAPER_KEEP} (paper)", FastV(keep=PAPER_KEEP)), lambda b: FastV(budget=b),
+                           num_layers, num_visual)  # fmt: skip
 
 
 def kept_ids(out) -> set[int] | None:
@@ -84,9 +59,7 @@ def kv_cache_caption(model, inputs, method: FastV, max_new_tokens: int) -> tuple
                                   return_dict_in_generate=True)  # fmt: skip
     out = model.generate(**inputs, generation_config=config)
     tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    ends = end_ids(model.generation_config.eos_token_id)
-    stop = next((i for i, token in enumerate(tokens) if token in ends), None)
-    return (tokens if stop is None else tokens[: stop + 1]), kept_ids(out)
+    return until_end(tokens, model.generation_config.eos_token_id), kept_ids(out)
 
 
 def re_pruning_caption(model, inputs, method: FastV, max_new_tokens: int) -> tuple[list[int], list[set[int]]]:
@@ -115,7 +88,6 @@ def measure(model, processor, scenes, method: FastV, max_new_tokens: int, vanill
     same = differing = total = 0
     first_steps, moved_shares = [], []
     vanilla_same, vanilla_differing = {"kv_cache": 0, "re_pruning": 0}, {"kv_cache": 0, "re_pruning": 0}
-    ends = end_ids(model.generation_config.eos_token_id)
     for index, scene in enumerate(tqdm(scenes, desc=method.describe(), leave=False)):
         inputs = processor(images=render_scene(scene), text=chat_prompt(processor, CAPTION_PROMPT), return_tensors="pt")
         cached, prompt_kept = kv_cache_caption(model, inputs, method, max_new_tokens)
@@ -132,9 +104,8 @@ def measure(model, processor, scenes, method: FastV, max_new_tokens: int, vanill
             moved_shares += [len(step - kept[0]) / stage.keep for step in kept[1:]]
         if index not in vanilla:
             plain = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            plain = plain[0, inputs["input_ids"].shape[1]:].tolist()
-            stop = next((i for i, token in enumerate(plain) if token in ends), None)
-            vanilla[index] = plain if stop is None else plain[: stop + 1]
+            vanilla[index] = until_end(plain[0, inputs["input_ids"].shape[1]:].tolist(),
+                                       model.generation_config.eos_token_id)
         for variant, tokens in (("kv_cache", cached), ("re_pruning", repruned)):
             count, _ = token_differences(tokens, vanilla[index])
             vanilla_same[variant] += count == 0
@@ -173,43 +144,8 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python experiments/fastv_variants.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--num-scenes", type=int, default=20, help="caption scenes of the world (default 20)")
-    parser.add_argument("--seed", type=int, default=TEST_SEED, help=f"the world (default {TEST_SEED}, the test world)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap (default 64)")
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
-    parser.add_argument("--output-dir", default=None, help="also write fastv_variants.md / .json there")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    folder = model_folder(args.model)
-    model = RCPPLlavaForConditionalGeneration.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    scenes = caption_scenes(args.seed, args.num_scenes)
-    num_layers, num_visual = model.config.text_config.num_hidden_layers, model.config.image_seq_length
-    vanilla: dict[int, list[int]] = {}
-    results = []
-    with torch.inference_mode():
-        for label, method in tqdm(settings(num_layers, num_visual), desc="settings"):
-            if method is None:
-                results.append({"setting": label, "skipped": f"unreachable on {num_layers} layers"})
-                continue
-            results.append({"setting": label, **measure(model, processor, scenes, method, args.max_new_tokens,
-                                                        vanilla)})  # fmt: skip
-    text = table(results)
-    print(f"{folder}: {num_layers} decoder layers, {num_visual} visual tokens; world {args.seed}, "
-          f"{len(scenes)} caption scenes, greedy, max {args.max_new_tokens} new tokens\n")
-    print(text)
-    if args.output_dir:
-        output = Path(args.output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "fastv_variants.md").write_text(text)
-        (output / "fastv_variants.json").write_text(json.dumps(results, indent=1) + "\n")
-    return 0
+    return run_study(NAME, study_parser(NAME, __doc__).parse_args(argv), settings, measure, table)
 
 
 if __name__ == "__main__":

@@ -20,53 +20,28 @@ Prints a markdown table; with --output-dir also writes pdrop_positions.md and pd
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from dataclasses import replace
-from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
-from transformers import AutoProcessor
 
-from rcpp_hf.cli.options import model_folder
+from rcpp_hf.cli.caption_study import budget_settings, run_study, study_parser, token_differences, until_end
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.methods import PDrop
-from rcpp_hf.methods.budget import budget_label
-from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
-from rcpp_hf.shapesworld.caption_sets import caption_scenes
-from rcpp_hf.shapesworld.compare import BUDGETS
 from rcpp_hf.shapesworld.conversations import CAPTION_PROMPT, chat_prompt
 from rcpp_hf.shapesworld.render import render_scene
-from rcpp_hf.shapesworld.world import TEST_SEED
 
-
-def token_differences(a: list[int], b: list[int]) -> tuple[int, int | None]:
-    """(tokens that differ position by position, a missing one counting, first step at which they part or None)."""
-    differ = [i for i in range(max(len(a), len(b))) if i >= len(a) or i >= len(b) or a[i] != b[i]]
-    return len(differ), (differ[0] if differ else None)
+NAME = "pdrop_positions"
 
 
 def settings(num_layers: int, num_visual: int) -> list[tuple[str, PDrop | None]]:
     """The PDrop settings that fit the model: (label, method), or (label, None) for one it cannot reach."""
-    rows: list[tuple[str, PDrop | None]] = [("ratios 0.5/0.25/0.125", PDrop())]
-    for budget in BUDGETS:
-        method = PDrop(budget=budget)
-        try:
-            method.check_fits(num_layers, num_visual)
-        except ValueError:
-            method = None
-        rows.append((f"budget {budget_label(budget)}", method))
-    return rows
+    return budget_settings(("ratios 0.5/0.25/0.125", PDrop()), lambda b: PDrop(budget=b), num_layers, num_visual)
 
 
 def generated(out, prompt_len: int, eos) -> list[int]:
-    """The generated tokens of row 0, up to and including its first end-of-sequence token (`eos`: an id or ids)."""
-    tokens = out.sequences[0, prompt_len:].tolist()
-    ends = {eos} if isinstance(eos, int) else set(eos or ())
-    stop = next((i for i, token in enumerate(tokens) if token in ends), None)
-    return tokens if stop is None else tokens[: stop + 1]
+    """The generated tokens of row 0, up to and including its first end-of-sequence token."""
+    return until_end(out.sequences[0, prompt_len:].tolist(), eos)
 
 
 def measure(model, processor, scenes, method: PDrop, max_new_tokens: int, vanilla: dict) -> dict:
@@ -145,43 +120,8 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python experiments/pdrop_positions.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--num-scenes", type=int, default=20, help="caption scenes of the world (default 20)")
-    parser.add_argument("--seed", type=int, default=TEST_SEED, help=f"the world (default {TEST_SEED}, the test world)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap (default 64)")
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded ShapesWorld model)")
-    parser.add_argument("--output-dir", default=None, help="also write pdrop_positions.md / .json there")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    folder = model_folder(args.model)
-    model = RCPPLlavaForConditionalGeneration.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    scenes = caption_scenes(args.seed, args.num_scenes)
-    num_layers, num_visual = model.config.text_config.num_hidden_layers, model.config.image_seq_length
-    vanilla: dict[int, list[int]] = {}
-    results = []
-    with torch.inference_mode():
-        for label, method in tqdm(settings(num_layers, num_visual), desc="settings"):
-            if method is None:
-                results.append({"setting": label, "skipped": f"unreachable on {num_layers} layers"})
-                continue
-            results.append({"setting": label, **measure(model, processor, scenes, method, args.max_new_tokens,
-                                                        vanilla)})  # fmt: skip
-    text = table(results)
-    print(f"{folder}: {num_layers} decoder layers, {num_visual} visual tokens; world {args.seed}, "
-          f"{len(scenes)} caption scenes, greedy, max {args.max_new_tokens} new tokens\n")
-    print(text)
-    if args.output_dir:
-        output = Path(args.output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "pdrop_positions.md").write_text(text)
-        (output / "pdrop_positions.json").write_text(json.dumps(results, indent=1) + "\n")
-    return 0
+    return run_study(NAME, study_parser(NAME, __doc__).parse_args(argv), settings, measure, table)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoProcessor
 
 from experiments import fastv_variants, pdrop_positions
+from rcpp_hf.cli.caption_study import token_differences, until_end
 from rcpp_hf.methods import FastV
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 from rcpp_hf.shapesworld.caption_sets import caption_scenes
@@ -15,11 +16,11 @@ from rcpp_hf.shapesworld.render import render_scene
 from tests.test_shapesworld_evaluate import small_model  # noqa: F401 (fixture)
 
 
-def test_token_differences():
-    for differences in (pdrop_positions.token_differences, fastv_variants.token_differences):
-        assert differences([1, 2, 3], [1, 2, 3]) == (0, None)
-        assert differences([1, 2, 3], [1, 5, 3]) == (1, 1)
-        assert differences([1, 2], [1, 2, 3, 4]) == (2, 2)
+def test_token_differences_and_captions_cut_at_their_end():
+    assert token_differences([1, 2, 3], [1, 2, 3]) == (0, None)
+    assert token_differences([1, 2, 3], [1, 5, 3]) == (1, 1)
+    assert token_differences([1, 2], [1, 2, 3, 4]) == (2, 2)
+    assert until_end([5, 2, 7, 2], 2) == [5, 2] and until_end([5, 7], [2, 3]) == [5, 7] and until_end([5], None) == [5]
 
 
 def test_re_pruning_reference_is_the_cache_variant_when_nothing_is_pruned_and_shares_its_prompt_forward(
