@@ -1,6 +1,7 @@
 """rcpp_hf: RCPP + DRCD decoding for LLaVA-style models, native to HuggingFace transformers."""
 
 from rcpp_hf.engine.cache import VisualKVCache
+from rcpp_hf.auto import from_pretrained
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 from rcpp_hf.rcpp.trace import RCPPGenerateOutput, RCPPStep, RCPPTrace
@@ -14,4 +15,5 @@ __all__ = [
     "RCPPStep",
     "RCPPTrace",
     "VisualKVCache",
+    "from_pretrained",
 ]

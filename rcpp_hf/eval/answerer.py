@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
+from rcpp_hf.auto import from_pretrained
 from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
 
 LLAVA_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -27,15 +27,15 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "b
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu"):
-    """Load a llava-hf style checkpoint (model + processor) for generation; returns (model, processor).
+    """Load a checkpoint (model + processor) for generation; returns (model, processor).
 
-    The model is an `RCPPLlavaForConditionalGeneration`: with a config whose `rcpp` is False it decodes
-    exactly as `LlavaForConditionalGeneration`. `dtype` is "auto" (the checkpoint's), "float32",
+    The model is its family's rcpp_hf class (`rcpp_hf.from_pretrained`): with a config whose `rcpp` is False it
+    decodes exactly as the stock transformers class. `dtype` is "auto" (the checkpoint's), "float32",
     "float16" or "bfloat16".
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    model = RCPPLlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+    model = from_pretrained(path, dtype=DTYPES[dtype])
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"  # decoder-only batches: prompts end where generation starts
