@@ -26,17 +26,21 @@ IMAGE_ASPECTS = ("pad", "crop")
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu"):
+def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu", device_map=None):
     """Load a checkpoint (model + processor) for generation; returns (model, processor).
 
     The model is its family's rcpp_hf class (`rcpp_hf.from_pretrained`): with a config whose `rcpp` is False it
     decodes exactly as the stock transformers class. `dtype` is "auto" (the checkpoint's), "float32",
-    "float16" or "bfloat16".
+    "float16" or "bfloat16". A `device_map` (e.g. "auto", to spread a large model over several GPUs) places the
+    weights instead of `device`.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    model = from_pretrained(path, dtype=DTYPES[dtype])
-    model = model.to(device).eval()
+    if device_map is None:
+        model = from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+    else:
+        model = from_pretrained(path, dtype=DTYPES[dtype], device_map=device_map)
+    model = model.eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"  # decoder-only batches: prompts end where generation starts
     return model, processor

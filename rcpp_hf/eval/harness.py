@@ -190,7 +190,7 @@ def run_quality_eval(
     }
     if method is not None:  # only then, so that runs recorded before methods existed stay resumable
         identity["method"] = method.to_dict()
-    state, device = _process_state(options.device)
+    state, device = process_state(options.device)
     run_dir = RunDirectory(options.output_dir)
     run_dir.check_identity(identity)
     done = run_dir.done_ids()
@@ -269,8 +269,9 @@ def _recorded_generation_config(config) -> dict:
     return recorded
 
 
-def _process_state(device: str | None):
-    """accelerate's process state and this process's device; CPU processes join through gloo."""
+def process_state(device: str | None, cpu_fix: str = "Pass --device cpu for a CPU run."):
+    """accelerate's process state and this process's device; CPU processes join through gloo. A launch whose
+    processes did not join is refused, `cpu_fix` saying how CPU processes join."""
     from accelerate import PartialState
 
     use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
@@ -279,6 +280,6 @@ def _process_state(device: str | None):
     if state.num_processes != launched:
         raise RuntimeError(
             f"launched as {launched} processes but accelerate joined {state.num_processes}; "
-            "every process would answer every question. Pass --device cpu for a CPU run."
+            f"every process would answer every question. {cpu_fix}"
         )
     return state, torch.device(device) if device is not None else state.device

@@ -50,9 +50,11 @@ def llava_prompt(text: str) -> str:
     return f"{IMAGE_PREFIX}{text} ASSISTANT:"
 
 
-def chat_prompt(processor, text: str) -> str:
-    """The single-turn prompt for `text` about one image, rendered by the processor's chat template."""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+def chat_prompt(processor, text: str, num_images: int = 1) -> str:
+    """The single-turn prompt for `text` about `num_images` images (placed before it), rendered by the processor's
+    chat template."""
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+    conversation = [{"role": "user", "content": content}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 

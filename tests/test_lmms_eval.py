@@ -1,0 +1,241 @@
+"""rcpp_hf as an lmms-eval model: ShapesWorld tasks in the formats of lmms-eval's pope, mme, gqa, scienceqa_img and
+textvqa tasks (scored by their own functions), run through `simple_evaluate` and the `lmms-eval` command line, on
+the embedded model; answers equal `generate` called directly on the same chat-template prompts."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e \".[lmms]\", or the lean install "
+                    "of the README)")  # fmt: skip
+
+from lmms_eval.evaluator import simple_evaluate  # noqa: E402
+from lmms_eval.tasks import TaskManager  # noqa: E402
+
+from rcpp_hf import RCPPGenerationConfig  # noqa: E402
+from rcpp_hf.default_model import default_model_path  # noqa: E402
+from rcpp_hf.engine.pruning import visual_tokens_per_layer  # noqa: E402
+from rcpp_hf.lmms_eval.model import ModelArgsError, RCPPLmms  # noqa: E402
+from rcpp_hf.lmms_eval.shapesworld_tasks import write_tasks  # noqa: E402
+from rcpp_hf.methods import load_method  # noqa: E402
+
+GENERATED = ["shapesworld_pope", "shapesworld_mme", "shapesworld_gqa", "shapesworld_scienceqa_img",
+             "shapesworld_textvqa"]  # fmt: skip
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    folder = write_tasks(tmp_path_factory.mktemp("lmms-tasks"), num_images=2)
+    return folder, TaskManager(include_path=str(folder), include_defaults=False)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """One instance for every evaluation of the module: `clean()` keeps its model between them."""
+    return RCPPLmms(batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def stock():
+    """The stock transformers class and the processor of the embedded checkpoint, for the direct `generate` calls."""
+    path = default_model_path()
+    return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def evaluate(lm, tasks, names, **kwargs):
+    return simple_evaluate(model=lm, tasks=names, task_manager=tasks[1], log_samples=True, verbosity="ERROR", **kwargs)
+
+
+def image_of(lm, task, sample):
+    """A logged sample's image (lmms-eval logs its document without the image): from the model's view of the data."""
+    return lm.task_dict[task]["test"][sample["doc_id"]]["image"].convert("RGB")
+
+
+def direct_answer(model, processor, sample, image, generation_config=None) -> str:
+    """`generate` on the sample's prompt in the checkpoint's chat template, its image first, batch 1, greedy (the
+    stock class with its own generation config, or rcpp_hf's with `generation_config`)."""
+    context, gen_kwargs = sample["arguments"][:2]  # lmms-eval logs a request's arguments without doc_to_visual
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": context}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.inference_mode():
+        if generation_config is None:
+            sequences = model.generate(**inputs, max_new_tokens=gen_kwargs["max_new_tokens"], do_sample=False)
+        else:
+            generation_config.max_new_tokens = gen_kwargs["max_new_tokens"]
+            sequences = model.generate(**inputs, generation_config=generation_config)
+    return processor.decode(sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def answers(results) -> dict:
+    return {task: [sample["resps"][0][0] for sample in samples] for task, samples in results["samples"].items()}
+
+
+def test_five_task_formats_answer_what_generate_answers(lm, tasks, stock):
+    results = evaluate(lm, tasks, GENERATED)
+    model, processor = stock
+    for task in GENERATED:
+        samples = results["samples"][task]
+        assert len(samples) >= 2
+        direct = [direct_answer(model, processor, sample, image_of(lm, task, sample)) for sample in samples]
+        assert [sample["resps"][0][0] for sample in samples] == direct
+    # The tasks' own metric functions scored them: POPE's accuracy is the share of answers equal to the label.
+    pope = results["samples"]["shapesworld_pope"]
+    correct = [s["resps"][0][0].lower() == s["doc"]["answer"] for s in pope]
+    assert results["results"]["shapesworld_pope"]["pope_accuracy,none"] == pytest.approx(sum(correct) / len(pope))
+    assert sum(correct) > len(pope) / 2  # the trained model answers its own kind of question
+    assert 0 <= results["results"]["shapesworld_mme"]["mme_perception_score,none"] <= 4 * 200
+
+
+def test_a_methods_answers_and_statistics(tasks, stock, tmp_path):
+    fastv = RCPPLmms(method="fastv", budget=0.33, batch_size=2, statistics=str(tmp_path / "statistics.json"))
+    results = evaluate(fastv, tasks, ["shapesworld_pope"])
+    model, processor = stock
+    rcpp_model = fastv.model  # the same weights as `stock`, as rcpp_hf's class: the method runs in its generate
+    direct = [direct_answer(rcpp_model, processor, sample, image_of(fastv, "shapesworld_pope", sample),
+                            RCPPGenerationConfig(rcpp=False, methods=[load_method("fastv", budget=0.33)]))
+              for sample in results["samples"]["shapesworld_pope"]]  # fmt: skip
+    assert answers(results)["shapesworld_pope"] == direct
+
+    stats = fastv.statistics["shapesworld_pope"]
+    num_layers = model.config.text_config.num_hidden_layers
+    # FastV's budget is the mean over layers: 100 visual tokens before its layer, R after, R rounded to reach 33.
+    per_layer = stats["visual_tokens_per_layer"]
+    assert per_layer[0] == 100 and len(set(per_layer[1:])) == 1 and per_layer[-1] < 100
+    assert per_layer == visual_tokens_per_layer({1: per_layer[-1]}, num_layers, 100)
+    assert stats["visual_tokens"] == pytest.approx(sum(per_layer) / num_layers)
+    assert abs(stats["visual_tokens"] - 33) < 1 and stats["visual_tokens_input"] == 100
+    assert stats["prefill_ms"] > 0 and stats["kv_bytes"] > stats["visual_kv_bytes"] > 0
+    assert stats["requests"] == len(results["samples"]["shapesworld_pope"])
+    # ... in lmms-eval's results and in the statistics file
+    assert results["throughput"]["avg_shapesworld_pope/visual_tokens"] == pytest.approx(stats["visual_tokens"])
+    written = json.loads((tmp_path / "statistics.json").read_text())
+    assert written["tasks"]["shapesworld_pope"]["visual_tokens_per_layer"] == per_layer
+
+
+def test_no_method_computes_every_visual_token(lm, tasks):
+    evaluate(lm, tasks, ["shapesworld_textvqa"])
+    stats = lm.statistics["shapesworld_textvqa"]
+    assert stats["visual_tokens"] == 100 and stats["visual_kv_bytes"] is None  # a plain DynamicCache
+
+
+def test_clean_keeps_the_model_for_a_second_evaluation(lm, tasks):
+    first = evaluate(lm, tasks, ["shapesworld_gqa"])
+    second = evaluate(lm, tasks, ["shapesworld_gqa"])
+    assert answers(first) == answers(second)
+    assert first["results"]["shapesworld_gqa"] == second["results"]["shapesworld_gqa"]
+
+
+def test_multiple_choice_by_loglikelihood(lm, tasks, stock):
+    results = evaluate(lm, tasks, ["shapesworld_choice"])
+    model, processor = stock
+    for sample in results["samples"]["shapesworld_choice"]:
+        losses = [response[0][0] for response in sample["resps"]]
+        arguments = sample["arguments"]  # each choice's request, flattened: context, continuation, doc id, task, split
+        for context, continuation, loss in zip(arguments[::5], arguments[1::5], losses):
+            conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": context}]}]
+            prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+            inputs = processor(images=image_of(lm, "shapesworld_choice", sample), text=prompt + continuation,
+                               return_tensors="pt")  # fmt: skip
+            target = inputs["input_ids"][0, -1]  # each shape's name is one token
+            with torch.inference_mode():
+                logits = model(**inputs).logits[0, -2]
+            assert loss == pytest.approx(-logits.log_softmax(-1)[target].item(), abs=1e-4)
+        assert sample["acc"] == float(min(range(len(losses)), key=losses.__getitem__) == sample["doc"]["answer"])
+
+    # With a method, the first new token's logits of its generate: FastV keeping every token changes nothing.
+    neutral = RCPPLmms(method="fastv", keep=100, batch_size=3)
+    neutral_results = evaluate(neutral, tasks, ["shapesworld_choice"])
+    for ours, theirs in zip(neutral_results["samples"]["shapesworld_choice"], results["samples"]["shapesworld_choice"]):
+        assert [r[0][0] for r in ours["resps"]] == pytest.approx([r[0][0] for r in theirs["resps"]], abs=1e-4)
+
+
+@pytest.mark.parametrize("model_args, named", [
+    (dict(pretrained="/no/such/folder"), "pretrained=/no/such/folder"),
+    (dict(method="nosuch"), "method=nosuch"),
+    (dict(method="fastv", budget=1.5), "method=fastv"),
+    (dict(method="fastv", bogus=1), "method=fastv"),
+    (dict(budget=64), "budget=64"),
+    (dict(config="nosuch_preset"), "config=nosuch_preset"),
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(batch_size="auto"), "batch_size=auto"),
+    (dict(dtype="float8"), "dtype=float8"),
+    (dict(image_aspect="stretch"), "image_aspect=stretch"),
+    (dict(device="tpu"), "device=tpu"),
+])  # fmt: skip
+def test_bad_model_args_refuse_in_one_line(model_args, named):
+    with pytest.raises(ModelArgsError) as error:
+        RCPPLmms(**model_args)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"rcpp_hf model_args {named}")
+
+
+def test_multi_round_requests_are_refused(lm):
+    with pytest.raises(NotImplementedError, match="single-turn"):
+        lm.generate_until_multi_round([])
+
+
+def lmms_eval_command(tasks, output, model_args, *options):
+    folder, _ = tasks
+    return ["-m", "lmms_eval", "--model", "rcpp_hf", "--model_args", model_args, "--include_path", str(folder),
+            "--tasks", "shapesworld_pope", "--output_path", str(output), "--log_samples", "--verbosity", "WARNING",
+            *options]  # fmt: skip
+
+
+def read_run(output) -> tuple[dict, list[str]]:
+    """(results, answers in document order) of a command-line run's output folder."""
+    results = json.loads(next(output.rglob("*_results.json")).read_text())
+    lines = next(output.rglob("*samples_shapesworld_pope.jsonl")).read_text().splitlines()
+    samples = sorted((json.loads(line) for line in lines), key=lambda sample: sample["doc_id"])
+    return results, [sample["filtered_resps"] for sample in samples]  # the file keeps the answer as filtered
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_command_line_and_two_processes_answer_what_simple_evaluate_answers(lm, tasks, tmp_path):
+    """`lmms-eval --model rcpp_hf` finds the model by its entry point; `accelerate launch` with two CPU processes
+    (gloo) shards the documents and gives the answers of one process."""
+    reference = evaluate(lm, tasks, ["shapesworld_pope"])
+    env = {**os.environ, **OFFLINE}
+    one = subprocess.run([sys.executable, *lmms_eval_command(tasks, tmp_path / "one", "batch_size=3")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    results, one_answers = read_run(tmp_path / "one")
+    assert one_answers == answers(reference)["shapesworld_pope"]
+    assert results["results"]["shapesworld_pope"] == reference["results"]["shapesworld_pope"]
+    assert results["throughput"]["avg_shapesworld_pope/visual_tokens"] == 100
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]  # fmt: skip
+    statistics = tmp_path / "two" / "statistics.json"
+    # lmms-eval's Accelerator joins CPU processes (gloo) when the environment says CPU
+    command = lmms_eval_command(tasks, tmp_path / "two", f"batch_size=3,statistics={statistics}")
+    two = subprocess.run([*launch, *command],
+                         capture_output=True, text=True, timeout=300, env={**env, "ACCELERATE_USE_CPU": "1"},
+                         cwd=tmp_path)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    results, two_answers = read_run(tmp_path / "two")
+    assert two_answers == one_answers
+    assert results["results"]["shapesworld_pope"] == reference["results"]["shapesworld_pope"]
+    # The statistics are every process's: one request per document.
+    assert json.loads(statistics.read_text())["tasks"]["shapesworld_pope"]["requests"] == len(two_answers)
+
+
+def test_command_line_names_a_bad_model_arg(tasks, tmp_path):
+    run = subprocess.run([sys.executable, *lmms_eval_command(tasks, tmp_path, "method=fastv,budgt=64")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, **OFFLINE}, cwd=tmp_path)
+    output = run.stdout + run.stderr
+    assert ("rcpp_hf model_args method=fastv: method 'fastv' has no setting(s) ['budgt'] (did you mean 'budget'?)"
+            in output)
