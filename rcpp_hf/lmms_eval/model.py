@@ -220,12 +220,10 @@ class RCPPLmms(lmms):
                 "visual_tokens_input": num_visual,
                 "prefill_ms": 1e3 * timer.prefill_seconds / rows,
                 "kv_bytes": cache_nbytes(cache) / rows,
-                "visual_kv_bytes": (cache.visual_nbytes() if isinstance(cache, VisualKVCache) else None),
+                "visual_kv_bytes": cache.visual_nbytes() / rows if isinstance(cache, VisualKVCache) else None,
                 "new_tokens": length,
                 "seconds": (timer.stamps[-1] - timer.stamps[0]) / rows,
             })  # fmt: skip
-            if records[-1]["visual_kv_bytes"] is not None:
-                records[-1]["visual_kv_bytes"] /= rows
         return texts, records
 
     def _config_for(self, gen_kwargs: dict):
