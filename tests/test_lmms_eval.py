@@ -10,13 +10,11 @@ import sys
 
 import pytest
 import torch
+from PIL import ImageFile
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e \".[lmms]\", or the lean install "
                     "of the README)")  # fmt: skip
-
-from lmms_eval.evaluator import simple_evaluate  # noqa: E402
-from lmms_eval.tasks import TaskManager  # noqa: E402
 
 from rcpp_hf import RCPPGenerationConfig  # noqa: E402
 from rcpp_hf.default_model import default_model_path  # noqa: E402
@@ -30,8 +28,22 @@ GENERATED = ["shapesworld_pope", "shapesworld_mme", "shapesworld_gqa", "shapeswo
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_and_pil_restored():
+    """The embedded model is small: one thread answers faster than two on a shared 2-core machine. lmms-eval's task
+    module sets PIL's global LOAD_TRUNCATED_IMAGES on import (which is why it is imported here, not at collection):
+    restored afterwards, so that the other tests still see damaged images refused."""
+    threads, truncated = torch.get_num_threads(), ImageFile.LOAD_TRUNCATED_IMAGES
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    ImageFile.LOAD_TRUNCATED_IMAGES = truncated
+
+
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
+    from lmms_eval.tasks import TaskManager
+
     folder = write_tasks(tmp_path_factory.mktemp("lmms-tasks"), num_images=2)
     return folder, TaskManager(include_path=str(folder), include_defaults=False)
 
@@ -50,6 +62,8 @@ def stock():
 
 
 def evaluate(lm, tasks, names, **kwargs):
+    from lmms_eval.evaluator import simple_evaluate
+
     return simple_evaluate(model=lm, tasks=names, task_manager=tasks[1], log_samples=True, verbosity="ERROR", **kwargs)
 
 

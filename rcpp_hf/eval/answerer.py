@@ -77,6 +77,21 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     return square
 
 
+def pad_colour(processor) -> tuple[int, int, int]:
+    """The processor's mean colour, LLaVA-1.5's padding of an image to a square."""
+    return tuple(int(channel * 255) for channel in processor.image_processor.image_mean)
+
+
+def eos_ids(generation_config) -> set[int]:
+    eos = generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+def answer_length(tokens: list[int], eos: set[int]) -> int:
+    """Generated tokens up to and including the first end-of-sequence token (after it: padding of a finished row)."""
+    return next((i + 1 for i, token in enumerate(tokens) if token in eos), len(tokens))
+
+
 @dataclass(frozen=True)
 class Answer:
     text: str  # decoded, special tokens skipped, stripped
@@ -94,10 +109,8 @@ class Answerer:
         self.generation_config = generation_config
         self.system_prompt = system_prompt
         self.image_aspect = image_aspect
-        mean = processor.image_processor.image_mean
-        self._pad_colour = tuple(int(channel * 255) for channel in mean)
-        eos = generation_config.eos_token_id
-        self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._pad_colour = pad_colour(processor)
+        self._eos_ids = eos_ids(generation_config)
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image], user_messages: list[str]) -> list[Answer]:
@@ -111,7 +124,7 @@ class Answerer:
         generated = sequences[:, inputs["input_ids"].shape[1] :].tolist()
         answers = []
         for tokens in generated:
-            length = next((i + 1 for i, token in enumerate(tokens) if token in self._eos_ids), len(tokens))
+            length = answer_length(tokens, self._eos_ids)
             text = self.processor.tokenizer.decode(tokens[:length], skip_special_tokens=True).strip()
             answers.append(Answer(text, length))
         return answers

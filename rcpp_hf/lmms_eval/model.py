@@ -48,7 +48,16 @@ from rcpp_hf.cli.errors import UsageError
 from rcpp_hf.cli.options import check_device, model_folder
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
 from rcpp_hf.engine.pruning import visual_tokens_per_layer
-from rcpp_hf.eval.answerer import DTYPES, IMAGE_ASPECTS, expand_to_square, load_model, with_checkpoint_token_ids
+from rcpp_hf.eval.answerer import (
+    DTYPES,
+    IMAGE_ASPECTS,
+    answer_length,
+    eos_ids,
+    expand_to_square,
+    load_model,
+    pad_colour,
+    with_checkpoint_token_ids,
+)
 from rcpp_hf.eval.harness import process_state
 from rcpp_hf.methods import load_method
 from rcpp_hf.modeling import methods_active
@@ -126,10 +135,8 @@ class RCPPLmms(lmms):
         self._rank, self._world_size = state.process_index, state.num_processes
         self.model, self.processor = load_model(path, dtype, device, device_map)
         self.pretrained = path
-        mean = self.processor.image_processor.image_mean
-        self._pad_colour = tuple(int(channel * 255) for channel in mean)
-        eos = self.generation_config.eos_token_id
-        self._eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._pad_colour = pad_colour(self.processor)
+        self._eos_ids = eos_ids(self.generation_config)
         self._ignored_kwargs: set[str] = set()
         self.statistics: dict[str, dict] = {}  # task -> the averages of its last evaluation (see `summarize`)
 
@@ -205,7 +212,7 @@ class RCPPLmms(lmms):
         num_layers = self.model.config.get_text_config().num_hidden_layers
         cache = out.past_key_values
         for row, (args, tokens) in enumerate(zip(batch, new_tokens)):
-            length = next((i + 1 for i, token in enumerate(tokens) if token in self._eos_ids), len(tokens))
+            length = answer_length(tokens, self._eos_ids)
             text = self.processor.tokenizer.decode(tokens[:length], skip_special_tokens=True)
             for stop in until:
                 text = text.split(stop, 1)[0]
