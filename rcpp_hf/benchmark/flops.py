@@ -1,18 +1,27 @@
-"""Theoretical prefill FLOPs of a LLaVA model with prefill-pruning stages, the figure the measured prefill ratio of a
-pruner is compared with.
+"""Prefill FLOPs of a LLaVA model with prefill-pruning stages, the figure the measured prefill ratio of a pruner is
+compared with: the model's FLOPs with the tokens the stages keep, plus what the pruner spends choosing them.
 
-Counted: every Linear / Conv weight of the vision tower and projector once per token it sees (2 FLOPs per
-multiply-add), each decoder layer's Linear weights per token it computes plus causal attention (2 n^2 (H d): half of
-QK^T and of AV), and the language-model head for the last token. Left out: norms, activations, RoPE, embeddings
-(all linear in tokens and small). The vision tower's cost does not shrink with pruning, so the ratio is the fraction
-of the whole prefill that a pruner leaves, not the decoder's alone.
+The model (`prefill_flops`, theoretical): every Linear / Conv weight of the vision tower and projector once per token
+it sees (2 FLOPs per multiply-add), each decoder layer's Linear weights per token it computes plus causal attention
+(2 n^2 (H d): half of QK^T and of AV), and the language-model head for the last token. Left out: norms, activations,
+RoPE, embeddings (all linear in tokens and small). The vision tower's cost does not shrink with pruning, so the ratio
+is the fraction of the whole prefill that a pruner leaves, not the decoder's alone.
+
+The choosing (`counting_stage_flops`, counted): a pruner's stages compute what its scores need (attention rows of a
+query, a layer's keys recomputed for all entries, similarities between tokens, merged tokens projected again), work
+no implementation of the method can skip and that the model's count leaves out. It is counted, not derived, by
+torch's FLOP counter (matrix products, attention, convolutions) around each stage of one prefill.
 """
 
 from __future__ import annotations
 
-import torch
+from contextlib import contextmanager
+from unittest import mock
 
-from rcpp_hf.engine.pruning import PruneStage, visual_tokens_per_layer
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rcpp_hf.engine.pruning import PrefillPruningTap, PruneStage, visual_tokens_per_layer
 
 
 def weight_macs(module: torch.nn.Module) -> int:
@@ -40,3 +49,21 @@ def prefill_flops(model, stages: list[PruneStage], num_visual: int, num_text: in
 def prefill_flops_ratio(model, stages: list[PruneStage], num_visual: int, num_text: int) -> float:
     """Prefill FLOPs with `stages` over the unpruned prefill."""
     return prefill_flops(model, stages, num_visual, num_text) / prefill_flops(model, [], num_visual, num_text)
+
+
+@contextmanager
+def counting_stage_flops():
+    """While active, the yielded list's one entry sums the FLOPs that prefill-pruning stages spend (their `score`,
+    `select` and `recycle` and the gather of the kept entries, inside `PrefillPruningTap.before_layer`), counted by
+    `FlopCounterMode` over the whole batch. Only for an untimed run: the counter slows every operation it sees."""
+    total = [0]
+    before_layer = PrefillPruningTap.before_layer
+
+    def counted(tap, layer_idx, hidden, layout):
+        with FlopCounterMode(display=False) as counter:
+            changed = before_layer(tap, layer_idx, hidden, layout)
+        total[0] += counter.get_total_flops()
+        return changed
+
+    with mock.patch.object(PrefillPruningTap, "before_layer", counted):
+        yield total
