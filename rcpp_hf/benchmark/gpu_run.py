@@ -4,9 +4,9 @@ prefill and per-token decode times and `torch.cuda.max_memory_allocated`; writes
 
     python -m rcpp_hf.benchmark.gpu_run --output-dir gpu-bench
 
-Sized for at most 8 minutes on one large GPU (an H200; estimated, not yet run on one): 64 new tokens, 2 repeats; the decoding rows (rcpp,
-rcpp-evict, vcd) do not depend on the budget and run once, with the first budget. `--shape tiny --device cpu`
-runs the same path on a CPU in seconds (the test does, so that the command cannot rot).
+Sized for at most 8 minutes on one large GPU (an H200; an estimate: it has not run on one yet): 64 new tokens, 2
+repeats; the decoding rows (rcpp, rcpp-evict, vcd) do not depend on the budget and run once, with the first budget.
+`--shape tiny --device cpu` runs the same path on a CPU in seconds (the test does, so that the command cannot rot).
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def plot_gpu_benchmark(result: dict, path: Path) -> None:
         for y, name in enumerate(names):
             peak = rows[name]["peak_memory_bytes"] / 2**30
             decode_ax.text(0, y, f" {peak:.1f} GiB", va="center", fontsize=7, color="white")
-        prefill_ax.set(xlabel="prefill ms (time to the first token)", title=f"budget {budget:.4f}: {round(budget * visual)} of {visual} visual tokens")
+        prefill_ax.set(xlabel="prefill ms (time to the first token)",
+                       title=f"budget {budget:.4f}: {round(budget * visual)} of {visual} visual tokens")
         decode_ax.set(xlabel="decode ms per token (median); peak GiB in white",
                       title=f"{report['settings']['new_tokens']} new tokens")  # fmt: skip
     env = runs[0]["environment"]
