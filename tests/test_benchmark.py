@@ -142,6 +142,8 @@ def test_prefill_flops_count_each_pruners_own_work(pruner_report):
         assert metrics["prefill_flops_ratio"] == pytest.approx(
             metrics["prefill_model_flops_ratio"] + metrics["prefill_scoring_flops_ratio"])
         assert metrics["prefill_over_flops"] == pytest.approx(metrics["prefill_ratio"] / metrics["prefill_flops_ratio"])
+        # the weight reads cost every row alike, so they pull the cost ratio from the FLOPs ratio towards 1
+        assert metrics["prefill_flops_ratio"] < metrics["prefill_cost_ratio"] < 1
     assert methods["random"]["prefill_scoring_flops_ratio"] == 0  # a random choice computes nothing
     assert methods["pdrop"]["prefill_scoring_flops_ratio"] > 0  # a layer's keys recomputed for every entry
     assert methods["visionzip"]["prefill_scoring_flops_ratio"] > 0  # the vision tower's attention, merged tokens
@@ -149,6 +151,7 @@ def test_prefill_flops_count_each_pruners_own_work(pruner_report):
     assert {(name, metric) for name in ("pdrop", "random", "visionzip")
             for metric in ("prefill_over_flops", "decode_median_ratio")} <= checks  # fmt: skip
     assert "prefill FLOPs (scoring)" in format_report(pruner_report)
+    assert pruner_report["environment"]["flops_per_weight_byte"] > 0
 
 
 def test_peak_above_the_loaded_model(pruner_report):

@@ -21,7 +21,13 @@ import transformers
 from PIL import Image
 from tqdm import tqdm
 
-from rcpp_hf.benchmark.flops import counting_stage_flops, prefill_flops, prefill_flops_ratio
+from rcpp_hf.benchmark.flops import (
+    counting_stage_flops,
+    flops_per_weight_byte,
+    prefill_cost,
+    prefill_flops,
+    weight_bytes,
+)
 from rcpp_hf.benchmark.measure import PeakMemory, StepTimer, resident_bytes
 from rcpp_hf.benchmark.model_sizes import load_benchmark_model
 from rcpp_hf.config import RCPPGenerationConfig
@@ -48,7 +54,7 @@ TARGETS = [
     ("rcpp-evict", "final_visual_cache_ratio", "<=", 0.26),
     ("rcpp-evict", "decode_late_median_ratio", "<=", 1.0),
 ]
-PREFILL_FLOPS_SLACK = 1.10  # a prefill pruner's prefill ratio over its FLOPs ratio (`pruner_flops`)
+PREFILL_FLOPS_SLACK = 1.10  # a prefill pruner's prefill ratio over its FLOPs and cost ratios (`pruner_flops`)
 
 
 @dataclass
@@ -269,6 +275,7 @@ def add_ratios(results: dict) -> None:
             metrics[ratio] = metrics[metric] / vanilla[metric] if vanilla[metric] else float("nan")
         if "prefill_flops_ratio" in metrics:
             metrics["prefill_over_flops"] = metrics["prefill_ratio"] / metrics["prefill_flops_ratio"]
+            metrics["prefill_over_cost"] = metrics["prefill_ratio"] / metrics["prefill_cost_ratio"]
 
 
 def measured(results: dict) -> dict:
@@ -276,30 +283,37 @@ def measured(results: dict) -> dict:
     return {method: metrics for method, metrics in results.items() if "skipped" not in metrics}
 
 
-def pruner_flops(model, inputs, method: str, settings: BenchmarkSettings, pruner: PrefillPruner,
-                 num_visual: int) -> dict:  # fmt: skip
-    """The prefill FLOPs ratio a pruner's measured prefill ratio should meet: the model's FLOPs with the tokens its
-    stages keep, plus its stages' own (counted in one untimed prefill), over the unpruned prefill's; and the parts."""
+def pruner_flops(model, inputs, method: str, settings: BenchmarkSettings, pruner: PrefillPruner, num_visual: int,
+                 balance: float) -> dict:  # fmt: skip
+    """What a pruner's measured prefill ratio is compared with (`benchmark/flops.py`), each over the unpruned
+    prefill's: FLOPs (the model's with the tokens its stages keep, plus its stages' own, counted in one untimed
+    prefill), the two parts, and the cost (those FLOPs plus the weight reads at `balance` FLOPs per byte)."""
     num_layers = model.config.text_config.num_hidden_layers
     num_text = inputs["input_ids"].shape[1] - num_visual
     config = method_generation_config(method, settings, tau=-1.0)
     config.max_new_tokens = config.min_new_tokens = 1
     with counting_stage_flops() as counted:
         model.generate(**inputs, generation_config=config)
-    scoring = counted[0] / settings.batch_size / prefill_flops(model, [], num_visual, num_text)
-    model_ratio = prefill_flops_ratio(model, pruner.resolve_stages(num_layers, num_visual), num_visual, num_text)
+    scoring = counted[0] / settings.batch_size
+    stages = pruner.resolve_stages(num_layers, num_visual)
+    unpruned = prefill_flops(model, [], num_visual, num_text)
+    full_cost = prefill_cost(model, [], num_visual, num_text, settings.batch_size, balance)
+    model_ratio = prefill_flops(model, stages, num_visual, num_text) / unpruned
     return {
-        "prefill_flops_ratio": model_ratio + scoring,
+        "prefill_flops_ratio": model_ratio + scoring / unpruned,
         "prefill_model_flops_ratio": model_ratio,
-        "prefill_scoring_flops_ratio": scoring,
+        "prefill_scoring_flops_ratio": scoring / unpruned,
+        "prefill_cost_ratio": (prefill_cost(model, stages, num_visual, num_text, settings.batch_size, balance)
+                               + scoring) / full_cost,  # fmt: skip
     }
 
 
 def targets_for(results: dict) -> list[tuple[str, str, str, float]]:
-    """`TARGETS`, and for every prefill pruner row: prefill within `PREFILL_FLOPS_SLACK` of its FLOPs ratio, and,
-    alone (not composed with RCPP), decode no slower than vanilla."""
+    """`TARGETS`, and for every prefill pruner row: prefill within `PREFILL_FLOPS_SLACK` of its FLOPs ratio and of
+    its cost ratio (FLOPs and weight reads), and, alone (not composed with RCPP), decode no slower than vanilla."""
     pruners = [method for method, metrics in measured(results).items() if "prefill_flops_ratio" in metrics]
-    return (TARGETS + [(method, "prefill_over_flops", "<=", PREFILL_FLOPS_SLACK) for method in pruners]
+    return (TARGETS + [(method, over, "<=", PREFILL_FLOPS_SLACK) for over in ("prefill_over_flops", "prefill_over_cost")
+                       for method in pruners]  # fmt: skip
             + [(method, "decode_median_ratio", "<=", 1.0) for method in pruners if not method.endswith(WITH_RCPP)])
 
 
@@ -334,6 +348,8 @@ def run_speed_benchmark(settings: BenchmarkSettings) -> dict:
     skipped = {m: reason for m in settings.methods if (reason := skip_reason(m, settings, num_layers, num_visual))}
     runs = [method for method in settings.methods if method not in skipped]
     tau = calibrate_tau(model, inputs, settings)
+    balance = flops_per_weight_byte([module.weight for module in model.model.language_model.layers.modules()
+                                     if isinstance(module, torch.nn.Linear)])  # fmt: skip
 
     profiles = {m: cache_profile(model, inputs, m, settings, tau, prompt_length, num_visual) for m in runs}
     timers = {method: [] for method in runs}
@@ -359,7 +375,7 @@ def run_speed_benchmark(settings: BenchmarkSettings) -> dict:
         if registered is not None:
             results[method]["method"] = registered.to_dict()
         if isinstance(registered, PrefillPruner) and method not in skipped:
-            results[method].update(pruner_flops(model, inputs, method, settings, registered, num_visual))
+            results[method].update(pruner_flops(model, inputs, method, settings, registered, num_visual, balance))
     add_ratios(results)
     return {
         "settings": asdict(settings),
@@ -372,6 +388,8 @@ def run_speed_benchmark(settings: BenchmarkSettings) -> dict:
             "prompt_tokens": prompt_length,
             "visual_tokens": num_visual,
             "tau": tau,
+            "flops_per_weight_byte": balance,
+            "weight_bytes": weight_bytes(model),
         },
         "methods": results,
         "targets": check_targets(results),
@@ -394,7 +412,8 @@ TABLE_COLUMNS = [
 
 def format_report(report: dict) -> str:
     """A plain-text table (value and ratio to vanilla per cell) followed by the targets."""
-    header = ["method"] + [name for name, *_ in TABLE_COLUMNS] + ["contrast steps", "prefill FLOPs (scoring)"]
+    header = ["method"] + [name for name, *_ in TABLE_COLUMNS] + ["contrast steps", "prefill FLOPs (scoring)",
+                                                                 "prefill cost"]
     rows = [header]
     skipped = []
     for method, metrics in report["methods"].items():
@@ -408,8 +427,11 @@ def format_report(report: dict) -> str:
                 cell += f" ({metrics[ratio]:.2f}x)"
             row.append(cell)
         row.append(f"{metrics['contrast_step_fraction']:.0%}")
-        row.append(f"{metrics['prefill_flops_ratio']:.3f}x ({metrics['prefill_scoring_flops_ratio']:.3f}x)"
-                   if "prefill_flops_ratio" in metrics else "-")  # fmt: skip
+        if "prefill_flops_ratio" in metrics:
+            row += [f"{metrics['prefill_flops_ratio']:.3f}x ({metrics['prefill_scoring_flops_ratio']:.3f}x)",
+                    f"{metrics['prefill_cost_ratio']:.3f}x"]  # fmt: skip
+        else:
+            row += ["-", "-"]
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
@@ -418,7 +440,8 @@ def format_report(report: dict) -> str:
     lines.insert(0, f"shape {settings['model'] or settings['shape']}, {settings['dtype']}, {settings['device']} "
                     f"({env['device']}, {env['threads']} threads), batch {settings['batch_size']}, "
                     f"{settings['new_tokens']} new tokens, {settings['repeats']} repeats, {env['visual_tokens']} "
-                    f"visual tokens, tau {env['tau']:.4f}; ratios are to vanilla in this run")
+                    f"visual tokens, tau {env['tau']:.4f}; ratios are to vanilla in this run; "
+                    f"{env['flops_per_weight_byte']:.1f} FLOPs per weight byte read")
     lines += skipped
     lines.append("")
     for check in report["targets"]:
