@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from rcpp_hf.benchmark import gpu_run
+from rcpp_hf.benchmark import gpu_run, prefill_plot
 from rcpp_hf.benchmark.measure import StepTimer
 from rcpp_hf.benchmark.model_sizes import SHAPES, load_benchmark_model
 from rcpp_hf.benchmark.suite import (
@@ -180,3 +180,10 @@ def test_gpu_command_runs_on_a_cpu_with_the_tiny_shape(tmp_path, capsys):
     assert [run["settings"]["budget"] for run in result["runs"]] == list(gpu_run.BUDGETS)
     assert first["methods"]["vcd"]["peak_memory_bytes"] > 0
     assert (tmp_path / "gpu-bench.png").stat().st_size > 10_000
+
+
+def test_prefill_plot_from_reports(pruner_report, tmp_path):
+    report_path = tmp_path / "bench.json"
+    report_path.write_text(json.dumps(pruner_report))
+    assert prefill_plot.main([str(report_path), str(report_path), "--output", str(tmp_path / "prefill.png")]) == 0
+    assert (tmp_path / "prefill.png").stat().st_size > 10_000
