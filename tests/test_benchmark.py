@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from rcpp_hf.benchmark import gpu_run, prefill_plot
+from rcpp_hf.benchmark import gpu_run, prefill_plot, prefill_profile
 from rcpp_hf.benchmark.measure import StepTimer
 from rcpp_hf.benchmark.model_sizes import SHAPES, load_benchmark_model
 from rcpp_hf.benchmark.suite import (
@@ -187,3 +187,16 @@ def test_prefill_plot_from_reports(pruner_report, tmp_path):
     report_path.write_text(json.dumps(pruner_report))
     assert prefill_plot.main([str(report_path), str(report_path), "--output", str(tmp_path / "prefill.png")]) == 0
     assert (tmp_path / "prefill.png").stat().st_size > 10_000
+
+
+def test_prefill_profile_accounts_for_the_whole_call(capsys):
+    settings = BenchmarkSettings(shape="tiny", methods=("vanilla", "pdrop", "visionzip"), budget=12, repeats=1)
+    model, processor = load_benchmark_model("tiny", None, "cpu", torch.float32)
+    profile = prefill_profile.profile_prefill(model, processor, settings)
+    for method, stages in profile.items():
+        assert stages["rest"] > 0 and stages["decoder layers"] > 0 and stages["vision tower"] > 0, method
+        assert sum(stages[s] for s in (*prefill_profile.STAGES, "rest")) == pytest.approx(stages["prefill"])
+    assert profile["vanilla"]["pruning stages"] == 0 < profile["pdrop"]["pruning stages"]
+    assert prefill_profile.main(["--shape", "tiny", "--methods", "vanilla,fastv", "--budget", "8", "--repeats", "1",
+                                 "--rows", "4", "16"]) == 0  # fmt: skip
+    assert "GFLOP/s" in capsys.readouterr().out

@@ -35,7 +35,8 @@ def plot_prefill_against_flops(reports: list[dict], path: Path) -> None:
             ys = [rows[m]["prefill_ratio"] for m in rows]
             ax.scatter(xs, ys, marker=MARKERS[index % len(MARKERS)], label=label, alpha=0.8)
             highest = max([highest, *xs, *ys])
-    for ax, title in zip(axes, ("against the FLOPs ratio (model + scoring)", "against the cost ratio (+ weight reads)")):
+    titles = ("against the FLOPs ratio (model + scoring)", "against the cost ratio (+ weight reads)")
+    for ax, title in zip(axes, titles):
         line = [0, highest * 1.05]
         ax.plot(line, line, color="black", linewidth=1, label="measured = predicted")
         ax.plot(line, [v * PREFILL_FLOPS_SLACK for v in line], color="gray", linestyle="--", linewidth=1,
