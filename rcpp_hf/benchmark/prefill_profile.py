@@ -22,7 +22,6 @@ import torch
 from rcpp_hf.benchmark.flops import synchronize
 from rcpp_hf.benchmark.model_sizes import load_benchmark_model
 from rcpp_hf.benchmark.suite import BenchmarkSettings, benchmark_inputs, method_generation_config
-from rcpp_hf.cli.options import budget_argument
 from rcpp_hf.engine.pruning import PrefillPruningTap
 
 STAGES = ("vision tower", "decoder layers", "pruning stages", "head")
@@ -113,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="small")
     parser.add_argument("--methods", default="vanilla,fastv,pdrop,visionzip")
-    parser.add_argument("--budget", type=budget_argument, default=BenchmarkSettings.budget)
+    parser.add_argument("--budget", type=lambda text: int(text) if text.isdigit() else float(text),
+                        default=BenchmarkSettings.budget, help="a count of the image's tokens or a fraction of it "
+                        "(BenchmarkSettings checks it)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int)
