@@ -103,11 +103,14 @@ def build_tokenizer(vocab_size: int, corpus: Iterable[str] = _TOKENIZER_CORPUS) 
 
 
 def build_tiny_llava(
-    spec: TinyLlavaSpec = TinyLlavaSpec(), tokenizer: PreTrainedTokenizerFast | None = None
+    spec: TinyLlavaSpec = TinyLlavaSpec(),
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    model_class: type[LlavaForConditionalGeneration] = LlavaForConditionalGeneration,
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Return a randomly initialised tiny LLaVA model (float32, eval mode) and its processor.
 
-    `tokenizer` defaults to `build_tokenizer(spec.vocab_size)`.
+    `tokenizer` defaults to `build_tokenizer(spec.vocab_size)`; `model_class` may be a subclass (e.g. rcpp_hf's),
+    built directly so that a large shape is never held twice.
     """
     tokenizer = tokenizer or build_tokenizer(spec.vocab_size)
     vocab_size = max(len(tokenizer), spec.model_vocab_size or 0)
@@ -143,7 +146,7 @@ def build_tiny_llava(
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

@@ -1,20 +1,30 @@
 """The benchmark suite on the tiny shape: fields, ratios from the measured values, cache bytes from the tensors.
 No test asserts a time."""
 
+import argparse
+import functools
 import json
+import time
 
 import pytest
+import torch
 
+from rcpp_hf.benchmark import gpu_run, prefill_plot, prefill_profile
+from rcpp_hf.benchmark.measure import StepTimer
+from rcpp_hf.benchmark.model_sizes import SHAPES, load_benchmark_model
 from rcpp_hf.benchmark.suite import (
     DEFAULT_METHODS,
     RATIO_METRICS,
     BenchmarkSettings,
+    benchmark_inputs,
     format_report,
     method_generation_config,
     plot_report,
+    run_method,
     run_speed_benchmark,
 )
 from rcpp_hf.cli import main
+from rcpp_hf.cli.bench import add_parser
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +104,99 @@ def test_cli_writes_json(tmp_path, capsys):
 def test_7b_shape_needs_cuda():
     with pytest.raises(ValueError, match="CUDA"):
         run_speed_benchmark(BenchmarkSettings(shape="7b", device="cpu", dtype="float16"))
+
+
+def test_prefill_is_timed_from_the_call_so_it_covers_the_image_encoding():
+    """`generate` encodes the images before its streamer sees the prompt, except for methods that encode them in the
+    decoding loop (vision-side pruners, VCD): timed from the call, every row's prefill holds the vision tower."""
+    settings = BenchmarkSettings(shape="tiny", methods=("vanilla", "visionzip"), new_tokens=4, budget=8)
+    model, processor = load_benchmark_model("tiny", None, "cpu", torch.float32)
+    inputs = benchmark_inputs(processor, settings, "cpu", torch.float32)
+    encode = model.model.get_image_features
+    encoded_at = []
+
+    @functools.wraps(encode)  # generate reads its signature
+    def timed_encode(*args, **kwargs):
+        encoded_at.append(time.perf_counter())
+        return encode(*args, **kwargs)
+
+    model.model.get_image_features = timed_encode
+    for method in ("vanilla", "visionzip"):
+        timer, encoded_at[:] = StepTimer(), []
+        run_method(model, inputs, method, settings, tau=0.5, streamer=timer)
+        assert len(encoded_at) == 1 and timer.started < encoded_at[0] < timer.stamps[1], method
+        assert timer.prefill_seconds == timer.stamps[1] - timer.started
+    assert encoded_at[0] > timer.stamps[0]  # visionzip encodes after the prompt's put: that put cannot start the clock
+
+
+@pytest.fixture(scope="module")
+def pruner_report():
+    return run_speed_benchmark(BenchmarkSettings(shape="tiny", methods=("vanilla", "pdrop", "random", "visionzip"),
+                                                 budget=12, new_tokens=5, repeats=1, early_steps=2, late_steps=2))
+
+
+def test_prefill_flops_count_each_pruners_own_work(pruner_report):
+    methods = pruner_report["methods"]
+    for name in ("pdrop", "random", "visionzip"):
+        metrics = methods[name]
+        assert metrics["prefill_flops_ratio"] == pytest.approx(
+            metrics["prefill_model_flops_ratio"] + metrics["prefill_scoring_flops_ratio"])
+        assert metrics["prefill_over_flops"] == pytest.approx(metrics["prefill_ratio"] / metrics["prefill_flops_ratio"])
+        # the weight reads cost every row alike, so they pull the cost ratio from the FLOPs ratio towards 1
+        assert metrics["prefill_flops_ratio"] < metrics["prefill_cost_ratio"] < 1
+    assert methods["random"]["prefill_scoring_flops_ratio"] == 0  # a random choice computes nothing
+    assert methods["pdrop"]["prefill_scoring_flops_ratio"] > 0  # a layer's keys recomputed for every entry
+    assert methods["visionzip"]["prefill_scoring_flops_ratio"] > 0  # the vision tower's attention, merged tokens
+    checks = {(check["method"], check["metric"]) for check in pruner_report["targets"]}
+    assert {(name, metric) for name in ("pdrop", "random", "visionzip")
+            for metric in ("prefill_over_flops", "decode_median_ratio")} <= checks  # fmt: skip
+    assert "prefill FLOPs (scoring)" in format_report(pruner_report)
+    assert pruner_report["environment"]["flops_per_weight_byte"] > 0
+
+
+def test_peak_above_the_loaded_model(pruner_report):
+    for metrics in pruner_report["methods"].values():
+        assert 0 < metrics["peak_above_model_bytes"] < metrics["peak_memory_bytes"]
+    assert "peak - model MiB" in format_report(pruner_report)
+
+
+def test_7b_width_shape_is_offered():
+    spec = SHAPES["7b-width"]
+    assert (spec.text_hidden, spec.num_heads, spec.num_kv_heads, spec.text_intermediate) == (4096, 32, 32, 11008)
+    assert (spec.vision_hidden, spec.vision_layers, spec.image_size, spec.patch_size) == (1024, 24, 336, 14)
+    assert spec.model_vocab_size == SHAPES["7b"].model_vocab_size and spec.text_layers < SHAPES["7b"].text_layers
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert "7b-width" in parser._subparsers._group_actions[0].choices["bench"].format_help()
+
+
+def test_gpu_command_runs_on_a_cpu_with_the_tiny_shape(tmp_path, capsys):
+    assert gpu_run.main(["--output-dir", str(tmp_path), "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
+                         "--new-tokens", "4", "--repeats", "1"]) == 0
+    result = json.loads((tmp_path / "gpu-bench.json").read_text())
+    first, second = result["runs"]
+    assert set(first["methods"]) == {"vanilla", *gpu_run.DECODING_ROWS, *gpu_run.prefill_pruners()}
+    assert set(second["methods"]) == {"vanilla", *gpu_run.prefill_pruners()}
+    assert [run["settings"]["budget"] for run in result["runs"]] == list(gpu_run.BUDGETS)
+    assert first["methods"]["vcd"]["peak_memory_bytes"] > 0
+    assert (tmp_path / "gpu-bench.png").stat().st_size > 10_000
+
+
+def test_prefill_plot_from_reports(pruner_report, tmp_path):
+    report_path = tmp_path / "bench.json"
+    report_path.write_text(json.dumps(pruner_report))
+    assert prefill_plot.main([str(report_path), str(report_path), "--output", str(tmp_path / "prefill.png")]) == 0
+    assert (tmp_path / "prefill.png").stat().st_size > 10_000
+
+
+def test_prefill_profile_accounts_for_the_whole_call(capsys):
+    settings = BenchmarkSettings(shape="tiny", methods=("vanilla", "pdrop", "visionzip"), budget=12, repeats=1)
+    model, processor = load_benchmark_model("tiny", None, "cpu", torch.float32)
+    profile = prefill_profile.profile_prefill(model, processor, settings)
+    for method, stages in profile.items():
+        assert stages["rest"] > 0 and stages["decoder layers"] > 0 and stages["vision tower"] > 0, method
+        assert sum(stages[s] for s in (*prefill_profile.STAGES, "rest")) == pytest.approx(stages["prefill"])
+    assert profile["vanilla"]["pruning stages"] == 0 < profile["pdrop"]["pruning stages"]
+    assert prefill_profile.main(["--shape", "tiny", "--methods", "vanilla,fastv", "--budget", "8", "--repeats", "1",
+                                 "--rows", "4", "16"]) == 0  # fmt: skip
+    assert "GFLOP/s" in capsys.readouterr().out

@@ -138,9 +138,11 @@ def test_bench_runs_registry_methods_on_the_tiny_shape(tmp_path):
                                                         for step in range(5)]  # fmt: skip
     assert methods["fastv+rcpp"]["final_visual_cache_bytes"] == methods["fastv"]["final_visual_cache_bytes"]
     text_tokens = prompt - 16
-    assert methods["fastv"]["prefill_flops_ratio"] == pytest.approx(
+    assert methods["fastv"]["prefill_model_flops_ratio"] == pytest.approx(
         prefill_flops_ratio(load_benchmark_model("tiny", None, "cpu", torch.float32)[0], [PruneStage(1, 4)], 16, text_tokens)
     )
+    assert methods["fastv"]["prefill_flops_ratio"] == pytest.approx(  # with its attention rows, counted
+        methods["fastv"]["prefill_model_flops_ratio"] + methods["fastv"]["prefill_scoring_flops_ratio"])
     assert "prefill_flops_ratio" not in methods["vanilla"]
     # the budget path: the budget as given, a count or a fraction of the model's image (no scaling)
     assert method_generation_config("fastv", BenchmarkSettings(budget=5), 0.0).methods == (FastV(budget=5),)

@@ -18,13 +18,28 @@ def current_rss() -> int:
         return int(statm.read().split()[1]) * _PAGE
 
 
+def resident_bytes(device: torch.device | str) -> int:
+    """Memory held now: the CUDA allocator's allocated bytes, or this process's resident set size on CPU."""
+    device = torch.device(device)
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss()
+
+
 class StepTimer(BaseStreamer):
-    """A streamer that timestamps `generate`'s calls: the first `put` is the prompt (before prefill), each later one
-    a generated token, which `generate` hands over after moving it to the host, i.e. after the device finished."""
+    """A streamer that timestamps `generate`'s calls, with `start()` called just before `generate`.
+
+    The first `put` is the prompt; each later one a generated token, which `generate` hands over after moving it to
+    the host, i.e. after the device finished. The prefill runs from `start()`, not from the prompt's `put`:
+    `generate` encodes the images before that `put`, except for methods that encode them inside the decoding loop
+    (vision-side pruners, VCD), so only the call's start times the vision tower the same way for every method.
+    """
 
     def __init__(self):
+        self.started: float | None = None
         self.stamps: list[float] = []
         self.rss: list[int] = []
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
 
     def put(self, value) -> None:
         self.stamps.append(time.perf_counter())
@@ -35,7 +50,15 @@ class StepTimer(BaseStreamer):
 
     @property
     def prefill_seconds(self) -> float:
-        return self.stamps[1] - self.stamps[0]
+        """From `start()` to the first generated token: image encoding, the prompt's forward, the first choice."""
+        if self.started is None:
+            raise RuntimeError("StepTimer.start() must be called just before generate")
+        return self.stamps[1] - self.started
+
+    @property
+    def total_seconds(self) -> float:
+        """From `start()` to the last generated token."""
+        return self.stamps[-1] - self.started
 
     @property
     def decode_seconds(self) -> list[float]:

@@ -19,6 +19,13 @@ SHAPES: dict[str, TinyLlavaSpec] = {
         text_hidden=1024, text_layers=8, text_intermediate=2752, num_heads=16, num_kv_heads=16,
         model_vocab_size=LLAVA_VOCAB,
     ),
+    # LLaVA-1.5-7B's widths on a CPU: CLIP ViT-L/14-336 and Vicuna-7B's layers (4096 wide, 32 heads, MLP 11008) and
+    # vocabulary, 8 of its 32 decoder layers (as `small`, so the pruners' stages fall alike); about 8 GB in float32
+    "7b-width": TinyLlavaSpec(
+        image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+        vision_intermediate=4096, text_hidden=4096, text_layers=8, text_intermediate=11008, num_heads=32,
+        num_kv_heads=32, model_vocab_size=LLAVA_VOCAB,
+    ),
     # exactly llava-1.5-7b (CLIP ViT-L/14-336 + Vicuna-7B); float16, GPU only
     "7b": TinyLlavaSpec(
         image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
@@ -39,7 +46,6 @@ def load_benchmark_model(shape: str | None, model: str | None, device: str, dtyp
         raise ValueError(f"unknown benchmark shape {shape!r}; expected one of {sorted(SHAPES)} or --model")
     if shape == "7b" and not str(device).startswith("cuda"):
         raise ValueError("the '7b' shape needs a CUDA device (about 14 GB in float16); use --shape small on CPU")
-    plain, processor = build_tiny_llava(SHAPES[shape])
-    model = RCPPLlavaForConditionalGeneration(plain.config)
-    model.load_state_dict(plain.state_dict())
+    with torch.device(device):  # initialised where it runs: a 7B model's random init is minutes on a CPU
+        model, processor = build_tiny_llava(SHAPES[shape], model_class=RCPPLlavaForConditionalGeneration)
     return model.to(device=device, dtype=dtype).eval(), processor

@@ -21,16 +21,22 @@ import transformers
 from PIL import Image
 from tqdm import tqdm
 
-from rcpp_hf.benchmark.measure import PeakMemory, StepTimer
+from rcpp_hf.benchmark.flops import (
+    counting_stage_flops,
+    flops_per_weight_byte,
+    prefill_cost,
+    prefill_flops,
+    weight_bytes,
+)
+from rcpp_hf.benchmark.measure import PeakMemory, StepTimer, resident_bytes
 from rcpp_hf.benchmark.model_sizes import load_benchmark_model
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
-from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder
-from rcpp_hf.benchmark.flops import prefill_flops_ratio
-from rcpp_hf.methods.budget import budget_problem, budget_rule, published_fraction
-from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.methods import METHODS as REGISTRY
 from rcpp_hf.methods import MethodConfig, load_method
+from rcpp_hf.methods.budget import budget_problem, budget_rule, published_fraction
+from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder
+from rcpp_hf.methods.prefill_pruner import PrefillPruner
 from rcpp_hf.run_config import build_generation_config
 
 METHODS = ("vanilla", "rcpp-score-only", "rcpp", "rcpp-first", "rcpp-evict")  # vanilla and the "rcpp" rows
@@ -48,6 +54,7 @@ TARGETS = [
     ("rcpp-evict", "final_visual_cache_ratio", "<=", 0.26),
     ("rcpp-evict", "decode_late_median_ratio", "<=", 1.0),
 ]
+PREFILL_FLOPS_SLACK = 1.10  # a prefill pruner's prefill ratio over its FLOPs and cost ratios (`pruner_flops`)
 
 
 @dataclass
@@ -160,6 +167,8 @@ def run_method(model, inputs, method: str, settings: BenchmarkSettings, tau: flo
     decoder, [main branch's, contrast branch's]."""
     config = method_generation_config(method, settings, tau)
     config.return_dict_in_generate = trace
+    if streamer is not None:
+        streamer.start()
     out = model.generate(**inputs, generation_config=config, streamer=streamer)
     if not trace:
         return out, None, None
@@ -211,14 +220,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summarise(timers: list[StepTimer], peaks: list[int], profile: dict, settings: BenchmarkSettings) -> dict:
+def summarise(timers: list[StepTimer], peak: int, profile: dict, settings: BenchmarkSettings) -> dict:
     decode_runs = [timer.decode_seconds for timer in timers]  # each: new_tokens - 1 values
     steps = len(decode_runs[0])
     early = [run[i] for run in decode_runs for i in range(min(settings.early_steps, steps // 2))]
     late = [run[i] for run in decode_runs for i in range(steps - min(settings.late_steps, steps // 2), steps)]
     every = [value for run in decode_runs for value in run]
     per_step = [statistics.median(run[i] for run in decode_runs) for i in range(steps)]
-    totals = [timer.stamps[-1] - timer.stamps[0] for timer in timers]
+    totals = [timer.total_seconds for timer in timers]
     # Memory that grows with the steps beyond the cache: RSS minus cache bytes, slope over the late window.
     growth = []
     for timer in timers:
@@ -235,7 +244,7 @@ def summarise(timers: list[StepTimer], peaks: list[int], profile: dict, settings
         "decode_late_median_s": statistics.median(late),
         "decode_late_p90_s": percentile(late, 0.9),
         "tokens_per_s": settings.batch_size * settings.new_tokens / statistics.median(totals),
-        "peak_memory_bytes": statistics.median(peaks),
+        "peak_memory_bytes": peak,
         "memory_growth_beyond_cache_bytes_per_step": statistics.median(growth),
         "final_cache_bytes": profile["cache_bytes"][-1],
         "final_visual_cache_bytes": profile["visual_cache_bytes"][-1],
@@ -253,6 +262,7 @@ RATIO_METRICS = {
     "decode_late_median_ratio": "decode_late_median_s",
     "tokens_per_s_ratio": "tokens_per_s",
     "peak_memory_ratio": "peak_memory_bytes",
+    "peak_above_model_ratio": "peak_above_model_bytes",
     "final_cache_ratio": "final_cache_bytes",
     "final_visual_cache_ratio": "final_visual_cache_bytes",
 }
@@ -263,6 +273,9 @@ def add_ratios(results: dict) -> None:
     for metrics in measured(results).values():
         for ratio, metric in RATIO_METRICS.items():
             metrics[ratio] = metrics[metric] / vanilla[metric] if vanilla[metric] else float("nan")
+        if "prefill_flops_ratio" in metrics:
+            metrics["prefill_over_flops"] = metrics["prefill_ratio"] / metrics["prefill_flops_ratio"]
+            metrics["prefill_over_cost"] = metrics["prefill_ratio"] / metrics["prefill_cost_ratio"]
 
 
 def measured(results: dict) -> dict:
@@ -270,9 +283,43 @@ def measured(results: dict) -> dict:
     return {method: metrics for method, metrics in results.items() if "skipped" not in metrics}
 
 
+def pruner_flops(model, inputs, method: str, settings: BenchmarkSettings, pruner: PrefillPruner, num_visual: int,
+                 balance: float) -> dict:  # fmt: skip
+    """What a pruner's measured prefill ratio is compared with (`benchmark/flops.py`), each over the unpruned
+    prefill's: FLOPs (the model's with the tokens its stages keep, plus its stages' own, counted in one untimed
+    prefill), the two parts, and the cost (those FLOPs plus the weight reads at `balance` FLOPs per byte)."""
+    num_layers = model.config.text_config.num_hidden_layers
+    num_text = inputs["input_ids"].shape[1] - num_visual
+    config = method_generation_config(method, settings, tau=-1.0)
+    config.max_new_tokens = config.min_new_tokens = 1
+    with counting_stage_flops() as counted:
+        model.generate(**inputs, generation_config=config)
+    scoring = counted[0] / settings.batch_size
+    stages = pruner.resolve_stages(num_layers, num_visual)
+    unpruned = prefill_flops(model, [], num_visual, num_text)
+    full_cost = prefill_cost(model, [], num_visual, num_text, settings.batch_size, balance)
+    model_ratio = prefill_flops(model, stages, num_visual, num_text) / unpruned
+    return {
+        "prefill_flops_ratio": model_ratio + scoring / unpruned,
+        "prefill_model_flops_ratio": model_ratio,
+        "prefill_scoring_flops_ratio": scoring / unpruned,
+        "prefill_cost_ratio": (prefill_cost(model, stages, num_visual, num_text, settings.batch_size, balance)
+                               + scoring) / full_cost,  # fmt: skip
+    }
+
+
+def targets_for(results: dict) -> list[tuple[str, str, str, float]]:
+    """`TARGETS`, and for every prefill pruner row: prefill within `PREFILL_FLOPS_SLACK` of its FLOPs ratio and of
+    its cost ratio (FLOPs and weight reads), and, alone (not composed with RCPP), decode no slower than vanilla."""
+    pruners = [method for method, metrics in measured(results).items() if "prefill_flops_ratio" in metrics]
+    return (TARGETS + [(method, over, "<=", PREFILL_FLOPS_SLACK) for over in ("prefill_over_flops", "prefill_over_cost")
+                       for method in pruners]  # fmt: skip
+            + [(method, "decode_median_ratio", "<=", 1.0) for method in pruners if not method.endswith(WITH_RCPP)])
+
+
 def check_targets(results: dict) -> list[dict]:
     checks = []
-    for method, metric, op, threshold in TARGETS:
+    for method, metric, op, threshold in targets_for(results):
         if method not in measured(results):
             continue
         value = results[method][metric]
@@ -294,37 +341,42 @@ def run_speed_benchmark(settings: BenchmarkSettings) -> dict:
     dtype = getattr(torch, settings.dtype)
     model, processor = load_benchmark_model(settings.shape, settings.model, settings.device, dtype)
     inputs = benchmark_inputs(processor, settings, settings.device, dtype)
+    resident = resident_bytes(settings.device)  # the model and inputs, before any run
     prompt_length = inputs["input_ids"].shape[1]
     num_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     num_layers = model.config.text_config.num_hidden_layers
     skipped = {m: reason for m in settings.methods if (reason := skip_reason(m, settings, num_layers, num_visual))}
     runs = [method for method in settings.methods if method not in skipped]
     tau = calibrate_tau(model, inputs, settings)
+    balance = flops_per_weight_byte([module.weight for module in model.model.language_model.layers.modules()
+                                     if isinstance(module, torch.nn.Linear)])  # fmt: skip
 
     profiles = {m: cache_profile(model, inputs, m, settings, tau, prompt_length, num_visual) for m in runs}
     timers = {method: [] for method in runs}
-    peaks = {method: [] for method in runs}
     rounds = [(r, m) for r in range(settings.repeats + 1) for m in runs]  # round 0 is the warm-up
     for repeat, method in tqdm(rounds, desc=f"bench {settings.model or settings.shape}", unit="run"):
         timer = StepTimer()
-        with PeakMemory(settings.device) as memory:
-            run_method(model, inputs, method, settings, tau, streamer=timer)
+        run_method(model, inputs, method, settings, tau, streamer=timer)
         if repeat > 0:
             timers[method].append(timer)
-            peaks[method].append(memory.peak_bytes)
+    # Peak memory in one more run of each row, untimed: on a CPU, sampling the RSS competes with torch's threads
+    peaks = {}
+    for method in runs:
+        with PeakMemory(settings.device) as memory:
+            run_method(model, inputs, method, settings, tau)
+        peaks[method] = memory.peak_bytes
 
     results = {m: {"skipped": skipped[m]} if m in skipped else summarise(timers[m], peaks[m], profiles[m], settings)
                for m in settings.methods}  # fmt: skip
-    add_ratios(results)
+    for metrics in measured(results).values():
+        metrics["peak_above_model_bytes"] = metrics["peak_memory_bytes"] - resident
     for method in settings.methods:
         registered = registry_method(method, settings)
         if registered is not None:
             results[method]["method"] = registered.to_dict()
-        # the theoretical ratio the measured prefill ratio should meet
         if isinstance(registered, PrefillPruner) and method not in skipped:
-            stages = registered.resolve_stages(num_layers, num_visual)
-            results[method]["prefill_flops_ratio"] = prefill_flops_ratio(model, stages, num_visual,
-                                                                         prompt_length - num_visual)  # fmt: skip
+            results[method].update(pruner_flops(model, inputs, method, settings, registered, num_visual, balance))
+    add_ratios(results)
     return {
         "settings": asdict(settings),
         "environment": {
@@ -336,6 +388,8 @@ def run_speed_benchmark(settings: BenchmarkSettings) -> dict:
             "prompt_tokens": prompt_length,
             "visual_tokens": num_visual,
             "tau": tau,
+            "flops_per_weight_byte": balance,
+            "weight_bytes": weight_bytes(model),
         },
         "methods": results,
         "targets": check_targets(results),
@@ -352,12 +406,14 @@ TABLE_COLUMNS = [
     ("visual KV MiB", "final_visual_cache_bytes", 2 ** -20, "final_visual_cache_ratio"),
     ("cache MiB", "final_cache_bytes", 2 ** -20, "final_cache_ratio"),
     ("peak MiB", "peak_memory_bytes", 2 ** -20, "peak_memory_ratio"),
+    ("peak - model MiB", "peak_above_model_bytes", 2 ** -20, "peak_above_model_ratio"),
 ]
 
 
 def format_report(report: dict) -> str:
     """A plain-text table (value and ratio to vanilla per cell) followed by the targets."""
-    header = ["method"] + [name for name, *_ in TABLE_COLUMNS] + ["contrast steps", "prefill FLOPs"]
+    header = ["method"] + [name for name, *_ in TABLE_COLUMNS] + ["contrast steps", "prefill FLOPs (scoring)",
+                                                                 "prefill cost"]
     rows = [header]
     skipped = []
     for method, metrics in report["methods"].items():
@@ -371,7 +427,11 @@ def format_report(report: dict) -> str:
                 cell += f" ({metrics[ratio]:.2f}x)"
             row.append(cell)
         row.append(f"{metrics['contrast_step_fraction']:.0%}")
-        row.append(f"{metrics['prefill_flops_ratio']:.2f}x" if "prefill_flops_ratio" in metrics else "-")
+        if "prefill_flops_ratio" in metrics:
+            row += [f"{metrics['prefill_flops_ratio']:.3f}x ({metrics['prefill_scoring_flops_ratio']:.3f}x)",
+                    f"{metrics['prefill_cost_ratio']:.3f}x"]  # fmt: skip
+        else:
+            row += ["-", "-"]
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
@@ -380,7 +440,8 @@ def format_report(report: dict) -> str:
     lines.insert(0, f"shape {settings['model'] or settings['shape']}, {settings['dtype']}, {settings['device']} "
                     f"({env['device']}, {env['threads']} threads), batch {settings['batch_size']}, "
                     f"{settings['new_tokens']} new tokens, {settings['repeats']} repeats, {env['visual_tokens']} "
-                    f"visual tokens, tau {env['tau']:.4f}; ratios are to vanilla in this run")
+                    f"visual tokens, tau {env['tau']:.4f}; ratios are to vanilla in this run; "
+                    f"{env['flops_per_weight_byte']:.1f} FLOPs per weight byte read")
     lines += skipped
     lines.append("")
     for check in report["targets"]:

@@ -27,7 +27,9 @@ from rcpp_hf.run_config import read_method_yaml
 def add_parser(commands) -> None:
     parser = commands.add_parser("bench", help="speed and memory of RCPP + DRCD beside vanilla and a two-pass "
                                                "contrastive reference (VCD)")
-    parser.add_argument("--shape", default="small", help=f"{' | '.join(SHAPES)} (random weights), ignored with --model")
+    parser.add_argument("--shape", default="small", help=f"{' | '.join(SHAPES)}, random weights (7b-width: "
+                        "LLaVA-1.5-7B's widths and vision tower with 8 decoder layers, for a CPU; 7b: the whole "
+                        "model, CUDA only); ignored with --model")
     parser.add_argument("--model", help="checkpoint folder or hub id instead of a shape")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, of {','.join(known_methods())} (registry methods run alone, greedy; "

@@ -174,6 +174,7 @@ def generate_answers(
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
     timer = StepTimer()
     with torch.inference_mode():
+        timer.start()
         out = model.generate(**inputs, generation_config=generation_config, streamer=timer)
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
     answers = [t.strip() for t in processor.batch_decode(new_tokens, skip_special_tokens=True)]
