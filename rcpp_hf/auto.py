@@ -10,11 +10,17 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
+from rcpp_hf.modeling import (
+    RCPPLlavaForConditionalGeneration,
+    RCPPLlavaNextForConditionalGeneration,
+    RCPPLlavaOnevisionForConditionalGeneration,
+)
 
 # model_type -> rcpp_hf class; one entry per supported family.
 RCPP_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava": RCPPLlavaForConditionalGeneration,
+    "llava_next": RCPPLlavaNextForConditionalGeneration,
+    "llava_onevision": RCPPLlavaOnevisionForConditionalGeneration,
 }
 
 # from_pretrained's arguments that locate the config too (the rest are the model's).

@@ -1,0 +1,88 @@
+"""LLaVA-NeXT and LLaVA-OneVision: with no method on, the rcpp_hf classes are their stock transformers classes
+(logits, attention maps, generate, for eager and sdpa, on a batch whose rows' images differ in size), load every
+weight and initialise missing ones as the stock class; `rcpp_hf.from_pretrained` picks them."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig
+
+import rcpp_hf
+from rcpp_hf import RCPPGenerationConfig
+from rcpp_hf.auto import RCPP_CLASSES
+from rcpp_hf.tiny_families import BUILDERS, save_tiny_family
+from tests.conftest import ANYRES_TYPES, EQUAL_SIZES, RAGGED_SIZES, anyres_batch, neutral_config
+
+IMPLEMENTATIONS = ["eager", "sdpa"]
+
+
+def load_pair(path, model_type, implementation="sdpa", seed=0):
+    ours_class = RCPP_CLASSES[model_type]
+    torch.manual_seed(seed)
+    stock = ours_class.family_class.stock_class.from_pretrained(path, attn_implementation=implementation)
+    torch.manual_seed(seed)
+    ours = rcpp_hf.from_pretrained(path, attn_implementation=implementation)
+    assert type(ours) is ours_class
+    return stock.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("model_type", ANYRES_TYPES)
+def test_the_tiny_models_lay_out_anyres_images(anyres_paths, model_type):
+    """Different image sizes give the rows different image-token counts; equal sizes equal counts."""
+    config = RCPP_CLASSES[model_type].config_class.from_pretrained(anyres_paths[model_type])
+    for sizes, counts in ((RAGGED_SIZES, [52, 56]), (EQUAL_SIZES, [52, 52])):
+        batch = anyres_batch(anyres_paths[model_type], sizes)
+        assert (batch["input_ids"] == config.image_token_id).sum(dim=1).tolist() == counts
+        assert batch["pixel_values"].shape[:2] == (2, 5)  # a base tile and a 2 x 2 grid
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("model_type", ANYRES_TYPES)
+def test_methods_off_the_subclass_is_the_stock_class(anyres_paths, model_type, implementation):
+    stock, ours = load_pair(anyres_paths[model_type], model_type, implementation)
+    batch = anyres_batch(anyres_paths[model_type], RAGGED_SIZES)
+    eager = implementation == "eager"
+    with torch.no_grad():
+        expected, actual = stock(**batch, output_attentions=eager), ours(**batch, output_attentions=eager)
+    assert torch.equal(actual.logits, expected.logits)
+    if eager:
+        assert len(actual.attentions) == stock.config.text_config.num_hidden_layers
+        for got, want in zip(actual.attentions, expected.attentions):
+            assert torch.equal(got, want)
+    plain = dict(max_new_tokens=8, do_sample=False)
+    reference = stock.generate(**batch, generation_config=GenerationConfig(**plain))
+    assert torch.equal(ours.generate(**batch, generation_config=GenerationConfig(**plain)), reference)
+    assert torch.equal(ours.generate(**batch, generation_config=RCPPGenerationConfig(rcpp=False, **plain)), reference)
+
+
+@pytest.mark.parametrize("model_type", ANYRES_TYPES)
+def test_neutral_rcpp_decodes_as_the_stock_class(anyres_paths, model_type):
+    stock, ours = load_pair(anyres_paths[model_type], model_type)
+    batch = anyres_batch(anyres_paths[model_type], EQUAL_SIZES)
+    expected = stock.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours.generate(**batch, generation_config=neutral_config(max_new_tokens=8)), expected)
+
+
+@pytest.mark.parametrize("model_type", ANYRES_TYPES)
+def test_every_weight_is_loaded(tmp_path, model_type):
+    """Each parameter of the subclass's load is the built model's (no key renamed away and drawn at random)."""
+    built, _ = BUILDERS[model_type]()
+    folder = save_tiny_family(tmp_path, model_type)  # the same seed builds the same weights
+    _, ours = load_pair(folder, model_type)
+    built_state, ours_state = built.state_dict(), ours.state_dict()
+    assert built_state.keys() == ours_state.keys()
+    assert [name for name in built_state if not torch.equal(built_state[name], ours_state[name])] == []
+
+
+@pytest.mark.parametrize("model_type", ANYRES_TYPES)
+def test_missing_weights_are_initialised_as_the_stock_class_does(tmp_path, model_type):
+    folder = save_tiny_family(tmp_path, model_type)
+    weights = load_file(folder / "model.safetensors")
+    missing = [name for name in weights if "layers.1." in name or "image_newline" in name or "projector" in name]
+    assert len(missing) > 10
+    save_file({k: v for k, v in weights.items() if k not in missing}, folder / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    stock, ours = load_pair(folder, model_type, seed=3)
+    stock_state, ours_state = stock.state_dict(), ours.state_dict()
+    assert stock_state.keys() == ours_state.keys()
+    assert [name for name in stock_state if not torch.equal(stock_state[name], ours_state[name])] == []
