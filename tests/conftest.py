@@ -138,11 +138,13 @@ def vary_weights(model, std: float = 0.3, seed: int = 0) -> None:
 
 
 def row_alone(batch: dict, row: int) -> dict:
-    """Row `row` of a left-padded `batch` (input_ids, attention_mask, pixel_values) without its padding, batch size 1."""
+    """Row `row` of a left-padded `batch` (input_ids, attention_mask, and one image per row: pixel_values, and
+    image_sizes / batch_num_images for anyres models) without its padding, batch size 1."""
     real = batch["attention_mask"][row].bool()
-    return {"input_ids": batch["input_ids"][row : row + 1, real],
-            "attention_mask": batch["attention_mask"][row : row + 1, real],
-            "pixel_values": batch["pixel_values"][row : row + 1]}  # fmt: skip
+    alone = {name: value[row : row + 1] for name, value in batch.items()}
+    alone.update(input_ids=batch["input_ids"][row : row + 1, real],
+                 attention_mask=batch["attention_mask"][row : row + 1, real])  # fmt: skip
+    return alone
 
 
 @pytest.fixture

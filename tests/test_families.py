@@ -11,7 +11,7 @@ import rcpp_hf
 from rcpp_hf import RCPPGenerationConfig
 from rcpp_hf.auto import RCPP_CLASSES
 from rcpp_hf.tiny_families import BUILDERS, save_tiny_family
-from tests.conftest import ANYRES_TYPES, EQUAL_SIZES, RAGGED_SIZES, anyres_batch, neutral_config
+from tests.conftest import ANYRES_TYPES, EQUAL_SIZES, RAGGED_SIZES, active_config, anyres_batch, neutral_config
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 
@@ -86,3 +86,16 @@ def test_missing_weights_are_initialised_as_the_stock_class_does(tmp_path, model
     stock_state, ours_state = stock.state_dict(), ours.state_dict()
     assert stock_state.keys() == ours_state.keys()
     assert [name for name in stock_state if not torch.equal(stock_state[name], ours_state[name])] == []
+
+
+@pytest.mark.parametrize("model_type", ANYRES_TYPES)
+def test_rcpp_drcd_contrasts_and_evicts(anyres_paths, model_type):
+    """RCPP + DRCD's acting settings on the anyres image: the contrast row is used and the cache's visual tokens
+    shrink to the scheduled share of the image's 52 tokens."""
+    _, ours = load_pair(anyres_paths[model_type], model_type)
+    batch = anyres_batch(anyres_paths[model_type], EQUAL_SIZES)
+    config = active_config(max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    out = ours.generate(**batch, generation_config=config)
+    assert any(bool(step.num_noise.sum()) and step.contrast for step in out.rcpp.steps)
+    evicted = sum(step.evicted.shape[1] for step in out.rcpp.steps)
+    assert evicted == 52 - 13 and out.past_key_values.num_visual_tokens == 13  # keep_ratio_end 0.25 of 52

@@ -37,8 +37,9 @@ def prompt_layout(model, batch):
 def prefill(model, batch, taps=()):
     cache = VisualKVCache(config=model.config)
     with torch.no_grad():
-        embeds = model.family.embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
-        hidden, layout = run_decoder(model.model.language_model, embeds, prompt_layout(model, batch), cache, list(taps))
+        images = {name: value for name, value in batch.items() if name not in ("input_ids", "attention_mask")}
+        embeds = model.family.embed_prompt(batch["input_ids"], images)
+        hidden, layout = run_decoder(model.family.language_model, embeds, prompt_layout(model, batch), cache, list(taps))
     return hidden, layout, cache
 
 
@@ -46,8 +47,8 @@ def decode(model, cache, tokens, positions, taps=()):
     """One decode step of `tokens` (B, 1) at `positions` (B, 1) -> logits (B, vocab)."""
     rows = TokenLayout(positions, torch.ones_like(positions, dtype=torch.bool), torch.full_like(positions, -1))
     with torch.no_grad():
-        embeds = model.model.language_model.embed_tokens(tokens)
-        hidden, _ = run_decoder(model.model.language_model, embeds, rows, cache, list(taps))
+        embeds = model.family.language_model.embed_tokens(tokens)
+        hidden, _ = run_decoder(model.family.language_model, embeds, rows, cache, list(taps))
     cache.append_entries(positions)
     return model.lm_head(hidden)[:, -1]
 
