@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 from rcpp_hf import RCPPGenerationConfig
 from rcpp_hf.auto import RCPP_CLASSES
 from rcpp_hf.methods import METHODS, load_method, method_from_dict
-from tests.conftest import EQUAL_SIZES, anyres_batch, row_alone
+from tests.conftest import EQUAL_SIZES, RAGGED_SIZES, anyres_batch, row_alone
 from tests.test_prefill_pruning import (
     MaskFrom,
     decode,
@@ -68,6 +68,7 @@ class Subject:
     batch: dict
     num_visual: int
     vanilla: tuple
+    ragged_batch: dict | None = None  # anyres families: rows whose images differ in size (52 and 56 tokens)
 
     def refusal(self, cls) -> str | None:
         """The refusal a method must give on this family (a vision-side pruner on anyres images), else None."""
@@ -88,7 +89,8 @@ def subject(request, varied_tiny_path, batch2, anyres_paths) -> Subject:
                               output_logits=True)  # fmt: skip
     out = reference.generate(**batch, generation_config=config)
     num_visual = int((batch["input_ids"][0] == model.config.image_token_id).sum())
-    return Subject(family, model, batch, num_visual, (out.sequences, out.logits))
+    ragged = None if family == "llava" else anyres_batch(path, RAGGED_SIZES)
+    return Subject(family, model, batch, num_visual, (out.sequences, out.logits), ragged)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +233,7 @@ def test_physical_drop_equals_masking(name, make, subject):
     maskable = declared(METHODS[name], "CONTRACT_MASKABLE")
     method, out = generate_acting(make, name, subject)
     model, batch = subject.model, subject.batch
-    assert out.pruning and min(record.kept for record in out.pruning) < subject.num_visual, "the acting settings must prune"
+    assert out.pruning and min(record.kept for record in out.pruning) < subject.num_visual, "the settings must prune"
     mask = MaskFrom.records(out.pruning, subject.num_visual)
     hidden, _, cache = prefill(model, batch, [mask])
     masked = [model.family.logits(hidden[:, -1:])[:, 0]]
@@ -248,6 +250,61 @@ def test_physical_drop_equals_masking(name, make, subject):
     else:
         assert not all(torch.allclose(got, expected, atol=LOGIT_ATOL) for got, expected in pairs), (
             f"masking reproduces {method.describe()}: CONTRACT_MASKABLE = {maskable!r} is wrong")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rows_with_different_image_sizes(name, make, subject):
+    """On rows whose anyres images differ in size (52 and 56 visual tokens), a method that takes them
+    (`ragged_rows`) decodes each row as it does alone, and a pruner reports what each row kept (the last stage's
+    counts are what the cache's deepest layer holds); any other method refuses them naming why."""
+    if subject.ragged_batch is None:
+        pytest.skip("LLaVA-1.5's rows hold one 16-token image each")
+    runnable(subject, make, name)
+    cls, batch = METHODS[name], subject.ragged_batch
+    method = make(name, on_image(declared(cls, "CONTRACT_ACTING", {}), subject.num_visual))
+    if not cls.ragged_rows:
+        with pytest.raises(ValueError, match=rf"{name} need the same number of images .* counts \[52, 56\]"):
+            generate(subject.model, batch, method)
+        return
+    out = generate(subject.model, batch, method, return_dict_in_generate=True)
+    prompt = batch["input_ids"].shape[1]
+    for row in range(2):
+        alone = row_alone(batch, row)
+        generated = generate(subject.model, alone, method)[0, alone["input_ids"].shape[1]:]
+        assert out.sequences[row, prompt : prompt + len(generated)].tolist() == generated.tolist(), f"row {row}"
+    for record in out.pruning:
+        per_row = record.kept_per_row or (record.kept,) * 2
+        distinct = [len(set(ids.tolist()) - {-1}) for ids in record.kept_visual_ids]
+        assert distinct == list(per_row) and record.kept == max(per_row), f"stage before layer {record.layer}"
+    if out.pruning:
+        last = out.pruning[-1]
+        assert out.past_key_values.layouts[-1].visual_counts == (last.kept_per_row or (last.kept,) * 2)
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_physical_drop_equals_masking_on_rows_with_different_image_sizes(name, make, subject):
+    """The check above on rows of 52 and 56 visual tokens: each row keeps its own count, left-padded."""
+    if subject.ragged_batch is None or not METHODS[name].ragged_rows:
+        pytest.skip("rows with different image sizes: anyres families, methods that take them")
+    runnable(subject, make, name)
+    maskable = declared(METHODS[name], "CONTRACT_MASKABLE")
+    model, batch, num_visual = subject.model, subject.ragged_batch, 56
+    method = make(name, on_image(declared(METHODS[name], "CONTRACT_ACTING", {}), subject.num_visual))
+    out = generate(model, batch, method, return_dict_in_generate=True, output_logits=True)
+    mask = MaskFrom.records(out.pruning, num_visual)
+    hidden, _, cache = prefill(model, batch, [mask])
+    masked = [model.family.logits(hidden[:, -1:])[:, 0]]
+    prompt = batch["input_ids"].shape[1]
+    position = prompt_layout(model, batch).positions[:, -1:]
+    for step in range(DECODE_STEPS):
+        position = position + 1
+        masked.append(decode(model, cache, out.sequences[:, prompt + step : prompt + step + 1], position, [mask]))
+    pairs = list(zip(out.logits, masked))
+    if maskable is True:
+        for step, (got, expected) in enumerate(pairs):
+            torch.testing.assert_close(got, expected, atol=LOGIT_ATOL, rtol=0, msg=lambda m: f"step {step}: {m}")
+    else:
+        assert not all(torch.allclose(got, expected, atol=LOGIT_ATOL) for got, expected in pairs)
 
 
 @pytest.mark.parametrize("name", NAMES)

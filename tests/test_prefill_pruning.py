@@ -63,9 +63,13 @@ class MaskFrom(DecoderTap):
 
     @classmethod
     def records(cls, records, num_visual):
-        """The stages of a pruner's `PruneRecord`s: each drops what it did not keep."""
-        return cls((record.layer, torch.ones(record.kept_visual_ids.shape[0], num_visual, dtype=torch.bool).scatter(
-            1, record.kept_visual_ids, False)) for record in records)  # fmt: skip
+        """The stages of a pruner's `PruneRecord`s: each drops what it did not keep (ids of -1 pad a row that kept
+        fewer than another)."""
+        def dropped(ids):
+            ids = torch.where(ids >= 0, ids, num_visual)  # padding lands in a column cut off below
+            return torch.ones(ids.shape[0], num_visual + 1, dtype=torch.bool).scatter(1, ids, False)[:, :num_visual]
+
+        return cls((record.layer, dropped(record.kept_visual_ids)) for record in records)
 
     def layer_mask(self, layer_idx, past, queries):
         full = queries if past is None else TokenLayout(

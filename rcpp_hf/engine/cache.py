@@ -152,5 +152,6 @@ class VisualKVCache(DynamicCache):
         total = 0
         for layer, layout in zip(self.layers, self.layouts):
             if layer.is_initialized and layout.seq_len:
-                total += (layer.keys.nbytes + layer.values.nbytes) * layout.num_visual // layout.seq_len
+                entries = layout.visual_ids.numel()  # rows may hold different numbers of visual entries
+                total += (layer.keys.nbytes + layer.values.nbytes) * sum(layout.visual_counts) // entries
         return total

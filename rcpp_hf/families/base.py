@@ -49,8 +49,9 @@ class ModelFamily:
         """(B, S) bool: which prompt entries are image tokens (the visual tokens the methods act on)."""
         raise NotImplementedError
 
-    def count_visual_tokens(self, input_ids: torch.LongTensor) -> int:
-        """V, the visual tokens per row; raises when a row has none or rows differ (methods keep rows rectangular)."""
+    def visual_token_counts(self, input_ids: torch.LongTensor) -> tuple[int, ...]:
+        """V of each row (rows differ when their images do, e.g. anyres images of different sizes); raises when a
+        row has none."""
         raise NotImplementedError
 
     def prompt_layout(self, input_ids: torch.LongTensor, model_kwargs: dict) -> TokenLayout:

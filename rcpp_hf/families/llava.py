@@ -36,20 +36,15 @@ class LlavaFamily(ModelFamily):
     def image_token_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return input_ids == self.model.config.image_token_id
 
-    def count_visual_tokens(self, input_ids: torch.LongTensor) -> int:
-        per_row = self.image_token_mask(input_ids).sum(dim=1).tolist()
-        if max(per_row) == 0:
+    def visual_token_counts(self, input_ids: torch.LongTensor) -> tuple[int, ...]:
+        per_row = tuple(self.image_token_mask(input_ids).sum(dim=1).tolist())
+        if min(per_row) == 0:
             raise ValueError(
-                f"rcpp_hf's methods need image tokens (id {self.model.config.image_token_id}) in the prompt, found "
-                "none; include '<image>' in the text, or use a plain GenerationConfig for text-only prompts"
+                f"rcpp_hf's methods need image tokens (id {self.model.config.image_token_id}) in every prompt, found "
+                f"counts {list(per_row)}; include '<image>' in the text, or use a plain GenerationConfig for "
+                "text-only prompts"
             )
-        if len(set(per_row)) != 1:
-            raise ValueError(
-                f"rcpp_hf's methods need the same number of images (image tokens) in every batch row, got image-token "
-                f"counts {per_row} (anyres images of different sizes count differently); batch rows with equal counts, "
-                f"or generate them separately"
-            )
-        return per_row[0]
+        return per_row
 
     def prompt_layout(self, input_ids: torch.LongTensor, model_kwargs: dict) -> TokenLayout:
         valid = model_kwargs.get("attention_mask")
