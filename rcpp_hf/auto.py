@@ -38,6 +38,15 @@ def rcpp_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
     return RCPP_CLASSES[model_type]
 
 
+def model_shape(path_or_config: str | Path | PretrainedConfig) -> tuple[int, int]:
+    """(decoder layers, visual tokens of an image: the most an anyres image gets) of a checkpoint, from its config
+    alone (its family's `config_shape`)."""
+    config = path_or_config
+    if not isinstance(config, PretrainedConfig):
+        config = AutoConfig.from_pretrained(path_or_config)
+    return rcpp_class_for(config).family_class.config_shape(config)
+
+
 def from_pretrained(path_or_id: str | Path, **kwargs) -> PreTrainedModel:
     """Load `path_or_id` (a folder or a hub id) as its family's rcpp_hf class; `kwargs` go to that class's
     `from_pretrained` (dtype, attn_implementation, device_map, ...)."""

@@ -99,3 +99,21 @@ def test_rcpp_drcd_contrasts_and_evicts(anyres_paths, model_type):
     assert any(bool(step.num_noise.sum()) and step.contrast for step in out.rcpp.steps)
     evicted = sum(step.evicted.shape[1] for step in out.rcpp.steps)
     assert evicted == 52 - 13 and out.past_key_values.num_visual_tokens == 13  # keep_ratio_end 0.25 of 52
+
+
+def test_config_shapes_give_the_most_visual_tokens_an_image_gets(anyres_paths):
+    """Read from the config alone (checks made before loading): the tiny models' 2 x 2 grid (16 + 8 x 8 + 8 = 88,
+    the largest count `test_the_tiny_models_lay_out_anyres_images`' images reach), llava-hf's LLaVA-1.6 layout
+    (576 + 48 x 48 + 48) and OneVision's: `anyres_max_9` shrinks its 6 x 6 grid to 81 x 81 tokens, and its most is a
+    5 x 2 grid of 135 x 54 that the shrinking leaves (ratio 1.05, under its 1.1 threshold)."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaOnevisionConfig
+
+    from rcpp_hf.auto import model_shape
+
+    for path in anyres_paths.values():
+        assert model_shape(path) == (4, 88)
+    next_7b = LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14),
+                              vision_feature_select_strategy="default")  # fmt: skip
+    assert model_shape(next_7b) == (32, 576 + 48 * 48 + 48)
+    onevision = LlavaOnevisionConfig()
+    assert model_shape(onevision) == (onevision.text_config.num_hidden_layers, 729 + 135 * 54 + 135)

@@ -33,6 +33,12 @@ class ModelFamily:
     def __init__(self, model: PreTrainedModel):
         self.model = model
 
+    @staticmethod
+    def config_shape(config) -> tuple[int, int]:
+        """(decoder layers, visual tokens of an image) from the model's config alone, for checks made before the
+        model loads (e.g. a budget the model cannot reach); for anyres families, the most an image can have."""
+        raise NotImplementedError
+
     # -- the decoder ---------------------------------------------------------------------------------------------
     @property
     def language_model(self) -> torch.nn.Module:

@@ -24,6 +24,7 @@ def llava_shape(config) -> tuple[int, int]:
 
 class LlavaFamily(ModelFamily):
     stock_class = LlavaForConditionalGeneration
+    config_shape = staticmethod(llava_shape)
 
     @property
     def language_model(self) -> torch.nn.Module:

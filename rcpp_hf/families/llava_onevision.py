@@ -10,11 +10,15 @@ from __future__ import annotations
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from rcpp_hf.families.llava_next import LlavaNextFamily
+from rcpp_hf.families.llava_next import LlavaNextFamily, anyres_shape
 
 
 class LlavaOnevisionFamily(LlavaNextFamily):
     stock_class = LlavaOnevisionForConditionalGeneration
+
+    @staticmethod
+    def config_shape(config) -> tuple[int, int]:
+        return anyres_shape(config, max_tiles=int(config.vision_aspect_ratio.removeprefix("anyres_max_")))
 
     @property
     def language_model(self) -> torch.nn.Module:
