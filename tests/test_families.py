@@ -117,3 +117,31 @@ def test_config_shapes_give_the_most_visual_tokens_an_image_gets(anyres_paths):
     assert model_shape(next_7b) == (32, 576 + 48 * 48 + 48)
     onevision = LlavaOnevisionConfig()
     assert model_shape(onevision) == (onevision.text_config.num_hidden_layers, 729 + 135 * 54 + 135)
+
+
+def test_take_rows_left_pads_the_rows_that_keep_fewer_entries():
+    """Kept entries stay in order at their positions; the shorter row gets invalid, non-visual entries in front."""
+    from rcpp_hf.engine.layout import TokenLayout
+
+    positions = torch.arange(6).expand(2, -1)
+    layout = TokenLayout(positions, torch.ones(2, 6, dtype=torch.bool), torch.tensor([[-1, 0, 1, 2, 3, -1]] * 2))
+    keep = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 0, 0, 1, 0, 1]], dtype=torch.bool)
+    taken, index = layout.take_rows(keep)
+    assert index.tolist() == [[0, 1, 3, 4, 5], [0, 0, 0, 3, 5]]
+    assert taken.valid.tolist() == [[True] * 5, [False, False, True, True, True]]
+    assert taken.visual_ids.tolist() == [[-1, 0, 2, 3, -1], [-1, -1, -1, 2, -1]]
+    assert taken.positions[1, 2:].tolist() == [0, 3, 5] and taken.visual_counts == (3, 1)
+    assert taken.visual_token_ids.tolist() == [[0, 2, 3], [2, -1, -1]]  # padding slots: id -1
+
+
+def test_onevision_refuses_a_decoder_with_sliding_window_layers(anyres_paths):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(anyres_paths["llava_onevision"])
+    config.text_config.use_sliding_window, config.text_config.sliding_window = True, 8
+    config.text_config.layer_types = ["full_attention", "sliding_attention"] * 2
+    model = rcpp_hf.from_pretrained(anyres_paths["llava_onevision"], config=config)
+    assert model.model.language_model.has_sliding_layers
+    batch = anyres_batch(anyres_paths["llava_onevision"], EQUAL_SIZES)
+    with pytest.raises(ValueError, match="sliding-window layers .*use_sliding_window=False"):
+        model.generate(**batch, generation_config=active_config(max_new_tokens=2))
