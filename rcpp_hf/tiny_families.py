@@ -7,7 +7,7 @@ few dozen visual tokens.
   image's size and aspect ratio.
 - LLaVA-OneVision: a SigLIP tower (no CLS token), the projector and a Qwen2 decoder (bias in q / k / v, GQA); the
   same tile layout, with OneVision's `anyres_max_9` shrinking of large grids (which a tiny grid never triggers).
-  Its processor is built without the video processor, which needs torchvision (`OnevisionImageProcessor`).
+  Its processor is built without the video processor, which needs torchvision (`OnevisionProcessorWithoutVideo`).
 
 Both are saved with their processor's parts (the byte-level tokenizer of `tiny.py` and the Pillow image processor),
 so that `from_pretrained(folder)` takes a real checkpoint's path; `load_tiny_processor` reads them back. The weights
@@ -71,7 +71,7 @@ class TinyAnyresSpec:
         return [[rows * self.tile_size, cols * self.tile_size] for rows in sides for cols in sides]
 
 
-class OnevisionImageProcessor(LlavaOnevisionProcessor):
+class OnevisionProcessorWithoutVideo(LlavaOnevisionProcessor):
     """`LlavaOnevisionProcessor` for images only: its video processor is None. transformers checks every part's
     class when a processor is built, and the video processor's base class is not importable without torchvision;
     this processor skips that one check. Its prompts are the stock processor's, token for token."""
@@ -169,10 +169,10 @@ def build_tiny_llava_onevision(spec: TinyAnyresSpec = TinyAnyresSpec()):
     return model, onevision_processor(image_processor, tokenizer, model.config)
 
 
-def onevision_processor(image_processor, tokenizer, config) -> OnevisionImageProcessor:
+def onevision_processor(image_processor, tokenizer, config) -> OnevisionProcessorWithoutVideo:
     """The OneVision processor of `image_processor` and `tokenizer` for a model of `config` (no video processor)."""
     tokens_per_tile = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    return OnevisionImageProcessor(
+    return OnevisionProcessorWithoutVideo(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=None,  # OneVision's video processor needs torchvision

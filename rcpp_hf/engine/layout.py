@@ -64,7 +64,7 @@ class TokenLayout:
     @cached_property
     def num_visual(self) -> int:
         """Visual entries per row (the most any row holds, when rows differ)."""
-        return int((self.visual_ids >= 0).sum(dim=1).max())
+        return max(self.visual_counts)
 
     @cached_property
     def visual_slots(self) -> torch.Tensor:
