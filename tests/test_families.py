@@ -11,7 +11,15 @@ import rcpp_hf
 from rcpp_hf import RCPPGenerationConfig
 from rcpp_hf.auto import RCPP_CLASSES
 from rcpp_hf.tiny_families import BUILDERS, save_tiny_family
-from tests.conftest import ANYRES_TYPES, EQUAL_SIZES, RAGGED_SIZES, active_config, anyres_batch, neutral_config
+from tests.conftest import (
+    ANYRES_TYPES,
+    EQUAL_SIZES,
+    RAGGED_SIZES,
+    active_config,
+    anyres_batch,
+    neutral_config,
+    row_alone,
+)
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
 
@@ -145,3 +153,26 @@ def test_onevision_refuses_a_decoder_with_sliding_window_layers(anyres_paths):
     batch = anyres_batch(anyres_paths["llava_onevision"], EQUAL_SIZES)
     with pytest.raises(ValueError, match="sliding-window layers .*use_sliding_window=False"):
         model.generate(**batch, generation_config=active_config(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("model_type", ANYRES_TYPES)
+def test_rcpp_drcd_on_rows_whose_images_differ_in_size(anyres_paths, model_type):
+    """Rows of 52 and 56 visual tokens: each keeps the scheduled share of its own image (a quarter: 13 and 14) and
+    decodes as it does alone; consumed-evidence gating, which compares rows of one count, refuses them."""
+    _, ours = load_pair(anyres_paths[model_type], model_type)
+    batch = anyres_batch(anyres_paths[model_type], RAGGED_SIZES)
+    config = active_config(max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    out = ours.generate(**batch, generation_config=config)
+    assert out.past_key_values.layouts[-1].visual_counts == (13, 14)
+    evicted = torch.stack([(step.evicted >= 0).sum(dim=1) for step in out.rcpp.steps]).sum(dim=0)
+    assert evicted.tolist() == [52 - 13, 56 - 14] and any(step.contrast for step in out.rcpp.steps)
+    for step in out.rcpp.steps:  # each row's scores over its own image; padding columns are not reported
+        assert step.scores.shape == (2, 56) and (step.num_core + step.num_noise).tolist() == [
+            int(count) for count in torch.isfinite(step.scores).sum(dim=1)]
+    prompt = batch["input_ids"].shape[1]
+    for row in range(2):
+        alone = row_alone(batch, row)
+        generated = ours.generate(**alone, generation_config=config).sequences[0, alone["input_ids"].shape[1]:]
+        assert out.sequences[row, prompt : prompt + len(generated)].tolist() == generated.tolist()
+    with pytest.raises(ValueError, match=r"evidence_gating takes rows of one visual-token count, got \[52, 56\]"):
+        ours.generate(**batch, generation_config=active_config(max_new_tokens=2, evidence_gating=True))

@@ -38,12 +38,23 @@ class LlavaFamily(ModelFamily):
         return input_ids == self.model.config.image_token_id
 
     def visual_token_counts(self, input_ids: torch.LongTensor) -> tuple[int, ...]:
-        per_row = tuple(self.image_token_mask(input_ids).sum(dim=1).tolist())
+        """Also refuses rows with different numbers of images (runs of image tokens): rows may differ in visual
+        tokens only through their images' sizes (anyres)."""
+        image = self.image_token_mask(input_ids)
+        per_row = tuple(image.sum(dim=1).tolist())
         if min(per_row) == 0:
             raise ValueError(
                 f"rcpp_hf's methods need image tokens (id {self.model.config.image_token_id}) in every prompt, found "
                 f"counts {list(per_row)}; include '<image>' in the text, or use a plain GenerationConfig for "
                 "text-only prompts"
+            )
+        starts = image & ~torch.nn.functional.pad(image[:, :-1], (1, 0), value=False)
+        images = starts.sum(dim=1).tolist()
+        if len(set(images)) != 1:
+            raise ValueError(
+                f"rcpp_hf's methods need the same number of images in every batch row, got {images} images "
+                f"(image-token counts {list(per_row)}); batch rows with equal numbers of images, or generate them "
+                "separately"
             )
         return per_row
 

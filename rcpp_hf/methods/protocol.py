@@ -132,9 +132,9 @@ def check_ragged_rows(methods, counts: tuple[int, ...]) -> None:
     refusing = [method.name for method in methods if not method.ragged_rows]
     if refusing:
         raise ValueError(
-            f"{', '.join(refusing)} need the same number of images (image tokens) in every batch row, got image-token "
-            f"counts {list(counts)} (anyres images of different sizes count differently); batch rows with equal "
-            "counts, or generate them separately (the language-side prefill pruners run such batches)"
+            f"{', '.join(refusing)} need the same number of image tokens in every batch row, got {list(counts)} "
+            "(anyres images of different sizes count differently); batch images of one size, or generate the rows "
+            "separately (the language-side prefill pruners and RCPP + DRCD run such batches)"
         )
 
 
