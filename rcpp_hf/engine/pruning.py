@@ -279,6 +279,7 @@ class PrefillPruningTap(DecoderTap):
             if row_layout.num_visual <= stage.keep and not self.pruner.selects_count:
                 keep_entry[row] |= row_layout.visual_ids[0] >= 0
                 rows.append(row_hidden)
+                details.append({})
                 continue
             ctx = PruneContext(
                 stage, row_hidden, row_layout, None if attention is None else attention.row(row),
