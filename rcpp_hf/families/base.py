@@ -4,8 +4,8 @@ Methods and the engine never reach into a model's modules by attribute path: wha
 the decoder and its rotary embedding are, where image tokens sit in each row, the positions of the prompt's
 entries and of the next token, how images are encoded and how the vision tower's attention is recorded, which stock
 transformers class the model is) is answered here, one adapter per family (`llava.py`, `llava_next.py`,
-`llava_onevision.py`; docs/families.md). A method
-written against this interface runs on every family that implements it.
+`llava_onevision.py`; docs/families.md). A method written against this interface runs on every family that
+implements it.
 
 Shapes: B = batch rows, S = prompt length, D = the decoder's hidden size, V = visual tokens of a row's image.
 """
