@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     print("| keep share | newlines | newlines kept / all | mean abs logit change | greedy token changed |")
     print("|---|---|---|---|---|")
     for share in args.shares:
-        for label, method in (("pruned", FastV(keep=share)), ("kept", FastVKeepingNewlines(keep=share, newline=newline))):
+        choices = (("pruned", FastV(keep=share)), ("kept", FastVKeepingNewlines(keep=share, newline=newline)))
+        for label, method in choices:
             kept_newlines = total_newlines = changed = 0
             differences = []
             for image_file in images:
