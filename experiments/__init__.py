@@ -10,6 +10,7 @@ Each file is a script, run from the repository root after `pip install -e .`:
     python experiments/eviction_study.py 40                              # eviction before an object is named
     python experiments/pdrop_positions.py                                # PDrop: original vs renumbered positions
     python experiments/fastv_variants.py                                 # FastV: KV-cache vs re-pruning variant
+    python experiments/newline_tokens.py                                 # LLaVA-NeXT newlines: pruned or kept
 
 A script imports only the installed `rcpp_hf` (never a sibling in this folder), so it runs as a plain file; without
 the install, `PYTHONPATH=. python experiments/NAME.py ...` from the root does the same. This file makes the folder

@@ -3,7 +3,11 @@
 from rcpp_hf.engine.cache import VisualKVCache
 from rcpp_hf.auto import from_pretrained
 from rcpp_hf.config import RCPPGenerationConfig
-from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
+from rcpp_hf.modeling import (
+    RCPPLlavaForConditionalGeneration,
+    RCPPLlavaNextForConditionalGeneration,
+    RCPPLlavaOnevisionForConditionalGeneration,
+)
 from rcpp_hf.rcpp.trace import RCPPGenerateOutput, RCPPStep, RCPPTrace
 
 __version__ = "0.1.0"
@@ -12,6 +16,8 @@ __all__ = [
     "RCPPGenerationConfig",
     "RCPPGenerateOutput",
     "RCPPLlavaForConditionalGeneration",
+    "RCPPLlavaNextForConditionalGeneration",
+    "RCPPLlavaOnevisionForConditionalGeneration",
     "RCPPStep",
     "RCPPTrace",
     "VisualKVCache",

@@ -10,11 +10,17 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
+from rcpp_hf.modeling import (
+    RCPPLlavaForConditionalGeneration,
+    RCPPLlavaNextForConditionalGeneration,
+    RCPPLlavaOnevisionForConditionalGeneration,
+)
 
 # model_type -> rcpp_hf class; one entry per supported family.
 RCPP_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava": RCPPLlavaForConditionalGeneration,
+    "llava_next": RCPPLlavaNextForConditionalGeneration,
+    "llava_onevision": RCPPLlavaOnevisionForConditionalGeneration,
 }
 
 # from_pretrained's arguments that locate the config too (the rest are the model's).
@@ -30,6 +36,15 @@ def rcpp_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
             "Load a checkpoint of one of those families"
         )
     return RCPP_CLASSES[model_type]
+
+
+def model_shape(path_or_config: str | Path | PretrainedConfig) -> tuple[int, int]:
+    """(decoder layers, visual tokens of an image: the most an anyres image gets) of a checkpoint, from its config
+    alone (its family's `config_shape`)."""
+    config = path_or_config
+    if not isinstance(config, PretrainedConfig):
+        config = AutoConfig.from_pretrained(path_or_config)
+    return rcpp_class_for(config).family_class.config_shape(config)
 
 
 def from_pretrained(path_or_id: str | Path, **kwargs) -> PreTrainedModel:

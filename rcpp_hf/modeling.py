@@ -1,5 +1,6 @@
-"""`RCPPLlavaForConditionalGeneration`: LLaVA whose greedy / sampling loop runs rcpp_hf's methods (RCPP + DRCD and
-the registry's), through `MethodsGenerationMixin`.
+"""`RCPPLlavaForConditionalGeneration`, `RCPPLlavaNextForConditionalGeneration` and
+`RCPPLlavaOnevisionForConditionalGeneration`: LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision whose greedy / sampling loop
+runs rcpp_hf's methods (RCPP + DRCD and the registry's), through `MethodsGenerationMixin`.
 
 The mixin's `_sample` is transformers' loop written over the active methods (`methods/protocol.py`): the prompt's
 forward with every method's taps, then per token the logits the methods make of the last forward, the logits
@@ -11,13 +12,18 @@ method) `_sample` is transformers' own.
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig, LlavaForConditionalGeneration
+from transformers import (
+    GenerationConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
 from transformers.generation.utils import GenerationMode
 
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.decoder import DENSE_MASK_IMPLEMENTATIONS
 from rcpp_hf.engine.token_choice import TokenChoice
-from rcpp_hf.families import LlavaFamily, ModelFamily
+from rcpp_hf.families import LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, ModelFamily
 from rcpp_hf.methods.protocol import ActiveMethods, encodes_images_in_loop
 from rcpp_hf.rcpp.trace import RCPPGenerateOutput
 
@@ -157,3 +163,15 @@ class RCPPLlavaForConditionalGeneration(MethodsGenerationMixin, LlavaForConditio
     `from_pretrained` as usual."""
 
     family_class = LlavaFamily
+
+
+class RCPPLlavaNextForConditionalGeneration(MethodsGenerationMixin, LlavaNextForConditionalGeneration):
+    """`LlavaNextForConditionalGeneration` (LLaVA-1.6) with RCPP + DRCD decoding and the registry's methods."""
+
+    family_class = LlavaNextFamily
+
+
+class RCPPLlavaOnevisionForConditionalGeneration(MethodsGenerationMixin, LlavaOnevisionForConditionalGeneration):
+    """`LlavaOnevisionForConditionalGeneration` with RCPP + DRCD decoding and the registry's methods."""
+
+    family_class = LlavaOnevisionFamily

@@ -138,11 +138,13 @@ def vary_weights(model, std: float = 0.3, seed: int = 0) -> None:
 
 
 def row_alone(batch: dict, row: int) -> dict:
-    """Row `row` of a left-padded `batch` (input_ids, attention_mask, pixel_values) without its padding, batch size 1."""
+    """Row `row` of a left-padded `batch` (input_ids, attention_mask, and one image per row: pixel_values, and
+    image_sizes / batch_num_images for anyres models) without its padding, batch size 1."""
     real = batch["attention_mask"][row].bool()
-    return {"input_ids": batch["input_ids"][row : row + 1, real],
-            "attention_mask": batch["attention_mask"][row : row + 1, real],
-            "pixel_values": batch["pixel_values"][row : row + 1]}  # fmt: skip
+    alone = {name: value[row : row + 1] for name, value in batch.items()}
+    alone.update(input_ids=batch["input_ids"][row : row + 1, real],
+                 attention_mask=batch["attention_mask"][row : row + 1, real])  # fmt: skip
+    return alone
 
 
 @pytest.fixture
@@ -191,3 +193,49 @@ def shapesworld_small(tmp_path_factory) -> str:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return str(folder)
+
+
+# -- LLaVA-NeXT and LLaVA-OneVision (rcpp_hf.tiny_families) --------------------------------------------------------
+
+ANYRES_TYPES = ("llava_next", "llava_onevision")
+# Image (height, width) pairs: different sizes give the rows different image-token counts (52 and 56 on the tiny
+# models); equal sizes give equal counts (52).
+RAGGED_SIZES = ((24, 40), (40, 24))
+EQUAL_SIZES = ((24, 40), (24, 40))
+
+
+@pytest.fixture(scope="session")
+def anyres_paths(tmp_path_factory) -> dict[str, Path]:
+    """model_type -> a tiny LLaVA-NeXT / LLaVA-OneVision folder with varied weights (its outputs depend on what it
+    sees), saved and loaded back as a user's checkpoint."""
+    from transformers import AutoModelForImageTextToText
+
+    from rcpp_hf.tiny_families import save_tiny_family
+
+    paths = {}
+    for model_type in ANYRES_TYPES:
+        folder = save_tiny_family(tmp_path_factory.mktemp(f"tiny-{model_type}"), model_type)
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+        vary_weights(model)
+        model.save_pretrained(folder)
+        paths[model_type] = folder
+    return paths
+
+
+def sized_images(sizes) -> list[Image.Image]:
+    """Deterministic noise images of the given (height, width) sizes."""
+    generator = torch.Generator().manual_seed(len(sizes))
+    return [Image.fromarray(torch.randint(0, 256, (*size, 3), generator=generator, dtype=torch.uint8).numpy())
+            for size in sizes]  # fmt: skip
+
+
+def anyres_batch(path: Path, sizes) -> dict:
+    """Two left-padded rows (PROMPTS) of the tiny anyres model at `path`, with images of `sizes`."""
+    from transformers import AutoConfig
+
+    from rcpp_hf.tiny_families import load_tiny_processor
+
+    processor = load_tiny_processor(path, AutoConfig.from_pretrained(path))
+    inputs = processor(images=sized_images(sizes), text=PROMPTS, return_tensors="pt", padding=True)
+    assert (inputs["attention_mask"] == 0).any(), "fixture must exercise left padding"
+    return dict(inputs)

@@ -37,8 +37,9 @@ def prompt_layout(model, batch):
 def prefill(model, batch, taps=()):
     cache = VisualKVCache(config=model.config)
     with torch.no_grad():
-        embeds = model.family.embed_prompt(batch["input_ids"], {"pixel_values": batch["pixel_values"]})
-        hidden, layout = run_decoder(model.model.language_model, embeds, prompt_layout(model, batch), cache, list(taps))
+        images = {name: value for name, value in batch.items() if name not in ("input_ids", "attention_mask")}
+        embeds = model.family.embed_prompt(batch["input_ids"], images)
+        hidden, layout = run_decoder(model.family.language_model, embeds, prompt_layout(model, batch), cache, list(taps))
     return hidden, layout, cache
 
 
@@ -46,8 +47,8 @@ def decode(model, cache, tokens, positions, taps=()):
     """One decode step of `tokens` (B, 1) at `positions` (B, 1) -> logits (B, vocab)."""
     rows = TokenLayout(positions, torch.ones_like(positions, dtype=torch.bool), torch.full_like(positions, -1))
     with torch.no_grad():
-        embeds = model.model.language_model.embed_tokens(tokens)
-        hidden, _ = run_decoder(model.model.language_model, embeds, rows, cache, list(taps))
+        embeds = model.family.language_model.embed_tokens(tokens)
+        hidden, _ = run_decoder(model.family.language_model, embeds, rows, cache, list(taps))
     cache.append_entries(positions)
     return model.lm_head(hidden)[:, -1]
 
@@ -62,9 +63,13 @@ class MaskFrom(DecoderTap):
 
     @classmethod
     def records(cls, records, num_visual):
-        """The stages of a pruner's `PruneRecord`s: each drops what it did not keep."""
-        return cls((record.layer, torch.ones(record.kept_visual_ids.shape[0], num_visual, dtype=torch.bool).scatter(
-            1, record.kept_visual_ids, False)) for record in records)  # fmt: skip
+        """The stages of a pruner's `PruneRecord`s: each drops what it did not keep (ids of -1 pad a row that kept
+        fewer than another)."""
+        def dropped(ids):
+            ids = torch.where(ids >= 0, ids, num_visual)  # padding lands in a column cut off below
+            return torch.ones(ids.shape[0], num_visual + 1, dtype=torch.bool).scatter(1, ids, False)[:, :num_visual]
+
+        return cls((record.layer, dropped(record.kept_visual_ids)) for record in records)
 
     def layer_mask(self, layer_idx, past, queries):
         full = queries if past is None else TokenLayout(

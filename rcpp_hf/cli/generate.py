@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
-from transformers import AutoConfig
 
+from rcpp_hf.auto import model_shape
 from rcpp_hf.cli.errors import UsageError, one_line
 from rcpp_hf.cli.options import (
     add_method_arguments,
@@ -22,7 +22,6 @@ from rcpp_hf.cli.options import (
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.cache import VisualKVCache, cache_nbytes
 from rcpp_hf.eval.answerer import load_model
-from rcpp_hf.families.llava import llava_shape
 from rcpp_hf.run_config import build_generation_config, load_method_preset
 
 LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -92,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     generation_config = build_generation_config(args.config, method, **overrides)
     generation_config.return_dict_in_generate = True
     model_path = model_folder(args.model)
-    shape = llava_shape(AutoConfig.from_pretrained(model_path))  # e.g. a budget this model cannot reach
+    shape = model_shape(model_path)  # e.g. a budget this model cannot reach
     for registered in generation_config.methods:
         registered.check_fits(*shape)
     model, processor = load_model(model_path, args.dtype, args.device)

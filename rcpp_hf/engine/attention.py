@@ -58,6 +58,12 @@ class LayerAttention:
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     keys: torch.Tensor
 
+    def row(self, index: int) -> "LayerAttention":
+        """Batch row `index` alone."""
+        one = slice(index, index + 1)
+        cos, sin = self.position_embeddings
+        return LayerAttention(self.self_attn, self.query_proj[one], (cos[one], sin[one]), self.keys[one])
+
     def probs(self, rows: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """Attention probabilities of the query rows `rows` (B, q) (indices into this forward's queries) over the keys
         allowed by `key_mask` (B, q, K) -> (B, H, q, K) float32."""

@@ -142,6 +142,33 @@ class VisualKVCache(DynamicCache):
             layer.values = layer.values[rows, heads, kept[:, None, :]]
         return kept_columns
 
+    def evict_visual_rows(self, columns: torch.Tensor) -> torch.Tensor:
+        """`evict_visual` for rows that evict different numbers of visual tokens (and may hold different numbers):
+        `columns` (B, k) names each row's visual columns of the deepest layer, -1 after a row's own. A row left with
+        fewer entries than another is left-padded with invalid entries (`TokenLayout.take_rows`).
+
+        Returns, per row, the old visual column of each new one (B, Vc'), for tensors aligned with the cached visual
+        tokens; a row's columns after its own (visual-token id -1 in `visual_token_ids`) name any old column."""
+        ids = self.visual_token_ids
+        evicted_ids = torch.where(columns >= 0, ids.gather(1, columns.clamp_min(0)), -2)  # -2: no entry's id
+        kept_entries: dict[int, torch.Tensor] = {}
+
+        def drop(layout: TokenLayout) -> TokenLayout:
+            hit = (layout.visual_ids[:, :, None] == evicted_ids[:, None, :]).any(dim=2)
+            new_layout, kept = layout.take_rows(~hit)
+            kept_entries[id(layout)] = kept
+            return new_layout
+
+        old_layouts = list(self.layouts)
+        self._map_layouts(drop)
+        for layer, layout in zip(self.layers, old_layouts):
+            kept = kept_entries[id(layout)]
+            rows = torch.arange(kept.shape[0], device=kept.device)[:, None, None]
+            heads = torch.arange(layer.keys.shape[1], device=kept.device)[None, :, None]
+            layer.keys = layer.keys[rows, heads, kept[:, None, :]]
+            layer.values = layer.values[rows, heads, kept[:, None, :]]
+        return (ids[:, None, :] == self.visual_token_ids[:, :, None]).to(torch.int8).argmax(dim=2)
+
     # -- size ---------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes held by keys and values over all layers."""
@@ -152,5 +179,6 @@ class VisualKVCache(DynamicCache):
         total = 0
         for layer, layout in zip(self.layers, self.layouts):
             if layer.is_initialized and layout.seq_len:
-                total += (layer.keys.nbytes + layer.values.nbytes) * layout.num_visual // layout.seq_len
+                entries = layout.visual_ids.numel()  # rows may hold different numbers of visual entries
+                total += (layer.keys.nbytes + layer.values.nbytes) * sum(layout.visual_counts) // entries
         return total

@@ -18,7 +18,7 @@ def first_true_columns(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :count]
 
 
-VISUAL_VIEWS = ("num_visual", "visual_slots", "visual_token_ids")  # TokenLayout's cached views of its visual entries
+VISUAL_VIEWS = ("visual_counts", "num_visual", "visual_slots", "visual_token_ids")  # cached views of visual entries
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,10 @@ class TokenLayout:
         positions: logical position of each entry (what RoPE was or will be applied with).
         valid: False for left padding.
         visual_ids: index of the entry's visual token among the prompt's image tokens (0..V-1), -1 otherwise.
-    Every row holds the same number of visual entries, so that rows stay rectangular after any drop.
+    Rows usually hold the same number of visual entries. They differ when the rows' images do (anyres images of
+    different sizes): the visual views are then padded to the row with the most (`visual_counts` says how many
+    of each row's are real; padding slots name non-visual entries, of visual-token id -1), and a row that keeps
+    fewer entries than another is left-padded with invalid entries (`take_rows`), as a left-padded prompt is.
     A layout is never changed in place (every edit returns a new one), so its derived views are computed once: a
     decode step asks for them on every layer, and `num_visual` costs a host synchronisation.
     """
@@ -49,19 +52,51 @@ class TokenLayout:
         return self.positions.shape[1]
 
     @cached_property
+    def visual_counts(self) -> tuple[int, ...]:
+        """Visual entries of each row."""
+        return tuple((self.visual_ids >= 0).sum(dim=1).tolist())
+
+    @property
+    def ragged(self) -> bool:
+        """Whether rows hold different numbers of visual entries."""
+        return len(set(self.visual_counts)) > 1
+
+    @cached_property
     def num_visual(self) -> int:
-        """Visual entries per row."""
-        return int((self.visual_ids[0] >= 0).sum())
+        """Visual entries per row (the most any row holds, when rows differ)."""
+        return max(self.visual_counts)
 
     @cached_property
     def visual_slots(self) -> torch.Tensor:
-        """(B, Vl) index of each visual entry, in order."""
+        """(B, Vl) index of each visual entry, in order (then padding slots, in a row with fewer)."""
         return first_true_columns(self.visual_ids >= 0, self.num_visual)
 
     @cached_property
     def visual_token_ids(self) -> torch.Tensor:
-        """(B, Vl) visual-token id of each visual entry, in order."""
+        """(B, Vl) visual-token id of each visual entry, in order (-1 at padding slots)."""
         return self.visual_ids.gather(1, self.visual_slots)
+
+    def row(self, index: int) -> "TokenLayout":
+        """Row `index` alone, (1, S)."""
+        return TokenLayout(self.positions[index : index + 1], self.valid[index : index + 1],
+                           self.visual_ids[index : index + 1])  # fmt: skip
+
+    def take_rows(self, keep: torch.Tensor) -> tuple["TokenLayout", torch.Tensor]:
+        """The entries where `keep` (B, S) bool is True, in order, rows with fewer kept entries left-padded to the
+        longest with invalid, non-visual entries (copies of the row's first entry: no query attends to them).
+        Returns the new layout and the entry index (B, k) it was gathered from, for tensors aligned with this one."""
+        counts = keep.sum(dim=1)
+        width = int(counts.max())
+        pad = width - counts  # (B,) padding entries each row gets
+        kept = first_true_columns(keep, width)  # a short row's last columns name dropped entries: rolled to the front
+        column = torch.arange(width, device=keep.device)
+        shifted = (column[None, :] - pad[:, None]) % width
+        index = kept.gather(1, shifted)
+        padding = column[None, :] < pad[:, None]
+        index = torch.where(padding, 0, index)
+        taken = self.take(index)
+        return TokenLayout(positions=taken.positions, valid=taken.valid & ~padding,
+                           visual_ids=torch.where(padding, -1, taken.visual_ids)), index
 
     def take(self, index: torch.Tensor) -> "TokenLayout":
         """The entries at `index` (B, k), which must be increasing in each row (logical order is kept)."""

@@ -87,12 +87,17 @@ class PruneStage:
 
 @dataclass
 class PruneRecord:
-    """What one stage did: its layer, the visual tokens it kept per row, and method-specific facts (e.g. heads)."""
+    """What one stage did: its layer, the visual tokens it kept per row, and method-specific facts (e.g. heads).
+
+    Rows whose images differ in size keep different counts: `kept` is then the most a row kept, `kept_per_row`
+    each row's, and `kept_visual_ids` is padded with -1 after a row's own; `details` holds each row's facts under
+    "rows"."""
 
     layer: int
     kept: int
     kept_visual_ids: torch.Tensor  # (B, keep) indices of the kept visual tokens among the image tokens (0..V-1)
     details: dict = field(default_factory=dict)
+    kept_per_row: tuple[int, ...] | None = None  # None: every row kept `kept`
 
 
 @dataclass
@@ -182,24 +187,44 @@ class PrefillPruningTap(DecoderTap):
     `pruner` is a `methods.prefill_pruner.PrefillPruner`: the tap calls its `resolve_stages`, `attention_layer`,
     `select`, `recycle` and `stage_positions` and reads `name` and `selects_count`. `position_shifts` holds, per
     stage layer whose pruner moved positions, how far the last prompt entry moved (B, 1), for `PositionShiftTap`.
+
+    `num_visual` is V, or one V per row when the rows' images differ in size. Each row's stages are then resolved on
+    its own image (a fraction keeps that share of each row's tokens, a count that many of each row's), at the same
+    layers, and each stage selects row by row, as each row alone would; rows that keep fewer entries are
+    left-padded (`TokenLayout.take_rows`).
     """
 
     def __init__(
         self,
         pruner,
         language_model: torch.nn.Module,
-        num_visual: int,
+        num_visual: int | tuple[int, ...],
         vision: VisionRecord | None = None,
     ):
         num_layers = language_model.config.num_hidden_layers
         self.pruner = pruner
         self.language_model = language_model
         self.vision = vision
-        stages = pruner.resolve_stages(num_layers, num_visual)
+        counts = (num_visual,) if isinstance(num_visual, int) else tuple(num_visual)
+        resolved = {count: pruner.resolve_stages(num_layers, count) for count in sorted(set(counts))}
+        for count, stages in resolved.items():
+            read_layers = {stage.layer: pruner.attention_layer(stage) for stage in stages}
+            # Checked before keying by layer, where two stages on one layer would silently merge.
+            check_stages(stages, num_layers, count, pruner.name, read_layers)
+        if len({tuple(stage.layer for stage in stages) for stages in resolved.values()}) > 1:
+            raise ValueError(
+                f"{pruner.name}: its stage layers depend on the image's size, and the batch rows' images differ "
+                f"({sorted(resolved)} visual tokens); batch images of one size, or generate the rows separately"
+            )
+        stages = resolved[counts[0]]
         self.read_layers = {stage.layer: pruner.attention_layer(stage) for stage in stages}
-        # Checked before keying by layer, where two stages on one layer would silently merge.
-        check_stages(stages, num_layers, num_visual, pruner.name, self.read_layers)
         self.stages = {stage.layer: stage for stage in stages}
+        # Ragged rows: each row's own stages, by layer.
+        self.row_stages = None if len(resolved) == 1 else [
+            {stage.layer: stage for stage in resolved[count]} for count in counts]  # fmt: skip
+        if self.row_stages is not None and vision is not None:
+            raise ValueError(f"{pruner.name} reads the vision tower, recorded for rows of one image size; got "
+                             f"images of {sorted(resolved)} visual tokens")  # fmt: skip
         self.attention_layers = frozenset(layer for layer in self.read_layers.values() if layer is not None)
         self.attention: dict[int, LayerAttention] = {}
         self.inputs_embeds: torch.Tensor | None = None  # the decoder's input and its layout, seen before layer 0
@@ -215,6 +240,8 @@ class PrefillPruningTap(DecoderTap):
         if layer_idx == 0:
             self.inputs_embeds, self.prompt_layout = hidden, layout
         stage = self.stages.get(layer_idx)
+        if stage is not None and self.row_stages is not None:
+            return self.prune_rows(layer_idx, hidden, layout)
         if stage is None or (layout.num_visual <= stage.keep and not self.pruner.selects_count):
             return None
         ctx = PruneContext(
@@ -239,6 +266,42 @@ class PrefillPruningTap(DecoderTap):
             self.position_shifts[layer_idx] = layout.positions[:, -1:] - positions[:, -1:]
             layout = layout.with_positions(positions)
         self.records.append(PruneRecord(layer_idx, columns.shape[1], layout.visual_token_ids, ctx.details))
+        return hidden, layout
+
+    def prune_rows(self, layer_idx: int, hidden: torch.Tensor, layout: TokenLayout):
+        """A stage on rows whose images differ in size: each row's own stage selects on that row alone (the pruner
+        sees a batch of one), then the rows keep their text and their selected visual entries, left-padded."""
+        attention = self.attention.get(self.read_layers[layer_idx])
+        keep_entry = layout.visual_ids < 0
+        rows, details = [], []
+        for row in range(hidden.shape[0]):
+            stage, row_layout, row_hidden = self.row_stages[row][layer_idx], layout.row(row), hidden[row : row + 1]
+            if row_layout.num_visual <= stage.keep and not self.pruner.selects_count:
+                keep_entry[row] |= row_layout.visual_ids[0] >= 0
+                rows.append(row_hidden)
+                details.append({})
+                continue
+            ctx = PruneContext(
+                stage, row_hidden, row_layout, None if attention is None else attention.row(row),
+                self.language_model, self.inputs_embeds[row : row + 1], self.prompt_layout.row(row),
+            )  # fmt: skip
+            columns = self.pruner.select(ctx)
+            recycled = self.pruner.recycle(ctx, columns)
+            if recycled is not None:
+                columns = torch.cat([columns, recycled[0]], dim=1)
+                recycled_slots = row_layout.visual_slots.gather(1, recycled[0])[:, :, None].expand_as(recycled[1])
+                row_hidden = row_hidden.scatter(1, recycled_slots, recycled[1].to(hidden.dtype))
+            keep_entry[row, row_layout.visual_slots.gather(1, columns)[0]] = True
+            rows.append(row_hidden)
+            details.append(ctx.details)
+        hidden, (layout, index) = torch.cat(rows, dim=0), layout.take_rows(keep_entry)
+        hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        positions = self.pruner.stage_positions(layout)
+        if positions is not None:
+            self.position_shifts[layer_idx] = layout.positions[:, -1:] - positions[:, -1:]
+            layout = layout.with_positions(positions)
+        self.records.append(PruneRecord(layer_idx, layout.num_visual, layout.visual_token_ids, {"rows": details},
+                                        kept_per_row=layout.visual_counts))  # fmt: skip
         return hidden, layout
 
 

@@ -2,5 +2,7 @@
 
 from rcpp_hf.families.base import ModelFamily
 from rcpp_hf.families.llava import LlavaFamily
+from rcpp_hf.families.llava_next import LlavaNextFamily
+from rcpp_hf.families.llava_onevision import LlavaOnevisionFamily
 
-__all__ = ["LlavaFamily", "ModelFamily"]
+__all__ = ["LlavaFamily", "LlavaNextFamily", "LlavaOnevisionFamily", "ModelFamily"]

@@ -3,8 +3,9 @@
 Methods and the engine never reach into a model's modules by attribute path: what differs between families (where
 the decoder and its rotary embedding are, where image tokens sit in each row, the positions of the prompt's
 entries and of the next token, how images are encoded and how the vision tower's attention is recorded, which stock
-transformers class the model is) is answered here, one adapter per family (`llava.py` for LLaVA-1.5). A method
-written against this interface runs on every family that implements it.
+transformers class the model is) is answered here, one adapter per family (`llava.py`, `llava_next.py`,
+`llava_onevision.py`; docs/families.md). A method written against this interface runs on every family that
+implements it.
 
 Shapes: B = batch rows, S = prompt length, D = the decoder's hidden size, V = visual tokens of a row's image.
 """
@@ -33,6 +34,12 @@ class ModelFamily:
     def __init__(self, model: PreTrainedModel):
         self.model = model
 
+    @staticmethod
+    def config_shape(config) -> tuple[int, int]:
+        """(decoder layers, visual tokens of an image) from the model's config alone, for checks made before the
+        model loads (e.g. a budget the model cannot reach); for anyres families, the most an image can have."""
+        raise NotImplementedError
+
     # -- the decoder ---------------------------------------------------------------------------------------------
     @property
     def language_model(self) -> torch.nn.Module:
@@ -49,8 +56,9 @@ class ModelFamily:
         """(B, S) bool: which prompt entries are image tokens (the visual tokens the methods act on)."""
         raise NotImplementedError
 
-    def count_visual_tokens(self, input_ids: torch.LongTensor) -> int:
-        """V, the visual tokens per row; raises when a row has none or rows differ (methods keep rows rectangular)."""
+    def visual_token_counts(self, input_ids: torch.LongTensor) -> tuple[int, ...]:
+        """V of each row (rows differ when their images do, e.g. anyres images of different sizes); raises when a
+        row has none."""
         raise NotImplementedError
 
     def prompt_layout(self, input_ids: torch.LongTensor, model_kwargs: dict) -> TokenLayout:

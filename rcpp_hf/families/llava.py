@@ -4,6 +4,8 @@ one image per batch row, and positions are the 1-D ones `generate` derives from 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import LlavaForConditionalGeneration
 
@@ -22,6 +24,7 @@ def llava_shape(config) -> tuple[int, int]:
 
 class LlavaFamily(ModelFamily):
     stock_class = LlavaForConditionalGeneration
+    config_shape = staticmethod(llava_shape)
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -34,19 +37,26 @@ class LlavaFamily(ModelFamily):
     def image_token_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
         return input_ids == self.model.config.image_token_id
 
-    def count_visual_tokens(self, input_ids: torch.LongTensor) -> int:
-        per_row = self.image_token_mask(input_ids).sum(dim=1).tolist()
-        if max(per_row) == 0:
+    def visual_token_counts(self, input_ids: torch.LongTensor) -> tuple[int, ...]:
+        """Also refuses rows with different numbers of images (runs of image tokens): rows may differ in visual
+        tokens only through their images' sizes (anyres)."""
+        image = self.image_token_mask(input_ids)
+        per_row = tuple(image.sum(dim=1).tolist())
+        if min(per_row) == 0:
             raise ValueError(
-                f"rcpp_hf's methods need image tokens (id {self.model.config.image_token_id}) in the prompt, found "
-                "none; include '<image>' in the text, or use a plain GenerationConfig for text-only prompts"
+                f"rcpp_hf's methods need image tokens (id {self.model.config.image_token_id}) in every prompt, found "
+                f"counts {list(per_row)}; include '<image>' in the text, or use a plain GenerationConfig for "
+                "text-only prompts"
             )
-        if len(set(per_row)) != 1:
+        starts = image & ~torch.nn.functional.pad(image[:, :-1], (1, 0), value=False)
+        images = starts.sum(dim=1).tolist()
+        if len(set(images)) != 1:
             raise ValueError(
-                f"rcpp_hf's methods need the same number of images (image tokens) in every batch row, got image-token "
-                f"counts {per_row}; batch rows with equal numbers of images, or generate them separately"
+                f"rcpp_hf's methods need the same number of images in every batch row, got {images} images "
+                f"(image-token counts {list(per_row)}); batch rows with equal numbers of images, or generate them "
+                "separately"
             )
-        return per_row[0]
+        return per_row
 
     def prompt_layout(self, input_ids: torch.LongTensor, model_kwargs: dict) -> TokenLayout:
         valid = model_kwargs.get("attention_mask")
@@ -58,24 +68,30 @@ class LlavaFamily(ModelFamily):
 
     # -- images --------------------------------------------------------------------------------------------------
     def embed_prompt(self, input_ids: torch.LongTensor, model_kwargs: dict, encoded=None) -> torch.Tensor:
-        """The first half of `LlavaModel.forward`: the image features scattered into the token embeddings."""
+        """The first half of the model's forward (`LlavaModel.forward`): the image features scattered into the token
+        embeddings."""
         llava = self.model.model
         inputs_embeds = llava.get_input_embeddings()(input_ids)
         if encoded is None:
             encoded = (model_kwargs.get("mm_encoder_outputs") or {}).get("image")  # generate encodes images up front
         if encoded is None and model_kwargs.get("pixel_values") is not None:
-            encoded = llava.get_image_features(
-                pixel_values=model_kwargs["pixel_values"],
-                vision_feature_layer=model_kwargs.get("vision_feature_layer"),
-                vision_feature_select_strategy=model_kwargs.get("vision_feature_select_strategy"),
-                image_sizes=model_kwargs.get("image_sizes"),
-                return_dict=True,
-            )
+            encoded = llava.get_image_features(**self.image_feature_kwargs(model_kwargs), return_dict=True)
         if encoded is None:
             return inputs_embeds
         features = torch.cat(encoded.pooler_output, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-        image_mask = llava.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+        image_mask = self.placeholder_mask(input_ids, inputs_embeds, features)
         return inputs_embeds.masked_scatter(image_mask, features)
+
+    def image_feature_kwargs(self, model_kwargs: dict) -> dict:
+        """The arguments of the model's `get_image_features` found in `model_kwargs`, as `generate` passes them
+        (pixel values, and per family image sizes, feature layer and selection, images per row, ...)."""
+        parameters = inspect.signature(self.model.model.get_image_features).parameters
+        return {name: model_kwargs[name] for name in parameters if name != "kwargs" and name in model_kwargs}
+
+    def placeholder_mask(self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor,
+                         features: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """(B, S, 1) where the image features go, checked against their count (the model's `get_placeholder_mask`)."""
+        return self.model.model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
 
     def encode_images_recorded(self, input_ids: torch.LongTensor, model_kwargs: dict, pruner):
         pixel_values, batch_size = model_kwargs.get("pixel_values"), input_ids.shape[0]

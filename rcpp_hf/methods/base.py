@@ -20,12 +20,15 @@ class MethodConfig:
         kind: one of `protocol.KINDS`; one generate call runs at most one method of each kind.
         reads_vision: `generate` records the vision tower while it encodes the images, for this method.
         distorts_image: the method reads the pixel values itself (e.g. VCD's noised image).
+        ragged_rows: the method runs batches whose rows hold different numbers of visual tokens (anyres images of
+            different sizes); the others refuse them.
     """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     reads_vision: ClassVar[bool] = False
     distorts_image: ClassVar[bool] = False
+    ragged_rows: ClassVar[bool] = False
     # Other names a method's settings are known by (e.g. its repository's config keys): alias -> field, or None for
     # a setting accepted and ignored. `registry.method_config` renames them before validation.
     SETTING_ALIASES: ClassVar[dict[str, str | None]] = {}

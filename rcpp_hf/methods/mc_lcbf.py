@@ -97,6 +97,7 @@ class MCLCBF(SteeringMethod):
     eps: float = 1e-6
 
     CONTRACT_NEUTRAL = {"prefill": False, "decode": False}
+    CONTRACT_ACTING = {"prefill_tau": 0.6, "decode_tau": 0.6}  # the anyres tiny models put 0.2 on their image
     CONTRACT_INVALID = {"prefill_tau": 1.5, "decode_barrier": "dot"}
 
     def __post_init__(self):

@@ -30,6 +30,7 @@ class PrefillPruner(MethodConfig):
     implement `resolve_stages` and `score`; `select` (top-k of the score) may be overridden."""
 
     kind = "prefill_pruner"
+    ragged_rows: ClassVar[bool] = True  # each row's stages resolve on its own image (engine/pruning.py)
     # True: `stage.keep` is an upper bound and `select` decides how many stay (the same count in every row), so a
     # stage runs even when it may keep every token (e.g. the GAN pruner's learned masks).
     selects_count: ClassVar[bool] = False
@@ -90,6 +91,7 @@ class VisionPruner(PrefillPruner):
     """
 
     reads_vision: ClassVar[bool] = True
+    ragged_rows: ClassVar[bool] = False  # the vision record holds one image size
     budget: int | float = published_fraction(64)
     vision_layer: int | None = None
 
@@ -123,7 +125,7 @@ class PrefillPruningState(MethodState):
         vision = None
         if pruner.reads_vision:
             ctx.encoded, vision = ctx.family.encode_images_recorded(ctx.input_ids, ctx.model_kwargs, pruner)
-        self.tap = PrefillPruningTap(pruner, ctx.language_model, ctx.num_visual, vision)
+        self.tap = PrefillPruningTap(pruner, ctx.language_model, ctx.visual_counts, vision)
         self.prefill_taps = [self.tap]
         self.decode_taps = [PositionShiftTap(self.tap)] if pruner.moves_positions else []
 

@@ -48,7 +48,8 @@ class GenerateContext:
         input_ids: (B, S) the prompt.
         model_kwargs: what `generate` passes `_sample` (attention_mask, position_ids, pixel_values, ...).
         layout: the prompt's `TokenLayout`.
-        num_visual: V.
+        num_visual: V (the most of any row, when rows differ).
+        visual_counts: V of each row.
         cache: the call's KV cache (the main branch's), filled by the prefill.
         encoded: the images, when a method encoded them (`encode_images_recorded`), for `embed_prompt`.
         embeds: (B, S, D) the decoder's input at prefill (set by `ActiveMethods.prefill`).
@@ -61,6 +62,7 @@ class GenerateContext:
     model_kwargs: dict
     layout: TokenLayout
     num_visual: int
+    visual_counts: tuple[int, ...]
     cache: VisualKVCache
     encoded: object | None = None
     embeds: torch.Tensor | None = None
@@ -123,6 +125,19 @@ def check_combination(methods) -> None:
         raise ValueError(f"{decoder.name} is a contrastive decoder and runs alone; got it with {others}")
 
 
+def check_ragged_rows(methods, counts: tuple[int, ...]) -> None:
+    """Rows with different numbers of visual tokens run only with methods that take them (`ragged_rows`)."""
+    if len(set(counts)) == 1:
+        return
+    refusing = [method.name for method in methods if not method.ragged_rows]
+    if refusing:
+        raise ValueError(
+            f"{', '.join(refusing)} need the same number of image tokens in every batch row, got {list(counts)} "
+            "(anyres images of different sizes count differently); batch images of one size, or generate the rows "
+            "separately (the language-side prefill pruners and RCPP + DRCD run such batches)"
+        )
+
+
 def encodes_images_in_loop(methods) -> bool:
     """Whether `_sample` must encode the images itself: a method records the vision tower while they are encoded,
     or distorts the pixels (`generate` would otherwise encode them once, up front)."""
@@ -138,9 +153,10 @@ class ActiveMethods:
         cache = model_kwargs.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("rcpp_hf's methods start from an empty cache; continuing from past_key_values is not supported")
-        num_visual = family.count_visual_tokens(input_ids)
+        counts = family.visual_token_counts(input_ids)
+        check_ragged_rows(methods, counts)
         self.ctx = GenerateContext(family, generation_config, input_ids, model_kwargs,
-                                   family.prompt_layout(input_ids, model_kwargs), num_visual,
+                                   family.prompt_layout(input_ids, model_kwargs), max(counts), counts,
                                    VisualKVCache(config=family.model.config))  # fmt: skip
         ordered = sorted(methods, key=lambda method: KINDS.index(method.kind))
         self.states: list[MethodState] = [method.start(self.ctx) for method in ordered]

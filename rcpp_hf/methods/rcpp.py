@@ -137,6 +137,7 @@ class RCPP(DecodingMethod):
     """
 
     name = "rcpp"
+    ragged_rows = True  # rows of different visual-token counts: each row's budget is a share of its own image
     # tau = -1 puts every token in C (otherwise the main row would see C alone): with no contrast and no eviction
     # the scores are recorded and nothing changes.
     CONTRACT_NEUTRAL = {"lambda_start": 0.0, "lambda_end": 0.0, "keep_ratio_start": 1.0, "keep_ratio_end": 1.0,
@@ -179,6 +180,16 @@ class RCPPState(MethodState):
 
     def __init__(self, method: RCPP, ctx: GenerateContext):
         self.method, self.ctx = method, ctx
+        # Rows whose images differ in visual tokens: the (B, Vc) tensors below are padded after each row's own
+        # tokens (`padding`, where the cache's visual-token id is -1); padding scores are NaN and never grouped,
+        # evicted or reported.
+        self.ragged = len(set(ctx.visual_counts)) > 1
+        if self.ragged and method.evidence_gating:
+            raise ValueError(
+                f"RCPPGenerationConfig.evidence_gating takes rows of one visual-token count, got "
+                f"{list(ctx.visual_counts)}; batch images of one size, or generate the rows separately"
+            )
+        self.padding: torch.Tensor | None = None  # (B, Vc) bool, ragged rows only
         self.tap = RCPPTap(resolve_scoring_layers(method.scoring_layers, ctx.language_model.config.num_hidden_layers))
         self.prefill_taps = self.decode_taps = [self.tap]
         self.trace = RCPPTrace(num_visual_tokens=ctx.num_visual) if ctx.generation_config.return_dict_in_generate else None
@@ -200,6 +211,8 @@ class RCPPState(MethodState):
         self.tap.locate(cache.layouts, cache.visual_token_ids)
         self.visual = VisualStates.from_layers(self.tap.captured_states(cache.visual_token_ids))
         self.core = torch.full((ctx.input_ids.shape[0], cache.num_visual_tokens), True, device=ctx.input_ids.device)
+        if self.ragged:
+            self.padding = cache.visual_token_ids < 0
         if self.method.evidence_gating:  # nothing is grouped before step 0's token: nothing held yet
             self.protected = torch.zeros_like(self.core)
             self.protected_evicted = ctx.input_ids.new_zeros(ctx.input_ids.shape[0])
@@ -223,6 +236,8 @@ class RCPPState(MethodState):
         alpha = self.tap.visual_alpha()
         projection, recon_norm = reconstruct_visual_tokens(alpha, self.visual.states, self.visual.gram, h_t)
         self.scores = accumulate_consistency(self.scores, instant_consistency(projection, recon_norm, h_t), m.gamma)
+        if self.ragged:
+            self.scores = self.scores.masked_fill(self.padding, float("nan"))
         if m.evidence_gating:
             self.attention_sum = accumulate_attention(self.attention_sum, alpha)
             threshold = grouping_threshold(self.scores, m.tau, m.tau_mode)
@@ -256,6 +271,8 @@ class RCPPState(MethodState):
         With `evidence_gating` the key is `gating.eviction_key`: protected tokens go only when the budget needs
         more than the eligible ones, and `protected_evicted` counts them."""
         cache, gating = self.ctx.cache, self.method.evidence_gating
+        if self.ragged:
+            return self.evict_rows()
         num_evict = cache.num_visual_tokens - visual_token_budget(self.keep_ratio, self.ctx.num_visual)
         self.evicted = self.ctx.input_ids.new_zeros(self.scores.shape[0], 0)
         if gating:
@@ -276,20 +293,57 @@ class RCPPState(MethodState):
             self.once_consistent = self.once_consistent.gather(1, kept)
         self.tap.locate(cache.layouts, cache.visual_token_ids)
 
+    def evict_rows(self) -> None:
+        """`evict` on rows whose images differ in visual tokens: each row keeps the scheduled share of its own
+        image, so rows evict different numbers (`evicted` is padded with -1 after a row's own)."""
+        cache, cached = self.ctx.cache, (~self.padding).sum(dim=1)
+        budgets = torch.tensor([visual_token_budget(self.keep_ratio, count) for count in self.ctx.visual_counts],
+                               device=cached.device)  # fmt: skip
+        num_evict = (cached - budgets).clamp_min(0)
+        most = int(num_evict.max())
+        self.evicted = self.ctx.input_ids.new_zeros(self.scores.shape[0], 0)
+        if most == 0:
+            return
+        # Each row's lowest first (sorted), so that its own count is a prefix; padding never comes before a token.
+        key = self.scores.masked_fill(self.padding, float("inf"))
+        lowest = torch.topk(key, most, dim=-1, largest=False, sorted=True).indices
+        columns = torch.where(torch.arange(most, device=lowest.device) < num_evict[:, None], lowest, -1)
+        self.evicted = torch.where(columns >= 0, cache.visual_token_ids.gather(1, columns.clamp_min(0)), -1)
+        kept = cache.evict_visual_rows(columns)
+        self.scores, self.visual = self.scores.gather(1, kept), self.visual.keep(kept)
+        self.padding = cache.visual_token_ids < 0
+        self.scores = self.scores.masked_fill(self.padding, float("nan"))
+        self.tap.locate(cache.layouts, cache.visual_token_ids)
+
+    def by_visual_id(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, Vc) values of the cached visual columns -> (B, V) by visual-token id (ids the cache no longer holds,
+        and padding columns, give False / 0)."""
+        ids = self.ctx.cache.visual_token_ids
+        num_visual = self.ctx.num_visual
+        index = torch.where(ids >= 0, ids, num_visual)  # padding lands in a column cut off below
+        spread = values.new_zeros(ids.shape[0], num_visual + 1).scatter(1, index, values)
+        return spread[:, :num_visual]
+
     def group(self) -> None:
         """Stage 5: C / N from S, and the masks of the next forward's rows: 2 rows when some row has a non-empty N
         and lambda_t > 0. One host sync covers both decisions. With `evidence_gating`, protected tokens (the
         median taken over the tokens cached after this step's eviction) join C whatever their S."""
         self.core = group_visual_tokens(self.scores, self.method.tau, self.method.tau_mode)
+        if self.ragged:
+            self.core = self.core | self.padding  # no entry: in neither group's mask
         if self.method.evidence_gating:
             self.protected = protected_tokens(self.attention_sum, self.once_consistent)
             self.core = self.core | self.protected
         any_noise = bool((~self.core).any())
         self.num_rows = 2 if (any_noise and self.lambda_t > 0) else 1
         if any_noise:
-            ids = self.ctx.cache.visual_token_ids
-            by_id = torch.zeros(ids.shape[0], self.ctx.num_visual, dtype=torch.bool, device=ids.device)
-            self.tap.set_rows(self.num_rows, by_id.scatter(1, ids, self.core), by_id.scatter(1, ids, ~self.core))
+            if self.ragged:
+                core, noise = self.by_visual_id(self.core & ~self.padding), self.by_visual_id(~self.core)
+            else:
+                ids = self.ctx.cache.visual_token_ids
+                by_id = torch.zeros(ids.shape[0], self.ctx.num_visual, dtype=torch.bool, device=ids.device)
+                core, noise = by_id.scatter(1, ids, self.core), by_id.scatter(1, ids, ~self.core)
+            self.tap.set_rows(self.num_rows, core, noise)
         else:
             self.tap.set_rows(1, None, None)  # the causal masks vanilla uses, so neutral settings stay bit-identical
 
@@ -318,10 +372,15 @@ class RCPPState(MethodState):
         if self.trace is None:
             return
         cache, scores = self.ctx.cache, self.scores
-        full_scores = scores.new_full((scores.shape[0], self.ctx.num_visual), float("nan"))
-        full_scores.scatter_(1, cache.visual_token_ids, scores)
+        full_scores = scores.new_full((scores.shape[0], self.ctx.num_visual + self.ragged), float("nan"))
+        if self.ragged:  # padding columns land in the last column, cut off
+            ids = cache.visual_token_ids
+            full_scores = full_scores.scatter(1, torch.where(ids >= 0, ids, self.ctx.num_visual), scores)[:, :-1]
+        else:
+            full_scores.scatter_(1, cache.visual_token_ids, scores)
+        core = self.core if self.padding is None else self.core & ~self.padding
         self.trace.steps.append(RCPPStep(
-            step=step, scores=full_scores, num_core=self.core.sum(dim=1), num_noise=(~self.core).sum(dim=1),
+            step=step, scores=full_scores, num_core=core.sum(dim=1), num_noise=(~self.core).sum(dim=1),
             evicted=self.evicted, lambda_t=self.lambda_t, keep_ratio=self.keep_ratio, cache_bytes=cache.nbytes(),
             visual_cache_bytes=cache.visual_nbytes(), contrast=self.num_rows == 2,
             num_protected=None if self.protected is None else self.protected.sum(dim=1),

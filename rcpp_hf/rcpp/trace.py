@@ -17,7 +17,8 @@ class RCPPStep:
         scores: (B, V) consistency score S of every visual token of the prompt after this step's update; NaN for
             tokens evicted so far.
         num_core, num_noise: (B,) |C| and |N| used by this step's forward.
-        evicted: (B, k) prompt indices (0..V-1) of the visual tokens evicted at this step; k may be 0.
+        evicted: (B, k) prompt indices (0..V-1) of the visual tokens evicted at this step; k may be 0. Rows whose
+            images differ in visual tokens evict different counts: -1 pads a row after its own.
         lambda_t, keep_ratio: the scheduled values of this step (step 0: lambda_end with `first_token_action`,
             else 0).
         contrast: whether this step's token came from a forward with DRCD's contrast row.

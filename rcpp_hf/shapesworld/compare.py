@@ -37,8 +37,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from transformers import AutoConfig  # noqa: E402
 
+from rcpp_hf.auto import model_shape as checkpoint_shape  # noqa: E402
 from rcpp_hf.eval.bootstrap import (  # noqa: E402
     BENCHMARKS,
     LEVEL,
@@ -49,7 +49,6 @@ from rcpp_hf.eval.bootstrap import (  # noqa: E402
     benchmark_interval,
 )
 from rcpp_hf.eval.run_directory import RunDirectory  # noqa: E402
-from rcpp_hf.families.llava import llava_shape  # noqa: E402
 from rcpp_hf.methods import METHODS, load_method  # noqa: E402
 from rcpp_hf.methods.budget import budget_label, published_fraction, resolve_budget  # noqa: E402
 from rcpp_hf.methods.contrastive_decoder import ContrastiveDecoder  # noqa: E402
@@ -147,8 +146,8 @@ def comparison_settings(methods: list[str], budgets: tuple[int | float, ...],
 
 
 def model_shape(model: str) -> tuple[int, int]:
-    """(decoder layers, visual tokens per image) of a LLaVA checkpoint, from its config alone."""
-    return llava_shape(AutoConfig.from_pretrained(model))
+    """(decoder layers, visual tokens per image) of a checkpoint of any supported family, from its config alone."""
+    return checkpoint_shape(model)
 
 
 def skip_reason(setting: Setting, num_layers: int, num_visual: int) -> str | None:
