@@ -203,6 +203,7 @@ class RCPPLmms(lmms):
         prompts = [self._prompt(args[0], len(row)) for args, row in zip(batch, images)]
         inputs = self._inputs(prompts, [image for row in images for image in row])
         timer = StepTimer()
+        timer.start()
         out = self.model.generate(**inputs, generation_config=self._config_for(gen_kwargs), streamer=timer)
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
         until = gen_kwargs.get("until") or []
@@ -229,7 +230,7 @@ class RCPPLmms(lmms):
                 "kv_bytes": cache_nbytes(cache) / rows,
                 "visual_kv_bytes": cache.visual_nbytes() / rows if isinstance(cache, VisualKVCache) else None,
                 "new_tokens": length,
-                "seconds": (timer.stamps[-1] - timer.stamps[0]) / rows,
+                "seconds": timer.total_seconds / rows,
             })  # fmt: skip
         return texts, records
 
