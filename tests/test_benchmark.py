@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from rcpp_hf.benchmark import gpu_run, prefill_plot, prefill_profile
 from rcpp_hf.auto import model_shape
+from rcpp_hf.benchmark import gpu_run, prefill_plot, prefill_profile
 from rcpp_hf.benchmark.flops import prefill_flops, weight_macs
 from rcpp_hf.benchmark.measure import StepTimer
 from rcpp_hf.benchmark.model_sizes import SHAPES, load_benchmark_model
