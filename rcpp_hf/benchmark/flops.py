@@ -42,10 +42,11 @@ def prefill_flops(model, stages: list[PruneStage], num_visual: int, num_text: in
     whose image is `tiles` tiles (LLaVA-1.5: one; LLaVA-NeXT: the base tile and the grid's, `num_visual` then also
     counting the newline tokens, which neither the tower nor the projector computes)."""
     vision = model.config.vision_config
-    patches = tiles * (vision.image_size // vision.patch_size) ** 2
-    # the tower computes CLS too (the "default" strategy drops it after the tower); the projector, the patches
-    flops = 2 * (weight_macs(model.model.vision_tower) * (patches + tiles)
-                 + weight_macs(model.model.multi_modal_projector) * patches)  # fmt: skip
+    patches = (vision.image_size // vision.patch_size) ** 2
+    cls_token = int(vision.model_type == "clip_vision_model")  # SigLIP has none
+    kept_cls = cls_token * (model.config.vision_feature_select_strategy == "full")  # "default" drops it
+    flops = 2 * (weight_macs(model.model.vision_tower) * tiles * (patches + cls_token)
+                 + weight_macs(model.model.multi_modal_projector) * tiles * (patches + kept_cls))  # fmt: skip
     text_config = model.config.text_config
     attention_width = text_config.num_attention_heads * getattr(
         text_config, "head_dim", text_config.hidden_size // text_config.num_attention_heads
