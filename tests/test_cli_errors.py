@@ -377,5 +377,5 @@ def test_the_console_script_prints_one_line_and_exits_2():
 def test_python_m_with_debug_shows_the_traceback():
     done = _run([sys.executable, "-m", "rcpp_hf.cli", "--debug", "bench", "--shape", "huge"])
     assert done.returncode == 1
-    assert "Traceback" in done.stderr and done.stderr.strip().endswith("--shape huge: unknown; choose one of tiny, "
-                                                                        "small, 7b-width, 7b, or give --model")  # fmt: skip
+    assert "Traceback" in done.stderr and done.stderr.strip().endswith(
+        "--shape huge: unknown; choose one of tiny, small, 7b-width, 7b, next-tiny, next-small, next-7b, or give --model")
