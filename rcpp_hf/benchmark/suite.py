@@ -10,9 +10,9 @@ forward saves. A registry method with a `budget` setting runs at `BenchmarkSetti
 fraction of it). A method that does not fit the model (e.g. an unreachable budget) or that refuses it (e.g. a
 vision-side pruner on LLaVA-NeXT's anyres images) is a skipped row with its reason.
 
-The image is random noise, square: the vision tower's tile (336 pixels for LLaVA-1.5's shapes), or for an anyres
-model the largest square grid of its `image_grid_pinpoints` (672 for llava-v1.6's: a 2 x 2 grid, no padding), so
-that the prompt holds the most visual tokens the layout gives (576 + 48 x 48 + 48 newlines = 2,928).
+The image is random noise, square: 336 pixels for LLaVA-1.5 (the processor resizes it to the tower's tile), or for
+an anyres model the largest square grid of its `image_grid_pinpoints` (672 for llava-v1.6's: a 2 x 2 grid, no
+padding), so that the prompt holds the most visual tokens that grid gives (576 + 48 x 48 + 48 newlines = 2,928).
 """
 
 from __future__ import annotations
