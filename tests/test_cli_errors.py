@@ -378,4 +378,5 @@ def test_python_m_with_debug_shows_the_traceback():
     done = _run([sys.executable, "-m", "rcpp_hf.cli", "--debug", "bench", "--shape", "huge"])
     assert done.returncode == 1
     assert "Traceback" in done.stderr and done.stderr.strip().endswith(
-        "--shape huge: unknown; choose one of tiny, small, 7b-width, 7b, next-tiny, next-small, next-7b, or give --model")
+        "--shape huge: unknown; choose one of tiny, small, 7b-width, 7b, next-tiny, next-small, next-7b, or give "
+        "--model")

@@ -68,7 +68,8 @@ def load_benchmark_model(shape: str | None, model: str | None, device: str, dtyp
         raise ValueError(f"unknown benchmark shape {shape!r}; expected one of {sorted(SHAPES)} or --model")
     if shape in GPU_ONLY and not str(device).startswith("cuda"):
         small = "next-small" if shape.startswith("next") else "small"
-        raise ValueError(f"the {shape!r} shape needs a CUDA device (about 14 GB in float16); use --shape {small} on CPU")
+        raise ValueError(f"the {shape!r} shape needs a CUDA device (about 14 GB in float16); use --shape {small} "
+                         "on CPU")
     spec = SHAPES[shape]
     with torch.device(device):  # initialised where it runs: a 7B model's random init is minutes on a CPU
         if isinstance(spec, TinyAnyresSpec):
