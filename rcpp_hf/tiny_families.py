@@ -44,7 +44,10 @@ from rcpp_hf.tiny import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, build_tokenizer
 @dataclass(frozen=True)
 class TinyAnyresSpec:
     """Shapes of a tiny anyres model: tiles of `tile_size` pixels cut into `patch_size` patches ((16 / 4)^2 = 16
-    tokens per tile), a grid of at most `max_grid` x `max_grid` tiles, and a small GQA decoder."""
+    tokens per tile), a grid of at most `max_grid` x `max_grid` tiles (or the grids of `pinpoints`, [height, width]
+    in pixels), and a small GQA decoder. Intermediate sizes default to twice the hidden size; `model_vocab_size`, if
+    larger than the tokenizer's, pads the embedding and LM head to a real checkpoint's vocabulary (benchmark
+    shapes, `benchmark/model_sizes.py`)."""
 
     tile_size: int = 16
     patch_size: int = 4
@@ -59,6 +62,11 @@ class TinyAnyresSpec:
     vocab_size: int = 320
     vision_feature_layer: int = -2
     seed: int = 0
+    vision_intermediate: int | None = None
+    text_intermediate: int | None = None
+    model_vocab_size: int | None = None
+    max_positions: int = 2048
+    pinpoints: tuple[tuple[int, int], ...] | None = None
 
     @property
     def tokens_per_tile(self) -> int:
@@ -66,7 +74,9 @@ class TinyAnyresSpec:
 
     @property
     def grid_pinpoints(self) -> list[list[int]]:
-        """Every grid of 1..max_grid tiles a side, as [height, width] in pixels."""
+        """`pinpoints`, else every grid of 1..max_grid tiles a side, as [height, width] in pixels."""
+        if self.pinpoints is not None:
+            return [list(pinpoint) for pinpoint in self.pinpoints]
         sides = range(1, self.max_grid + 1)
         return [[rows * self.tile_size, cols * self.tile_size] for rows in sides for cols in sides]
 
@@ -85,12 +95,12 @@ class OnevisionProcessorWithoutVideo(LlavaOnevisionProcessor):
 def _text_kwargs(spec: TinyAnyresSpec, tokenizer) -> dict:
     return dict(
         hidden_size=spec.text_hidden,
-        intermediate_size=2 * spec.text_hidden,
+        intermediate_size=spec.text_intermediate or 2 * spec.text_hidden,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
+        vocab_size=max(len(tokenizer), spec.model_vocab_size or 0),
+        max_position_embeddings=spec.max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -100,7 +110,7 @@ def _text_kwargs(spec: TinyAnyresSpec, tokenizer) -> dict:
 def _vision_kwargs(spec: TinyAnyresSpec) -> dict:
     return dict(
         hidden_size=spec.vision_hidden,
-        intermediate_size=2 * spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
         num_hidden_layers=spec.vision_layers,
         num_attention_heads=spec.vision_heads,
         image_size=spec.tile_size,
@@ -115,8 +125,10 @@ def _finish(model, tokenizer):
     return model
 
 
-def build_tiny_llava_next(spec: TinyAnyresSpec = TinyAnyresSpec()):
-    """A randomly initialised tiny LLaVA-NeXT (float32, eval mode) and its `LlavaNextProcessor`."""
+def build_tiny_llava_next(spec: TinyAnyresSpec = TinyAnyresSpec(),
+                          model_class: type[LlavaNextForConditionalGeneration] = LlavaNextForConditionalGeneration):
+    """A randomly initialised tiny LLaVA-NeXT (float32, eval mode) and its `LlavaNextProcessor`; `model_class` may be
+    a subclass (e.g. rcpp_hf's), built directly so that a large shape is never held twice."""
     tokenizer = build_tokenizer(spec.vocab_size)
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(**_vision_kwargs(spec), projection_dim=spec.vision_hidden),
@@ -129,7 +141,7 @@ def build_tiny_llava_next(spec: TinyAnyresSpec = TinyAnyresSpec()):
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(spec.seed)
-    model = _finish(LlavaNextForConditionalGeneration(config), tokenizer)
+    model = _finish(model_class(config), tokenizer)
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": spec.tile_size},
         crop_size={"height": spec.tile_size, "width": spec.tile_size},

@@ -9,7 +9,9 @@ import time
 import pytest
 import torch
 
+from rcpp_hf.auto import model_shape
 from rcpp_hf.benchmark import gpu_run, prefill_plot, prefill_profile
+from rcpp_hf.benchmark.flops import prefill_flops, weight_macs
 from rcpp_hf.benchmark.measure import StepTimer
 from rcpp_hf.benchmark.model_sizes import SHAPES, load_benchmark_model
 from rcpp_hf.benchmark.suite import (
@@ -18,6 +20,7 @@ from rcpp_hf.benchmark.suite import (
     BenchmarkSettings,
     benchmark_inputs,
     format_report,
+    image_side,
     method_generation_config,
     plot_report,
     run_method,
@@ -168,6 +171,52 @@ def test_7b_width_shape_is_offered():
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
     assert "7b-width" in parser._subparsers._group_actions[0].choices["bench"].format_help()
+
+
+def test_llava_next_shape_runs_with_a_vision_side_pruner_skipped():
+    """The tests' LLaVA-NeXT through the benchmark: the image is the largest square grid (a base tile and 2 x 2
+    tiles, 88 visual tokens), FastV runs on it, VisionZip is a skipped row with the family's refusal."""
+    report = run_speed_benchmark(BenchmarkSettings(shape="next-tiny", methods=("vanilla", "fastv", "visionzip"),
+                                                   budget=0.5, new_tokens=5, repeats=1, early_steps=2, late_steps=2))
+    assert report["environment"]["visual_tokens"] == 88
+    methods = report["methods"]
+    assert "reads the vision tower" in methods["visionzip"]["skipped"]
+    assert "visionzip: skipped: visionzip reads the vision tower" in format_report(report)
+    # the tiny NeXT decoder: 4 layers x 2 kv heads x head_dim 16 x (key + value) x float32 = 1024 bytes per token
+    assert methods["vanilla"]["final_visual_cache_bytes"] == 1024 * 88
+    fastv = methods["fastv"]
+    assert fastv["final_visual_cache_bytes"] < methods["vanilla"]["final_visual_cache_bytes"]
+    assert 0 < fastv["prefill_model_flops_ratio"] < 1 and fastv["prefill_flops_ratio"] < fastv["prefill_cost_ratio"]
+
+
+def test_prefill_flops_count_every_tile_of_an_anyres_image():
+    """The vision tower computes each tile's patches and CLS, the projector each tile's patches; the newline tokens
+    only the decoder (they are among `num_visual`)."""
+    model, _ = load_benchmark_model("next-tiny", None, "cpu", torch.float32)
+    one, five = prefill_flops(model, [], 88, 20, tiles=1), prefill_flops(model, [], 88, 20, tiles=5)
+    tower, projector = weight_macs(model.model.vision_tower), weight_macs(model.model.multi_modal_projector)
+    assert five - one == 2 * (tower * 4 * 17 + projector * 4 * 16)
+
+
+def test_llava_next_shapes_have_the_anyres_token_count():
+    """next-small: llava-v1.6's layout at small widths; its 672 x 672 image gives 576 + 48 x 48 + 48 = 2,928 visual
+    tokens in five tiles, as next-7b's (llava-v1.6-vicuna-7b, CUDA only)."""
+    model, processor = load_benchmark_model("next-small", None, "cpu", torch.float32)
+    assert image_side(model.config) == 672
+    inputs = benchmark_inputs(processor, BenchmarkSettings(), "cpu", torch.float32, image_side(model.config))
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 2928
+    assert inputs["pixel_values"].shape[:2] == (1, 5)
+    assert model_shape(model.config) == (8, 2928)
+    spec = SHAPES["next-7b"]
+    assert (spec.text_hidden, spec.text_layers, spec.num_heads, spec.text_intermediate) == (4096, 32, 32, 11008)
+    assert (spec.vision_hidden, spec.vision_layers, spec.tile_size, spec.patch_size) == (1024, 24, 336, 14)
+    assert spec.pinpoints == SHAPES["next-small"].pinpoints
+    with pytest.raises(ValueError, match="CUDA.*--shape next-small"):
+        load_benchmark_model("next-7b", None, "cpu", torch.float16)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    help_text = parser._subparsers._group_actions[0].choices["bench"].format_help()
+    assert "next-small" in help_text and "next-7b" in help_text
 
 
 def test_gpu_command_runs_on_a_cpu_with_the_tiny_shape(tmp_path, capsys):

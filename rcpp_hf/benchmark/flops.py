@@ -37,11 +37,16 @@ def weight_macs(module: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
 
 
-def prefill_flops(model, stages: list[PruneStage], num_visual: int, num_text: int) -> float:
-    """FLOPs of one prompt's prefill with `stages` (empty: unpruned); `model` a LlavaForConditionalGeneration."""
-    vision_tokens = num_visual + 1  # the patches and CLS (LLaVA's "default" strategy drops CLS after the tower)
-    flops = 2 * (weight_macs(model.model.vision_tower) * vision_tokens + weight_macs(model.model.multi_modal_projector)
-                 * num_visual)  # fmt: skip
+def prefill_flops(model, stages: list[PruneStage], num_visual: int, num_text: int, tiles: int = 1) -> float:
+    """FLOPs of one prompt's prefill with `stages` (empty: unpruned); `model` a LLaVA(-NeXT)ForConditionalGeneration
+    whose image is `tiles` tiles (LLaVA-1.5: one; LLaVA-NeXT: the base tile and the grid's, `num_visual` then also
+    counting the newline tokens, which neither the tower nor the projector computes)."""
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    cls_token = int(vision.model_type == "clip_vision_model")  # SigLIP has none
+    kept_cls = cls_token * (model.config.vision_feature_select_strategy == "full")  # "default" drops it
+    flops = 2 * (weight_macs(model.model.vision_tower) * tiles * (patches + cls_token)
+                 + weight_macs(model.model.multi_modal_projector) * tiles * (patches + kept_cls))  # fmt: skip
     text_config = model.config.text_config
     attention_width = text_config.num_attention_heads * getattr(
         text_config, "head_dim", text_config.hidden_size // text_config.num_attention_heads
@@ -99,10 +104,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def prefill_cost(model, stages: list[PruneStage], num_visual: int, num_text: int, batch_size: int,
-                 balance: float) -> float:  # fmt: skip
+                 balance: float, tiles: int = 1) -> float:  # fmt: skip
     """FLOP-equivalents of one prompt's prefill in a batch of `batch_size`: its FLOPs plus its share of the weight
     reads (`weight_bytes`, read once per batch) at `balance` FLOPs per byte (`flops_per_weight_byte`)."""
-    return prefill_flops(model, stages, num_visual, num_text) + balance * weight_bytes(model) / batch_size
+    return prefill_flops(model, stages, num_visual, num_text, tiles) + balance * weight_bytes(model) / batch_size
 
 
 @contextmanager

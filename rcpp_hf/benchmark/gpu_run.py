@@ -7,6 +7,8 @@ prefill and per-token decode times and `torch.cuda.max_memory_allocated`; writes
 Sized for at most 8 minutes on one large GPU (an H200; an estimate: it has not run on one yet): 64 new tokens, 2
 repeats; the decoding rows (rcpp, rcpp-evict, vcd) do not depend on the budget and run once, with the first budget.
 `--shape tiny --device cpu` runs the same path on a CPU in seconds (the test does, so that the command cannot rot).
+`--shape next-7b` measures llava-v1.6-vicuna-7b's anyres layout (2,928 visual tokens) instead; the vision-side
+pruners are skipped rows there (they refuse anyres images). Not sized: about five times the prefill tokens.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def plot_gpu_benchmark(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, required=True, help="receives gpu-bench.json and gpu-bench.png")
-    parser.add_argument("--shape", default="7b", help="7b (default) or a smaller benchmark shape")
+    parser.add_argument("--shape", default="7b", help="7b (default), next-7b (LLaVA-NeXT's anyres layout) or a smaller "
+                        "benchmark shape")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration
+from rcpp_hf.auto import from_pretrained
+from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration, RCPPLlavaNextForConditionalGeneration
 from rcpp_hf.tiny import TinyLlavaSpec, build_tiny_llava
+from rcpp_hf.tiny_families import TinyAnyresSpec, build_tiny_llava_next
 
 LLAVA_VOCAB = 32064
+# llava-hf/llava-v1.6-*'s grids ([height, width] in pixels): a 672 x 672 image is the base tile and a 2 x 2 grid,
+# 576 + 48 x 48 + 48 newlines = 2,928 visual tokens
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
-SHAPES: dict[str, TinyLlavaSpec] = {
+SHAPES: dict[str, TinyLlavaSpec | TinyAnyresSpec] = {
     # the tests' model: 16 visual tokens
     "tiny": TinyLlavaSpec(),
     # CPU-representative: LLaVA-1.5's layout scaled down (MHA, 576 visual tokens, LLaVA's vocabulary); the vision
@@ -32,20 +37,43 @@ SHAPES: dict[str, TinyLlavaSpec] = {
         vision_intermediate=4096, text_hidden=4096, text_layers=32, text_intermediate=11008, num_heads=32,
         num_kv_heads=32, model_vocab_size=LLAVA_VOCAB,
     ),
+    # the tests' LLaVA-NeXT: tiles of 16 / 4, grids up to 2 x 2; a 32 x 32 image gives 16 + 8 x 8 + 8 = 88 visual tokens
+    "next-tiny": TinyAnyresSpec(),
+    # CPU-sized LLaVA-NeXT: llava-v1.6's anyres layout and token count (CLIP tiles of 336 / 14, its pinpoints) with
+    # small widths (a 512-wide, 8-layer MHA decoder, a 2-layer vision tower, run on five tiles) and LLaVA's vocabulary
+    "next-small": TinyAnyresSpec(
+        tile_size=336, patch_size=14, pinpoints=LLAVA_NEXT_PINPOINTS, vision_hidden=256, vision_layers=2,
+        vision_heads=4, text_hidden=512, text_layers=8, text_intermediate=1376, num_heads=8, num_kv_heads=8,
+        model_vocab_size=LLAVA_VOCAB, max_positions=4096,
+    ),
+    # exactly llava-v1.6-vicuna-7b (CLIP ViT-L/14-336 + Vicuna-7B, anyres); float16, GPU only
+    "next-7b": TinyAnyresSpec(
+        tile_size=336, patch_size=14, pinpoints=LLAVA_NEXT_PINPOINTS, vision_hidden=1024, vision_layers=24,
+        vision_heads=16, vision_intermediate=4096, text_hidden=4096, text_layers=32, text_intermediate=11008,
+        num_heads=32, num_kv_heads=32, model_vocab_size=LLAVA_VOCAB, max_positions=4096,
+    ),
 }
+GPU_ONLY = ("7b", "next-7b")
 
 
 def load_benchmark_model(shape: str | None, model: str | None, device: str, dtype: torch.dtype):
-    """(RCPP model, processor) for a named shape with random weights, or for a checkpoint path / hub id."""
+    """(RCPP model, processor) for a named shape with random weights, or for a checkpoint path / hub id (its
+    family's rcpp_hf class)."""
     if model is not None:
         from transformers import AutoProcessor
 
-        loaded = RCPPLlavaForConditionalGeneration.from_pretrained(model, dtype=dtype)
+        loaded = from_pretrained(model, dtype=dtype)
         return loaded.to(device).eval(), AutoProcessor.from_pretrained(model)
     if shape not in SHAPES:
         raise ValueError(f"unknown benchmark shape {shape!r}; expected one of {sorted(SHAPES)} or --model")
-    if shape == "7b" and not str(device).startswith("cuda"):
-        raise ValueError("the '7b' shape needs a CUDA device (about 14 GB in float16); use --shape small on CPU")
+    if shape in GPU_ONLY and not str(device).startswith("cuda"):
+        small = "next-small" if shape.startswith("next") else "small"
+        raise ValueError(f"the {shape!r} shape needs a CUDA device (about 14 GB in float16); use --shape {small} "
+                         "on CPU")
+    spec = SHAPES[shape]
     with torch.device(device):  # initialised where it runs: a 7B model's random init is minutes on a CPU
-        model, processor = build_tiny_llava(SHAPES[shape], model_class=RCPPLlavaForConditionalGeneration)
+        if isinstance(spec, TinyAnyresSpec):
+            model, processor = build_tiny_llava_next(spec, model_class=RCPPLlavaNextForConditionalGeneration)
+        else:
+            model, processor = build_tiny_llava(spec, model_class=RCPPLlavaForConditionalGeneration)
     return model.to(device=device, dtype=dtype).eval(), processor

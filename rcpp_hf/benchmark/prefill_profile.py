@@ -21,7 +21,7 @@ import torch
 
 from rcpp_hf.benchmark.flops import synchronize
 from rcpp_hf.benchmark.model_sizes import load_benchmark_model
-from rcpp_hf.benchmark.suite import BenchmarkSettings, benchmark_inputs, method_generation_config
+from rcpp_hf.benchmark.suite import BenchmarkSettings, benchmark_inputs, image_side, method_generation_config
 from rcpp_hf.engine.pruning import PrefillPruningTap
 
 STAGES = ("vision tower", "decoder layers", "pruning stages", "head")
@@ -68,7 +68,8 @@ def timing_stages(model):
 
 def profile_prefill(model, processor, settings: BenchmarkSettings) -> dict[str, dict[str, float]]:
     """{method: {"prefill": s, stage: s, ..., "rest": s}}, medians over `settings.repeats` one-token generations."""
-    inputs = benchmark_inputs(processor, settings, settings.device, getattr(torch, settings.dtype))
+    inputs = benchmark_inputs(processor, settings, settings.device, getattr(torch, settings.dtype),
+                              image_side(model.config))
     configs = {}
     for method in settings.methods:
         configs[method] = method_generation_config(method, settings, tau=-1.0)

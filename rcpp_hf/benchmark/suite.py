@@ -7,7 +7,12 @@ greedy), or "<registry name>+rcpp" (composed with the "rcpp" row). The default a
 reference (two forwards and two caches per token, `methods/contrastive_decoder.py`), to show what DRCD's one
 forward saves. A registry method with a `budget` setting runs at `BenchmarkSettings.budget` unless its preset
 (`method_presets`) sets one; both follow the budget rule (`methods/budget.py`: a count of the model's image or a
-fraction of it). A method that does not fit the model (e.g. an unreachable budget) is a skipped row with its reason.
+fraction of it). A method that does not fit the model (e.g. an unreachable budget) or that refuses it (e.g. a
+vision-side pruner on LLaVA-NeXT's anyres images) is a skipped row with its reason.
+
+The image is random noise, square: 336 pixels for LLaVA-1.5 (the processor resizes it to the tower's tile), or for
+an anyres model the largest square grid of its `image_grid_pinpoints` (672 for llava-v1.6's: a 2 x 2 grid, no
+padding), so that the prompt holds the most visual tokens that grid gives (576 + 48 x 48 + 48 newlines = 2,928).
 """
 
 from __future__ import annotations
@@ -284,7 +289,7 @@ def measured(results: dict) -> dict:
 
 
 def pruner_flops(model, inputs, method: str, settings: BenchmarkSettings, pruner: PrefillPruner, num_visual: int,
-                 balance: float) -> dict:  # fmt: skip
+                 balance: float, tiles: int) -> dict:  # fmt: skip
     """What a pruner's measured prefill ratio is compared with (`benchmark/flops.py`), each over the unpruned
     prefill's: FLOPs (the model's with the tokens its stages keep, plus its stages' own, counted in one untimed
     prefill), the two parts, and the cost (those FLOPs plus the weight reads at `balance` FLOPs per byte)."""
@@ -296,14 +301,14 @@ def pruner_flops(model, inputs, method: str, settings: BenchmarkSettings, pruner
         model.generate(**inputs, generation_config=config)
     scoring = counted[0] / settings.batch_size
     stages = pruner.resolve_stages(num_layers, num_visual)
-    unpruned = prefill_flops(model, [], num_visual, num_text)
-    full_cost = prefill_cost(model, [], num_visual, num_text, settings.batch_size, balance)
-    model_ratio = prefill_flops(model, stages, num_visual, num_text) / unpruned
+    unpruned = prefill_flops(model, [], num_visual, num_text, tiles)
+    full_cost = prefill_cost(model, [], num_visual, num_text, settings.batch_size, balance, tiles)
+    model_ratio = prefill_flops(model, stages, num_visual, num_text, tiles) / unpruned
     return {
         "prefill_flops_ratio": model_ratio + scoring / unpruned,
         "prefill_model_flops_ratio": model_ratio,
         "prefill_scoring_flops_ratio": scoring / unpruned,
-        "prefill_cost_ratio": (prefill_cost(model, stages, num_visual, num_text, settings.batch_size, balance)
+        "prefill_cost_ratio": (prefill_cost(model, stages, num_visual, num_text, settings.batch_size, balance, tiles)
                                + scoring) / full_cost,  # fmt: skip
     }
 
@@ -328,9 +333,15 @@ def check_targets(results: dict) -> list[dict]:
     return checks
 
 
-def benchmark_inputs(processor, settings: BenchmarkSettings, device, dtype) -> dict:
+def image_side(config) -> int:
+    """The side of the benchmark's square image (module docstring): 336, or an anyres model's largest square grid."""
+    squares = [height for height, width in getattr(config, "image_grid_pinpoints", None) or [] if height == width]
+    return max(squares, default=336)
+
+
+def benchmark_inputs(processor, settings: BenchmarkSettings, device, dtype, side: int = 336) -> dict:
     generator = torch.Generator().manual_seed(settings.seed)
-    pixels = torch.randint(0, 256, (336, 336, 3), generator=generator, dtype=torch.uint8).numpy()
+    pixels = torch.randint(0, 256, (side, side, 3), generator=generator, dtype=torch.uint8).numpy()
     images = [Image.fromarray(pixels)] * settings.batch_size
     inputs = processor(images=images, text=[PROMPT] * settings.batch_size, return_tensors="pt")
     return inputs.to(device, dtype=dtype)
@@ -340,18 +351,26 @@ def run_speed_benchmark(settings: BenchmarkSettings) -> dict:
     """Measure every method of `settings` in this process; returns the JSON-ready report."""
     dtype = getattr(torch, settings.dtype)
     model, processor = load_benchmark_model(settings.shape, settings.model, settings.device, dtype)
-    inputs = benchmark_inputs(processor, settings, settings.device, dtype)
+    inputs = benchmark_inputs(processor, settings, settings.device, dtype, image_side(model.config))
     resident = resident_bytes(settings.device)  # the model and inputs, before any run
     prompt_length = inputs["input_ids"].shape[1]
-    num_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    num_visual = int(model.family.image_token_mask(inputs["input_ids"])[0].sum())
+    tiles = inputs["pixel_values"].shape[1] if inputs["pixel_values"].dim() == 5 else 1  # anyres: (B, tiles, C, H, W)
     num_layers = model.config.text_config.num_hidden_layers
     skipped = {m: reason for m in settings.methods if (reason := skip_reason(m, settings, num_layers, num_visual))}
-    runs = [method for method in settings.methods if method not in skipped]
     tau = calibrate_tau(model, inputs, settings)
-    balance = flops_per_weight_byte([module.weight for module in model.model.language_model.layers.modules()
+    balance = flops_per_weight_byte([module.weight for module in model.family.language_model.layers.modules()
                                      if isinstance(module, torch.nn.Linear)])  # fmt: skip
 
-    profiles = {m: cache_profile(model, inputs, m, settings, tau, prompt_length, num_visual) for m in runs}
+    profiles = {}
+    for method in [method for method in settings.methods if method not in skipped]:
+        try:
+            profiles[method] = cache_profile(model, inputs, method, settings, tau, prompt_length, num_visual)
+        except ValueError as refusal:  # a registry method that refuses this model, in its one line
+            if registry_method(method, settings) is None:
+                raise
+            skipped[method] = str(refusal)
+    runs = [method for method in settings.methods if method not in skipped]
     timers = {method: [] for method in runs}
     rounds = [(r, m) for r in range(settings.repeats + 1) for m in runs]  # round 0 is the warm-up
     for repeat, method in tqdm(rounds, desc=f"bench {settings.model or settings.shape}", unit="run"):
@@ -375,7 +394,8 @@ def run_speed_benchmark(settings: BenchmarkSettings) -> dict:
         if registered is not None:
             results[method]["method"] = registered.to_dict()
         if isinstance(registered, PrefillPruner) and method not in skipped:
-            results[method].update(pruner_flops(model, inputs, method, settings, registered, num_visual, balance))
+            results[method].update(pruner_flops(model, inputs, method, settings, registered, num_visual, balance,
+                                                tiles))
     add_ratios(results)
     return {
         "settings": asdict(settings),

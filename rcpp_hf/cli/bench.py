@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rcpp_hf.benchmark.model_sizes import SHAPES
+from rcpp_hf.benchmark.model_sizes import GPU_ONLY, SHAPES
 from rcpp_hf.benchmark.suite import (
     DEFAULT_METHODS,
     WITH_RCPP,
@@ -27,9 +27,11 @@ from rcpp_hf.run_config import read_method_yaml
 def add_parser(commands) -> None:
     parser = commands.add_parser("bench", help="speed and memory of RCPP + DRCD beside vanilla and a two-pass "
                                                "contrastive reference (VCD)")
-    parser.add_argument("--shape", default="small", help=f"{' | '.join(SHAPES)}, random weights (7b-width: "
-                        "LLaVA-1.5-7B's widths and vision tower with 8 decoder layers, for a CPU; 7b: the whole "
-                        "model, CUDA only); ignored with --model")
+    parser.add_argument("--shape", default="small", help=f"{' | '.join(SHAPES)}, random weights (small: "
+                        "LLaVA-1.5's layout scaled down, 576 visual tokens; 7b-width: LLaVA-1.5-7B's widths and "
+                        "vision tower with 8 decoder layers, for a CPU; 7b: the whole model, CUDA only; next-small: "
+                        "LLaVA-NeXT's anyres layout, a 672 x 672 image of 2,928 visual tokens, small widths; "
+                        "next-7b: llava-v1.6-vicuna-7b, CUDA only); ignored with --model")
     parser.add_argument("--model", help="checkpoint folder or hub id instead of a shape")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, of {','.join(known_methods())} (registry methods run alone, greedy; "
@@ -46,7 +48,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", help="float32 | float16 | bfloat16 (default: float16 for 7b, else float32)")
+    parser.add_argument("--dtype", help="float32 | float16 | bfloat16 (default: float16 for 7b and next-7b, "
+                        "else float32)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 keeps timings "
                         "steady on a machine shared with other work")
     parser.add_argument("--output", type=Path, help="write the report as JSON")
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         batch_size=args.batch_size,
         device=args.device,
-        dtype=args.dtype or ("float16" if args.shape == "7b" and not args.model else "float32"),
+        dtype=args.dtype or ("float16" if args.shape in GPU_ONLY and not args.model else "float32"),
     )
     report = run_speed_benchmark(settings)
     print(format_report(report))

@@ -6,8 +6,10 @@
 `--model_args` (lmms-eval parses `key=value,...`, numbers and true / false included):
   - `pretrained`: a checkpoint folder, a hub id or `shapesworld-smol` (default: the embedded ShapesWorld model); the
     model family comes from the checkpoint (`rcpp_hf.from_pretrained`). `dtype` (auto, float32, float16, bfloat16),
-    `device` (default: this process's device) or `device_map` (e.g. auto), `image_aspect` (pad, LLaVA-1.5's own
-    evaluation, or crop, the llava-hf processor's centre crop).
+    `device` (default: this process's device) or `device_map` (e.g. auto), `image_aspect` (pad: padded to a square,
+    LLaVA-1.5's own evaluation and its default; crop: the image as it is to the processor, the llava-hf LLaVA-1.5
+    processor's centre crop, and the default of the anyres families, whose official evaluation tiles the image
+    as it is).
   - `method`: a registry method or method preset (`rcpp` included), its settings as further `key=value`s, `budget`
     in the library's convention (an integer count or a fraction of the image's visual tokens); `config`: a
     generation preset (e.g. `rcpp_evict`). Neither: plain greedy decoding, exactly the stock transformers model.
@@ -68,6 +70,9 @@ DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's LLaVA models' default, for a task t
 # The generation settings of a task that are honoured; the others (model-specific ones such as
 # `image_aspect_ratio`) are ignored, and said so once.
 GENERATION_KWARGS = ("max_new_tokens", "until", "temperature", "do_sample", "top_p", "num_beams")
+# The model types whose official evaluation pads images to a square (LLaVA-1.5's `expand2square`); the anyres
+# families' (LLaVA-NeXT, OneVision) tile the image as it is.
+PADDED_FAMILIES = ("llava",)
 # The statistics averaged per task (besides the per-layer list).
 STATISTICS = ("visual_tokens", "visual_tokens_input", "prefill_ms", "kv_bytes", "visual_kv_bytes", "new_tokens")
 
@@ -104,7 +109,7 @@ class RCPPLmms(lmms):
         config: str | None = None,
         batch_size: int | str = 1,
         max_new_tokens: int | None = None,
-        image_aspect: str = "pad",
+        image_aspect: str | None = None,
         statistics: str | None = None,
         max_batch_size: int | None = None,  # lmms-eval passes it with --batch_size auto, which is refused
         **method_settings,
@@ -112,7 +117,7 @@ class RCPPLmms(lmms):
         super().__init__()
         self.batch_size_per_gpu = positive_int("batch_size", batch_size)
         self.max_new_tokens = None if max_new_tokens is None else positive_int("max_new_tokens", max_new_tokens)
-        if image_aspect not in IMAGE_ASPECTS:
+        if image_aspect is not None and image_aspect not in IMAGE_ASPECTS:
             raise ModelArgsError(f"rcpp_hf model_args image_aspect={image_aspect}: must be one of {IMAGE_ASPECTS}")
         if dtype not in DTYPES:
             raise ModelArgsError(f"rcpp_hf model_args dtype={dtype}: must be one of {list(DTYPES)}")
@@ -125,7 +130,6 @@ class RCPPLmms(lmms):
         except UsageError as error:
             raise model_arg_problem("device", device, error) from None
         self.generation_config = with_checkpoint_token_ids(generation_config(method, config, method_settings), path)
-        self.image_aspect = image_aspect
         self.statistics_file = None if statistics is None else Path(statistics)
 
         # lmms-eval's command line builds its Accelerator before the model: CPU processes join only when the
@@ -135,6 +139,7 @@ class RCPPLmms(lmms):
         self._rank, self._world_size = state.process_index, state.num_processes
         self.model, self.processor = load_model(path, dtype, device, device_map)
         self.pretrained = path
+        self.image_aspect = image_aspect or ("pad" if self.model.config.model_type in PADDED_FAMILIES else "crop")
         self._pad_colour = pad_colour(self.processor)
         self._eos_ids = eos_ids(self.generation_config)
         self._ignored_kwargs: set[str] = set()
@@ -212,15 +217,18 @@ class RCPPLmms(lmms):
         rows = len(batch)
         num_layers = self.model.config.get_text_config().num_hidden_layers
         cache = out.past_key_values
+        # Each row's own image tokens (anyres images of different sizes differ) and each stage's count for that row.
+        num_visual_per_row = self.model.family.image_token_mask(inputs["input_ids"]).sum(dim=1).tolist()
+        stages = getattr(out, "pruning", None) or []
         for row, (args, tokens) in enumerate(zip(batch, new_tokens)):
             length = answer_length(tokens, self._eos_ids)
             text = self.processor.tokenizer.decode(tokens[:length], skip_special_tokens=True)
             for stop in until:
                 text = text.split(stop, 1)[0]
             texts.append(text.strip())
-            num_visual = int((inputs["input_ids"][row] == self.model.config.image_token_id).sum())
-            per_layer = visual_tokens_per_layer({r.layer: r.kept for r in getattr(out, "pruning", None) or []},
-                                                num_layers, num_visual)  # fmt: skip
+            num_visual = num_visual_per_row[row]
+            kept = {r.layer: r.kept if r.kept_per_row is None else r.kept_per_row[row] for r in stages}
+            per_layer = visual_tokens_per_layer(kept, num_layers, num_visual)
             records.append({
                 "task": args[4], "doc_id": args[3],
                 "visual_tokens_per_layer": per_layer,
