@@ -79,6 +79,25 @@ class VisualKVCache(DynamicCache):
                 new[id(layout)] = change(layout)
         self.layouts = [new[id(layout)] for layout in self.layouts]
 
+    def _keep_entries(self, drop) -> None:
+        """Apply `drop` (a layout -> (the new layout, the kept entries' physical indices (B, S'))) once per distinct
+        layout, and keep those entries of each layer's keys and values."""
+        kept_entries: dict[int, torch.Tensor] = {}
+
+        def change(layout: TokenLayout) -> TokenLayout:
+            new_layout, kept_entries[id(layout)] = drop(layout)
+            return new_layout
+
+        old_layouts = list(self.layouts)
+        self._map_layouts(change)
+        for layer, layout in zip(self.layers, old_layouts):
+            # Advanced indexing copies whole head_dim rows; `gather` would index every element (~2.5x slower on CPU).
+            kept = kept_entries[id(layout)]
+            rows = torch.arange(kept.shape[0], device=kept.device)[:, None, None]
+            heads = torch.arange(layer.keys.shape[1], device=kept.device)[None, :, None]
+            layer.keys = layer.keys[rows, heads, kept[:, None, :]]
+            layer.values = layer.values[rows, heads, kept[:, None, :]]
+
     # -- the deepest layer's view -------------------------------------------------------------------------------
     @property
     def positions(self) -> torch.Tensor:
@@ -123,23 +142,7 @@ class VisualKVCache(DynamicCache):
             raise ValueError("evict_visual: each row's columns must be distinct and within the cached visual tokens")
         kept_columns = first_true_columns(~evicted_columns, self.num_visual_tokens - num_evict)
         evicted_ids = self.visual_token_ids.gather(1, columns)
-
-        kept_entries: dict[int, torch.Tensor] = {}
-
-        def drop(layout: TokenLayout) -> TokenLayout:
-            new_layout, kept = layout.without_visual(evicted_ids)
-            kept_entries[id(layout)] = kept
-            return new_layout
-
-        old_layouts = list(self.layouts)
-        self._map_layouts(drop)
-        for layer, layout in zip(self.layers, old_layouts):
-            # Advanced indexing copies whole head_dim rows; `gather` would index every element (~2.5x slower on CPU).
-            kept = kept_entries[id(layout)]
-            rows = torch.arange(batch, device=kept.device)[:, None, None]
-            heads = torch.arange(layer.keys.shape[1], device=kept.device)[None, :, None]
-            layer.keys = layer.keys[rows, heads, kept[:, None, :]]
-            layer.values = layer.values[rows, heads, kept[:, None, :]]
+        self._keep_entries(lambda layout: layout.without_visual(evicted_ids))
         return kept_columns
 
     def evict_visual_rows(self, columns: torch.Tensor) -> torch.Tensor:
@@ -151,22 +154,12 @@ class VisualKVCache(DynamicCache):
         tokens; a row's columns after its own (visual-token id -1 in `visual_token_ids`) name any old column."""
         ids = self.visual_token_ids
         evicted_ids = torch.where(columns >= 0, ids.gather(1, columns.clamp_min(0)), -2)  # -2: no entry's id
-        kept_entries: dict[int, torch.Tensor] = {}
 
-        def drop(layout: TokenLayout) -> TokenLayout:
+        def drop(layout: TokenLayout) -> tuple[TokenLayout, torch.Tensor]:
             hit = (layout.visual_ids[:, :, None] == evicted_ids[:, None, :]).any(dim=2)
-            new_layout, kept = layout.take_rows(~hit)
-            kept_entries[id(layout)] = kept
-            return new_layout
+            return layout.take_rows(~hit)
 
-        old_layouts = list(self.layouts)
-        self._map_layouts(drop)
-        for layer, layout in zip(self.layers, old_layouts):
-            kept = kept_entries[id(layout)]
-            rows = torch.arange(kept.shape[0], device=kept.device)[:, None, None]
-            heads = torch.arange(layer.keys.shape[1], device=kept.device)[None, :, None]
-            layer.keys = layer.keys[rows, heads, kept[:, None, :]]
-            layer.values = layer.values[rows, heads, kept[:, None, :]]
+        self._keep_entries(drop)
         return (ids[:, None, :] == self.visual_token_ids[:, :, None]).to(torch.int8).argmax(dim=2)
 
     # -- size ---------------------------------------------------------------------------------------------------
