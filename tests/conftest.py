@@ -239,3 +239,39 @@ def anyres_batch(path: Path, sizes) -> dict:
     inputs = processor(images=sized_images(sizes), text=PROMPTS, return_tensors="pt", padding=True)
     assert (inputs["attention_mask"] == 0).any(), "fixture must exercise left padding"
     return dict(inputs)
+
+
+# -- Qwen2-VL and Qwen2.5-VL (rcpp_hf.tiny_qwen) ---------------------------------------------------------------------
+
+QWEN_TYPES = ("qwen2_5_vl", "qwen2_vl")
+# Image (height, width) pairs: 15 and 20 visual tokens on the tiny Qwen models (patches of 4 pixels merged 2 x 2).
+QWEN_RAGGED_SIZES = ((24, 40), (32, 40))
+
+
+@pytest.fixture(scope="session")
+def qwen_paths(tmp_path_factory) -> dict[str, Path]:
+    """model_type -> a tiny Qwen2.5-VL / Qwen2-VL folder with varied weights, saved and loaded back."""
+    from transformers import AutoModelForImageTextToText
+
+    from rcpp_hf.tiny_qwen import save_tiny_qwen
+
+    paths = {}
+    for model_type in QWEN_TYPES:
+        folder = save_tiny_qwen(tmp_path_factory.mktemp(f"tiny-{model_type}"), model_type)
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+        vary_weights(model)
+        model.save_pretrained(folder)
+        paths[model_type] = folder
+    return paths
+
+
+def qwen_batch(path: Path, model_type: str, sizes=QWEN_RAGGED_SIZES) -> dict:
+    """Two left-padded rows (PROMPTS, Qwen's image markers for `<image>`) of the tiny Qwen model at `path`, with
+    images of `sizes`: input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw."""
+    from rcpp_hf.tiny_qwen import QWEN_IMAGE, load_tiny_qwen_processor
+
+    processor = load_tiny_qwen_processor(path, model_type)
+    texts = [prompt.replace("<image>", QWEN_IMAGE) for prompt in PROMPTS]
+    inputs = processor(images=sized_images(sizes), text=texts, return_tensors="pt", padding=True)
+    assert (inputs["attention_mask"] == 0).any(), "fixture must exercise left padding"
+    return dict(inputs)
