@@ -244,8 +244,10 @@ def anyres_batch(path: Path, sizes) -> dict:
 # -- Qwen2-VL and Qwen2.5-VL (rcpp_hf.tiny_qwen) ---------------------------------------------------------------------
 
 QWEN_TYPES = ("qwen2_5_vl", "qwen2_vl")
-# Image (height, width) pairs: 15 and 20 visual tokens on the tiny Qwen models (patches of 4 pixels merged 2 x 2).
+# Image (height, width) pairs: 15 and 20 visual tokens on the tiny Qwen models (patches of 4 pixels merged 2 x 2);
+# equal sizes 15 each.
 QWEN_RAGGED_SIZES = ((24, 40), (32, 40))
+QWEN_EQUAL_SIZES = ((24, 40), (24, 40))
 
 
 @pytest.fixture(scope="session")
