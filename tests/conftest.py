@@ -139,11 +139,15 @@ def vary_weights(model, std: float = 0.3, seed: int = 0) -> None:
 
 def row_alone(batch: dict, row: int) -> dict:
     """Row `row` of a left-padded `batch` (input_ids, attention_mask, and one image per row: pixel_values, and
-    image_sizes / batch_num_images for anyres models) without its padding, batch size 1."""
+    image_sizes / batch_num_images for anyres models, image_grid_thw and mm_token_type_ids for Qwen, whose
+    pixel_values are every image's patches in one tensor) without its padding, batch size 1."""
     real = batch["attention_mask"][row].bool()
     alone = {name: value[row : row + 1] for name, value in batch.items()}
-    alone.update(input_ids=batch["input_ids"][row : row + 1, real],
-                 attention_mask=batch["attention_mask"][row : row + 1, real])  # fmt: skip
+    per_entry = [name for name in ("input_ids", "attention_mask", "mm_token_type_ids") if name in batch]
+    alone.update({name: batch[name][row : row + 1, real] for name in per_entry})
+    if "image_grid_thw" in batch:
+        patches = batch["image_grid_thw"].prod(dim=1).tolist()
+        alone["pixel_values"] = batch["pixel_values"].split(patches)[row]
     return alone
 
 

@@ -1,7 +1,8 @@
 """Qwen2.5-VL and Qwen2-VL: with no method on, the rcpp_hf classes are their stock transformers classes (logits,
 attention maps, generate, for eager and sdpa, on a left-padded batch whose rows' images differ in size), load every
 weight (the checkpoint key renaming transformers looks up by class name) and initialise missing ones as the stock
-class; `rcpp_hf.from_pretrained` picks them; every method refuses them, naming why."""
+class; `rcpp_hf.from_pretrained` picks them; rcpp_hf's loop keeps M-RoPE's 3-D positions (the methods' contract on
+these families, with the masked reference at stock positions, is in test_method_contract.py)."""
 
 import pytest
 import torch
@@ -11,11 +12,11 @@ from transformers import GenerationConfig
 import rcpp_hf
 from rcpp_hf import RCPPGenerationConfig
 from rcpp_hf.auto import RCPP_CLASSES, model_shape
+from rcpp_hf.methods import load_method
 from rcpp_hf.tiny_qwen import TinyQwenSpec, build_tiny_qwen, save_tiny_qwen
-from tests.conftest import QWEN_TYPES, active_config, qwen_batch
+from tests.conftest import QWEN_TYPES, active_config, neutral_config, qwen_batch
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
-REFUSAL = r"do not run on {}.*M-RoPE positions \(3-D, from get_rope_index\) for pruned and evicted tokens"
 
 
 def load_pair(path, model_type, implementation="sdpa", seed=0):
@@ -90,12 +91,32 @@ def test_missing_weights_are_initialised_as_the_stock_class_does(tmp_path, model
 
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
-def test_rcpp_drcd_refuses_naming_the_positions(qwen_paths, model_type):
-    """Until pruned tokens keep their 3-D positions, a method on a Qwen model refuses before any forward."""
-    ours = rcpp_hf.from_pretrained(qwen_paths[model_type])
+def test_neutral_rcpp_decodes_as_the_stock_class(qwen_paths, model_type):
+    """rcpp_hf's own decoder loop on M-RoPE positions (the prompt's three rows, then text positions plus
+    rope_deltas), on rows of 15 and 20 visual tokens: token for token the stock `generate`."""
+    stock, ours = load_pair(qwen_paths[model_type], model_type)
     batch = qwen_batch(qwen_paths[model_type], model_type)
-    with pytest.raises(ValueError, match=REFUSAL.format(model_type)):
-        ours.generate(**batch, generation_config=active_config(max_new_tokens=2))
+    expected = stock.generate(**batch, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours.generate(**batch, generation_config=neutral_config(max_new_tokens=8)), expected)
+
+
+@pytest.mark.parametrize("model_type", QWEN_TYPES)
+def test_rcpp_drcd_contrasts_and_evicts_per_row(qwen_paths, model_type):
+    """RCPP + DRCD's acting settings: the contrast row is used and each row keeps a quarter of its own image."""
+    _, ours = load_pair(qwen_paths[model_type], model_type)
+    batch = qwen_batch(qwen_paths[model_type], model_type)
+    out = ours.generate(**batch, generation_config=active_config(max_new_tokens=8, return_dict_in_generate=True))
+    assert any(step.contrast for step in out.rcpp.steps)
+    assert out.past_key_values.layouts[-1].visual_counts == (4, 5)  # 0.25 of 15 and 20, 3.75 rounded up
+
+
+def test_renumbered_positions_refuse_on_m_rope(qwen_paths):
+    """PDrop's renumbering of kept tokens' positions has no 3-D counterpart: refused in one line."""
+    ours = rcpp_hf.from_pretrained(qwen_paths["qwen2_5_vl"])
+    batch = qwen_batch(qwen_paths["qwen2_5_vl"], "qwen2_5_vl")
+    config = RCPPGenerationConfig(rcpp=False, methods=[load_method("pdrop", positions="renumbered")], max_new_tokens=2)
+    with pytest.raises(ValueError, match="not implemented for M-RoPE's 3-D positions .*positions='original'"):
+        ours.generate(**batch, generation_config=config)
 
 
 def test_config_shape_refuses_naming_the_image_processor(qwen_paths):
