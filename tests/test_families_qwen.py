@@ -125,3 +125,34 @@ def test_config_shape_refuses_naming_the_image_processor(qwen_paths):
     for model_type, path in qwen_paths.items():
         with pytest.raises(ValueError, match=f"{model_type} image are set by its image processor's max_pixels"):
             model_shape(path)
+
+
+@pytest.mark.parametrize("model_type", QWEN_TYPES)
+def test_pruned_tokens_keep_their_3d_positions(qwen_paths, model_type):
+    """FastV on rows of 15 and 20 visual tokens: the deepest layer caches each kept entry at the 3-D position the
+    stock `get_rope_index` gave it, the text after the image at its own, and each generated token at its text
+    position plus the row's rope delta in all three rows."""
+    ours = rcpp_hf.from_pretrained(qwen_paths[model_type], dtype=torch.float32)
+    batch = qwen_batch(qwen_paths[model_type], model_type)
+    config = RCPPGenerationConfig(rcpp=False, methods=[load_method("fastv", budget=0.4)], max_new_tokens=4,
+                                  do_sample=False, return_dict_in_generate=True)  # fmt: skip
+    out = ours.generate(**batch, generation_config=config)
+    stock_positions, delta = ours.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                       batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    layout = out.past_key_values.layouts[-1]
+    assert layout.visual_counts == out.pruning[-1].kept_per_row and max(layout.visual_counts) < 15
+    prompt = layout.seq_len - 3  # the 4th token is chosen but never cached
+    kept = prompt_entries(layout.positions[:, :prompt], batch["attention_mask"])
+    for row in range(2):
+        real = layout.valid[row, :prompt]
+        expected = stock_positions[:, row].gather(1, kept[row][None].expand(3, -1))
+        assert torch.equal(layout.mrope[:, row, :prompt][:, real], expected[:, real])
+    generated = layout.positions[:, prompt:] + delta
+    assert torch.equal(layout.mrope[:, :, prompt:], generated.expand(3, -1, -1))
+    assert not torch.equal(layout.mrope[0], layout.positions)  # the image really moves the text after it
+
+
+def prompt_entries(text_positions, attention_mask):
+    """The prompt column (B, k) of each cached entry, from its text position (0, 1, ... over a row's real tokens)."""
+    padding = (attention_mask == 0).sum(dim=1, keepdim=True)
+    return (text_positions + padding).clamp(max=attention_mask.shape[1] - 1)
