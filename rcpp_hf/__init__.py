@@ -7,6 +7,8 @@ from rcpp_hf.modeling import (
     RCPPLlavaForConditionalGeneration,
     RCPPLlavaNextForConditionalGeneration,
     RCPPLlavaOnevisionForConditionalGeneration,
+    RCPPQwen2_5_VLForConditionalGeneration,
+    RCPPQwen2VLForConditionalGeneration,
 )
 from rcpp_hf.rcpp.trace import RCPPGenerateOutput, RCPPStep, RCPPTrace
 
@@ -18,6 +20,8 @@ __all__ = [
     "RCPPLlavaForConditionalGeneration",
     "RCPPLlavaNextForConditionalGeneration",
     "RCPPLlavaOnevisionForConditionalGeneration",
+    "RCPPQwen2_5_VLForConditionalGeneration",
+    "RCPPQwen2VLForConditionalGeneration",
     "RCPPStep",
     "RCPPTrace",
     "VisualKVCache",

@@ -14,6 +14,8 @@ from rcpp_hf.modeling import (
     RCPPLlavaForConditionalGeneration,
     RCPPLlavaNextForConditionalGeneration,
     RCPPLlavaOnevisionForConditionalGeneration,
+    RCPPQwen2_5_VLForConditionalGeneration,
+    RCPPQwen2VLForConditionalGeneration,
 )
 
 # model_type -> rcpp_hf class; one entry per supported family.
@@ -21,6 +23,8 @@ RCPP_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava": RCPPLlavaForConditionalGeneration,
     "llava_next": RCPPLlavaNextForConditionalGeneration,
     "llava_onevision": RCPPLlavaOnevisionForConditionalGeneration,
+    "qwen2_vl": RCPPQwen2VLForConditionalGeneration,
+    "qwen2_5_vl": RCPPQwen2_5_VLForConditionalGeneration,
 }
 
 # from_pretrained's arguments that locate the config too (the rest are the model's).

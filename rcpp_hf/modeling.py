@@ -1,6 +1,7 @@
-"""`RCPPLlavaForConditionalGeneration`, `RCPPLlavaNextForConditionalGeneration` and
-`RCPPLlavaOnevisionForConditionalGeneration`: LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision whose greedy / sampling loop
-runs rcpp_hf's methods (RCPP + DRCD and the registry's), through `MethodsGenerationMixin`.
+"""`RCPPLlavaForConditionalGeneration`, `RCPPLlavaNextForConditionalGeneration`,
+`RCPPLlavaOnevisionForConditionalGeneration`, `RCPPQwen2VLForConditionalGeneration` and
+`RCPPQwen2_5_VLForConditionalGeneration`: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL whose
+greedy / sampling loop runs rcpp_hf's methods (RCPP + DRCD and the registry's), through `MethodsGenerationMixin`.
 
 The mixin's `_sample` is transformers' loop written over the active methods (`methods/protocol.py`): the prompt's
 forward with every method's taps, then per token the logits the methods make of the last forward, the logits
@@ -17,13 +18,23 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
 )
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.generation.utils import GenerationMode
 
 from rcpp_hf.config import RCPPGenerationConfig
 from rcpp_hf.engine.decoder import DENSE_MASK_IMPLEMENTATIONS
 from rcpp_hf.engine.token_choice import TokenChoice
-from rcpp_hf.families import LlavaFamily, LlavaNextFamily, LlavaOnevisionFamily, ModelFamily
+from rcpp_hf.families import (
+    LlavaFamily,
+    LlavaNextFamily,
+    LlavaOnevisionFamily,
+    ModelFamily,
+    Qwen2_5_VLFamily,
+    Qwen2VLFamily,
+)
 from rcpp_hf.methods.protocol import ActiveMethods, encodes_images_in_loop
 from rcpp_hf.rcpp.trace import RCPPGenerateOutput
 
@@ -43,6 +54,18 @@ class MethodsGenerationMixin:
     """
 
     family_class: type[ModelFamily]
+
+    def __init_subclass__(cls, **kwargs):
+        """Gives the subclass its stock class's checkpoint key renaming. transformers looks the renaming up by the
+        class's name first (then by model_type): Qwen2-VL's and Qwen2.5-VL's are registered under their class names
+        only, so under another name the legacy `model.layers.*` keys `save_pretrained` writes would match nothing
+        and the text decoder would be drawn at random (`get_model_conversion_mapping` in transformers 5.23). A stock
+        class with no mapping of its own (the LLaVA classes) leaves the subclass on the model_type lookup."""
+        super().__init_subclass__(**kwargs)
+        stock_name = cls.family_class.stock_class.__name__
+        mapping = get_checkpoint_conversion_mapping(stock_name)
+        if mapping is not None and cls.__name__ != stock_name:
+            register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
 
     @property
     def family(self) -> ModelFamily:
@@ -175,3 +198,17 @@ class RCPPLlavaOnevisionForConditionalGeneration(MethodsGenerationMixin, LlavaOn
     """`LlavaOnevisionForConditionalGeneration` with RCPP + DRCD decoding and the registry's methods."""
 
     family_class = LlavaOnevisionFamily
+
+
+class RCPPQwen2VLForConditionalGeneration(MethodsGenerationMixin, Qwen2VLForConditionalGeneration):
+    """`Qwen2VLForConditionalGeneration` with rcpp_hf's loop; the methods refuse it until they keep M-RoPE
+    positions (`families/qwen2_vl.py`)."""
+
+    family_class = Qwen2VLFamily
+
+
+class RCPPQwen2_5_VLForConditionalGeneration(MethodsGenerationMixin, Qwen2_5_VLForConditionalGeneration):
+    """`Qwen2_5_VLForConditionalGeneration` with rcpp_hf's loop; the methods refuse it until they keep M-RoPE
+    positions (`families/qwen2_vl.py`)."""
+
+    family_class = Qwen2_5_VLFamily

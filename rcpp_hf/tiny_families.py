@@ -81,15 +81,19 @@ class TinyAnyresSpec:
         return [[rows * self.tile_size, cols * self.tile_size] for rows in sides for cols in sides]
 
 
-class OnevisionProcessorWithoutVideo(LlavaOnevisionProcessor):
-    """`LlavaOnevisionProcessor` for images only: its video processor is None. transformers checks every part's
-    class when a processor is built, and the video processor's base class is not importable without torchvision;
-    this processor skips that one check. Its prompts are the stock processor's, token for token."""
+class WithoutVideoProcessor:
+    """A processor mixin for images only: the video processor is None. transformers checks every part's class when
+    a processor is built, and the video processor's base class is not importable without torchvision; this mixin
+    skips that one check. Prompts are the stock processor's, token for token."""
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument_name == "video_processor" and argument is None:
             return None
         return super().check_argument_for_proper_class(argument_name, argument)
+
+
+class OnevisionProcessorWithoutVideo(WithoutVideoProcessor, LlavaOnevisionProcessor):
+    """`LlavaOnevisionProcessor` for images only (`WithoutVideoProcessor`)."""
 
 
 def _text_kwargs(spec: TinyAnyresSpec, tokenizer) -> dict:

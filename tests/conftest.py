@@ -139,11 +139,15 @@ def vary_weights(model, std: float = 0.3, seed: int = 0) -> None:
 
 def row_alone(batch: dict, row: int) -> dict:
     """Row `row` of a left-padded `batch` (input_ids, attention_mask, and one image per row: pixel_values, and
-    image_sizes / batch_num_images for anyres models) without its padding, batch size 1."""
+    image_sizes / batch_num_images for anyres models, image_grid_thw and mm_token_type_ids for Qwen, whose
+    pixel_values are every image's patches in one tensor) without its padding, batch size 1."""
     real = batch["attention_mask"][row].bool()
     alone = {name: value[row : row + 1] for name, value in batch.items()}
-    alone.update(input_ids=batch["input_ids"][row : row + 1, real],
-                 attention_mask=batch["attention_mask"][row : row + 1, real])  # fmt: skip
+    per_entry = [name for name in ("input_ids", "attention_mask", "mm_token_type_ids") if name in batch]
+    alone.update({name: batch[name][row : row + 1, real] for name in per_entry})
+    if "image_grid_thw" in batch:
+        patches = batch["image_grid_thw"].prod(dim=1).tolist()
+        alone["pixel_values"] = batch["pixel_values"].split(patches)[row]
     return alone
 
 
@@ -237,5 +241,43 @@ def anyres_batch(path: Path, sizes) -> dict:
 
     processor = load_tiny_processor(path, AutoConfig.from_pretrained(path))
     inputs = processor(images=sized_images(sizes), text=PROMPTS, return_tensors="pt", padding=True)
+    assert (inputs["attention_mask"] == 0).any(), "fixture must exercise left padding"
+    return dict(inputs)
+
+
+# -- Qwen2-VL and Qwen2.5-VL (rcpp_hf.tiny_qwen) ---------------------------------------------------------------------
+
+QWEN_TYPES = ("qwen2_5_vl", "qwen2_vl")
+# Image (height, width) pairs: 15 and 20 visual tokens on the tiny Qwen models (patches of 4 pixels merged 2 x 2);
+# equal sizes 15 each.
+QWEN_RAGGED_SIZES = ((24, 40), (32, 40))
+QWEN_EQUAL_SIZES = ((24, 40), (24, 40))
+
+
+@pytest.fixture(scope="session")
+def qwen_paths(tmp_path_factory) -> dict[str, Path]:
+    """model_type -> a tiny Qwen2.5-VL / Qwen2-VL folder with varied weights, saved and loaded back."""
+    from transformers import AutoModelForImageTextToText
+
+    from rcpp_hf.tiny_qwen import save_tiny_qwen
+
+    paths = {}
+    for model_type in QWEN_TYPES:
+        folder = save_tiny_qwen(tmp_path_factory.mktemp(f"tiny-{model_type}"), model_type)
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+        vary_weights(model)
+        model.save_pretrained(folder)
+        paths[model_type] = folder
+    return paths
+
+
+def qwen_batch(path: Path, model_type: str, sizes=QWEN_RAGGED_SIZES) -> dict:
+    """Two left-padded rows (PROMPTS, Qwen's image markers for `<image>`) of the tiny Qwen model at `path`, with
+    images of `sizes`: input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw."""
+    from rcpp_hf.tiny_qwen import QWEN_IMAGE, load_tiny_qwen_processor
+
+    processor = load_tiny_qwen_processor(path, model_type)
+    texts = [prompt.replace("<image>", QWEN_IMAGE) for prompt in PROMPTS]
+    inputs = processor(images=sized_images(sizes), text=texts, return_tensors="pt", padding=True)
     assert (inputs["attention_mask"] == 0).any(), "fixture must exercise left padding"
     return dict(inputs)

@@ -3,7 +3,8 @@ its own class (`CONTRACT_*` on `MethodConfig`, rcpp_hf/methods/base.py): its set
 YAML, neutral settings decode as vanilla, a left-padded batch decodes as its rows alone, a prefill pruner keeps the
 tokens it reports and its physical drop equals masking the same tokens, and a bad setting raises naming the field.
 The model checks run on the tiny LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision (anyres images of 52 tokens each,
-newlines included); a method that a family cannot run refuses there in one line naming why. Registering a method
+newlines included), Qwen2.5-VL and Qwen2-VL (15 tokens each, at 3-D M-RoPE positions); a method that a family cannot
+run refuses there in one line naming why. Registering a method
 is all it takes to get these checks; a method without the declarations fails them."""
 
 import dataclasses
@@ -17,7 +18,15 @@ from transformers import GenerationConfig
 from rcpp_hf import RCPPGenerationConfig
 from rcpp_hf.auto import RCPP_CLASSES
 from rcpp_hf.methods import METHODS, load_method, method_from_dict
-from tests.conftest import EQUAL_SIZES, RAGGED_SIZES, anyres_batch, row_alone
+from tests.conftest import (
+    EQUAL_SIZES,
+    QWEN_EQUAL_SIZES,
+    QWEN_TYPES,
+    RAGGED_SIZES,
+    anyres_batch,
+    qwen_batch,
+    row_alone,
+)
 from tests.test_prefill_pruning import (
     MaskFrom,
     decode,
@@ -27,7 +36,7 @@ from tests.test_prefill_pruning import (
 
 NAMES = sorted(METHODS)
 PRUNERS = [name for name in NAMES if getattr(METHODS[name], "kind", None) == "prefill_pruner"]
-FAMILIES = ["llava", "llava_next", "llava_onevision"]
+FAMILIES = ["llava", "llava_next", "llava_onevision", *QWEN_TYPES]
 NEW_TOKENS = 6
 DECODE_STEPS = 3  # decode steps compared with masking, after the prefill
 # Logits of the physical drop and of masking differ by float32 summation order only: the varied model's lm_head
@@ -68,20 +77,28 @@ class Subject:
     batch: dict
     num_visual: int
     vanilla: tuple
-    ragged_batch: dict | None = None  # anyres families: rows whose images differ in size (52 and 56 tokens)
+    ragged_batch: dict | None = None  # rows whose images differ in size (anyres: 52 and 56 tokens; Qwen: 15 and 20)
 
     def refusal(self, cls) -> str | None:
-        """The refusal a method must give on this family (a vision-side pruner on anyres images), else None."""
+        """The refusal a method must give on this family (a vision-side pruner on anyres or Qwen images, VCD on
+        Qwen's flattened patches), else None."""
         if self.family != "llava" and getattr(cls, "reads_vision", False):
             return "reads the vision tower"
+        if self.family in QWEN_TYPES and cls.name == "vcd":
+            return r"vcd adds one noise image to images given as \(\.\.\., C, H, W\) pixel values"
         return None
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def subject(request, varied_tiny_path, batch2, anyres_paths) -> Subject:
+def subject(request, varied_tiny_path, batch2, anyres_paths, qwen_paths) -> Subject:
     family = request.param
-    path = varied_tiny_path if family == "llava" else anyres_paths[family]
-    batch = batch2 if family == "llava" else anyres_batch(path, EQUAL_SIZES)
+    if family in QWEN_TYPES:
+        path = qwen_paths[family]
+        batch, ragged = qwen_batch(path, family, QWEN_EQUAL_SIZES), qwen_batch(path, family)
+    else:
+        path = varied_tiny_path if family == "llava" else anyres_paths[family]
+        batch = batch2 if family == "llava" else anyres_batch(path, EQUAL_SIZES)
+        ragged = None if family == "llava" else anyres_batch(path, RAGGED_SIZES)
     ours_class = RCPP_CLASSES[family]
     model = ours_class.from_pretrained(path, dtype=torch.float32).eval()
     reference = ours_class.family_class.stock_class.from_pretrained(path, dtype=torch.float32).eval()
@@ -89,7 +106,6 @@ def subject(request, varied_tiny_path, batch2, anyres_paths) -> Subject:
                               output_logits=True)  # fmt: skip
     out = reference.generate(**batch, generation_config=config)
     num_visual = int((batch["input_ids"][0] == model.config.image_token_id).sum())
-    ragged = None if family == "llava" else anyres_batch(path, RAGGED_SIZES)
     return Subject(family, model, batch, num_visual, (out.sequences, out.logits), ragged)
 
 
@@ -120,6 +136,11 @@ def on_image(settings: dict, num_visual: int) -> dict:
         return num_visual if value == CONTRACT_IMAGE else value / CONTRACT_IMAGE
 
     return {field: share(value) if field in COUNT_FIELDS else value for field, value in settings.items()}
+
+
+def ragged_counts(subject: Subject) -> list[int]:
+    """The visual tokens of each row of the subject's rows with images of different sizes."""
+    return (subject.ragged_batch["input_ids"] == subject.model.config.image_token_id).sum(dim=1).tolist()
 
 
 def generate(model, inputs, method, **kwargs):
@@ -254,16 +275,17 @@ def test_physical_drop_equals_masking(name, make, subject):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_rows_with_different_image_sizes(name, make, subject):
-    """On rows whose anyres images differ in size (52 and 56 visual tokens), a method that takes them
-    (`ragged_rows`) decodes each row as it does alone, and a pruner reports what each row kept (the last stage's
-    counts are what the cache's deepest layer holds); any other method refuses them naming why."""
+    """On rows whose images differ in size (52 and 56 visual tokens on the anyres families, 15 and 20 on Qwen's), a
+    method that takes them (`ragged_rows`) decodes each row as it does alone, and a pruner reports what each row kept
+    (the last stage's counts are what the cache's deepest layer holds); any other method refuses them naming why."""
     if subject.ragged_batch is None:
         pytest.skip("LLaVA-1.5's rows hold one 16-token image each")
     runnable(subject, make, name)
     cls, batch = METHODS[name], subject.ragged_batch
     method = make(name, on_image(declared(cls, "CONTRACT_ACTING", {}), subject.num_visual))
     if not cls.ragged_rows:
-        refusal = rf"{name} need the same number of image tokens in every batch row, got \[52, 56\]"
+        counts = ", ".join(str(count) for count in ragged_counts(subject))
+        refusal = rf"{name} need the same number of image tokens in every batch row, got \[{counts}\]"
         with pytest.raises(ValueError, match=refusal):
             generate(subject.model, batch, method)
         return
@@ -284,12 +306,13 @@ def test_rows_with_different_image_sizes(name, make, subject):
 
 @pytest.mark.parametrize("name", PRUNERS)
 def test_physical_drop_equals_masking_on_rows_with_different_image_sizes(name, make, subject):
-    """The check above on rows of 52 and 56 visual tokens: each row keeps its own count, left-padded."""
+    """The check above on rows of different counts (52 and 56, Qwen's 15 and 20): each row keeps its own count,
+    left-padded."""
     if subject.ragged_batch is None or not METHODS[name].ragged_rows:
         pytest.skip("rows with different image sizes: anyres families, methods that take them")
     runnable(subject, make, name)
     maskable = declared(METHODS[name], "CONTRACT_MASKABLE")
-    model, batch, num_visual = subject.model, subject.ragged_batch, 56
+    model, batch, num_visual = subject.model, subject.ragged_batch, max(ragged_counts(subject))
     method = make(name, on_image(declared(METHODS[name], "CONTRACT_ACTING", {}), subject.num_visual))
     out = generate(model, batch, method, return_dict_in_generate=True, output_logits=True)
     mask = MaskFrom.records(out.pruning, num_visual)

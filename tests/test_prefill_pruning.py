@@ -29,9 +29,15 @@ def varied_model(varied_tiny_path):
 
 
 def prompt_layout(model, batch):
+    """The prompt's layout as the stock model positions it: 1-D from the attention mask, and for M-RoPE models
+    (Qwen2-VL) the 3-D positions and deltas of the stock `get_rope_index`."""
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     image = batch["input_ids"] == model.config.image_token_id
-    return TokenLayout.prompt(positions, batch["attention_mask"].bool(), image)
+    mrope = delta = None
+    if "mm_token_type_ids" in batch:
+        mrope, delta = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
+                                                  batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    return TokenLayout.prompt(positions, batch["attention_mask"].bool(), image, mrope=mrope, mrope_delta=delta)
 
 
 def prefill(model, batch, taps=()):
@@ -44,8 +50,12 @@ def prefill(model, batch, taps=()):
 
 
 def decode(model, cache, tokens, positions, taps=()):
-    """One decode step of `tokens` (B, 1) at `positions` (B, 1) -> logits (B, vocab)."""
-    rows = TokenLayout(positions, torch.ones_like(positions, dtype=torch.bool), torch.full_like(positions, -1))
+    """One decode step of `tokens` (B, 1) at `positions` (B, 1) -> logits (B, vocab); with M-RoPE, at
+    `positions` + the prompt's delta in all three rows (as the stock model decodes)."""
+    delta = cache.layouts[-1].mrope_delta
+    mrope = None if delta is None else (positions + delta).expand(3, -1, -1)
+    rows = TokenLayout(positions, torch.ones_like(positions, dtype=torch.bool), torch.full_like(positions, -1),
+                       mrope=mrope, mrope_delta=delta)  # fmt: skip
     with torch.no_grad():
         embeds = model.family.language_model.embed_tokens(tokens)
         hidden, _ = run_decoder(model.family.language_model, embeds, rows, cache, list(taps))

@@ -113,14 +113,14 @@ def run_decoder(
     masks: dict[tuple[int, int], torch.Tensor | None] = {}  # (id(past layout), id(query layout)) -> mask
 
     hidden = inputs_embeds
-    position_embeddings = language_model.rotary_emb(hidden, position_ids=layout.positions)
+    position_embeddings = language_model.rotary_emb(hidden, position_ids=layout.rope_positions)
     with keep_query_projections(attention_layers) as query_proj:
         for layer_idx, layer in enumerate(layers):
             for tap in taps:
                 changed = tap.before_layer(layer_idx, hidden, layout)
                 if changed is not None:
                     hidden, layout = changed
-                    position_embeddings = language_model.rotary_emb(hidden, position_ids=layout.positions)
+                    position_embeddings = language_model.rotary_emb(hidden, position_ids=layout.rope_positions)
             past = None if prefill else cache.layouts[layer_idx]
             custom = [m for tap in taps if (m := tap.layer_mask(layer_idx, past, layout)) is not None]
             if custom:
@@ -168,12 +168,7 @@ def decode_token(
 
     tokens, position_ids: (B, 1).
     """
-    batch_size = tokens.shape[0]
-    rows = TokenLayout(
-        positions=position_ids.expand(-1, num_rows),
-        valid=torch.ones(batch_size, num_rows, dtype=torch.bool, device=tokens.device),
-        visual_ids=torch.full((batch_size, num_rows), -1, device=tokens.device),
-    )
+    rows = TokenLayout.generated(position_ids.expand(-1, num_rows), cache.layouts[-1].mrope_delta)
     embeds = language_model.embed_tokens(tokens.expand(-1, num_rows))
     ran: list[TokenLayout] = []
     hidden, _ = run_decoder(language_model, embeds, rows, cache, taps=taps, layouts=ran)

@@ -6,7 +6,7 @@ cache, scores) needs, per entry, its logical position, whether it is padding, an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -29,6 +29,10 @@ class TokenLayout:
         positions: logical position of each entry (what RoPE was or will be applied with).
         valid: False for left padding.
         visual_ids: index of the entry's visual token among the prompt's image tokens (0..V-1), -1 otherwise.
+        mrope: (3, B, S) the temporal / height / width positions RoPE uses in models with M-RoPE (Qwen2-VL), whose
+            `positions` are then the text row (what the mask reads); None for 1-D RoPE.
+        mrope_delta: (B, 1) with `mrope`: how far M-RoPE's positions of the text after the image (and of generated
+            tokens) are from their `positions` (transformers' `rope_deltas`).
     Rows usually hold the same number of visual entries. They differ when the rows' images do (anyres images of
     different sizes): the visual views are then padded to the row with the most (`visual_counts` says how many
     of each row's are real; padding slots name non-visual entries, of visual-token id -1), and a row that keeps
@@ -40,12 +44,36 @@ class TokenLayout:
     positions: torch.Tensor
     valid: torch.Tensor
     visual_ids: torch.Tensor
+    mrope: torch.Tensor | None = None
+    mrope_delta: torch.Tensor | None = None
 
     @classmethod
-    def prompt(cls, position_ids: torch.Tensor, valid: torch.Tensor, image_token_mask: torch.Tensor) -> "TokenLayout":
-        """The layout of an unpruned prompt: (B, S) logical positions, non-padding, image-token mask."""
+    def prompt(
+        cls,
+        position_ids: torch.Tensor,
+        valid: torch.Tensor,
+        image_token_mask: torch.Tensor,
+        mrope: torch.Tensor | None = None,
+        mrope_delta: torch.Tensor | None = None,
+    ) -> "TokenLayout":
+        """The layout of an unpruned prompt: (B, S) logical positions, non-padding, image-token mask (and, for
+        M-RoPE, its (3, B, S) positions and (B, 1) delta)."""
         visual_ids = torch.where(image_token_mask, image_token_mask.long().cumsum(dim=1) - 1, -1)
-        return cls(positions=position_ids.clone(), valid=valid.clone(), visual_ids=visual_ids)
+        return cls(positions=position_ids.clone(), valid=valid.clone(), visual_ids=visual_ids,
+                   mrope=None if mrope is None else mrope.clone(), mrope_delta=mrope_delta)  # fmt: skip
+
+    @classmethod
+    def generated(cls, positions: torch.Tensor, mrope_delta: torch.Tensor | None = None) -> "TokenLayout":
+        """Generated tokens (non-visual, non-padding) at logical `positions` (B, q); with `mrope_delta`, their
+        M-RoPE positions are `positions + mrope_delta` in all three rows."""
+        mrope = None if mrope_delta is None else (positions + mrope_delta).expand(3, -1, -1)
+        return cls(positions=positions, valid=torch.ones_like(positions, dtype=torch.bool),
+                   visual_ids=torch.full_like(positions, -1), mrope=mrope, mrope_delta=mrope_delta)  # fmt: skip
+
+    @property
+    def rope_positions(self) -> torch.Tensor:
+        """What the decoder's rotary embedding takes: `positions` (B, S), or M-RoPE's (3, B, S)."""
+        return self.positions if self.mrope is None else self.mrope
 
     @property
     def seq_len(self) -> int:
@@ -78,8 +106,7 @@ class TokenLayout:
 
     def row(self, index: int) -> "TokenLayout":
         """Row `index` alone, (1, S)."""
-        return TokenLayout(self.positions[index : index + 1], self.valid[index : index + 1],
-                           self.visual_ids[index : index + 1])  # fmt: skip
+        return self._select(lambda entries: entries[..., index : index + 1, :], lambda delta: delta[index : index + 1])
 
     def take_rows(self, keep: torch.Tensor) -> tuple["TokenLayout", torch.Tensor]:
         """The entries where `keep` (B, S) bool is True, in order, rows with fewer kept entries left-padded to the
@@ -95,23 +122,33 @@ class TokenLayout:
         padding = column[None, :] < pad[:, None]
         index = torch.where(padding, 0, index)
         taken = self.take(index)
-        return TokenLayout(positions=taken.positions, valid=taken.valid & ~padding,
-                           visual_ids=torch.where(padding, -1, taken.visual_ids)), index
+        padded = replace(taken, valid=taken.valid & ~padding, visual_ids=torch.where(padding, -1, taken.visual_ids))
+        return padded, index
 
     def take(self, index: torch.Tensor) -> "TokenLayout":
         """The entries at `index` (B, k), which must be increasing in each row (logical order is kept)."""
+        return self._select(lambda entries: entries.gather(-1, index.expand(*entries.shape[:-2], -1, -1)))
+
+    def _select(self, entries, delta=lambda delta: delta) -> "TokenLayout":
+        """The layout of `entries(t)` for each per-entry tensor t, (B, S) or M-RoPE's (3, B, S); `delta` for the
+        per-row (B, 1) M-RoPE delta."""
         return TokenLayout(
-            positions=self.positions.gather(1, index),
-            valid=self.valid.gather(1, index),
-            visual_ids=self.visual_ids.gather(1, index),
+            positions=entries(self.positions),
+            valid=entries(self.valid),
+            visual_ids=entries(self.visual_ids),
+            mrope=None if self.mrope is None else entries(self.mrope),
+            mrope_delta=None if self.mrope_delta is None else delta(self.mrope_delta),
         )
 
     def extend(self, positions: torch.Tensor) -> "TokenLayout":
         """Append non-visual, non-padding entries (generated tokens) at logical `positions` (B, q)."""
+        new = TokenLayout.generated(positions, self.mrope_delta)
         extended = TokenLayout(
-            positions=torch.cat([self.positions, positions], dim=1),
-            valid=torch.cat([self.valid, torch.ones_like(positions, dtype=torch.bool)], dim=1),
-            visual_ids=torch.cat([self.visual_ids, torch.full_like(positions, -1)], dim=1),
+            positions=torch.cat([self.positions, new.positions], dim=1),
+            valid=torch.cat([self.valid, new.valid], dim=1),
+            visual_ids=torch.cat([self.visual_ids, new.visual_ids], dim=1),
+            mrope=None if self.mrope is None else torch.cat([self.mrope, new.mrope], dim=2),
+            mrope_delta=self.mrope_delta,
         )
         for view in VISUAL_VIEWS:  # the appended entries are not visual: views already computed carry over
             if view in self.__dict__:
@@ -122,7 +159,10 @@ class TokenLayout:
         """The same entries at other logical `positions` (B, S), e.g. renumbered by a pruner."""
         if positions.shape != self.positions.shape:
             raise ValueError(f"positions must be {tuple(self.positions.shape)}, got {tuple(positions.shape)}")
-        moved = TokenLayout(positions=positions, valid=self.valid, visual_ids=self.visual_ids)
+        if self.mrope is not None:
+            raise ValueError("moving entries to other positions is not implemented for M-RoPE's 3-D positions "
+                             "(Qwen2-VL); keep the original positions (e.g. PDrop's positions='original')")  # fmt: skip
+        moved = replace(self, positions=positions)
         for view in VISUAL_VIEWS:  # the entries are the same: views already computed carry over
             if view in self.__dict__:
                 moved.__dict__[view] = self.__dict__[view]
@@ -131,7 +171,7 @@ class TokenLayout:
     def crop(self, count: int) -> "TokenLayout":
         """Without the last `count` entries."""
         end = self.seq_len - count
-        return TokenLayout(self.positions[:, :end], self.valid[:, :end], self.visual_ids[:, :end])
+        return self._select(lambda entries: entries[..., :end])
 
     def without_visual(self, visual_token_ids: torch.Tensor) -> tuple["TokenLayout", torch.Tensor]:
         """Drop the entries of the visual tokens `visual_token_ids` (B, k); each must be present in its row.

@@ -143,7 +143,7 @@ class PruneContext:
 
     def position_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each (B, S, d), for the current entries, as the decoder computes them."""
-        return self.language_model.rotary_emb(self.hidden, position_ids=self.layout.positions)
+        return self.language_model.rotary_emb(self.hidden, position_ids=self.layout.rope_positions)
 
     def visual_columns(self, per_entry: torch.Tensor) -> torch.Tensor:
         """Select the visual entries of the last dimension: (..., S) -> (..., Vl), batch first."""

@@ -170,7 +170,8 @@ class MCLCBFTap(DecoderTap):
         layer = self.language_model.layers[layer_idx]
         with torch.inference_mode(False), torch.enable_grad():
             states = autograd_ready(hidden).float()
-            cos, sin = (autograd_ready(t) for t in self.language_model.rotary_emb(states, position_ids=layout.positions))
+            rotary = self.language_model.rotary_emb(states, position_ids=layout.rope_positions)
+            cos, sin = (autograd_ready(t) for t in rotary)
             if prefill:  # the last prompt token against the prompt's keys (left padding: the last column)
                 if layout.num_visual == 0:
                     raise ValueError("mc_lcbf needs image tokens in every prompt row; this prompt has none")

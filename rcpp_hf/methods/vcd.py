@@ -77,6 +77,11 @@ class VCD(ContrastiveDecoder):
         pixel_values = model_kwargs.get("pixel_values")
         if pixel_values is None:
             raise ValueError("vcd distorts the image: generate needs pixel_values")
+        if pixel_values.dim() < 4:  # Qwen-VL: every image's patches flattened, (patches, C x T x P x P)
+            raise ValueError(
+                f"vcd adds one noise image to images given as (..., C, H, W) pixel values; this model's are "
+                f"{tuple(pixel_values.shape)} (flattened patches, e.g. Qwen-VL's), which it cannot noise pixel by pixel"
+            )
         noisy = {key: value for key, value in model_kwargs.items() if key != "mm_encoder_outputs"}
         noisy["pixel_values"] = diffusion_noise(pixel_values, self.noise_step, self.seed)
         return family.embed_prompt(input_ids, noisy)
