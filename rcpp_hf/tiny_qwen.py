@@ -35,6 +35,16 @@ from rcpp_hf.tiny_families import WithoutVideoProcessor
 VISION_START, VISION_END, VIDEO_TOKEN = "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"
 # A prompt's image, as Qwen's chat template writes it (with `<image>` for `<|image_pad|>`).
 QWEN_IMAGE = f"{VISION_START}{IMAGE_TOKEN}{VISION_END}"
+# Qwen-VL's chat layout, images before the text of each message (the released template also numbers images and
+# renders videos and a default system turn; those are left out).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '" + QWEN_IMAGE + "' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+    "{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -79,9 +89,10 @@ class Qwen2VLProcessorWithoutVideo(WithoutVideoProcessor, Qwen2VLProcessor):
 
 
 def build_qwen_tokenizer(vocab_size: int):
-    """`tiny.py`'s tokenizer with Qwen's vision markers as special tokens."""
+    """`tiny.py`'s tokenizer with Qwen's vision markers as special tokens and Qwen's chat layout."""
     tokenizer = build_tokenizer(vocab_size)
     tokenizer.add_tokens([VISION_START, VISION_END, VIDEO_TOKEN], special_tokens=True)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
 
 
@@ -145,7 +156,7 @@ def build_tiny_qwen(model_type: str, spec: TinyQwenSpec = TinyQwenSpec()):
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, name, getattr(tokenizer, name))
     processor = PROCESSOR_CLASSES[model_type](image_processor=image_processor(spec), tokenizer=tokenizer,
-                                              video_processor=None)  # fmt: skip
+                                              video_processor=None, chat_template=QWEN_CHAT_TEMPLATE)  # fmt: skip
     return model, processor
 
 
@@ -162,8 +173,7 @@ def save_tiny_qwen(folder: str | Path, model_type: str, spec: TinyQwenSpec = Tin
 
 def load_tiny_qwen_processor(folder: str | Path, model_type: str):
     """The processor of a folder `save_tiny_qwen` wrote."""
-    return PROCESSOR_CLASSES[model_type](
-        image_processor=AutoImageProcessor.from_pretrained(folder),
-        tokenizer=AutoTokenizer.from_pretrained(folder),
-        video_processor=None,
-    )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return PROCESSOR_CLASSES[model_type](image_processor=AutoImageProcessor.from_pretrained(folder),
+                                         tokenizer=tokenizer, video_processor=None,
+                                         chat_template=tokenizer.chat_template)  # fmt: skip
