@@ -35,6 +35,16 @@ from rcpp_hf.tiny_families import WithoutVideoProcessor
 VISION_START, VISION_END, VIDEO_TOKEN = "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"
 # A prompt's image, as Qwen's chat template writes it (with `<image>` for `<|image_pad|>`).
 QWEN_IMAGE = f"{VISION_START}{IMAGE_TOKEN}{VISION_END}"
+# Qwen-VL's chat layout, images before the text of each message (the released template also numbers images and
+# renders videos and a default system turn; those are left out).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '" + QWEN_IMAGE + "' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+    "{% endfor %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -51,11 +61,16 @@ class TinyQwenSpec:
     vision_hidden: int = 32
     vision_layers: int = 2
     vision_heads: int = 4
+    vision_intermediate: int | None = None  # default: twice vision_hidden
     text_hidden: int = 64
     text_layers: int = 4
+    text_intermediate: int | None = None  # default: twice text_hidden
     num_heads: int = 4
     num_kv_heads: int = 2
     vocab_size: int = 320
+    model_vocab_size: int | None = None  # the embedding's rows, when larger than the tokenizer (a real vocabulary)
+    max_positions: int = 2048
+    rope_theta: float = 10000.0
     seed: int = 0
 
     @property
@@ -79,22 +94,23 @@ class Qwen2VLProcessorWithoutVideo(WithoutVideoProcessor, Qwen2VLProcessor):
 
 
 def build_qwen_tokenizer(vocab_size: int):
-    """`tiny.py`'s tokenizer with Qwen's vision markers as special tokens."""
+    """`tiny.py`'s tokenizer with Qwen's vision markers as special tokens and Qwen's chat layout."""
     tokenizer = build_tokenizer(vocab_size)
     tokenizer.add_tokens([VISION_START, VISION_END, VIDEO_TOKEN], special_tokens=True)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     return tokenizer
 
 
 def _config(model_type: str, spec: TinyQwenSpec, tokenizer):
     text = dict(
         hidden_size=spec.text_hidden,
-        intermediate_size=2 * spec.text_hidden,
+        intermediate_size=spec.text_intermediate or 2 * spec.text_hidden,
         num_hidden_layers=spec.text_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": spec.mrope_section},
+        vocab_size=max(len(tokenizer), spec.model_vocab_size or 0),
+        max_position_embeddings=spec.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta, "mrope_section": spec.mrope_section},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -108,7 +124,8 @@ def _config(model_type: str, spec: TinyQwenSpec, tokenizer):
         temporal_patch_size=2,
     )
     if model_type == "qwen2_5_vl":
-        vision.update(intermediate_size=2 * spec.vision_hidden, out_hidden_size=spec.text_hidden,
+        vision.update(intermediate_size=spec.vision_intermediate or 2 * spec.vision_hidden,
+                      out_hidden_size=spec.text_hidden,
                       window_size=spec.window_size, fullatt_block_indexes=list(spec.fullatt_block_indexes))  # fmt: skip
         config_class = Qwen2_5_VLConfig
     else:
@@ -134,18 +151,18 @@ def image_processor(spec: TinyQwenSpec) -> Qwen2VLImageProcessorPil:
                                     min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)  # fmt: skip
 
 
-def build_tiny_qwen(model_type: str, spec: TinyQwenSpec = TinyQwenSpec()):
-    """A randomly initialised tiny Qwen2.5-VL ("qwen2_5_vl") or Qwen2-VL ("qwen2_vl") (float32, eval mode) and its
-    processor, built without a video processor."""
+def build_tiny_qwen(model_type: str, spec: TinyQwenSpec = TinyQwenSpec(), model_class=None):
+    """A randomly initialised tiny Qwen2.5-VL ("qwen2_5_vl") or Qwen2-VL ("qwen2_vl") (float32, eval mode; the stock
+    class, or `model_class`) and its processor, built without a video processor."""
     if model_type not in MODEL_CLASSES:
         raise ValueError(f"no tiny Qwen builder for model_type {model_type!r}; choose one of {sorted(MODEL_CLASSES)}")
     tokenizer = build_qwen_tokenizer(spec.vocab_size)
     torch.manual_seed(spec.seed)
-    model = MODEL_CLASSES[model_type](_config(model_type, spec, tokenizer)).eval()
+    model = (model_class or MODEL_CLASSES[model_type])(_config(model_type, spec, tokenizer)).eval()
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, name, getattr(tokenizer, name))
     processor = PROCESSOR_CLASSES[model_type](image_processor=image_processor(spec), tokenizer=tokenizer,
-                                              video_processor=None)  # fmt: skip
+                                              video_processor=None, chat_template=QWEN_CHAT_TEMPLATE)  # fmt: skip
     return model, processor
 
 
@@ -162,8 +179,7 @@ def save_tiny_qwen(folder: str | Path, model_type: str, spec: TinyQwenSpec = Tin
 
 def load_tiny_qwen_processor(folder: str | Path, model_type: str):
     """The processor of a folder `save_tiny_qwen` wrote."""
-    return PROCESSOR_CLASSES[model_type](
-        image_processor=AutoImageProcessor.from_pretrained(folder),
-        tokenizer=AutoTokenizer.from_pretrained(folder),
-        video_processor=None,
-    )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return PROCESSOR_CLASSES[model_type](image_processor=AutoImageProcessor.from_pretrained(folder),
+                                         tokenizer=tokenizer, video_processor=None,
+                                         chat_template=tokenizer.chat_template)  # fmt: skip

@@ -219,6 +219,46 @@ def test_llava_next_shapes_have_the_anyres_token_count():
     assert "next-small" in help_text and "next-7b" in help_text
 
 
+def test_qwen_shape_runs_with_a_vision_side_pruner_and_vcd_skipped():
+    """The tests' Qwen2.5-VL through the benchmark: the 192 x 192 image is resized to its 48 x 48 pixel cap, 36
+    visual tokens; FastV runs on it, VisionZip and VCD are skipped rows with their refusals."""
+    report = run_speed_benchmark(BenchmarkSettings(shape="qwen-tiny", methods=("vanilla", "fastv", "visionzip", "vcd"),
+                                                   budget=0.5, new_tokens=5, repeats=1, early_steps=2, late_steps=2))
+    assert report["environment"]["visual_tokens"] == 36
+    methods = report["methods"]
+    assert "reads the vision tower" in methods["visionzip"]["skipped"]
+    assert "flattened patches" in methods["vcd"]["skipped"]
+    assert "vcd: skipped: vcd adds one noise image" in format_report(report)
+    # the tiny Qwen decoder: 4 layers x 2 kv heads x head_dim 16 x (key + value) x float32 = 1024 bytes per token
+    assert methods["vanilla"]["final_visual_cache_bytes"] == 1024 * 36
+    fastv = methods["fastv"]
+    assert fastv["final_visual_cache_bytes"] == 1024 * 18  # half the image's tokens from FastV's layer on
+    assert 0 < fastv["prefill_model_flops_ratio"] < 1 and fastv["prefill_flops_ratio"] < fastv["prefill_cost_ratio"]
+
+
+def test_qwen_shapes_have_the_token_count_of_a_672_pixel_image():
+    """qwen-small: Qwen2.5-VL's processor at small widths; its 672 x 672 image is 24 x 24 = 576 merged tokens, as
+    qwen-7b's (Qwen2.5-VL-7B's config, CUDA only)."""
+    model, processor = load_benchmark_model("qwen-small", None, "cpu", torch.float32)
+    assert image_side(model.config) == 672
+    inputs = benchmark_inputs(processor, BenchmarkSettings(), "cpu", torch.float32, image_side(model.config))
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576
+    assert inputs["image_grid_thw"].tolist() == [[1, 48, 48]]
+    assert model.config.text_config.num_hidden_layers == 8
+    spec = SHAPES["qwen-7b"]
+    assert (spec.text_hidden, spec.text_layers, spec.num_heads, spec.num_kv_heads, spec.text_intermediate) == (
+        3584, 28, 28, 4, 18944)
+    assert (spec.vision_hidden, spec.vision_layers, spec.vision_intermediate, spec.fullatt_block_indexes) == (
+        1280, 32, 3420, (7, 15, 23, 31))
+    assert spec.max_pixels == SHAPES["qwen-small"].max_pixels == 12845056
+    with pytest.raises(ValueError, match="CUDA.*--shape qwen-small"):
+        load_benchmark_model("qwen-7b", None, "cpu", torch.float16)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    help_text = parser._subparsers._group_actions[0].choices["bench"].format_help()
+    assert all(shape in help_text for shape in ("qwen-tiny", "qwen-small", "qwen-7b"))
+
+
 def test_gpu_command_runs_on_a_cpu_with_the_tiny_shape(tmp_path, capsys):
     assert gpu_run.main(["--output-dir", str(tmp_path), "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
                          "--new-tokens", "4", "--repeats", "1"]) == 0

@@ -314,7 +314,8 @@ def test_an_image_damaged_past_the_check_is_named_when_it_is_read(tmp_path):
 
 def test_a_bad_bench_shape_is_named(capsys):
     user_error(capsys, ["bench", "--shape", "huge"], "^rcpp-hf bench: error: --shape huge: unknown; choose one of "
-               "tiny, small, 7b-width, 7b, next-tiny, next-small, next-7b, or give --model$")  # fmt: skip
+               "tiny, small, 7b-width, 7b, next-tiny, next-small, next-7b, qwen-tiny, qwen-small, qwen-7b, "
+               "or give --model$")  # fmt: skip
 
 
 def test_bench_offers_only_combinations_that_run(capsys):
@@ -378,5 +379,5 @@ def test_python_m_with_debug_shows_the_traceback():
     done = _run([sys.executable, "-m", "rcpp_hf.cli", "--debug", "bench", "--shape", "huge"])
     assert done.returncode == 1
     assert "Traceback" in done.stderr and done.stderr.strip().endswith(
-        "--shape huge: unknown; choose one of tiny, small, 7b-width, 7b, next-tiny, next-small, next-7b, or give "
-        "--model")
+        "--shape huge: unknown; choose one of tiny, small, 7b-width, 7b, next-tiny, next-small, next-7b, qwen-tiny, "
+        "qwen-small, qwen-7b, or give --model")

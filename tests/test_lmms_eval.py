@@ -24,7 +24,7 @@ from rcpp_hf.lmms_eval.model import ModelArgsError, RCPPLmms  # noqa: E402
 from rcpp_hf.lmms_eval.shapesworld_tasks import write_tasks  # noqa: E402
 from rcpp_hf.methods import load_method  # noqa: E402
 from rcpp_hf.shapesworld.conversations import chat_prompt  # noqa: E402
-from tests.conftest import RAGGED_SIZES  # noqa: E402
+from tests.conftest import QWEN_RAGGED_SIZES, RAGGED_SIZES  # noqa: E402
 
 GENERATED = ["shapesworld_pope", "shapesworld_mme", "shapesworld_gqa", "shapesworld_scienceqa_img",
              "shapesworld_textvqa"]  # fmt: skip
@@ -174,19 +174,32 @@ def test_multiple_choice_by_loglikelihood(lm, tasks, stock):
         assert [r[0][0] for r in ours["resps"]] == pytest.approx([r[0][0] for r in theirs["resps"]], abs=1e-4)
 
 
-@pytest.fixture(scope="module")
-def next_tasks(tmp_path_factory):
-    """shapesworld_pope with its images resized to the two sizes of RAGGED_SIZES in turn: on the tiny LLaVA-NeXT,
-    anyres images of 52 and 56 visual tokens."""
+def resized_pope_tasks(folder, sizes):
+    """shapesworld_pope in `folder` with its images resized to the (width, height) `sizes` in turn."""
     import datasets
     from lmms_eval.tasks import TaskManager
 
-    folder = write_tasks(tmp_path_factory.mktemp("lmms-next-tasks"), num_images=1, formats=("pope",))
+    write_tasks(folder, num_images=1, formats=("pope",))
     data = folder / "shapesworld_pope" / "data" / "test.parquet"
     table = datasets.Dataset.from_parquet(str(data))
-    rows = [{**row, "image": row["image"].resize(RAGGED_SIZES[index % 2])} for index, row in enumerate(table)]
+    rows = [{**row, "image": row["image"].resize(sizes[index % len(sizes)])} for index, row in enumerate(table)]
     datasets.Dataset.from_list(rows, features=table.features).to_parquet(data)
     return folder, TaskManager(include_path=str(folder), include_defaults=False)
+
+
+@pytest.fixture(scope="module")
+def next_tasks(tmp_path_factory):
+    """shapesworld_pope with the two image sizes of RAGGED_SIZES: on the tiny LLaVA-NeXT, anyres images of 52 and
+    56 visual tokens."""
+    return resized_pope_tasks(tmp_path_factory.mktemp("lmms-next-tasks"), RAGGED_SIZES)
+
+
+@pytest.fixture(scope="module")
+def qwen_tasks(tmp_path_factory):
+    """shapesworld_pope with the two image sizes of QWEN_RAGGED_SIZES (given as height, width): on the tiny
+    Qwen2.5-VL, 15 and 20 visual tokens."""
+    sizes = [(width, height) for height, width in QWEN_RAGGED_SIZES]
+    return resized_pope_tasks(tmp_path_factory.mktemp("lmms-qwen-tasks"), sizes)
 
 
 @pytest.mark.parametrize("method", [None, "fastv"])
@@ -228,6 +241,52 @@ def test_llava_next_rows_of_different_image_sizes(anyres_paths, next_tasks, meth
         assert stats["visual_tokens"] == pytest.approx(54)
     else:
         assert sorted({layers[-1] for layers in per_layer}) == [17, 19]  # the rows kept different counts
+        assert stats["visual_tokens"] == pytest.approx(sum(sum(layers) for layers in per_layer) / 6 / num_layers)
+
+
+@pytest.mark.parametrize("method", [None, "fastv"])
+def test_qwen2_5_vl_rows_of_different_image_sizes(qwen_paths, qwen_tasks, method):
+    """The tiny Qwen2.5-VL (random weights, dynamic resolution) through simple_evaluate, all six requests in one
+    batch whose rows hold 15 or 20 visual tokens: each answer is `generate`'s on that request alone in Qwen's chat
+    template, and each request's statistics are its own row's (FastV at a budget of half the image keeps 6 of 15
+    and 7 of 20 tokens from its layer on)."""
+    from rcpp_hf.tiny_qwen import QWEN_IMAGE
+
+    settings = {} if method is None else {"method": method, "budget": 0.5}
+    lm = RCPPLmms(pretrained=str(qwen_paths["qwen2_5_vl"]), batch_size=6, **settings)
+    assert lm.image_aspect == "crop"  # Qwen resizes the image as it is
+    results = evaluate(lm, qwen_tasks, ["shapesworld_pope"])
+    samples = results["samples"]["shapesworld_pope"]
+    assert len(samples) == 6
+
+    config = RCPPGenerationConfig(rcpp=False, methods=[] if method is None else [load_method(method, budget=0.5)],
+                                  do_sample=False, max_new_tokens=8, return_dict_in_generate=True)  # fmt: skip
+    num_layers = lm.model.config.text_config.num_hidden_layers
+    direct, counts, per_layer = [], [], []
+    for sample in samples:
+        image = image_of(lm, "shapesworld_pope", sample)
+        prompt = chat_prompt(lm.processor, sample["arguments"][0])
+        assert prompt == f"<|im_start|>user\n{QWEN_IMAGE}{sample['arguments'][0]}<|im_end|>\n<|im_start|>assistant\n"
+        inputs = lm.processor(images=image, text=prompt, return_tensors="pt")
+        assert "mm_token_type_ids" in inputs
+        with torch.inference_mode():
+            out = lm.model.generate(**inputs, generation_config=copy.deepcopy(config))
+        new = out.sequences[0, inputs["input_ids"].shape[1] :]
+        direct.append(lm.processor.decode(new, skip_special_tokens=True).strip())
+        counts.append(int((inputs["input_ids"] == lm.model.config.image_token_id).sum()))
+        kept = {record.layer: record.kept for record in getattr(out, "pruning", None) or []}
+        per_layer.append(visual_tokens_per_layer(kept, num_layers, counts[-1]))
+    assert sorted(counts) == [15] * 3 + [20] * 3
+    assert answers(results)["shapesworld_pope"] == direct
+    assert len(set(direct)) > 1  # the answers depend on the request
+
+    stats = lm.statistics["shapesworld_pope"]
+    assert stats["visual_tokens_input"] == pytest.approx(17.5)
+    assert stats["visual_tokens_per_layer"] == pytest.approx([sum(column) / 6 for column in zip(*per_layer)])
+    if method is None:
+        assert stats["visual_tokens"] == pytest.approx(17.5)
+    else:
+        assert sorted({layers[-1] for layers in per_layer}) == [6, 7]  # the rows kept different counts
         assert stats["visual_tokens"] == pytest.approx(sum(sum(layers) for layers in per_layer) / 6 / num_layers)
 
 

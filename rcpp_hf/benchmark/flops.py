@@ -1,5 +1,6 @@
-"""Prefill FLOPs of a LLaVA model with prefill-pruning stages, the figure the measured prefill ratio of a pruner is
-compared with: the model's FLOPs with the tokens the stages keep, plus what the pruner spends choosing them.
+"""Prefill FLOPs of a LLaVA or Qwen-VL model with prefill-pruning stages, the figure the measured prefill ratio of a
+pruner is compared with: the model's FLOPs with the tokens the stages keep, plus what the pruner spends choosing
+them.
 
 The model (`prefill_flops`, theoretical): every Linear / Conv weight of the vision tower and projector once per token
 it sees (2 FLOPs per multiply-add), each decoder layer's Linear weights per token it computes plus causal attention
@@ -34,19 +35,34 @@ from rcpp_hf.engine.pruning import PrefillPruningTap, PruneStage, visual_tokens_
 
 def weight_macs(module: torch.nn.Module) -> int:
     """Multiply-adds per token of the module's Linear and Conv weights (a patch embedding counts once per patch)."""
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, WEIGHTED))
 
 
-def prefill_flops(model, stages: list[PruneStage], num_visual: int, num_text: int, tiles: int = 1) -> float:
-    """FLOPs of one prompt's prefill with `stages` (empty: unpruned); `model` a LLaVA(-NeXT)ForConditionalGeneration
-    whose image is `tiles` tiles (LLaVA-1.5: one; LLaVA-NeXT: the base tile and the grid's, `num_visual` then also
-    counting the newline tokens, which neither the tower nor the projector computes)."""
+WEIGHTED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def vision_flops(model, num_visual: int, tiles: int) -> float:
+    """FLOPs of the vision side for one image. LLaVA(-NeXT): the tower and projector per patch of each of `tiles`
+    tiles (CLIP's CLS included). Qwen-VL (`model.model.visual`, dynamic resolution): the patch embedding and blocks
+    per patch (merge_size^2 of them per visual token), the merger's MLP per visual token."""
     vision = model.config.vision_config
+    if hasattr(model.model, "visual"):
+        tower = model.model.visual
+        patches = num_visual * vision.spatial_merge_size**2
+        return 2 * ((weight_macs(tower) - weight_macs(tower.merger)) * patches + weight_macs(tower.merger) * num_visual)
     patches = (vision.image_size // vision.patch_size) ** 2
     cls_token = int(vision.model_type == "clip_vision_model")  # SigLIP has none
     kept_cls = cls_token * (model.config.vision_feature_select_strategy == "full")  # "default" drops it
-    flops = 2 * (weight_macs(model.model.vision_tower) * tiles * (patches + cls_token)
-                 + weight_macs(model.model.multi_modal_projector) * tiles * (patches + kept_cls))  # fmt: skip
+    return 2 * (weight_macs(model.model.vision_tower) * tiles * (patches + cls_token)
+                + weight_macs(model.model.multi_modal_projector) * tiles * (patches + kept_cls))  # fmt: skip
+
+
+def prefill_flops(model, stages: list[PruneStage], num_visual: int, num_text: int, tiles: int = 1) -> float:
+    """FLOPs of one prompt's prefill with `stages` (empty: unpruned); `model` a LLaVA(-NeXT) or Qwen-VL
+    ForConditionalGeneration whose image is `tiles` tiles (LLaVA-1.5 and Qwen-VL: one; LLaVA-NeXT: the base tile and
+    the grid's, `num_visual` then also counting the newline tokens, which neither the tower nor the projector
+    computes)."""
+    flops = vision_flops(model, num_visual, tiles)
     text_config = model.config.text_config
     attention_width = text_config.num_attention_heads * getattr(
         text_config, "head_dim", text_config.hidden_size // text_config.num_attention_heads
@@ -67,10 +83,10 @@ def prefill_flops_ratio(model, stages: list[PruneStage], num_visual: int, num_te
 def weight_bytes(model) -> int:
     """Bytes of the weights a prefill reads once whatever its tokens: every Linear / Conv weight of the vision tower,
     projector, decoder layers and language-model head (the embedding table is only indexed)."""
-    parts = [model.model.vision_tower, model.model.multi_modal_projector, model.model.language_model.layers,
-             model.lm_head]  # fmt: skip
-    return sum(m.weight.nbytes for part in parts for m in part.modules() if isinstance(m, (torch.nn.Linear,
-                                                                                             torch.nn.Conv2d)))
+    vision = [model.model.visual] if hasattr(model.model, "visual") else [model.model.vision_tower,
+                                                                           model.model.multi_modal_projector]
+    parts = [*vision, model.model.language_model.layers, model.lm_head]
+    return sum(m.weight.nbytes for part in parts for m in part.modules() if isinstance(m, WEIGHTED))
 
 
 def flops_per_weight_byte(weights: list[torch.Tensor], rows: int = 512, repeats: int = 5) -> float:

@@ -5,16 +5,24 @@ from __future__ import annotations
 import torch
 
 from rcpp_hf.auto import from_pretrained
-from rcpp_hf.modeling import RCPPLlavaForConditionalGeneration, RCPPLlavaNextForConditionalGeneration
+from rcpp_hf.modeling import (
+    RCPPLlavaForConditionalGeneration,
+    RCPPLlavaNextForConditionalGeneration,
+    RCPPQwen2_5_VLForConditionalGeneration,
+)
 from rcpp_hf.tiny import TinyLlavaSpec, build_tiny_llava
 from rcpp_hf.tiny_families import TinyAnyresSpec, build_tiny_llava_next
+from rcpp_hf.tiny_qwen import TinyQwenSpec, build_tiny_qwen
 
 LLAVA_VOCAB = 32064
 # llava-hf/llava-v1.6-*'s grids ([height, width] in pixels): a 672 x 672 image is the base tile and a 2 x 2 grid,
 # 576 + 48 x 48 + 48 newlines = 2,928 visual tokens
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+QWEN_VOCAB = 152064
+# Qwen2.5-VL's processor: 14-pixel patches merged 2 x 2, from 56 x 56 up to 12,845,056 pixels (its defaults)
+QWEN_PIXELS = dict(patch_size=14, merge_size=2, min_pixels=56 * 56, max_pixels=12845056)
 
-SHAPES: dict[str, TinyLlavaSpec | TinyAnyresSpec] = {
+SHAPES: dict[str, TinyLlavaSpec | TinyAnyresSpec | TinyQwenSpec] = {
     # the tests' model: 16 visual tokens
     "tiny": TinyLlavaSpec(),
     # CPU-representative: LLaVA-1.5's layout scaled down (MHA, 576 visual tokens, LLaVA's vocabulary); the vision
@@ -52,8 +60,23 @@ SHAPES: dict[str, TinyLlavaSpec | TinyAnyresSpec] = {
         vision_heads=16, vision_intermediate=4096, text_hidden=4096, text_layers=32, text_intermediate=11008,
         num_heads=32, num_kv_heads=32, model_vocab_size=LLAVA_VOCAB, max_positions=4096,
     ),
+    # the tests' Qwen2.5-VL: patches of 4 merged 2 x 2, at most 48 x 48 pixels = 36 visual tokens
+    "qwen-tiny": TinyQwenSpec(),
+    # CPU-sized Qwen2.5-VL: its processor, so the benchmark's 672 x 672 image is 24 x 24 = 576 merged tokens, with
+    # small widths (a 512-wide, 8-layer GQA decoder, a 4-block windowed tower) and Qwen's vocabulary
+    "qwen-small": TinyQwenSpec(
+        **QWEN_PIXELS, window_size=112, fullatt_block_indexes=(3,), vision_hidden=256, vision_layers=4,
+        vision_heads=4, text_hidden=512, text_layers=8, text_intermediate=1376, num_heads=8, num_kv_heads=2,
+        model_vocab_size=QWEN_VOCAB, max_positions=32768, rope_theta=1e6,
+    ),
+    # exactly Qwen2.5-VL-7B-Instruct's config (its windowed ViT + Qwen2-7B's decoder); bfloat16 / float16, GPU only
+    "qwen-7b": TinyQwenSpec(
+        **QWEN_PIXELS, window_size=112, fullatt_block_indexes=(7, 15, 23, 31), vision_hidden=1280, vision_layers=32,
+        vision_heads=16, vision_intermediate=3420, text_hidden=3584, text_layers=28, text_intermediate=18944,
+        num_heads=28, num_kv_heads=4, model_vocab_size=QWEN_VOCAB, max_positions=128000, rope_theta=1e6,
+    ),
 }
-GPU_ONLY = ("7b", "next-7b")
+GPU_ONLY = ("7b", "next-7b", "qwen-7b")
 
 
 def load_benchmark_model(shape: str | None, model: str | None, device: str, dtype: torch.dtype):
@@ -67,12 +90,14 @@ def load_benchmark_model(shape: str | None, model: str | None, device: str, dtyp
     if shape not in SHAPES:
         raise ValueError(f"unknown benchmark shape {shape!r}; expected one of {sorted(SHAPES)} or --model")
     if shape in GPU_ONLY and not str(device).startswith("cuda"):
-        small = "next-small" if shape.startswith("next") else "small"
+        small = shape.replace("-7b", "-small") if "-" in shape else "small"
         raise ValueError(f"the {shape!r} shape needs a CUDA device (about 14 GB in float16); use --shape {small} "
                          "on CPU")
     spec = SHAPES[shape]
     with torch.device(device):  # initialised where it runs: a 7B model's random init is minutes on a CPU
-        if isinstance(spec, TinyAnyresSpec):
+        if isinstance(spec, TinyQwenSpec):
+            model, processor = build_tiny_qwen("qwen2_5_vl", spec, model_class=RCPPQwen2_5_VLForConditionalGeneration)
+        elif isinstance(spec, TinyAnyresSpec):
             model, processor = build_tiny_llava_next(spec, model_class=RCPPLlavaNextForConditionalGeneration)
         else:
             model, processor = build_tiny_llava(spec, model_class=RCPPLlavaForConditionalGeneration)

@@ -12,7 +12,8 @@ vision-side pruner on LLaVA-NeXT's anyres images) is a skipped row with its reas
 
 The image is random noise, square: 336 pixels for LLaVA-1.5 (the processor resizes it to the tower's tile), or for
 an anyres model the largest square grid of its `image_grid_pinpoints` (672 for llava-v1.6's: a 2 x 2 grid, no
-padding), so that the prompt holds the most visual tokens that grid gives (576 + 48 x 48 + 48 newlines = 2,928).
+padding), so that the prompt holds the most visual tokens that grid gives (576 + 48 x 48 + 48 newlines = 2,928),
+or for a dynamic-resolution model (Qwen2.5-VL) 24 x 24 merged patches (672 pixels: 576 visual tokens).
 """
 
 from __future__ import annotations
@@ -333,8 +334,17 @@ def check_targets(results: dict) -> list[dict]:
     return checks
 
 
+# A dynamic-resolution image's side in merged tokens: 672 pixels on Qwen2.5-VL (14-pixel patches merged 2 x 2), 576
+# visual tokens as LLaVA-1.5's image
+DYNAMIC_SIDE_TOKENS = 24
+
+
 def image_side(config) -> int:
-    """The side of the benchmark's square image (module docstring): 336, or an anyres model's largest square grid."""
+    """The side of the benchmark's square image (module docstring): 336, an anyres model's largest square grid, or
+    24 merged patches for a dynamic-resolution model (672 pixels on Qwen2.5-VL)."""
+    merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", None)
+    if merge is not None:
+        return DYNAMIC_SIDE_TOKENS * merge * config.vision_config.patch_size
     squares = [height for height, width in getattr(config, "image_grid_pinpoints", None) or [] if height == width]
     return max(squares, default=336)
 

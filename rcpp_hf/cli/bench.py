@@ -31,7 +31,9 @@ def add_parser(commands) -> None:
                         "LLaVA-1.5's layout scaled down, 576 visual tokens; 7b-width: LLaVA-1.5-7B's widths and "
                         "vision tower with 8 decoder layers, for a CPU; 7b: the whole model, CUDA only; next-small: "
                         "LLaVA-NeXT's anyres layout, a 672 x 672 image of 2,928 visual tokens, small widths; "
-                        "next-7b: llava-v1.6-vicuna-7b, CUDA only); ignored with --model")
+                        "next-7b: llava-v1.6-vicuna-7b, CUDA only; qwen-small: Qwen2.5-VL's processor, a 672 x 672 "
+                        "image of 576 visual tokens, small widths; qwen-7b: Qwen2.5-VL-7B, CUDA only); ignored with "
+                        "--model")
     parser.add_argument("--model", help="checkpoint folder or hub id instead of a shape")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, of {','.join(known_methods())} (registry methods run alone, greedy; "
@@ -48,7 +50,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", help="float32 | float16 | bfloat16 (default: float16 for 7b and next-7b, "
+    parser.add_argument("--dtype", help="float32 | float16 | bfloat16 (default: float16 for 7b, next-7b and qwen-7b, "
                         "else float32)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); 1 keeps timings "
                         "steady on a machine shared with other work")

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor, GenerationConfig
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer, GenerationConfig
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from rcpp_hf.auto import from_pretrained
 from rcpp_hf.config import RCPPGenerationConfig
+from rcpp_hf.tiny_families import WithoutVideoProcessor
 
 LLAVA_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -41,9 +43,24 @@ def load_model(path: str | Path, dtype: str = "auto", device: str | torch.device
     else:
         model = from_pretrained(path, dtype=DTYPES[dtype], device_map=device_map)
     model = model.eval()
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     processor.tokenizer.padding_side = "left"  # decoder-only batches: prompts end where generation starts
     return model, processor
+
+
+def load_processor(path: str | Path):
+    """The checkpoint's processor; for images only (no video processor) where its video processor needs
+    torchvision and torchvision is not installed (Qwen-VL, LLaVA-OneVision): prompts and images are the same."""
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except ImportError as error:
+        if "torchvision" not in str(error).lower():
+            raise
+    processor_class = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(path))]
+    image_only = type(f"{processor_class.__name__}WithoutVideo", (WithoutVideoProcessor, processor_class), {})
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return image_only(image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tokenizer,
+                      video_processor=None, chat_template=tokenizer.chat_template)  # fmt: skip
 
 
 def with_checkpoint_token_ids(config: RCPPGenerationConfig, model_path: str | Path) -> RCPPGenerationConfig:

@@ -9,7 +9,7 @@
     `device` (default: this process's device) or `device_map` (e.g. auto), `image_aspect` (pad: padded to a square,
     LLaVA-1.5's own evaluation and its default; crop: the image as it is to the processor, the llava-hf LLaVA-1.5
     processor's centre crop, and the default of the anyres families, whose official evaluation tiles the image
-    as it is).
+    as it is, and of Qwen-VL, which resizes it as it is).
   - `method`: a registry method or method preset (`rcpp` included), its settings as further `key=value`s, `budget`
     in the library's convention (an integer count or a fraction of the image's visual tokens); `config`: a
     generation preset (e.g. `rcpp_evict`). Neither: plain greedy decoding, exactly the stock transformers model.
@@ -71,7 +71,7 @@ DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's LLaVA models' default, for a task t
 # `image_aspect_ratio`) are ignored, and said so once.
 GENERATION_KWARGS = ("max_new_tokens", "until", "temperature", "do_sample", "top_p", "num_beams")
 # The model types whose official evaluation pads images to a square (LLaVA-1.5's `expand2square`); the anyres
-# families' (LLaVA-NeXT, OneVision) tile the image as it is.
+# families' (LLaVA-NeXT, OneVision) tile the image as it is, Qwen-VL's resizes it as it is.
 PADDED_FAMILIES = ("llava",)
 # The statistics averaged per task (besides the per-layer list).
 STATISTICS = ("visual_tokens", "visual_tokens_input", "prefill_ms", "kv_bytes", "visual_kv_bytes", "new_tokens")
