@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+import rcpp_hf
 from rcpp_hf import RCPPGenerationConfig, RCPPLlavaForConditionalGeneration
+from rcpp_hf.auto import RCPP_CLASSES
 from rcpp_hf.shapesworld.model import SHAPESWORLD_SPEC, build_shapesworld_llava
 from rcpp_hf.tiny import TinyLlavaSpec, save_tiny_llava
 
@@ -281,3 +283,21 @@ def qwen_batch(path: Path, model_type: str, sizes=QWEN_RAGGED_SIZES) -> dict:
     inputs = processor(images=sized_images(sizes), text=texts, return_tensors="pt", padding=True)
     assert (inputs["attention_mask"] == 0).any(), "fixture must exercise left padding"
     return dict(inputs)
+
+
+def load_pair(path, model_type, implementation="sdpa", seed=0):
+    """(stock class, rcpp_hf class) loaded from `path` with the same seed, so weights missing from it match."""
+    ours_class = RCPP_CLASSES[model_type]
+    torch.manual_seed(seed)
+    stock = ours_class.family_class.stock_class.from_pretrained(path, attn_implementation=implementation)
+    torch.manual_seed(seed)
+    ours = rcpp_hf.from_pretrained(path, attn_implementation=implementation)
+    assert type(ours) is ours_class
+    return stock.eval(), ours.eval()
+
+
+def assert_same_weights(expected, model) -> None:
+    """Every parameter and buffer of `model` equals `expected`'s, under the same names."""
+    expected_state, state = expected.state_dict(), model.state_dict()
+    assert expected_state.keys() == state.keys()
+    assert [name for name in expected_state if not torch.equal(expected_state[name], state[name])] == []

@@ -17,21 +17,13 @@ from tests.conftest import (
     RAGGED_SIZES,
     active_config,
     anyres_batch,
+    assert_same_weights,
+    load_pair,
     neutral_config,
     row_alone,
 )
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
-
-
-def load_pair(path, model_type, implementation="sdpa", seed=0):
-    ours_class = RCPP_CLASSES[model_type]
-    torch.manual_seed(seed)
-    stock = ours_class.family_class.stock_class.from_pretrained(path, attn_implementation=implementation)
-    torch.manual_seed(seed)
-    ours = rcpp_hf.from_pretrained(path, attn_implementation=implementation)
-    assert type(ours) is ours_class
-    return stock.eval(), ours.eval()
 
 
 @pytest.mark.parametrize("model_type", ANYRES_TYPES)
@@ -77,9 +69,7 @@ def test_every_weight_is_loaded(tmp_path, model_type):
     built, _ = BUILDERS[model_type]()
     folder = save_tiny_family(tmp_path, model_type)  # the same seed builds the same weights
     _, ours = load_pair(folder, model_type)
-    built_state, ours_state = built.state_dict(), ours.state_dict()
-    assert built_state.keys() == ours_state.keys()
-    assert [name for name in built_state if not torch.equal(built_state[name], ours_state[name])] == []
+    assert_same_weights(built, ours)
 
 
 @pytest.mark.parametrize("model_type", ANYRES_TYPES)
@@ -91,9 +81,7 @@ def test_missing_weights_are_initialised_as_the_stock_class_does(tmp_path, model
     save_file({k: v for k, v in weights.items() if k not in missing}, folder / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
     stock, ours = load_pair(folder, model_type, seed=3)
-    stock_state, ours_state = stock.state_dict(), ours.state_dict()
-    assert stock_state.keys() == ours_state.keys()
-    assert [name for name in stock_state if not torch.equal(stock_state[name], ours_state[name])] == []
+    assert_same_weights(stock, ours)
 
 
 @pytest.mark.parametrize("model_type", ANYRES_TYPES)

@@ -14,19 +14,9 @@ from rcpp_hf import RCPPGenerationConfig
 from rcpp_hf.auto import RCPP_CLASSES, model_shape
 from rcpp_hf.methods import load_method
 from rcpp_hf.tiny_qwen import TinyQwenSpec, build_tiny_qwen, save_tiny_qwen
-from tests.conftest import QWEN_TYPES, active_config, neutral_config, qwen_batch
+from tests.conftest import QWEN_TYPES, active_config, assert_same_weights, load_pair, neutral_config, qwen_batch
 
 IMPLEMENTATIONS = ["eager", "sdpa"]
-
-
-def load_pair(path, model_type, implementation="sdpa", seed=0):
-    ours_class = RCPP_CLASSES[model_type]
-    torch.manual_seed(seed)
-    stock = ours_class.family_class.stock_class.from_pretrained(path, attn_implementation=implementation)
-    torch.manual_seed(seed)
-    ours = rcpp_hf.from_pretrained(path, attn_implementation=implementation)
-    assert type(ours) is ours_class
-    return stock.eval(), ours.eval()
 
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
@@ -71,9 +61,7 @@ def test_every_weight_is_loaded(tmp_path, model_type):
     folder = save_tiny_qwen(tmp_path, model_type)  # the same seed builds the same weights
     assert any(name.startswith("model.layers.") for name in load_file(folder / "model.safetensors"))
     _, ours = load_pair(folder, model_type)
-    built_state, ours_state = built.state_dict(), ours.state_dict()
-    assert built_state.keys() == ours_state.keys()
-    assert [name for name in built_state if not torch.equal(built_state[name], ours_state[name])] == []
+    assert_same_weights(built, ours)
 
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
@@ -85,9 +73,7 @@ def test_missing_weights_are_initialised_as_the_stock_class_does(tmp_path, model
     save_file({k: v for k, v in weights.items() if k not in missing}, folder / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
     stock, ours = load_pair(folder, model_type, seed=3)
-    stock_state, ours_state = stock.state_dict(), ours.state_dict()
-    assert stock_state.keys() == ours_state.keys()
-    assert [name for name in stock_state if not torch.equal(stock_state[name], ours_state[name])] == []
+    assert_same_weights(stock, ours)
 
 
 @pytest.mark.parametrize("model_type", QWEN_TYPES)
